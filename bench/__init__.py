@@ -1,0 +1,1 @@
+"""SparseQA benchmarks (pytest-benchmark suites and the report generator)."""

