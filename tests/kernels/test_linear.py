@@ -1,0 +1,149 @@
+"""linear (GEMM + bias + activation + residual) against plain PyTorch."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must happen before `kernels` is imported: triton.jit picks the interpreter when it decorates a kernel.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels import default_device, linear, linear_tuning_log  # noqa: E402
+
+DEVICE = default_device()
+
+# fp32: atol and rtol relative to max|ref|. fp16/bf16: the kernel's max error may be at most HALF_RATIO x
+# that of PyTorch's own path in the same dtype, plus atol + rtol * max|ref| as a floor.
+TOLERANCES = [
+    (torch.float32, 1e-5, 1e-5),
+    (torch.float16, 1e-6, 2.0**-11),  # floor: half an ulp of max|ref|, the rounding of the output itself
+    (torch.bfloat16, 1e-6, 2.0**-8),
+]
+HALF_RATIO = 3.0
+DTYPE_IDS = [str(dtype).removeprefix("torch.") for dtype, _, _ in TOLERANCES]
+ACTIVATIONS = ["none", "gelu", "gelu_tanh"]
+
+
+def _inputs(m, n, k, dtype, with_bias=True, with_residual=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+    return rand(m, k), rand(n, k), rand(n) if with_bias else None, rand(m, n) if with_residual else None
+
+
+def _reference(x, w, b, activation, r, dtype):
+    """act(x w^T + b) + r with every step in `dtype` (float64 for the exact reference)."""
+    y = torch.nn.functional.linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
+    if activation == "gelu":
+        y = torch.nn.functional.gelu(y)
+    elif activation == "gelu_tanh":
+        y = torch.nn.functional.gelu(y, approximate="tanh")
+    return y if r is None else y + r.to(dtype)
+
+
+def _check(out, x, w, b, activation, r, dtype, atol, rtol):
+    assert not torch.isnan(out).any(), "some outputs were never written"
+    ref = _reference(x, w, b, activation, r, torch.float64)
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), ref, atol=atol * scale, rtol=rtol)
+        return
+    err = (out.double() - ref).abs().max().item()
+    torch_err = (_reference(x, w, b, activation, r, dtype).double() - ref).abs().max().item()
+    bound = HALF_RATIO * torch_err + atol + rtol * scale
+    assert err <= bound, f"{dtype}: kernel error {err:.3g} > {bound:.3g} (torch's own error {torch_err:.3g})"
+
+
+def _run(x, w, b, activation, r):
+    out = torch.full((x.shape[0], w.shape[0]), float("nan"), dtype=x.dtype, device=DEVICE)
+    assert linear(x, w, b, activation, r, out=out) is out
+    return out
+
+
+@pytest.mark.parametrize("m", [1, 7, 130])
+@pytest.mark.parametrize("n", [1, 577, 64])
+@pytest.mark.parametrize("k", [1, 33, 97, 384])
+def test_shapes_fp32(m, n, k):
+    dtype, atol, rtol = TOLERANCES[0]
+    x, w, b, r = _inputs(m, n, k, dtype, seed=m * 7 + n * 3 + k)
+    _check(_run(x, w, b, "gelu", r), x, w, b, "gelu", r, dtype, atol, rtol)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("with_bias, with_residual", [(False, False), (True, False), (False, True), (True, True)])
+def test_epilogues_fp32(activation, with_bias, with_residual):
+    dtype, atol, rtol = TOLERANCES[0]
+    x, w, b, r = _inputs(7, 577, 33, dtype, with_bias, with_residual, seed=11)
+    _check(_run(x, w, b, activation, r), x, w, b, activation, r, dtype, atol, rtol)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES[1:], ids=DTYPE_IDS[1:])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("m, n, k", [(130, 64, 384), (7, 577, 97), (1, 1, 1)])
+def test_half_precision(m, n, k, activation, dtype, atol, rtol):
+    x, w, b, r = _inputs(m, n, k, dtype, seed=m + n + k)
+    _check(_run(x, w, b, activation, r), x, w, b, activation, r, dtype, atol, rtol)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_zero_k_is_epilogue_only(activation):
+    dtype, atol, rtol = TOLERANCES[0]
+    x, w, b, r = _inputs(5, 9, 0, dtype, seed=3)
+    _check(_run(x, w, b, activation, r), x, w, b, activation, r, dtype, atol, rtol)
+    _check(_run(x, w, None, activation, None), x, w, None, activation, None, dtype, atol, rtol)
+
+
+def test_empty_outputs():
+    x, w, b, r = _inputs(5, 0, 16, torch.float32, seed=4)
+    assert linear(x, w, b, "gelu", r).shape == (5, 0)
+    x, w, b, r = _inputs(0, 8, 16, torch.float32, seed=5)
+    assert linear(x, w, b, "gelu", r).shape == (0, 8)
+
+
+def test_strided_and_batched_inputs():
+    dtype, atol, rtol = TOLERANCES[0]
+    gen = torch.Generator().manual_seed(6)
+    wide = torch.randn(2, 5, 70, generator=gen).to(DEVICE)
+    x = wide[..., 3:50]  # [2, 5, 47], row stride 70
+    w = torch.randn(47, 33, generator=gen).to(DEVICE).t()  # [33, 47] with strides (1, 33)
+    b = torch.randn(33, generator=gen).to(DEVICE)
+    r = torch.randn(2, 5, 40, generator=gen).to(DEVICE)[..., :33]  # row stride 40
+    out = linear(x, w, b, "gelu_tanh", r)
+    assert out.shape == (2, 5, 33) and out.is_contiguous()
+    _check(out.reshape(10, 33), x.reshape(10, 47), w, b, "gelu_tanh", r.reshape(10, 33), dtype, atol, rtol)
+
+
+def test_tuning_log_records_chosen_config():
+    x, w, b, r = _inputs(3, 100, 40, torch.float32, seed=7)
+    linear(x, w, b, "none", r)
+    entry = linear_tuning_log()[(128, 64, "float32")]
+    assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"} <= entry.keys()
+
+
+@pytest.mark.parametrize(
+    "make_args, match",
+    [
+        (lambda x, w, b, r: (x[:, :5], w, b, "none", r), r"`x` last dim must equal weight's K \(16\)"),
+        (lambda x, w, b, r: (x, w[None], b, "none", r), r"`weight` must have shape \[N, K\]"),
+        (lambda x, w, b, r: (x, w.half(), b, "none", r), r"`weight` must have the dtype of `x`"),
+        (lambda x, w, b, r: (x.double(), w.double(), None, "none", None), r"`x` must have dtype in"),
+        (lambda x, w, b, r: (x, w, b[:3], "none", r), r"`bias` must have shape \(8,\), got \(3,\)"),
+        (lambda x, w, b, r: (x, w, b, "none", r[:2]), r"`residual` must have shape \(4, 8\), got \(2, 8\)"),
+        (lambda x, w, b, r: (x, w, b, "relu", r), r"`activation` must be one of"),
+    ],
+)
+def test_rejects_bad_arguments(make_args, match):
+    x, w, b, r = _inputs(4, 8, 16, torch.float32, seed=8)
+    with pytest.raises(ValueError, match=match):
+        linear(*make_args(x, w, b, r))
+
+
+def test_rejects_bad_out():
+    x, w, b, r = _inputs(4, 8, 16, torch.float32, seed=9)
+    with pytest.raises(ValueError, match=r"`out` must not share memory with `residual`"):
+        linear(x, w, b, "none", r, out=r)
+    with pytest.raises(ValueError, match=r"`out` must be contiguous"):
+        linear(x, w, b, "none", r, out=torch.empty(8, 4, device=DEVICE).t())
