@@ -32,14 +32,16 @@ class BackendEntry:
     """Where a backend lives and which devices it serves."""
 
     name: str
-    module: str  # module exposing `is_available(device) -> str | None` (None = available, else why not) and `create`
+    module: str  # exposes `why_unavailable(device) -> str | None` (None = available) and `create(artifact, device, threads)`
     devices: tuple[str, ...]
+    auto_devices: tuple[str, ...]  # devices on which "auto" may pick it
 
 
 REGISTRY: tuple[BackendEntry, ...] = (
-    BackendEntry("triton", "engine.runtime.triton_backend", ("cuda",)),
-    BackendEntry("cpp", "engine.runtime.cpp_backend", ("cpu", "cuda")),
-    BackendEntry("torch", "engine.runtime.torch_backend", ("cpu", "cuda")),
+    # On CPU, triton only runs in the interpreter (TRITON_INTERPRET=1, for tests): never an "auto" choice there.
+    BackendEntry("triton", "engine.runtime.triton_backend", ("cuda", "cpu"), ("cuda",)),
+    BackendEntry("cpp", "engine.runtime.cpp_backend", ("cpu", "cuda"), ("cpu", "cuda")),
+    BackendEntry("torch", "engine.runtime.torch_backend", ("cpu", "cuda"), ("cpu", "cuda")),
 )
 
 
@@ -67,7 +69,7 @@ def create_backend(name: str, artifact: Artifact, device: str | torch.device = "
         raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
     names = [e.name for e in REGISTRY]
     if name == "auto":
-        avail = available_backends(dev)
+        avail = [n for n in available_backends(dev) if dev.type in next(e for e in REGISTRY if e.name == n).auto_devices]
         if not avail:
             raise RuntimeError(f"no backend can run on {dev}")
         name = avail[0]
