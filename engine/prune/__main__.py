@@ -1,0 +1,7 @@
+"""`python -m engine.prune`."""
+
+import sys
+
+from engine.prune.train import main
+
+sys.exit(main())

@@ -1,0 +1,238 @@
+"""`python -m engine.prune`: L0-gated structured pruning with distillation, then a fixed-structure fine-tune.
+
+    python -m engine.prune --teacher DIR --train FILE [FILE ...] (--eval FILE | --eval-fraction F)
+                           --target-sparsity 0.5 --out DIR
+
+Phase 1 trains the student (a copy of the teacher) with hard-concrete gates on heads and FFN units (optionally
+whole sublayers): task CE + distillation + a Lagrangian that drives expected encoder-FLOP sparsity (or
+parameter sparsity, --target-params) to a target ramped up linearly. Phase 2 cuts the closed structure (gates
+calibrated to the target, surviving gate values folded) and fine-tunes the ragged model with distillation
+(--finetune-epochs). Output: a ragged checkpoint in OUT, OUT/gates.json and OUT/metrics.json (docs/PRUNING.md).
+Both phases checkpoint every N steps and resume exactly with --resume. Works under torchrun (DDP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.data.squad import train_features
+from engine.features import WindowMaker, WindowSettings, load_tokenizer
+from engine.finetune import prepare_data
+from engine.model import RaggedQAModel
+from engine.prune.distributed import Dist
+from engine.prune.export import achieved_sparsity, calibrate
+from engine.prune.gated import GatedQAModel, export_ragged
+from engine.prune.l0 import LagrangianController, target_schedule
+from engine.prune.loop import PhaseConfig, run_phase
+from engine.training import evaluate_model
+
+DROPOUT = 0.1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    ap = argparse.ArgumentParser(prog="python -m engine.prune", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--teacher", required=True, type=Path, help="fine-tuned QA checkpoint (BERT or RoBERTa)")
+    ap.add_argument("--student-init", type=Path, help="initialise the student from this checkpoint (default: teacher)")
+    ap.add_argument("--train", required=True, nargs="+", type=Path, help="SQuAD 1.1/2.0 train file(s)")
+    ev = ap.add_mutually_exclusive_group(required=True)
+    ev.add_argument("--eval", type=Path, help="held-out SQuAD file for metrics and threshold tuning")
+    ev.add_argument("--eval-fraction", type=float, help="hold out this fraction of train articles instead")
+    ap.add_argument("--out", required=True, type=Path)
+    tgt = ap.add_mutually_exclusive_group(required=True)
+    tgt.add_argument("--target-sparsity", type=float, help="fraction of encoder FLOPs to remove (at --flops-seq-len)")
+    tgt.add_argument("--target-params", type=float, help="fraction of prunable encoder parameters to remove instead")
+    tgt.add_argument("--spec", type=Path, help="skip gate training: fixed structure from this spec (baselines)")
+    ap.add_argument("--flops-seq-len", type=int, default=384, help="sequence length at which FLOPs are counted")
+    ap.add_argument("--sublayer-gates", action="store_true", help="also gate whole MHA/FFN sublayers (bias included)")
+    ap.add_argument("--epochs", type=float, default=1.0, help="gate-training epochs")
+    ap.add_argument("--max-steps", type=int, help="gate-training steps (overrides --epochs)")
+    ap.add_argument("--target-warmup", type=float, default=0.5, help="fraction of gate steps over which t ramps up")
+    ap.add_argument("--finetune-epochs", type=float, default=1.0, help="fixed-structure fine-tune epochs after cutting")
+    ap.add_argument("--finetune-max-steps", type=int, help="fine-tune steps (overrides --finetune-epochs)")
+    ap.add_argument("--lr", type=float, default=5e-5, help="peak learning rate of the weights")
+    ap.add_argument("--gate-lr", type=float, default=0.05, help="learning rate of the gates' log_alpha")
+    ap.add_argument("--lambda-lr", type=float, default=0.05, help="learning rate of the Lagrange multipliers (ascent)")
+    ap.add_argument("--warmup", type=float, default=0.1)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--no-distill", action="store_true", help="task loss only (the ablation)")
+    ap.add_argument("--distill-weight", type=float, default=0.9, help="weight of the KL term; CE gets 1 - this")
+    ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the layer-wise hidden-state MSE")
+    ap.add_argument("--negatives-ratio", type=float, default=0.0)
+    ap.add_argument("--real-negatives-factor", type=int, default=2)
+    ap.add_argument("--other-paragraph-share", type=float, default=0.0)
+    ap.add_argument("--eval-negatives-ratio", type=float, default=1.0)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-seq-length", type=int, default=256)
+    ap.add_argument("--doc-stride", type=int, default=128)
+    ap.add_argument("--max-query-length", type=int, default=64)
+    ap.add_argument("--checkpoint-every", type=int, default=200)
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--time-budget-min", type=float, help="per phase: stop (and save) after this many minutes")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT's newest checkpoint")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+class GateTrainer(nn.Module):
+    """Phase-1 state in one module, so checkpoints hold weights, gates and multipliers together."""
+
+    def __init__(self, gated: GatedQAModel):
+        super().__init__()
+        self.gated = gated
+        self.controller = LagrangianController()
+
+
+def _teacher(args: argparse.Namespace) -> RaggedQAModel:
+    ck = load_checkpoint(args.teacher)
+    t = RaggedQAModel(ck.cfg).eval()
+    t.load_state_dict(ck.state)
+    for p in t.parameters():
+        p.requires_grad_(False)
+    return t
+
+
+def _metrics_row(result: dict[str, Any]) -> dict[str, Any]:
+    z, b = result["at_zero"], result["at_best"]
+    return {"exact": z["exact"], "f1": z["f1"], "best_f1": z.get("best_f1"), "best_f1_thresh": z.get("best_f1_thresh"),
+            "HasAns_f1": b.get("HasAns_f1"), "NoAns_f1": b.get("NoAns_f1"), "HasAns_f1_at_zero": z.get("HasAns_f1"),
+            "NoAns_f1_at_zero": z.get("NoAns_f1"), "auc": result["auc"], "null_threshold": result["null_threshold"]}
+
+
+def prune(args: argparse.Namespace) -> dict[str, Any]:
+    """Run both phases; returns metrics.json's content (rank 0) or {} (other ranks)."""
+    dist = Dist.from_env()
+    t0 = time.monotonic()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out: Path = args.out
+    if dist.is_main and out.exists() and any(out.iterdir()) and not args.resume:
+        raise FileExistsError(f"{out} is not empty; pass --resume to continue that run or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_ck = load_checkpoint(args.teacher)
+    dense = teacher_ck.cfg
+    settings = WindowSettings(args.max_seq_length, args.doc_stride, args.max_query_length)
+    maker = WindowMaker(load_tokenizer(args.teacher), dense.architecture, settings)
+    train, evals, data_info = prepare_data(args)
+    features = train_features(train, maker)
+    teacher = None if args.no_distill else _teacher(args)
+    by = "params" if args.target_params is not None else "flops"
+    target = args.target_params if by == "params" else args.target_sparsity
+    common = dict(features=features, teacher=teacher, dist=dist, args=args)
+    export_dir = out / "phase1-export"
+
+    # ---------------------------------------------------------------- phase 1: gates
+    gate_info: dict[str, Any] = {}
+    if args.spec is not None:
+        from engine.spec import apply_spec, parse_spec
+
+        init = load_checkpoint(args.student_init or args.teacher)
+        cfg, state = apply_spec(init.state, init.cfg, parse_spec(args.spec, init.cfg))
+        gate_info = {"mode": "fixed spec", "spec": str(args.spec)}
+    elif not (export_dir / "config.json").is_file():
+        init = load_checkpoint(args.student_init or args.teacher)
+        torch.manual_seed(args.seed)
+        base = RaggedQAModel(init.cfg, dropout=DROPOUT)
+        base.load_state_dict(init.state)
+        trainer = GateTrainer(GatedQAModel(base, sublayer_gates=args.sublayer_gates))
+
+        def extra_loss(module: GateTrainer, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
+            t = target_schedule(step, round(args.target_warmup * total), target)
+            s_hat = module.gated.expected_sparsity(dense, args.flops_seq_len, by)
+            return module.controller.penalty(s_hat, t), {"s_hat": float(s_hat), "t": t}
+
+        phase = PhaseConfig(name="gates", epochs=args.epochs, max_steps=args.max_steps,
+                            groups=lambda m: [("weights", m.gated.model_parameters(), args.lr, args.weight_decay, False),
+                                              ("gates", m.gated.gate_parameters(), args.gate_lr, 0.0, False),
+                                              ("lambdas", m.controller.lambda_parameters(), args.lambda_lr, 0.0, True)])
+        run_phase(trainer, lambda m: m.gated, phase, out / "checkpoints" / "gates", extra_loss=extra_loss, **common)
+        trainer.gated.eval()
+        cal = calibrate(trainer.gated, dense, target, args.flops_seq_len, by)
+        cfg, state = export_ragged(trainer.gated)
+        gate_info = {"mode": "l0", "calibration": cal, "expected_sparsity":
+                     float(trainer.gated.expected_sparsity(dense, args.flops_seq_len, by)),
+                     "lambda1": float(trainer.controller.lambda1), "lambda2": float(trainer.controller.lambda2),
+                     "log_alpha": {n: p.detach().tolist() for n, p in trainer.gated.named_parameters()
+                                   if n.endswith("log_alpha")}}
+        if dist.is_main:
+            save_checkpoint(export_dir, cfg, state, teacher_ck.hf_config)
+            (out / "gates.json").write_text(json.dumps(gate_info) + "\n")
+        dist.barrier()
+    if args.spec is None:
+        ck = load_checkpoint(export_dir)
+        cfg, state = ck.cfg, ck.state
+        gate_info = json.loads((out / "gates.json").read_text())
+
+    # ---------------------------------------------------------------- phase 2: fixed-structure fine-tune
+    torch.manual_seed(args.seed + 1)
+    student = RaggedQAModel(cfg, dropout=DROPOUT)
+    student.load_state_dict(state)
+    if args.finetune_epochs > 0 or args.finetune_max_steps:
+        phase = PhaseConfig(name="finetune", epochs=args.finetune_epochs, max_steps=args.finetune_max_steps,
+                            groups=lambda m: [("weights", list(m.parameters()), args.lr, args.weight_decay, False)])
+        run_phase(student, lambda m: m, phase, out / "checkpoints" / "finetune", **common)
+    if not dist.is_main:
+        dist.close()
+        return {}
+
+    # ---------------------------------------------------------------- evaluation and output
+    student.eval()
+    res_s = evaluate_model(student, evals, maker, progress=not args.no_progress)
+    teacher_eval = _teacher(args)
+    res_t = evaluate_model(teacher_eval, evals, maker, progress=not args.no_progress)
+    from transformers import AutoTokenizer
+
+    save_checkpoint(out, cfg, {k: v.detach() for k, v in student.state_dict().items()}, teacher_ck.hf_config,
+                    tokenizer=AutoTokenizer.from_pretrained(str(args.teacher)), null_threshold=res_s["null_threshold"])
+    metrics = {
+        "schema_version": 1,
+        "target": {"by": by, "value": target, "seq_len": args.flops_seq_len} if args.spec is None
+        else {"by": "spec", "spec": str(args.spec)},
+        "achieved_flop_sparsity": achieved_sparsity(cfg, dense, args.flops_seq_len, "flops"),
+        "achieved_param_sparsity": achieved_sparsity(cfg, dense, args.flops_seq_len, "params"),
+        "heads": list(cfg.heads), "ffn": list(cfg.ffn),
+        "dense_heads": list(dense.heads), "dense_ffn": list(dense.ffn),
+        "teacher": _metrics_row(res_t), "student": _metrics_row(res_s),
+        "f1_loss": res_t["at_zero"]["f1"] - res_s["at_zero"]["f1"],
+        "gates": {k: v for k, v in gate_info.items() if k != "log_alpha"},
+        "distillation": not args.no_distill, "data": data_info, "wall_time_s": time.monotonic() - t0,
+        "args": {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
+                 for k, v in vars(args).items()},
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    dist.close()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    for name in ("target_sparsity", "target_params", "eval_fraction"):
+        v = getattr(args, name)
+        if v is not None and not 0 < v < 1:
+            ap.error(f"--{name.replace('_', '-')} must lie in (0, 1)")
+    try:
+        m = prune(args)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if m:
+        print(json.dumps({k: m[k] for k in ("achieved_flop_sparsity", "heads", "ffn", "teacher", "student", "f1_loss")},
+                         indent=2))
+    return 0
