@@ -79,7 +79,9 @@ def run_phase(module: nn.Module, forward_of: Callable[[nn.Module], nn.Module], p
     total = phase.max_steps or max(1, round(phase.epochs * steps_per_epoch))
     warmup = round(args.warmup * total)
     groups = phase.groups(module)
-    opt = torch.optim.AdamW([{"params": p, "lr": lr, "weight_decay": wd} for _, p, lr, wd, _ in groups])
+    # Gates and multipliers use a shorter second-moment memory (beta2 0.99): with 0.999, closed gates stall.
+    opt = torch.optim.AdamW([{"params": p, "lr": lr, "weight_decay": wd, "betas": (0.9, 0.999 if n == "weights" else 0.99)}
+                             for n, p, lr, wd, _ in groups])
     peak = [lr for _, _, lr, _, _ in groups]
     ascent = [p for _, ps, _, _, up in groups if up for p in ps]
     step, meta = 0, {"elapsed_s": 0.0, "log": []}
