@@ -154,7 +154,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
         def extra_loss(module: GateTrainer, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
             t = target_schedule(step, round(args.target_warmup * total), target)
             s_hat = module.gated.expected_sparsity(dense, args.flops_seq_len, by)
-            return module.controller.penalty(s_hat, t), {"s_hat": float(s_hat), "t": t}
+            return module.controller.penalty(s_hat, t), {"s_hat": float(s_hat.detach()), "t": t}
 
         phase = PhaseConfig(name="gates", epochs=args.epochs, max_steps=args.max_steps,
                             groups=lambda m: [("weights", m.gated.model_parameters(), args.lr, args.weight_decay, False),
