@@ -1,0 +1,82 @@
+"""`python -m engine.evaluate ARTIFACT --data DEV.json[.gz]`: the official SQuAD 2.0 metric for any engine artifact.
+
+Every question goes through `QAEngine.answer_batch` (tokenization, windows, decoding included). Reported: the
+official dict at null threshold 0.0 and at the artifact's stored threshold, with `na_probs = null_score_diff`
+(so best_exact/best_f1 and their thresholds are included), plus the AUC of null_score_diff.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from engine.data.squad import auc, evaluate, load_squad, read_squad_json
+
+
+def evaluate_artifact(artifact: str | Path, data: str | Path, backend: str = "auto", threads: int | None = None,
+                      batch_size: int = 64, limit: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run an artifact over a SQuAD file; returns metrics at threshold 0 and at the stored threshold."""
+    from engine.qa import QAEngine
+
+    eng = QAEngine.load(artifact, backend=backend, threads=threads)
+    dataset = read_squad_json(data)
+    examples = load_squad(dataset)[:limit]
+    if limit is not None:
+        keep = {e.qid for e in examples}
+        dataset = {"data": [{**a, "paragraphs": [{**p, "qas": [q for q in p["qas"] if q["id"] in keep]}
+                                                 for p in a["paragraphs"]]} for a in dataset["data"]]}
+    text, diff = {}, {}
+    t0 = time.perf_counter()
+    chunk = 256
+    for i in tqdm(range(0, len(examples), chunk), desc="evaluate", unit="chunk", disable=not progress):
+        part = examples[i: i + chunk]
+        answers = eng.answer_batch([(e.question, e.context) for e in part], batch_size=batch_size,
+                                   null_threshold=float("inf"))
+        for e, a in zip(part, answers):
+            text[e.qid], diff[e.qid] = a.text, a.null_score_diff
+    seconds = time.perf_counter() - t0
+    threshold = eng.artifact.null_threshold
+
+    def at(t: float) -> dict[str, Any]:
+        preds = {q: "" if diff[q] > t else s for q, s in text.items()}
+        return evaluate(dataset, preds, na_probs=diff, na_prob_thresh=t)
+
+    return {"artifact": str(artifact), "data": str(data), "backend": eng.backend_name, "questions": len(examples),
+            "seconds": seconds, "questions_per_s": len(examples) / seconds, "at_zero": at(0.0),
+            "stored_threshold": threshold, "at_stored_threshold": at(threshold),
+            "auc": auc(diff, dataset) if any(e.is_impossible for e in examples) and
+            not all(e.is_impossible for e in examples) else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    ap = argparse.ArgumentParser(prog="python -m engine.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("--data", required=True, type=Path, help="SQuAD 2.0 (or 1.1) JSON, .json or .json.gz")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--batch-size", type=int, default=64, help="windows per forward")
+    ap.add_argument("--limit", type=int, help="only the first N questions (quick checks)")
+    ap.add_argument("--out", type=Path, help="also write the metrics JSON here")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        m = evaluate_artifact(a.artifact, a.data, a.backend, a.threads, a.batch_size, a.limit, not a.no_progress)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(m, indent=2)
+    if a.out:
+        a.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""engine.evaluate: artifact -> official SQuAD 2.0 metrics, consistent with QAEngine.answer and the metric."""
+
+from __future__ import annotations
+
+import json
+
+from engine.build_model import build
+from engine.data.squad import evaluate
+from engine.evaluate import evaluate_artifact, main
+from engine.features import WindowSettings
+from engine.qa import QAEngine
+from tests.test_finetune import _squad
+
+
+def test_evaluate_artifact_matches_engine_answers(tiny_bert, tmp_path, capsys):
+    art = build(tiny_bert, tmp_path / "a", settings=WindowSettings(96, 16, 24), null_threshold=0.25)
+    data = _squad(3, 2)
+    path = tmp_path / "dev.json"
+    path.write_text(json.dumps(data))
+    m = evaluate_artifact(art, path, backend="torch", progress=False)
+    eng = QAEngine.load(art, backend="torch")
+    qas = [(q["id"], q["question"], p["context"]) for a in data["data"] for p in a["paragraphs"] for q in p["qas"]]
+    answers = {qid: eng.answer(q, c, null_threshold=0.25) for qid, q, c in qas}
+    want = evaluate(data, {k: a.text for k, a in answers.items()},
+                    na_probs={k: a.null_score_diff for k, a in answers.items()}, na_prob_thresh=0.25)
+    assert m["questions"] == len(qas) and m["stored_threshold"] == 0.25
+    assert m["at_stored_threshold"] == want
+    assert {"HasAns_f1", "NoAns_f1", "best_f1", "best_f1_thresh"} <= set(m["at_zero"])
+    assert main([str(art), "--data", str(path), "--limit", "3", "--no-progress", "--backend", "torch"]) == 0
+    assert json.loads(capsys.readouterr().out)["questions"] == 3
