@@ -1,0 +1,177 @@
+"""`python -m bench.report`: turn saved benchmark JSON and evaluation/metrics JSON into RESULTS.md + PNG plots.
+
+Inputs (all optional; missing ones leave their section out):
+  bench/results/cpu*.json          pytest-benchmark output of `make bench` / `make bench-full`
+  bench/results/workload*.json     pytest-benchmark output of bench/test_workload.py
+  bench/results/accuracy.json      list of rows {"name", "eval": path to engine.evaluate JSON, "artifact_flops",
+                                   "dense_flops", "command", "latency": {"1x384": ms, ...} (optional), "note"}
+Quoted reference rows (the paper's claim, the always-no-answer floor) are labelled as quoted, not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def load_benchmarks(paths: list[Path]) -> list[dict[str, Any]]:
+    """Flatten pytest-benchmark files into rows with median latency and extra_info."""
+    rows = []
+    for p in paths:
+        data = json.loads(p.read_text())
+        machine = data.get("machine_info", {})
+        for b in data.get("benchmarks", []):
+            info = b.get("extra_info", {})
+            if "provider" not in info:
+                continue
+            rows.append({**info, "median_ms": 1e3 * b["stats"]["median"], "file": p.name,
+                         "cpu": machine.get("cpu", {}).get("brand_raw", info.get("device"))})
+    return rows
+
+
+def latency_tables(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """Markdown tables per model kind and shape, plus per-provider realized/FLOP-reduction summaries."""
+    by = defaultdict(dict)  # (model, batch, seq) -> provider -> row
+    for r in rows:
+        by[(r["model"], r["batch"], r["seq"])][r["provider"]] = r
+    out = []
+    shapes = sorted({(b, s) for _, b, s in by})
+    models = sorted({m for m, _, _ in by})
+    for m in models:
+        out.append(f"\n### {m}\n")
+        out.append("| shape | provider | median ms | GFLOP/s (useful) | % of GEMM peak | vs HF eager |")
+        out.append("|---|---|---|---|---|---|")
+        for b, s in shapes:
+            cell = by.get((m, b, s), {})
+            base = cell.get("hf-eager", {}).get("median_ms")
+            for prov, r in sorted(cell.items(), key=lambda kv: kv[1]["median_ms"]):
+                vs = f"{base / r['median_ms']:.2f}x" if base else "-"
+                out.append(f"| ({b},{s}) | {prov} | {r['median_ms']:.1f} | {r['gflops_per_s']:.0f} | "
+                           f"{r['pct_of_peak']:.0f}% | {vs} |")
+    ratios = []
+    for (m, b, s), cell in by.items():
+        if not m.endswith("-half"):
+            continue
+        dense = by.get((m[: -len("-half")] + "-dense", b, s), {})
+        for prov, r in cell.items():
+            if prov in dense:
+                realized = dense[prov]["median_ms"] / r["median_ms"]
+                flop_red = r["dense_flops"] / r["flops"]
+                ratios.append({"provider": prov, "shape": f"({b},{s})", "realized": realized, "flop_reduction": flop_red,
+                               "ratio": realized / flop_red, "pruned_ms": r["median_ms"]})
+    return "\n".join(out), ratios
+
+
+def key_ratios(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> str:
+    """The targets of the issues in one table."""
+    out = ["| shape | engine backend | realized speedup ÷ FLOP reduction | pruned engine vs ORT-fused (pruned) | "
+           "pruned engine vs HF eager dense |", "|---|---|---|---|---|"]
+    idx = {(r["model"], r["batch"], r["seq"], r["provider"]): r for r in rows}
+    for q in sorted(ratios, key=lambda q: (q["provider"], q["shape"])):
+        if not q["provider"].startswith("engine-"):
+            continue
+        b, s = map(int, q["shape"].strip("()").split(","))
+        ort = idx.get(("minilm-half", b, s, "ort-fused"))
+        hf = idx.get(("minilm-dense", b, s, "hf-eager"))
+        vs_ort = f"{ort['median_ms'] / q['pruned_ms']:.2f}x" if ort else "not measured"
+        vs_hf = f"{hf['median_ms'] / q['pruned_ms']:.2f}x" if hf else "not measured"
+        out.append(f"| {q['shape']} | {q['provider']} | {q['ratio']:.2f} | {vs_ort} | {vs_hf} |")
+    return "\n".join(out)
+
+
+def accuracy_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """Rows of EM/F1 at 0.0 and best thresholds, HasAns/NoAns F1, FLOPs, from engine.evaluate outputs."""
+    out = ["| model | EM | F1 (thr 0) | best F1 | HasAns F1 | NoAns F1 | encoder FLOPs vs dense | source |",
+           "|---|---|---|---|---|---|---|---|"]
+    points = []
+    for r in rows:
+        if "quoted" in r:
+            q = r["quoted"]
+            out.append(f"| {r['name']} | {q.get('exact', '-')} | {q.get('f1', '-')} | - | {q.get('HasAns_f1', '-')} | "
+                       f"{q.get('NoAns_f1', '-')} | {q.get('flops', '-')} | quoted: {r['note']} |")
+            continue
+        ev = json.loads((ROOT / r["eval"]).read_text()) if (ROOT / r["eval"]).is_file() else json.loads(
+            Path(r["eval"]).read_text())
+        z = ev["at_zero"]
+        frac = r["artifact_flops"] / r["dense_flops"]
+        out.append(f"| {r['name']} | {z['exact']:.2f} | {z['f1']:.2f} | {z['best_f1']:.2f} | {z['HasAns_f1']:.2f} | "
+                   f"{z['NoAns_f1']:.2f} | {frac:.2f} | `{r['command']}` |")
+        points.append({"name": r["name"], "f1": z["f1"], "best_f1": z["best_f1"], "flops": frac,
+                       "speedup": r.get("speedup")})
+    return "\n".join(out), points
+
+
+def plots(rows: list[dict[str, Any]], points: list[dict[str, Any]], outdir: Path) -> list[str]:
+    """latency-vs-FLOPs and F1-vs-speedup PNGs; returns the file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if rows:
+        fig, ax = plt.subplots(figsize=(7, 5))
+        for prov in sorted({r["provider"] for r in rows}):
+            pts = sorted((r["flops"] / 1e9, r["median_ms"]) for r in rows if r["provider"] == prov)
+            ax.loglog([p[0] for p in pts], [p[1] for p in pts], "o-", label=prov)
+        ax.set_xlabel("useful encoder GFLOP per forward")
+        ax.set_ylabel("median latency (ms)")
+        ax.set_title("CPU latency vs FLOPs (MiniLM dense and minilm-half)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(outdir / "latency_vs_flops.png", dpi=110)
+        written.append("latency_vs_flops.png")
+    sp = [p for p in points if p.get("speedup")]
+    if sp:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for p in sp:
+            ax.scatter(p["speedup"], p["f1"])
+            ax.annotate(p["name"], (p["speedup"], p["f1"]), fontsize=7)
+        ax.set_xlabel("speedup over the dense teacher (same engine, CPU)")
+        ax.set_ylabel("dev F1 (threshold 0)")
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(outdir / "f1_vs_speedup.png", dpi=110)
+        written.append("f1_vs_speedup.png")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=ROOT / "RESULTS.md")
+    a = ap.parse_args(argv)
+    rows = load_benchmarks(sorted(a.results.glob("cpu*.json")))
+    parts = ["# SparseQA results\n", "Generated by `python -m bench.report` from the JSON files in `bench/results/`. "
+             "Every measured number comes from a command in this repository; quoted rows are labelled.\n"]
+    ratios: list[dict[str, Any]] = []
+    if rows:
+        cpu = rows[0].get("cpu")
+        parts.append(f"## CPU latency (`make bench`)\n\nMachine: {cpu}, {rows[0]['threads']} threads, fp32. GEMM peak "
+                     f"measured in the same session: {rows[0]['gemm_peak_gflops']:.0f} GFLOP/s. 'Useful' GFLOP/s counts "
+                     f"the pruned model's FLOPs for every provider (masked HF runs at dense cost).\n")
+        table, ratios = latency_tables(rows)
+        parts.append(table)
+        parts.append("\n## Targets at a glance\n\n" + key_ratios(rows, ratios))
+    acc_file = a.results / "accuracy.json"
+    points: list[dict[str, Any]] = []
+    if acc_file.is_file():
+        table, points = accuracy_table(json.loads(acc_file.read_text()))
+        parts.append("\n## Accuracy on the complete official SQuAD 2.0 dev set\n\n" + table)
+    pngs = plots(rows, points, a.out.parent)
+    parts += [f"\n![{p}]({p})" for p in pngs]
+    a.out.write_text("\n".join(parts) + "\n")
+    print(f"wrote {a.out} ({len(rows)} latency rows, {len(points)} accuracy rows, plots: {pngs})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
