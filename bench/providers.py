@@ -29,10 +29,21 @@ def hf_masked_provider(m: ModelUnderTest, attn: str) -> Forward:
     return lambda x: model(**x)
 
 
+def hf_sliced_provider(m: ModelUnderTest) -> Forward:
+    """Stock transformers sdpa with pruned layers physically sliced (smaller nn.Linear, as nn_pruning/CoFi do)."""
+    from bench.hf_slicing import sliced_hf_model
+
+    spec = parse_spec(m.spec, load_checkpoint(m.src).cfg) if m.spec else None
+    model = sliced_hf_model(m.src, spec, "sdpa")
+    return lambda x: model(**x)
+
+
 PROVIDERS: dict[str, Callable[[ModelUnderTest], Forward]] = {
     "engine-torch": lambda m: engine_provider(m, "torch"),
+    "engine-cpp": lambda m: engine_provider(m, "cpp"),
     "hf-eager": lambda m: hf_masked_provider(m, "eager"),
     "hf-sdpa": lambda m: hf_masked_provider(m, "sdpa"),
+    "hf-sliced-sdpa": hf_sliced_provider,
 }
 
 
