@@ -27,10 +27,19 @@ test: install
 	else echo "notice: C++ build not present, ctest skipped"; fi
 
 bench: install
-	$(PY) -m pytest bench -q --benchmark-json=bench/results/cpu.json -p no:cacheprovider
+	SPARSEQA_WORKLOAD_LIMIT=$${SPARSEQA_WORKLOAD_LIMIT:-400} $(PY) -m pytest bench/test_cpu_latency.py -q \
+		--benchmark-json=bench/results/cpu.json -p no:cacheprovider
+	SPARSEQA_WORKLOAD_LIMIT=$${SPARSEQA_WORKLOAD_LIMIT:-400} $(PY) -m pytest bench/test_workload.py -q \
+		--benchmark-json=bench/results/workload.json -p no:cacheprovider
 
 bench-full: install
-	SPARSEQA_BENCH_FULL=1 $(PY) -m pytest bench -q --benchmark-json=bench/results/cpu-full.json -p no:cacheprovider
+	SPARSEQA_BENCH_FULL=1 $(PY) -m pytest bench/test_cpu_latency.py -q --benchmark-json=bench/results/cpu-full.json \
+		-p no:cacheprovider
+	SPARSEQA_WORKLOAD_LIMIT=0 $(PY) -m pytest bench/test_workload.py -q --benchmark-json=bench/results/workload-full.json \
+		-p no:cacheprovider
+
+bench-gpu:
+	python3 bench/gpu_bench.py --out bench/results/gpu.json
 
 report: install
 	$(PY) -m bench.report

@@ -47,8 +47,21 @@ PROVIDERS: dict[str, Callable[[ModelUnderTest], Forward]] = {
 }
 
 
+def _merge_peer_providers() -> None:
+    from bench.ort_providers import ORT_PROVIDERS
+
+    PROVIDERS.update(ORT_PROVIDERS)
+
+
+_merge_peer_providers()
+
+
 def available(name: str) -> str | None:
     """None if provider `name` can run here, else why not."""
+    from bench.ort_providers import ORT_PROVIDERS, ort_available
+
+    if name in ORT_PROVIDERS:
+        return ort_available(name)
     if name.startswith("engine-"):
         from engine.runtime import available_backends
 
