@@ -1,27 +1,13 @@
 """linear (GEMM + bias + activation + residual) against plain PyTorch."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must happen before `kernels` is imported: triton.jit picks the interpreter when it decorates a kernel.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+from tests.kernels.tolerances import DTYPE_IDS, HALF_RATIO, TOLERANCES  # sets interpreter mode first
 from kernels import default_device, linear, linear_tuning_log  # noqa: E402
 
 DEVICE = default_device()
 
-# fp32: atol and rtol relative to max|ref|. fp16/bf16: the kernel's max error may be at most HALF_RATIO x
-# that of PyTorch's own path in the same dtype, plus atol + rtol * max|ref| as a floor.
-TOLERANCES = [
-    (torch.float32, 1e-5, 1e-5),
-    (torch.float16, 1e-6, 2.0**-11),  # floor: half an ulp of max|ref|, the rounding of the output itself
-    (torch.bfloat16, 1e-6, 2.0**-8),
-]
-HALF_RATIO = 3.0
-DTYPE_IDS = [str(dtype).removeprefix("torch.") for dtype, _, _ in TOLERANCES]
 ACTIVATIONS = ["none", "gelu", "gelu_tanh"]
 
 
