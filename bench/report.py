@@ -85,6 +85,27 @@ def key_ratios(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def precision_table(rows: list[dict[str, Any]]) -> str:
+    """Latency of each engine backend x dtype, and its speedup over dense fp32 HF eager at the same shape."""
+    base = {(r["batch"], r["seq"]): r["median_ms"] for r in rows if r["provider"] == "hf-eager"}
+    shapes = sorted({(r["batch"], r["seq"]) for r in rows})
+    head = " | ".join(f"({b},{s}) ms | vs HF eager dense fp32" for b, s in shapes)
+    out = [f"| model | backend | dtype | {head} |", "|---|---|---|" + "---|---|" * len(shapes)]
+    cells = defaultdict(dict)
+    for r in rows:
+        if r["provider"] != "hf-eager":
+            cells[(r["model"], r["provider"], r["dtype"])][(r["batch"], r["seq"])] = r["median_ms"]
+    for (model, prov, dtype), by_shape in sorted(cells.items()):
+        vals = []
+        for shp in shapes:
+            ms = by_shape.get(shp)
+            vals.append(f"{ms:.1f} | {base[shp] / ms:.2f}x" if ms and shp in base else "- | -")
+        out.append(f"| {model} | {prov} | {dtype} | {' | '.join(vals)} |")
+    hf = " | ".join(f"{base[s]:.1f} | 1.00x" for s in shapes if s in base)
+    out.append(f"| minilm-dense | hf-eager | float32 | {hf} |")
+    return "\n".join(out)
+
+
 def accuracy_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     """Rows of EM/F1 at 0.0 and best thresholds, HasAns/NoAns F1, FLOPs, from engine.evaluate outputs."""
     out = ["| model | EM | F1 (thr 0) | best F1 | HasAns F1 | NoAns F1 | encoder FLOPs vs dense | source |",
@@ -161,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         table, ratios = latency_tables(rows)
         parts.append(table)
         parts.append("\n## Targets at a glance\n\n" + key_ratios(rows, ratios))
+    prec = load_benchmarks(sorted(a.results.glob("precision*.json")))
+    if prec:
+        parts.append("\n## Precision modes (`bench/test_precision.py`)\n\n" + precision_table(prec))
     acc_file = a.results / "accuracy.json"
     points: list[dict[str, Any]] = []
     if acc_file.is_file():
