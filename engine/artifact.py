@@ -6,6 +6,7 @@ and what was expected. The artifact is backend-neutral: backends pad or re-lay w
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from dataclasses import dataclass, field
@@ -21,12 +22,35 @@ from engine.features import WindowSettings
 from engine.model import expected_shapes
 
 FORMAT = "sparseqa-engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this module reads and writes; float artifacts are still written as 1
+FLOAT_FORMAT_VERSION = 1
+INT8_FORMAT_VERSION = 2
 MANIFEST = "engine.json"
 WEIGHTS = "weights.safetensors"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # float artifacts
+INT8 = "int8"
+ARTIFACT_DTYPES = (*DTYPES, INT8)
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int8": "I8"}
 _TOP_KEYS = {"format", "format_version", "config", "dtype", "weights", "tokenizer", "null_threshold", "source"}
+_QUANT_KEYS = {"weights", "activations", "linears", "float_dtype", "kernels", "calibration"}
+
+# Int8 artifacts (format_version 2, docs/ARTIFACT.md "Int8 artifacts"): the encoder Linears below hold I8 weights
+# with per-output-channel scales; every other tensor is fp32.
+QUANTIZED_LINEARS = ("qkv", "o", "ffn_in", "ffn_out")
+WEIGHT_SCHEME = "int8_symmetric_per_output_channel"
+
+
+class ActivationQuant(str, enum.Enum):
+    """How an int8 artifact's Linear inputs are quantized."""
+
+    DYNAMIC = "dynamic_per_token"  # scale max|x_t|/127 per token, computed at run time
+    STATIC = "static_per_input_channel"  # calibrated scale per input channel, stored as `input_scale`
+
+
+# The kernels an int8 artifact needs, by activation mode. Backends list what they provide
+# (`supported_kernels(device)`); engine.runtime refuses a backend that lacks one.
+KERNELS = {ActivationQuant.DYNAMIC: ("int8_gemm_per_token",), ActivationQuant.STATIC: ("int8_gemm_static",)}
+KNOWN_KERNELS = frozenset(k for ks in KERNELS.values() for k in ks)
 _TOK_KEYS = {"max_seq_length", "doc_stride", "max_query_length", "do_lower_case", "strip_accents", "files"}
 
 
@@ -44,6 +68,24 @@ class TokenizerSpec:
     files: list[str]
 
 
+@dataclass(frozen=True)
+class Quantization:
+    """The `quantization` block of an int8 manifest."""
+
+    activations: ActivationQuant
+    calibration: dict[str, Any] | None = None  # static only: provenance of the input scales (file, samples, ...)
+
+    @property
+    def kernels(self) -> tuple[str, ...]:
+        """Kernels a backend must provide to run this artifact."""
+        return KERNELS[self.activations]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest block."""
+        return {"weights": WEIGHT_SCHEME, "activations": self.activations.value, "linears": list(QUANTIZED_LINEARS),
+                "float_dtype": "float32", "kernels": list(self.kernels), "calibration": self.calibration}
+
+
 @dataclass
 class Artifact:
     """A validated artifact in memory."""
@@ -55,6 +97,35 @@ class Artifact:
     null_threshold: float
     source: dict[str, Any]
     state: dict[str, torch.Tensor] = field(repr=False)
+    quantization: Quantization | None = None  # int8 artifacts only
+
+    @property
+    def kernels(self) -> tuple[str, ...]:
+        """Special kernels this artifact needs beyond float GEMMs (empty for float artifacts)."""
+        return self.quantization.kernels if self.quantization else ()
+
+
+def artifact_shapes(cfg: EncoderConfig, quantization: Quantization | None) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of an artifact: the model's state dict, plus int8 scales when quantized."""
+    shapes = expected_shapes(cfg)
+    if quantization is None:
+        return shapes
+    for i in range(cfg.num_layers):
+        for lin in QUANTIZED_LINEARS:
+            out, inp = shapes[f"layers.{i}.{lin}.weight"]
+            shapes[f"layers.{i}.{lin}.weight_scale"] = (out,)
+            if quantization.activations is ActivationQuant.STATIC:
+                shapes[f"layers.{i}.{lin}.input_scale"] = (inp,)
+    return shapes
+
+
+def tensor_dtype(name: str, dtype: str) -> str:
+    """Safetensors dtype of tensor `name` in an artifact of manifest dtype `dtype`."""
+    if dtype != INT8:
+        return _SAFETENSORS_DTYPES[dtype]
+    parts = name.split(".")
+    quantized = len(parts) == 4 and parts[0] == "layers" and parts[2] in QUANTIZED_LINEARS and parts[3] == "weight"
+    return "I8" if quantized else "F32"
 
 
 def normalizer_flags(tokenizer_json: dict[str, Any]) -> tuple[bool, bool]:
@@ -75,11 +146,19 @@ def normalizer_flags(tokenizer_json: dict[str, Any]) -> tuple[bool, bool]:
 
 def save_artifact(out: Path, cfg: EncoderConfig, state: dict[str, torch.Tensor], tokenizer_dir: Path,
                   settings: WindowSettings, dtype: str = "float32", null_threshold: float = 0.0,
-                  source: dict[str, Any] | None = None) -> Path:
-    """Write an artifact directory from our state dict and a directory holding the source tokenizer."""
-    if dtype not in DTYPES:
-        raise ArtifactError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+                  source: dict[str, Any] | None = None, quantization: Quantization | None = None) -> Path:
+    """Write an artifact directory from our state dict and a directory holding the source tokenizer.
+
+    Float dtypes cast every tensor; `int8` takes an already quantized state (engine.quant.quantize_state) and
+    its `quantization` block, and checks every tensor's name, shape and dtype before writing.
+    """
+    if dtype not in ARTIFACT_DTYPES:
+        raise ArtifactError(f"dtype {dtype!r} is not supported; choose one of {sorted(ARTIFACT_DTYPES)}")
+    if (dtype == INT8) != (quantization is not None):
+        raise ArtifactError("an int8 artifact needs a quantization block, and only an int8 artifact may have one")
     settings.validate(cfg.architecture, cfg.max_position_embeddings)
+    if quantization is not None:
+        _check_int8_state(state, cfg, quantization)
     from transformers import AutoTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
@@ -88,11 +167,14 @@ def save_artifact(out: Path, cfg: EncoderConfig, state: dict[str, torch.Tensor],
         raise ArtifactError(f"{tokenizer_dir}: a fast (tokenizers) tokenizer is required")
     files = sorted(Path(f).name for f in tok.save_pretrained(str(out)))
     lower, strip = normalizer_flags(json.loads((out / "tokenizer.json").read_text(encoding="utf-8")))
-    tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items()}
+    if quantization is None:
+        tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items()}
+    else:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FLOAT_FORMAT_VERSION if quantization is None else INT8_FORMAT_VERSION,
         "config": cfg.to_dict(),
         "dtype": dtype,
         "weights": WEIGHTS,
@@ -102,6 +184,8 @@ def save_artifact(out: Path, cfg: EncoderConfig, state: dict[str, torch.Tensor],
         "null_threshold": float(null_threshold),
         "source": source or {},
     }
+    if quantization is not None:
+        manifest["quantization"] = quantization.to_dict()
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
@@ -131,11 +215,22 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     _require(_is_int(ver), f"{MANIFEST}: field 'format_version' must be an integer")
     _require(ver <= FORMAT_VERSION, f"{MANIFEST}: format_version {ver} was written by a newer SparseQA "
                                     f"(this one reads up to {FORMAT_VERSION}); upgrade SparseQA")
-    _require(ver == FORMAT_VERSION, f"{MANIFEST}: format_version {ver} is not supported")
-    missing, unknown = _TOP_KEYS - set(m), set(m) - _TOP_KEYS
+    _require(ver in (FLOAT_FORMAT_VERSION, INT8_FORMAT_VERSION), f"{MANIFEST}: format_version {ver} is not supported")
+    dtype = m.get("dtype")
+    if ver == FLOAT_FORMAT_VERSION:
+        _require(dtype != INT8, f"{MANIFEST}: dtype 'int8' needs format_version {INT8_FORMAT_VERSION} and a "
+                                f"'quantization' block, got format_version {ver}")
+    elif "dtype" in m:
+        _require(dtype == INT8, f"{MANIFEST}: format_version {ver} is for int8 artifacts, but dtype is {dtype!r} "
+                                f"(float artifacts use format_version {FLOAT_FORMAT_VERSION})")
+    keys = _TOP_KEYS | {"quantization"} if ver == INT8_FORMAT_VERSION else _TOP_KEYS
+    missing, unknown = keys - set(m), set(m) - keys
     _require(not missing, f"{MANIFEST}: missing field(s) {sorted(missing)}")
     _require(not unknown, f"{MANIFEST}: unknown field(s) {sorted(unknown)}")
-    _require(isinstance(m["dtype"], str) and m["dtype"] in DTYPES, f"{MANIFEST}: field 'dtype' is {m['dtype']!r}, expected one of {sorted(DTYPES)}")
+    _require(isinstance(dtype, str) and dtype in ARTIFACT_DTYPES,
+             f"{MANIFEST}: field 'dtype' is {dtype!r}, expected one of {sorted(ARTIFACT_DTYPES)}")
+    if ver == INT8_FORMAT_VERSION:
+        parse_quantization(m["quantization"])
     _require(m["weights"] == WEIGHTS, f"{MANIFEST}: field 'weights' must be {WEIGHTS!r}")
     t = m["tokenizer"]
     _require(isinstance(t, dict) and set(t) == _TOK_KEYS, f"{MANIFEST}: field 'tokenizer' must have keys {sorted(_TOK_KEYS)}")
@@ -166,14 +261,80 @@ def load_artifact(path: str | Path) -> Artifact:
         raise ArtifactError(f"{MANIFEST}: tokenizer settings: {e}") from None
     for f in t["files"]:
         _require((root / f).is_file(), f"tokenizer file {root / f} listed in {MANIFEST} is missing")
-    state = _load_weights(root / WEIGHTS, cfg, m["dtype"])
+    quant = parse_quantization(m["quantization"]) if "quantization" in m else None
+    state = _load_weights(root / WEIGHTS, cfg, m["dtype"], quant)
+    if quant is not None:
+        _check_int8_values(state, cfg)
     tok = TokenizerSpec(settings, bool(t["do_lower_case"]), bool(t["strip_accents"]), list(t["files"]))
-    return Artifact(root, cfg, m["dtype"], tok, float(m["null_threshold"]), m["source"], state)
+    return Artifact(root, cfg, m["dtype"], tok, float(m["null_threshold"]), m["source"], state, quant)
 
 
-def _load_weights(path: Path, cfg: EncoderConfig, dtype: str) -> dict[str, torch.Tensor]:
+def parse_quantization(q: Any) -> Quantization:
+    """Validate an int8 manifest's `quantization` block."""
+    where = f"{MANIFEST}: field 'quantization'"
+    _require(isinstance(q, dict), f"{where} must be an object")
+    missing, unknown = _QUANT_KEYS - set(q), set(q) - _QUANT_KEYS
+    _require(not missing, f"{where}: missing key(s) {sorted(missing)}")
+    _require(not unknown, f"{where}: unknown key(s) {sorted(unknown)}")
+    _require(q["weights"] == WEIGHT_SCHEME, f"{where}: weights is {q['weights']!r}, this SparseQA reads only "
+                                            f"{WEIGHT_SCHEME!r}")
+    modes = [a.value for a in ActivationQuant]
+    _require(q["activations"] in modes, f"{where}: activations is {q['activations']!r}, expected one of {modes}")
+    act = ActivationQuant(q["activations"])
+    _require(q["linears"] == list(QUANTIZED_LINEARS), f"{where}: linears must be {list(QUANTIZED_LINEARS)}, "
+                                                      f"got {q['linears']!r}")
+    _require(q["float_dtype"] == "float32", f"{where}: float_dtype must be 'float32', got {q['float_dtype']!r}")
+    kernels = q["kernels"]
+    _require(isinstance(kernels, list) and all(isinstance(k, str) for k in kernels),
+             f"{where}: kernels must be a list of kernel names")
+    unknown_k = sorted(set(kernels) - KNOWN_KERNELS)
+    _require(not unknown_k, f"{where}: requires kernel(s) {unknown_k} that this SparseQA does not know "
+                            f"(known: {sorted(KNOWN_KERNELS)}); upgrade SparseQA")
+    _require(tuple(kernels) == KERNELS[act], f"{where}: activations {act.value!r} need kernels "
+                                             f"{list(KERNELS[act])}, but the manifest lists {kernels}")
+    cal = q["calibration"]
+    if act is ActivationQuant.STATIC:
+        _require(isinstance(cal, dict), f"{where}: static activation scales need a 'calibration' object")
+    else:
+        _require(cal is None, f"{where}: calibration must be null for {act.value!r} activations")
+    return Quantization(act, cal)
+
+
+def _check_int8_state(state: dict[str, torch.Tensor], cfg: EncoderConfig, quant: Quantization) -> None:
+    """Names, shapes and dtypes of a quantized state dict before it is written."""
+    want = artifact_shapes(cfg, quant)
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing:
+        raise ArtifactError(f"int8 state: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    if extra:
+        raise ArtifactError(f"int8 state: unexpected tensor {extra[0]!r}")
+    for k, shape in want.items():
+        v = state[k]
+        _require(tuple(v.shape) == shape, f"int8 state: tensor {k!r} has shape {tuple(v.shape)}, expected {shape}")
+        expect = torch.int8 if tensor_dtype(k, INT8) == "I8" else torch.float32
+        _require(v.dtype == expect, f"int8 state: tensor {k!r} has dtype {v.dtype}, expected {expect}")
+    _check_int8_values(state, cfg)
+
+
+def _check_int8_values(state: dict[str, torch.Tensor], cfg: EncoderConfig) -> None:
+    """Symmetric int8 weights lie in [-127, 127]; scales are finite and positive."""
+    for i in range(cfg.num_layers):
+        for lin in QUANTIZED_LINEARS:
+            p = f"layers.{i}.{lin}."
+            w = state[p + "weight"]
+            _require(not (w == -128).any(), f"{WEIGHTS}: tensor {p + 'weight'!r} holds -128; the symmetric int8 "
+                                            f"scheme uses [-127, 127]")
+            for s in ("weight_scale", "input_scale"):
+                v = state.get(p + s)
+                if v is not None and v.numel():
+                    ok = bool((v > 0).all() and torch.isfinite(v).all())
+                    _require(ok, f"{WEIGHTS}: tensor {p + s!r} must be positive and finite (min {v.min().item():g})")
+
+
+def _load_weights(path: Path, cfg: EncoderConfig, dtype: str, quant: Quantization | None = None
+                  ) -> dict[str, torch.Tensor]:
     _require(path.is_file(), f"weights file {path} is missing")
-    want = expected_shapes(cfg)
+    want = artifact_shapes(cfg, quant)
     try:
         with safe_open(str(path), "pt") as f:
             names = set(f.keys())
@@ -182,16 +343,17 @@ def _load_weights(path: Path, cfg: EncoderConfig, dtype: str) -> dict[str, torch
                 raise ArtifactError(f"{WEIGHTS}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
             extra = sorted(names - set(want))
             if extra:
-                raise ArtifactError(f"{WEIGHTS}: unexpected tensor {extra[0]!r} (not in the manifest's config)")
+                raise ArtifactError(f"{WEIGHTS}: unexpected tensor {extra[0]!r} (not in the manifest's config"
+                                    f"{' and quantization' if quant else ''})")
             state = {}
             for k, shape in want.items():
                 sl = f.get_slice(k)
                 got_shape, got_dtype = tuple(sl.get_shape()), sl.get_dtype()
                 _require(got_shape == shape, f"{WEIGHTS}: tensor {k!r} has shape {got_shape}, expected {shape} "
                                              f"from {MANIFEST} (heads={list(cfg.heads)}, ffn={list(cfg.ffn)})")
-                _require(got_dtype == _SAFETENSORS_DTYPES[dtype],
-                         f"{WEIGHTS}: tensor {k!r} has dtype {got_dtype}, expected {_SAFETENSORS_DTYPES[dtype]} "
-                         f"(manifest dtype {dtype})")
+                expect = tensor_dtype(k, dtype)
+                _require(got_dtype == expect,
+                         f"{WEIGHTS}: tensor {k!r} has dtype {got_dtype}, expected {expect} (manifest dtype {dtype})")
                 state[k] = f.get_tensor(k)
     except ArtifactError:
         raise

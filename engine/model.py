@@ -84,12 +84,12 @@ class Layer(nn.Module):
         if self.heads:
             qkv = self.qkv(x).view(-1, 3, self.heads, self.head_dim)  # (T, 3, h, dh)
             ctx = attention_packed(qkv, cu_seqlens, max_seqlen)  # (T, h*dh)
-            x = self.ln1(x + self.drop(torch.addmm(self.o.bias, ctx, self.o.weight.t())))
+            x = self.ln1(x + self.drop(self.o(ctx)))
         else:
             x = self.ln1(x + self.o.bias)
         if self.ffn_width:
             inner = self.act(self.ffn_in(x))  # (T, f)
-            x = self.ln2(x + self.drop(torch.addmm(self.ffn_out.bias, inner, self.ffn_out.weight.t())))
+            x = self.ln2(x + self.drop(self.ffn_out(inner)))
         else:
             x = self.ln2(x + self.ffn_out.bias)
         return x

@@ -2,7 +2,9 @@
 
 A backend runs the ragged encoder on packed tokens:
 `forward_packed(input_ids [T], token_type_ids [T], cu_seqlens [B+1] int32, max_seqlen) -> (start [T], end [T])`.
-`"auto"` picks triton on CUDA, then cpp if built, then torch.
+`"auto"` picks triton on CUDA, then cpp if built, then torch, skipping backends that lack a kernel the artifact
+needs: an int8 artifact's manifest lists its kernels (docs/ARTIFACT.md), and a backend module declares the ones it
+runs with `supported_kernels(device) -> frozenset[str]` (a module without it runs float artifacts only).
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ class BackendEntry:
     """Where a backend lives and which devices it serves."""
 
     name: str
-    module: str  # exposes `why_unavailable(device) -> str | None` (None = available) and `create(artifact, device, threads)`
+    # `module` exposes `why_unavailable(device) -> str | None` (None = available), `create(artifact, device, threads)`
+    # and, if it runs int8 artifacts, `supported_kernels(device) -> frozenset[str]`.
+    module: str
     devices: tuple[str, ...]
     auto_devices: tuple[str, ...]  # devices on which "auto" may pick it
 
@@ -55,6 +59,15 @@ def _why_unavailable(entry: BackendEntry, device: torch.device) -> str | None:
     return mod.why_unavailable(device)
 
 
+def _missing_kernels(entry: BackendEntry, device: torch.device, artifact: Artifact) -> list[str]:
+    """Kernels `artifact` needs that backend `entry` does not provide on `device` (call only when it is available)."""
+    if not artifact.kernels:
+        return []
+    mod = importlib.import_module(entry.module)
+    provided = mod.supported_kernels(device) if hasattr(mod, "supported_kernels") else frozenset()
+    return [k for k in artifact.kernels if k not in provided]
+
+
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
     """Names of the backends that can run on `device`, in `auto` preference order."""
     dev = torch.device(device)
@@ -68,16 +81,26 @@ def create_backend(name: str, artifact: Artifact, device: str | torch.device = "
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
     names = [e.name for e in REGISTRY]
+    entries = {e.name: e for e in REGISTRY}
     if name == "auto":
-        avail = [n for n in available_backends(dev) if dev.type in next(e for e in REGISTRY if e.name == n).auto_devices]
+        avail = [n for n in available_backends(dev) if dev.type in entries[n].auto_devices]
         if not avail:
             raise RuntimeError(f"no backend can run on {dev}")
-        name = avail[0]
+        capable = [n for n in avail if not _missing_kernels(entries[n], dev, artifact)]
+        if not capable:
+            raise RuntimeError(f"no backend available on {dev} ({avail}) provides the kernels {list(artifact.kernels)} "
+                               f"that this {artifact.dtype} artifact needs")
+        name = capable[0]
     if name not in names:
         raise ValueError(f"unknown backend {name!r}; backends: {names} (available on {dev}: {available_backends(dev)})")
-    entry = next(e for e in REGISTRY if e.name == name)
+    entry = entries[name]
     why = _why_unavailable(entry, dev)
     if why is not None:
         raise RuntimeError(f"backend {name!r} is unavailable on {dev}: {why}. "
                            f"Available: {available_backends(dev)}")
+    missing = _missing_kernels(entry, dev, artifact)
+    if missing:
+        others = [n for n in available_backends(dev) if not _missing_kernels(entries[n], dev, artifact)]
+        raise RuntimeError(f"backend {name!r} cannot run this {artifact.dtype} artifact on {dev}: it needs kernel(s) "
+                           f"{missing}, which this build of {name!r} does not provide. Backends that can: {others}")
     return importlib.import_module(entry.module).create(artifact, dev, threads)

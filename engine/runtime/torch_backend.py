@@ -1,11 +1,20 @@
-"""The `torch` backend: engine.model.RaggedQAModel in plain PyTorch (fp32 compute on CPU)."""
+"""The `torch` backend: engine.model.RaggedQAModel in plain PyTorch.
+
+Compute by artifact dtype (docs/PRECISION.md):
+  float32            fp32 everywhere.
+  bfloat16           CPU: encoder Linears in bf16 (fp32 accumulation), the rest fp32 (engine.quant.bf16_model).
+                     CUDA: the whole model in bf16, as stored.
+  float16            CPU: upcast to fp32 (no fast fp16 GEMMs there). CUDA: fp16 as stored.
+  int8               CPU only: encoder Linears through oneDNN's int8 GEMM (engine.quant.int8_model).
+"""
 
 from __future__ import annotations
 
 import torch
 
-from engine.artifact import Artifact
+from engine.artifact import KNOWN_KERNELS, Artifact
 from engine.model import RaggedQAModel
+from engine.quant import bf16_model, int8_kernels_available, int8_model
 
 
 def why_unavailable(device: torch.device) -> str | None:
@@ -13,18 +22,28 @@ def why_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def supported_kernels(device: torch.device) -> frozenset[str]:
+    """The artifact kernels (engine.artifact.KERNELS) this backend runs on `device`."""
+    return KNOWN_KERNELS if int8_kernels_available(device) else frozenset()
+
+
 class TorchBackend:
-    """Packed forward through the plain-PyTorch ragged encoder."""
+    """Packed forward through the plain-PyTorch ragged encoder (or its bf16 / int8 surgery)."""
 
     name = "torch"
 
     def __init__(self, artifact: Artifact, device: torch.device, threads: int | None = None):
         if threads is not None:
             torch.set_num_threads(threads)
-        # Half-precision artifacts are upcast on CPU (no fast half GEMMs there); on CUDA they run as stored.
-        compute = torch.float32 if device.type == "cpu" else artifact.state["qa.weight"].dtype
-        self.model = RaggedQAModel(artifact.cfg).to(device=device, dtype=compute)
-        self.model.load_state_dict({k: v.to(compute) for k, v in artifact.state.items()})
+        if artifact.quantization is not None:
+            self.model = int8_model(artifact.cfg, artifact.state, artifact.quantization)
+        elif artifact.dtype == "bfloat16" and device.type == "cpu":
+            self.model = bf16_model(artifact.cfg, artifact.state)
+        else:
+            # fp16 is upcast on CPU (no fast half GEMMs there); on CUDA half artifacts run as stored.
+            compute = torch.float32 if device.type == "cpu" else artifact.state["qa.weight"].dtype
+            self.model = RaggedQAModel(artifact.cfg).to(device=device, dtype=compute)
+            self.model.load_state_dict({k: v.to(compute) for k, v in artifact.state.items()})
         self.model.eval()
         self.device = device
 
