@@ -1,0 +1,50 @@
+// The artifact manifest (engine.json, docs/ARTIFACT.md) as plain structs.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace qaengine {
+
+enum class Architecture { Bert, Roberta };
+enum class Activation { Gelu, GeluTanh, Relu };  // "gelu" (erf), "gelu_new" (tanh), "relu"
+
+/// How the CPU path runs its GEMMs: oneDNN with prepacked weights (Auto picks it when torch has oneDNN) or
+/// at::addmm (MKL). CUDA always uses at::addmm (cuBLAS).
+enum class GemmBackend { Auto, OneDnn, Aten };
+
+/// Encoder shape: layer l keeps heads[l] heads of head_dim and ffn[l] FFN units (0 allowed for both).
+struct EncoderConfig {
+  Architecture architecture = Architecture::Bert;
+  int64_t vocab_size = 0, hidden = 0, head_dim = 0;
+  std::vector<int64_t> heads, ffn;
+  int64_t max_position_embeddings = 0, type_vocab_size = 0;
+  double layer_norm_eps = 1e-12;
+  Activation activation = Activation::Gelu;
+  int64_t pad_token_id = 0;
+  int64_t position_offset = 0;  // first position id: 0 for BERT, pad_token_id + 1 for RoBERTa
+
+  int64_t num_layers() const { return static_cast<int64_t>(heads.size()); }
+  int64_t attn_width(int64_t layer) const { return heads[layer] * head_dim; }
+};
+
+/// Doc-stride window settings (engine/features.py WindowSettings).
+struct WindowSettings {
+  int64_t max_seq_length = 384, doc_stride = 128, max_query_length = 64;
+};
+
+/// A validated engine.json.
+struct Manifest {
+  EncoderConfig config;
+  std::string dtype;  // "float32", "bfloat16" or "float16"
+  WindowSettings windows;
+  bool do_lower_case = true, strip_accents = true;
+  std::vector<std::string> tokenizer_files;
+  double null_threshold = 0.0;
+};
+
+/// Reads and validates ARTIFACT/engine.json (structure, config and window settings). Throws qaengine::Error.
+Manifest read_manifest(const std::string& artifact_dir);
+
+}  // namespace qaengine

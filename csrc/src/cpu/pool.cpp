@@ -1,0 +1,137 @@
+#include "pool.h"
+
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace qaengine::cpu {
+namespace {
+
+// One batch of items in flight.
+struct Job {
+  const std::function<void(int64_t)>* fn = nullptr;
+  int64_t n = 0;
+  std::atomic<int64_t> next{0}, done{0};
+  std::mutex mutex;
+  std::condition_variable finished;
+  std::exception_ptr error;
+
+  // Claims and runs items until none are left.
+  void work() {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
+      try {
+        (*fn)(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex);
+        if (!error) error = std::current_exception();
+      }
+      if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
+        std::lock_guard<std::mutex> lock(mutex);
+        finished.notify_all();
+      }
+    }
+  }
+};
+
+// OpenMP (hence ATen's intra-op pool and oneDNN) at one thread for the calling thread only.
+class SingleThreadedScope {
+ public:
+  SingleThreadedScope() : saved_((at::internal::lazy_init_num_threads(), omp_get_max_threads())) {
+    omp_set_num_threads(1);
+  }
+  ~SingleThreadedScope() { omp_set_num_threads(saved_); }
+
+ private:
+  int saved_;
+};
+
+class Pool {
+ public:
+  static Pool& instance() {
+    static Pool* pool = new Pool();  // never destroyed: workers may outlive static destruction order
+    return *pool;
+  }
+
+  void run(int64_t n, int threads, const std::function<void(int64_t)>& fn) {
+    std::lock_guard<std::mutex> one_job(run_mutex_);  // concurrent callers take turns
+    ensure_workers(threads - 1);
+    auto job = std::make_shared<Job>();
+    job->fn = &fn;
+    job->n = n;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = job;
+      ++generation_;
+      wanted_ = threads - 1;
+    }
+    cv_.notify_all();
+    {
+      SingleThreadedScope single;
+      job->work();
+    }
+    {  // wait only for items that workers have claimed and not finished
+      std::unique_lock<std::mutex> lock(job->mutex);
+      job->finished.wait(lock, [&] { return job->done.load(std::memory_order_acquire) >= n; });
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_.reset();
+    }
+    if (job->error) std::rethrow_exception(job->error);
+  }
+
+ private:
+  void ensure_workers(int count) {
+    while (static_cast<int>(workers_.size()) < count) {
+      const int index = static_cast<int>(workers_.size());
+      workers_.emplace_back([this, index] { loop(index); });
+      workers_.back().detach();
+    }
+  }
+
+  void loop(int index) {
+    at::internal::lazy_init_num_threads();  // else ATen's first parallel_for here would reset the count below
+    omp_set_num_threads(1);
+    uint64_t seen = 0;
+    for (;;) {
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        cv_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (index >= wanted_) continue;  // this job asked for fewer threads
+        job = job_;
+      }
+      if (job) job->work();
+    }
+  }
+
+  std::mutex run_mutex_, mutex_;
+  std::condition_variable cv_;
+  std::vector<std::thread> workers_;
+  std::shared_ptr<Job> job_;
+  uint64_t generation_ = 0;
+  int wanted_ = 0;
+};
+
+}  // namespace
+
+void run_items(int64_t n, int threads, const std::function<void(int64_t)>& fn) {
+  if (n <= 0) return;
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n)));
+  if (threads == 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  Pool::instance().run(n, threads, fn);
+}
+
+}  // namespace qaengine::cpu

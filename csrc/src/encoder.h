@@ -1,0 +1,59 @@
+// The ragged encoder + QA head over packed tokens (ATen). Numerics follow engine/model.py in fp32.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "linear.h"
+#include "qaengine/config.h"
+
+namespace qaengine {
+
+class SafetensorsFile;
+
+struct LayerWeights {
+  int64_t heads = 0, width = 0, ffn = 0;
+  Linear qkv, o, ffn_in, ffn_out;  // bias (and ffn_in's activation) applied inside; unset for 0 heads / 0 units
+  at::Tensor qkv_b, o_b, out_b;    // raw biases: b_O and b_2 carry 0-head / 0-unit layers, qkv_b the CUDA path
+  at::Tensor ln1_w, ln1_b, ln2_w, ln2_b;
+};
+
+class Encoder {
+ public:
+  /// Validates tensor names, shapes and dtypes against `cfg` (the artifact's `dtype`), upcasts to fp32 and moves
+  /// the weights to `device`. Errors name the tensor, like engine/artifact.py.
+  Encoder(const EncoderConfig& cfg, const SafetensorsFile& weights, const std::string& dtype, c10::Device device,
+          GemmBackend gemm = GemmBackend::Auto);
+
+  /// Checked entry: dtypes, ranks, contiguity, cu_seqlens, token/type/position ranges. Returns (start, end) [T].
+  std::pair<at::Tensor, at::Tensor> forward(const at::Tensor& input_ids, const at::Tensor& token_type_ids,
+                                            const at::Tensor& cu_seqlens, int64_t max_seqlen) const;
+
+  const EncoderConfig& config() const { return cfg_; }
+  GemmBackend gemm_backend() const { return qa_.backend(); }
+  c10::Device device() const { return device_; }
+
+ private:
+  std::pair<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& ids, const at::Tensor& types,
+                                                const at::Tensor& cu_seqlens, int64_t max_seqlen) const;
+  /// The layer stack on one packed batch, writing logits into start/end `[T]`; `threads` > 1 splits the rows.
+  void forward_cpu_batch(const int64_t* ids, const int64_t* types, const int32_t* cu_seqlens, int64_t batch,
+                         int64_t max_seqlen, float* start, float* end, int threads) const;
+  std::pair<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& ids, const at::Tensor& types,
+                                                 const at::Tensor& cu_seqlens, int64_t max_seqlen) const;
+
+  EncoderConfig cfg_;
+  c10::Device device_;
+  at::Tensor word_, position_, token_type_, emb_ln_w_, emb_ln_b_;
+  Linear qa_;
+  std::vector<LayerWeights> layers_;
+};
+
+/// Name -> shape of every tensor the artifact must hold (engine.model.expected_shapes).
+std::vector<std::pair<std::string, std::vector<int64_t>>> expected_shapes(const EncoderConfig& cfg);
+
+}  // namespace qaengine

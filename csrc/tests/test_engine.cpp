@@ -1,0 +1,267 @@
+// Engine: fp32 parity with the Python reference logits, answers equal to the Python QAEngine, and clear errors for
+// broken artifacts and bad inputs.
+#include <ATen/ops/from_blob.h>
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "qaengine/aten.h"
+#include "qaengine/engine.h"
+#include "safetensors.h"
+#include "test_util.h"
+
+namespace qaengine::test {
+namespace {
+
+struct Reference {
+  std::vector<int64_t> ids, types;
+  std::vector<int32_t> cu;
+  std::vector<float> start, end;
+};
+
+Reference load_reference(const std::string& art) {
+  // reference.safetensors holds I64 / I32 inputs that SafetensorsFile does not convert; parse them directly.
+  const std::string bytes = read_file(fs::path(art) / "reference.safetensors");
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<uint8_t>(bytes[i]);
+  const auto header = nlohmann::json::parse(bytes.substr(8, n));
+  const char* data = bytes.data() + 8 + n;
+  auto take = [&](const std::string& name, auto& vec) {
+    const auto& off = header.at(name).at("data_offsets");
+    const size_t b = off[0], e = off[1];
+    vec.resize((e - b) / sizeof(vec[0]));
+    std::memcpy(vec.data(), data + b, e - b);
+  };
+  Reference r;
+  take("input_ids", r.ids);
+  take("token_type_ids", r.types);
+  take("cu_seqlens", r.cu);
+  take("start", r.start);
+  take("end", r.end);
+  return r;
+}
+
+float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  float m = 0.f;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) m = std::max(m, std::abs(a[i] - b[i]));
+  return m;
+}
+
+class Parity : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(Parity, LogitsMatchPythonReference) {
+  REQUIRE_ARTIFACT(art, GetParam());
+  const Engine engine = Engine::load(art);
+  const Reference r = load_reference(art);
+  int64_t longest = 0;
+  for (size_t b = 0; b + 1 < r.cu.size(); ++b) longest = std::max<int64_t>(longest, r.cu[b + 1] - r.cu[b]);
+  const Logits out = engine.forward_packed(r.ids.data(), r.types.data(), static_cast<int64_t>(r.ids.size()),
+                                           r.cu.data(), static_cast<int64_t>(r.cu.size()) - 1, longest);
+  EXPECT_LT(max_abs_diff(out.start, r.start), 1e-4f);
+  EXPECT_LT(max_abs_diff(out.end, r.end), 1e-4f);
+
+  // The ATen entry point gives the same numbers.
+  auto ids = at::from_blob(const_cast<int64_t*>(r.ids.data()), {static_cast<int64_t>(r.ids.size())}, at::kLong);
+  auto types = at::from_blob(const_cast<int64_t*>(r.types.data()), {static_cast<int64_t>(r.types.size())}, at::kLong);
+  auto cu = at::from_blob(const_cast<int32_t*>(r.cu.data()), {static_cast<int64_t>(r.cu.size())}, at::kInt);
+  auto [s, e] = forward_packed(engine, ids, types, cu, longest + 5);
+  ASSERT_EQ(s.numel(), static_cast<int64_t>(r.start.size()));
+  EXPECT_LT(max_abs_diff(std::vector<float>(s.data_ptr<float>(), s.data_ptr<float>() + s.numel()), r.start), 1e-4f);
+}
+
+INSTANTIATE_TEST_SUITE_P(Artifacts, Parity,
+                         ::testing::Values("tiny_bert", "tiny_bert_bf16", "tiny_bert_fp16", "tiny_hd24",
+                                           "tiny_roberta"));
+
+TEST(Engine, AnswersMatchPythonQAEngine) {
+  REQUIRE_ARTIFACT(art, "tiny_bert");
+  const Engine engine = Engine::load(art);
+  const auto j = nlohmann::json::parse(read_file(fs::path(art) / "answers.json"));
+  const std::string context = j["context"];
+  for (const auto& want : j["answers"]) {
+    std::optional<double> threshold;
+    if (!want["null_threshold"].is_null()) threshold = want["null_threshold"].get<double>();
+    const Answer a = engine.answer(want["question"].get<std::string>(), context, 8, threshold);
+    EXPECT_EQ(a.text, want["text"].get<std::string>());
+    EXPECT_EQ(a.start, want["start"].get<int64_t>());
+    EXPECT_EQ(a.end, want["end"].get<int64_t>());
+    EXPECT_EQ(a.no_answer, want["no_answer"].get<bool>());
+    EXPECT_NEAR(a.score, want["score"].get<double>(), 1e-4);
+    EXPECT_NEAR(a.null_score_diff, want["null_score_diff"].get<double>(), 1e-4);
+    if (!a.no_answer) EXPECT_EQ(context.substr(a.start_byte, a.end_byte - a.start_byte), a.text);
+  }
+}
+
+TEST(Engine, AnswerOffsetsOnNonAsciiContext) {
+  REQUIRE_ARTIFACT(art, "tiny_bert");
+  const Engine engine = Engine::load(art);
+  // Multi-byte characters before the answer make code-point and byte offsets differ.
+  const std::string context = "東京 é é. Paris is the capital of France, on the river Seine.";
+  const Answer a = engine.answer("What is the capital?", context, 30, 1e9);  // force an answer
+  ASSERT_FALSE(a.no_answer);
+  EXPECT_EQ(context.substr(a.start_byte, a.end_byte - a.start_byte), a.text);
+  EXPECT_GT(a.start_byte, a.start);  // 東京 and é are multi-byte
+}
+
+TEST(Engine, LongContextMakesSeveralWindows) {
+  REQUIRE_ARTIFACT(art, "tiny_bert");
+  const Engine engine = Engine::load(art);
+  std::string context;
+  for (int i = 0; i < 40; ++i) context += "The tower was built in the first century by the king. ";
+  const Answer a = engine.answer("Who built the tower?", context, 30, 1e9);
+  EXPECT_FALSE(a.no_answer);
+  EXPECT_EQ(context.substr(a.start_byte, a.end_byte - a.start_byte), a.text);
+}
+
+TEST(Engine, RobertaRejectsTextButRunsIds) {
+  REQUIRE_ARTIFACT(art, "tiny_roberta");
+  const Engine engine = Engine::load(art);
+  expect_error([&] { engine.answer("who?", "someone"); }, {"RoBERTa", "forward_packed"});
+  expect_error([&] { engine.tokenize("text"); }, {"RoBERTa"});
+  const std::vector<int64_t> ids{0, 5, 6, 2}, types(4, 0);
+  const std::vector<int32_t> cu{0, 4};
+  EXPECT_EQ(engine.forward_packed(ids.data(), types.data(), 4, cu.data(), 1, 4).start.size(), 4u);
+}
+
+TEST(Engine, BadInputsRaise) {
+  REQUIRE_ARTIFACT(art, "tiny_bert");
+  const Engine engine = Engine::load(art);
+  const std::vector<int64_t> ids{2, 5, 6, 3}, types{0, 0, 1, 1};
+  auto run = [&](std::vector<int32_t> cu, std::vector<int64_t> i, std::vector<int64_t> t, int64_t max_seqlen) {
+    engine.forward_packed(i.data(), t.data(), static_cast<int64_t>(i.size()), cu.data(),
+                          static_cast<int64_t>(cu.size()) - 1, max_seqlen);
+  };
+  expect_error([&] { run({0, 3}, ids, types, 4); }, {"cu_seqlens must end at the token count 4"});
+  expect_error([&] { run({1, 4}, ids, types, 4); }, {"cu_seqlens[0] must be 0"});
+  expect_error([&] { run({0, 3, 2, 4}, ids, types, 4); }, {"non-decreasing"});
+  expect_error([&] { run({0, 4}, ids, types, 3); }, {"max_seqlen 3"});
+  expect_error([&] { run({0, 4}, {2, 5, 100000, 3}, types, 4); }, {"input_ids[2] = 100000", "vocabulary"});
+  expect_error([&] { run({0, 4}, ids, {0, 0, 2, 1}, 4); }, {"token_type_ids[2] = 2"});
+  expect_error([&] { run({0, 4}, ids, {0, 0, -1, 1}, 4); }, {"token_type_ids[2] = -1"});
+  std::vector<int64_t> long_ids(400, 5), long_types(400, 0);
+  expect_error([&] { run({0, 400}, long_ids, long_types, 400); }, {"exceeds the model's 320 positions"});
+  expect_error([&] { engine.answer("   ", "context"); }, {"question is empty"});
+  expect_error([&] { engine.answer("who?", ""); }, {"context is empty"});
+  expect_error([&] { engine.answer("who?", "ok", 0); }, {"max_answer_length"});
+  expect_error([&] { engine.answer(std::string("who\xff?"), "ok"); }, {"not valid UTF-8"});
+  // An empty batch is fine.
+  const std::vector<int32_t> cu0{0};
+  EXPECT_TRUE(engine.forward_packed(nullptr, nullptr, 0, cu0.data(), 0, 0).start.empty());
+}
+
+// ---- broken artifacts --------------------------------------------------------------------------------------------
+
+class BrokenArtifact : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (artifacts_dir().empty() || !fs::is_directory(artifacts_dir() + "/tiny_bert")) {
+      GTEST_SKIP() << "no test artifacts";
+    }
+    copy_dir(artifacts_dir() + "/tiny_bert", dir_.path() / "a");
+    art_ = (dir_.path() / "a").string();
+  }
+  nlohmann::json manifest() const { return nlohmann::json::parse(read_file(art_ + "/engine.json")); }
+  void set_manifest(const nlohmann::json& m) { write_file(art_ + "/engine.json", m.dump()); }
+  TempDir dir_;
+  std::string art_;
+};
+
+TEST_F(BrokenArtifact, Manifest) {
+  expect_error([&] { Engine::load(art_ + "/nope"); }, {"engine.json is missing"});
+  auto m = manifest();
+  m["format_version"] = 2;
+  set_manifest(m);
+  expect_error([&] { Engine::load(art_); }, {"format_version 2 is an int8 artifact", "torch"});
+  m["format_version"] = 3;
+  set_manifest(m);
+  expect_error([&] { Engine::load(art_); }, {"format_version 3", "newer"});
+  m = manifest();
+  m["format_version"] = 1;
+  m["extra"] = 1;
+  set_manifest(m);
+  expect_error([&] { Engine::load(art_); }, {"unknown field(s)", "'extra'"});
+  m.erase("extra");
+  m.erase("null_threshold");
+  set_manifest(m);
+  expect_error([&] { Engine::load(art_); }, {"missing field(s)", "'null_threshold'"});
+  m["null_threshold"] = 0.0;
+  m["dtype"] = "int8";
+  set_manifest(m);
+  expect_error([&] { Engine::load(art_); }, {"'dtype' is 'int8'"});
+  m["dtype"] = "float32";
+  m["config"]["activation"] = "swish";
+  set_manifest(m);
+  expect_error([&] { Engine::load(art_); }, {"unknown activation 'swish'"});
+  m["config"]["activation"] = "gelu";
+  m["config"]["heads"] = {3, 0, 1};
+  set_manifest(m);
+  expect_error([&] { Engine::load(art_); }, {"3 per-layer head counts but 4 FFN widths"});
+  m["config"]["heads"] = {3, 0, 1, 2};
+  m["tokenizer"]["max_seq_length"] = 10000;
+  set_manifest(m);
+  expect_error([&] { Engine::load(art_); }, {"max_seq_length 10000 exceeds"});
+  write_file(art_ + "/engine.json", "{\"format\": ");
+  expect_error([&] { Engine::load(art_); }, {"not valid JSON"});
+}
+
+TEST_F(BrokenArtifact, WeightsDisagreeWithManifest) {
+  auto m = manifest();
+  m["config"]["ffn"][0] = 51;
+  set_manifest(m);
+  expect_error([&] { Engine::load(art_); }, {"weights.safetensors", "'layers.0.ffn_in.weight'", "expected (51, 96)"});
+  m["config"]["ffn"][0] = 50;
+  m["dtype"] = "bfloat16";
+  set_manifest(m);
+  expect_error([&] { Engine::load(art_); }, {"has dtype F32, expected BF16"});
+}
+
+TEST_F(BrokenArtifact, TensorNamesAndValues) {
+  std::string w = read_file(art_ + "/weights.safetensors");
+  const size_t pos = w.find("\"qa.bias\"");
+  ASSERT_NE(pos, std::string::npos);
+  std::string renamed = w;
+  renamed.replace(pos, 9, "\"qa.biaz\"");  // same length: the file stays consistent
+  write_file(art_ + "/weights.safetensors", renamed);
+  expect_error([&] { Engine::load(art_); }, {"tensor 'qa.bias' is missing"});
+
+  // NaN inside qa.weight's data
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<uint8_t>(w[i]);
+  const auto header = nlohmann::json::parse(w.substr(8, n));
+  const size_t begin = header["qa.weight"]["data_offsets"][0];
+  const float nan = std::nanf("");
+  std::memcpy(&w[8 + n + begin], &nan, 4);
+  write_file(art_ + "/weights.safetensors", w);
+  expect_error([&] { Engine::load(art_); }, {"'qa.weight' contains NaN or inf"});
+
+  fs::remove(art_ + "/weights.safetensors");
+  expect_error([&] { Engine::load(art_); }, {"weights.safetensors", "missing"});
+}
+
+TEST_F(BrokenArtifact, TruncatedWeightsAndMissingTokenizer) {
+  const std::string w = read_file(art_ + "/weights.safetensors");
+  write_file(art_ + "/weights.safetensors", w.substr(0, w.size() / 2));
+  expect_error([&] { Engine::load(art_); }, {"weights.safetensors", "truncated"});
+  fs::remove(art_ + "/tokenizer.json");
+  expect_error([&] { Engine::load(art_); }, {"tokenizer.json", "missing"});
+}
+
+TEST(Engine, UnknownDevice) {
+  REQUIRE_ARTIFACT(art, "tiny_bert");
+  expect_error([&] { Engine::load(art, "tpu"); }, {"device 'tpu'"});
+}
+
+TEST(Engine, MiniLMAnswersEndToEnd) {
+  REQUIRE_ARTIFACT(art, "minilm");
+  const Engine engine = Engine::load(art);
+  const std::string context = read_file(fs::path(artifacts_dir()) / "context.txt");
+  const Answer a = engine.answer("What is the capital of France?", context, 30, 1e9);
+  EXPECT_FALSE(a.text.empty());
+  EXPECT_LE(a.end - a.start, static_cast<int64_t>(a.text.size()));
+  EXPECT_EQ(context.substr(a.start_byte, a.end_byte - a.start_byte), a.text);
+  EXPECT_TRUE(std::isfinite(a.score));
+}
+
+}  // namespace
+}  // namespace qaengine::test

@@ -1,0 +1,89 @@
+// Helpers shared by the C++ unit tests.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <random>
+#include <sstream>
+#include <string>
+
+#include "qaengine/error.h"
+
+namespace qaengine::test {
+
+namespace fs = std::filesystem;
+
+/// Directory written by make_test_artifacts.py (ctest fixture), or "" when the tests run without it.
+inline std::string artifacts_dir() {
+  const char* d = std::getenv("QAENGINE_TEST_ARTIFACTS");
+  return d && fs::is_directory(d) ? std::string(d) : std::string();
+}
+
+#define REQUIRE_ARTIFACT(var, name)                                                                                 \
+  const std::string var =                                                                                           \
+      ::qaengine::test::artifacts_dir().empty() ? std::string() : ::qaengine::test::artifacts_dir() + "/" + (name); \
+  if (var.empty() || !::qaengine::test::fs::is_directory(var))                                                      \
+  GTEST_SKIP() << "no test artifact " << (name) << " (set QAENGINE_TEST_ARTIFACTS)"
+
+/// A fresh temporary directory, removed at destruction.
+class TempDir {
+ public:
+  TempDir() {
+    static std::mt19937_64 rng{std::random_device{}()};
+    path_ = fs::temp_directory_path() / ("qaengine_test_" + std::to_string(rng()));
+    fs::create_directories(path_);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  std::string str() const { return path_.string(); }
+  fs::path path() const { return path_; }
+
+ private:
+  fs::path path_;
+};
+
+inline std::string read_file(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+inline void write_file(const fs::path& p, const std::string& data) {
+  std::ofstream out(p, std::ios::binary | std::ios::trunc);
+  out.write(data.data(), static_cast<std::streamsize>(data.size()));
+}
+
+/// Copies an artifact directory into `dst`.
+inline void copy_dir(const std::string& src, const fs::path& dst) {
+  fs::create_directories(dst);
+  for (const auto& e : fs::directory_iterator(src)) fs::copy_file(e.path(), dst / e.path().filename());
+}
+
+/// A safetensors file from a header JSON string and a data buffer.
+inline std::string safetensors_bytes(const std::string& header, const std::string& data) {
+  std::string out(8, '\0');
+  uint64_t n = header.size();
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  return out + header + data;
+}
+
+/// Runs `f`, expecting qaengine::Error whose message contains every string in `parts`.
+template <typename F>
+void expect_error(F&& f, std::initializer_list<std::string> parts) {
+  try {
+    f();
+    ADD_FAILURE() << "expected qaengine::Error";
+  } catch (const qaengine::Error& e) {
+    const std::string msg = e.what();
+    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "message: " << msg << "\nmissing: " << p;
+  }
+}
+
+}  // namespace qaengine::test
