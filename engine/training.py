@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from engine.data.squad import EvalFeature, Example, TrainFeature, eval_features, gold_of
 from engine.data.squad_metric import auc, evaluate_gold
+from engine.decode import decode
 from engine.features import PackedBatch, WindowMaker, pack_windows
 from engine.packing import cu_seqlens_from_lengths, unpack
 from engine.prune.distill import qa_ce_loss
@@ -150,19 +151,6 @@ def load_training_state(path: str | Path, model: nn.Module, optimizer: torch.opt
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def best_span(start: torch.Tensor, end: torch.Tensor, first: int, last: int, max_len: int = MAX_ANSWER_TOKENS
-              ) -> tuple[float, int, int]:
-    """(score, i, j) maximising start[i] + end[j] over context tokens first <= i <= j <= last, j - i < max_len."""
-    s, e = start[first: last + 1].float(), end[first: last + 1].float()  # (C,)
-    n = s.numel()
-    scores = s[:, None] + e[None, :]  # (C, C): row = start, column = end
-    i = torch.arange(n)
-    valid = (i[None, :] >= i[:, None]) & (i[None, :] - i[:, None] < max_len)
-    flat = int(torch.argmax(scores.masked_fill(~valid, float("-inf"))))
-    si, ej = divmod(flat, n)
-    return float(scores[si, ej]), first + si, first + ej
-
-
 def _eval_batches(features: Sequence[EvalFeature], tokens_per_batch: int) -> Iterator[list[int]]:
     """Feature indices sorted by length, grouped into batches of at most `tokens_per_batch` tokens."""
     order = sorted(range(len(features)), key=lambda k: len(features[k].window.input_ids))
@@ -181,34 +169,33 @@ def _eval_batches(features: Sequence[EvalFeature], tokens_per_batch: int) -> Ite
 def predict(model: nn.Module, examples: Sequence[Example], maker: WindowMaker, tokens_per_batch: int = 8192,
             max_answer_length: int = MAX_ANSWER_TOKENS, progress: bool = True
             ) -> tuple[dict[str, str], dict[str, float]]:
-    """(best non-null answer text, null_score_diff) per qid; null = min over windows of start[CLS] + end[CLS]."""
+    """(best non-null answer text, null_score_diff) per qid, decoded by `engine.decode.decode` (QAEngine's rules)."""
     was_training = model.training
     model.eval()
     features = eval_features(examples, maker)
-    null = np.full(len(examples), np.inf)
-    best = np.full(len(examples), -np.inf)
-    text = [""] * len(examples)
+    logits: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(features)
     bar = tqdm(total=len(features), desc="eval", unit="win", disable=not progress, mininterval=5)
     for idx in _eval_batches(features, tokens_per_batch):
         packed = pack_windows([features[k].window for k in idx])
         start, end = model(packed.input_ids, packed.token_type_ids, packed.cu_seqlens, packed.max_seqlen)
+        start, end = start.float().numpy(), end.float().numpy()  # (T,)
         bounds = packed.cu_seqlens.tolist()
         for b, k in enumerate(idx):
-            f = features[k]
-            s, e = start[bounds[b]: bounds[b + 1]], end[bounds[b]: bounds[b + 1]]
-            ex = f.example_index
-            null[ex] = min(null[ex], float(s[0] + e[0]))
-            first = f.window.context_start
-            last = max(i for i, off in enumerate(f.window.offsets) if off is not None)
-            score, i, j = best_span(s, e, first, last, max_answer_length)
-            if score > best[ex]:
-                best[ex] = score
-                text[ex] = examples[ex].context[f.window.offsets[i][0]: f.window.offsets[j][1]]
+            logits[k] = (start[bounds[b]: bounds[b + 1]], end[bounds[b]: bounds[b + 1]])
         bar.update(len(idx))
     bar.close()
     model.train(was_training)
-    preds = {e.qid: text[n] for n, e in enumerate(examples)}
-    diffs = {e.qid: float(null[n] - best[n]) for n, e in enumerate(examples)}
+    per_example: list[list[int]] = [[] for _ in examples]
+    for k, f in enumerate(features):
+        per_example[f.example_index].append(k)
+    preds, diffs = {}, {}
+    for n, e in enumerate(examples):
+        ks = per_example[n]
+        spans, null = decode([features[k].window for k in ks], [logits[k][0] for k in ks],
+                             [logits[k][1] for k in ks], max_answer_length)
+        best = spans[0] if spans else None
+        preds[e.qid] = e.context[best.start: best.end] if best else ""
+        diffs[e.qid] = null - (best.score if best else -np.inf)
     return preds, diffs
 
 

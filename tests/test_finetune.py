@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from engine.checkpoint import load_checkpoint
 from engine.finetune import build_parser, finetune
-from engine.training import (NonFiniteLossError, adamw, best_span, check_finite, load_training_state, lr_at,
+from engine.training import (NonFiniteLossError, adamw, check_finite, load_training_state, lr_at,
                              save_training_state, span_loss)
 
 _NAMES = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
@@ -181,15 +181,6 @@ def test_span_loss_matches_per_window_cross_entropy():
         s, e = start[cu[b]: cu[b] + n], end[cu[b]: cu[b] + n]
         ref += 0.5 * (torch.log_softmax(s, 0)[sp[b]].neg() + torch.log_softmax(e, 0)[ep[b]].neg()) / len(lengths)
     torch.testing.assert_close(span_loss(start, end, cu, 7, sp, ep), ref)
-
-
-def test_best_span_respects_order_and_length():
-    start = torch.tensor([9.0, 0.0, 1.0, 5.0, 0.0])
-    end = torch.tensor([9.0, 4.0, 0.0, 0.0, 2.0])
-    assert best_span(start, end, 1, 4)[1:] == (3, 4)  # end before start (3, 1) is not allowed
-    assert best_span(start, end, 1, 4, max_len=1)[1:] == (3, 3)
-    score, i, j = best_span(start, end, 1, 4)
-    assert score == pytest.approx(7.0) and (i, j) == (3, 4)
 
 
 def test_training_state_round_trip(tmp_path: Path):
