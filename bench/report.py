@@ -106,6 +106,18 @@ def precision_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def workload_table(paths: list[Path]) -> str:
+    """Questions/s and p50/p99 of the SQuAD dev workload (tokenization and decoding included)."""
+    out = ["| model | provider | backend | batch | questions | questions/s | p50 ms | p99 ms | latency unit |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for p in paths:
+        for b in json.loads(p.read_text()).get("benchmarks", []):
+            i = b["extra_info"]
+            out.append(f"| {i['model']} | {i['provider']} | {i['backend']} | {i['batch']} | {i['questions']} | "
+                       f"{i['questions_per_s']:.1f} | {i['p50_ms']:.1f} | {i['p99_ms']:.1f} | {i['latency_unit']} |")
+    return "\n".join(out)
+
+
 def accuracy_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     """Rows of EM/F1 at 0.0 and best thresholds, HasAns/NoAns F1, FLOPs, from engine.evaluate outputs."""
     out = ["| model | EM | F1 (thr 0) | best F1 | HasAns F1 | NoAns F1 | encoder FLOPs vs dense | source |",
@@ -185,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     prec = load_benchmarks(sorted(a.results.glob("precision*.json")))
     if prec:
         parts.append("\n## Precision modes (`bench/test_precision.py`)\n\n" + precision_table(prec))
+    work = sorted(a.results.glob("workload*.json"))
+    if work:
+        parts.append("\n## Real workload: SQuAD 2.0 dev questions through `answer_batch` (`bench/test_workload.py`)\n\n"
+                     "HF baseline: pipeline-style padded window batches on the same weights (masked-HF for the ragged "
+                     "model). `make bench` takes the first 400 questions (this run: 200); `make bench-full` all 11,873."
+                     "\n\n" + workload_table(work))
     acc_file = a.results / "accuracy.json"
     points: list[dict[str, Any]] = []
     if acc_file.is_file():
