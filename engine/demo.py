@@ -60,13 +60,13 @@ def minilm_table(out_dir: Path, threads: int) -> None:
     build(src, dense_dir, force=True)
     build(src, half_dir, spec=spec, force=True)
     diffs = {"dense": verify(src, dense_dir, None), "half": verify(src, half_dir, spec)}
-    dense, half = QAEngine.load(dense_dir, backend="torch"), QAEngine.load(half_dir, backend="torch")
+    dense, half = QAEngine.load(dense_dir), QAEngine.load(half_dir)  # backend "auto": cpp when built, else torch
     hf = hf_model(src, "eager")
     print("\nNOTE: the packaged MiniLM is a bare encoder; its QA head is freshly initialised and UNTRAINED,")
     print("so answers from these engines mean nothing. Run `make run MODEL=<QA checkpoint dir>` for a real model.\n")
     print(f"max |logit diff| vs transformers: dense {diffs['dense']:.2e}, pruned {diffs['half']:.2e} "
           f"(pruned compared with the masked-HF reference)")
-    print(f"threads: {torch.get_num_threads()}, dtype float32, CPU\n")
+    print(f"engine backend: {dense.backend_name}, threads: {torch.get_num_threads()}, dtype float32, CPU\n")
     hdr = f"{'shape':>9} | {'GFLOP dense':>11} | {'GFLOP pruned':>12} | {'HF eager ms':>11} | {'engine dense ms':>15} | " \
           f"{'engine pruned ms':>16} | {'pruned vs HF':>12} | {'realized/FLOP red.':>18}"
     print(hdr)
