@@ -1,7 +1,7 @@
 """The `torch` backend: engine.model.RaggedQAModel in plain PyTorch.
 
 Compute by artifact dtype (docs/PRECISION.md):
-  float32            fp32 everywhere.
+  float32            fp32 everywhere; on CPU the encoder Linears go through oneDNN with prepacked weights.
   bfloat16           CPU: encoder Linears in bf16 (fp32 accumulation), the rest fp32 (engine.quant.bf16_model).
                      CUDA: the whole model in bf16, as stored.
   float16            CPU: upcast to fp32 (no fast fp16 GEMMs there). CUDA: fp16 as stored.
@@ -15,6 +15,7 @@ import torch
 from engine.artifact import KNOWN_KERNELS, Artifact
 from engine.model import RaggedQAModel
 from engine.quant import bf16_model, int8_kernels_available, int8_model
+from engine.runtime.onednn import onednn_available, onednn_model
 
 
 def why_unavailable(device: torch.device) -> str | None:
@@ -44,6 +45,8 @@ class TorchBackend:
             compute = torch.float32 if device.type == "cpu" else artifact.state["qa.weight"].dtype
             self.model = RaggedQAModel(artifact.cfg).to(device=device, dtype=compute)
             self.model.load_state_dict({k: v.to(compute) for k, v in artifact.state.items()})
+            if device.type == "cpu" and onednn_available():
+                self.model = onednn_model(self.model)
         self.model.eval()
         self.device = device
 
