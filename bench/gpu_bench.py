@@ -32,7 +32,7 @@ from engine.flops import encoder_flops, encoder_flops_varlen, encoder_params  # 
 from engine.spec import LayerKeep, PruneSpec  # noqa: E402
 
 DEVICE = torch.device("cuda")  # a module constant so the CPU smoke checks can point it at the interpreter
-LENGTHS_FILE = ROOT / "bench" / "data" / "squad2_dev_window_lengths.json"
+LENGTHS_FILE = ROOT / "bench" / "data" / "dev_window_length_histogram.json"  # counts per length only, no text
 SQUAD_DEV = ROOT.parent / "shared" / "data" / "squad2" / "dev-v2.0.json.gz"
 SHAPES = ((1, 128), (1, 384), (32, 384), (32, "squad"))
 # Per-layer kept heads (layer 4 keeps none) and relative FFN widths; `ragged_spec` scales the widths to the target.
