@@ -142,3 +142,12 @@ def test_ddp_two_processes(data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert abs(m["achieved_flop_sparsity"] - 0.5) <= 0.02
+
+
+def test_prune_roberta_teacher(data, tmp_path):
+    root, _ = data
+    teacher = make_checkpoint(tmp_path / "rt", "roberta", layers=2, heads=4, head_dim=8, ffn=29, seed=15)
+    m = prune(build_parser().parse_args(_argv((root, teacher), tmp_path / "o", "--target-sparsity", "0.4",
+                                              "--max-steps", "4", "--finetune-max-steps", "1")))
+    assert abs(m["achieved_flop_sparsity"] - 0.4) <= 0.02
+    assert load_checkpoint(tmp_path / "o").cfg.architecture.value == "roberta"
