@@ -165,7 +165,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
         cal = calibrate(trainer.gated, dense, target, args.flops_seq_len, by)
         cfg, state = export_ragged(trainer.gated)
         gate_info = {"mode": "l0", "calibration": cal, "expected_sparsity":
-                     float(trainer.gated.expected_sparsity(dense, args.flops_seq_len, by)),
+                     float(trainer.gated.expected_sparsity(dense, args.flops_seq_len, by).detach()),
                      "lambda1": float(trainer.controller.lambda1), "lambda2": float(trainer.controller.lambda2),
                      "log_alpha": {n: p.detach().tolist() for n, p in trainer.gated.named_parameters()
                                    if n.endswith("log_alpha")}}
