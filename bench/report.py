@@ -208,6 +208,23 @@ def main(argv: list[str] | None = None) -> int:
     if acc_file.is_file():
         table, points = accuracy_table(json.loads(acc_file.read_text()))
         parts.append("\n## Accuracy on the complete official SQuAD 2.0 dev set\n\n" + table)
+    parts.append("""
+## Commands behind these numbers
+
+```
+make bench                                   # CPU latency, precision and workload suites -> bench/results/*.json
+RUNS=runs THREADS=1 FT_STEPS=200 PRUNE_STEPS=400 scripts/reproduce_squad.sh teacher    # MiniLM teacher
+RUNS=runs THREADS=1 FT_STEPS=200 PRUNE_STEPS=400 scripts/reproduce_squad.sh l0 0.5     # L0 student, 50% FLOPs
+RUNS=runs THREADS=1 FT_STEPS=200 scripts/reproduce_squad.sh importance                 # Michel et al. baseline
+python -m engine.build_model --model runs/l0-0.5 --out runs/art/l0-0.5-int8 --dtype int8 --max-seq-length 256
+python -m engine.evaluate runs/art/NAME --data ../shared/data/squad2/dev-v2.0.json.gz --out bench/results/eval-NAME.json
+python -m bench.accuracy_rows && python -m bench.report
+```
+
+The teacher run behind the rows above used `--threads 1` (`docs/TRAINING.md` has its exact command); every
+artifact was built with `--max-seq-length 256` (the training length). "best F1" is the official script's
+best-threshold F1, i.e. with the threshold chosen on dev itself.
+""")
     pngs = plots(rows, points, a.out.parent)
     parts += [f"\n![{p}]({p})" for p in pngs]
     a.out.write_text("\n".join(parts) + "\n")
