@@ -45,6 +45,16 @@ def minilm(kind: str, dtype: str = "float32") -> ModelUnderTest:
     return ModelUnderTest(f"minilm-{kind}{suffix}", src, spec, art)
 
 
+def configs(kind: str) -> tuple[EncoderConfig, EncoderConfig]:
+    """(config of the model under test, config of its dense source) for `minilm(kind)`."""
+    from engine.checkpoint import load_checkpoint
+    from engine.spec import apply_spec, parse_spec
+
+    m = minilm(kind)
+    ck = load_checkpoint(m.src)
+    return (apply_spec(ck.state, ck.cfg, parse_spec(m.spec, ck.cfg))[0] if m.spec else ck.cfg), ck.cfg
+
+
 def inputs(batch: int, seq: int, vocab: int = 30522) -> dict[str, torch.Tensor]:
     """Deterministic random full-length inputs `[batch, seq]`."""
     g = torch.Generator().manual_seed(1000 * batch + seq)

@@ -9,10 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.common import SHAPES, THREADS, inputs, minilm, record
+from bench.common import configs, SHAPES, THREADS, inputs, minilm, record
 from bench.providers import PROVIDERS, available
-from engine.checkpoint import load_checkpoint
-from engine.spec import apply_spec, parse_spec
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,12 +29,6 @@ def _forward(provider: str, kind: str):
     return _FWD_CACHE[key]
 
 
-def _cfgs(kind: str):
-    m = minilm(kind)
-    ck = load_checkpoint(m.src)
-    cfg = apply_spec(ck.state, ck.cfg, parse_spec(m.spec, ck.cfg))[0] if m.spec else ck.cfg
-    return cfg, ck.cfg
-
 
 @pytest.mark.parametrize("batch, seq", SHAPES, ids=[f"{b}x{s}" for b, s in SHAPES])
 @pytest.mark.parametrize("kind", ["dense", "half"])
@@ -51,5 +43,5 @@ def test_latency(benchmark, provider, kind, batch, seq):
     rounds = 10 if batch * seq <= 512 else 3
     with torch.inference_mode():
         benchmark.pedantic(fwd, args=(x,), rounds=rounds, iterations=1, warmup_rounds=1)
-    cfg, dense = _cfgs(kind)
+    cfg, dense = configs(kind)
     record(benchmark, cfg, batch, seq, provider, f"minilm-{kind}", dense_cfg=dense)

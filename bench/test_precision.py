@@ -8,10 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.common import THREADS, inputs, minilm, record
+from bench.common import configs, THREADS, inputs, minilm, record
 from bench.providers import engine_provider, hf_masked_provider
-from engine.checkpoint import load_checkpoint
-from engine.spec import apply_spec, parse_spec
 
 SHAPES = [(1, 384), (8, 384)]
 DTYPES = ["float32", "bfloat16", "int8"]
@@ -22,18 +20,13 @@ def _threads():
     torch.set_num_threads(THREADS)
 
 
-def _cfgs(kind: str):
-    m = minilm(kind)
-    ck = load_checkpoint(m.src)
-    return (apply_spec(ck.state, ck.cfg, parse_spec(m.spec, ck.cfg))[0] if m.spec else ck.cfg), ck.cfg
-
 
 def _run(benchmark, fwd, kind, batch, seq, provider, model, dtype):
     x = inputs(batch, seq)
     benchmark.group = f"precision {batch}x{seq}"
     with torch.inference_mode():
         benchmark.pedantic(fwd, args=(x,), rounds=10 if batch == 1 else 3, iterations=1, warmup_rounds=1)
-    cfg, dense = _cfgs(kind)
+    cfg, dense = configs(kind)
     record(benchmark, cfg, batch, seq, provider, model, dtype=dtype, dense_cfg=dense)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from engine.data.squad import auc, evaluate, load_squad, read_squad_json
+from engine.training import predictions_at
 
 
 def evaluate_artifact(artifact: str | Path, data: str | Path, backend: str = "auto", threads: int | None = None,
@@ -44,8 +45,7 @@ def evaluate_artifact(artifact: str | Path, data: str | Path, backend: str = "au
     threshold = eng.artifact.null_threshold
 
     def at(t: float) -> dict[str, Any]:
-        preds = {q: "" if diff[q] > t else s for q, s in text.items()}
-        return evaluate(dataset, preds, na_probs=diff, na_prob_thresh=t)
+        return evaluate(dataset, predictions_at(text, diff, t), na_probs=diff, na_prob_thresh=t)
 
     return {"artifact": str(artifact), "data": str(data), "backend": eng.backend_name, "questions": len(examples),
             "seconds": seconds, "questions_per_s": len(examples) / seconds, "at_zero": at(0.0),

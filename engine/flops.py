@@ -34,6 +34,16 @@ def layer_flops(hidden: int, heads: int, head_dim: int, ffn: int, batch: int, se
     )
 
 
+def unit_flops(hidden: int, head_dim: int, seq: int) -> tuple[int, int]:
+    """Per-token FLOPs of one attention head and of one FFN unit at sequence length `seq` (layer_flops is linear)."""
+    return 2 * hidden * 3 * head_dim + 2 * 2 * seq * head_dim + 2 * head_dim * hidden, 2 * 2 * hidden
+
+
+def unit_params(hidden: int, head_dim: int) -> tuple[int, int]:
+    """Prunable parameters of one attention head and of one FFN unit (as counted by encoder_params)."""
+    return 4 * hidden * head_dim + 3 * head_dim, 2 * hidden + 1
+
+
 def encoder_flops_by_layer(cfg: EncoderConfig, batch: int, seq: int) -> list[LayerFlops]:
     """Per-layer FLOPs of `cfg`'s encoder for a padded-free batch of `batch` sequences of `seq` tokens."""
     return [layer_flops(cfg.hidden, h, cfg.head_dim, f, batch, seq) for h, f in zip(cfg.heads, cfg.ffn)]

@@ -21,7 +21,7 @@ from torch import nn
 
 from engine.checkpoint import load_checkpoint
 from engine.config import EncoderConfig
-from engine.flops import flop_sparsity
+from engine.flops import flop_sparsity, unit_flops
 from engine.model import RaggedQAModel
 from engine.spec import LayerKeep, PruneSpec
 
@@ -76,8 +76,7 @@ def importance_scores(model_dir: Path, data: list[Path], max_windows: int = 2048
 def select(cfg: EncoderConfig, target: float, head_scores: list[torch.Tensor], ffn_scores: list[torch.Tensor],
            seq_len: int = 384) -> PruneSpec:
     """Remove structures in increasing score-per-FLOP order until `target` FLOP sparsity is reached."""
-    d, dh = cfg.hidden, cfg.head_dim
-    head_cost, unit_cost = 2 * d * 3 * dh + 4 * seq_len * dh + 2 * dh * d, 4 * d
+    head_cost, unit_cost = unit_flops(cfg.hidden, cfg.head_dim, seq_len)
     items = [(float(head_scores[l][j]) / head_cost, "h", l, j) for l in range(cfg.num_layers) for j in range(cfg.heads[l])]
     items += [(float(ffn_scores[l][j]) / unit_cost, "f", l, j) for l in range(cfg.num_layers) for j in range(cfg.ffn[l])]
     keep_h = [set(range(h)) for h in cfg.heads]
@@ -111,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             hs = [torch.rand(h, generator=g) for h in cfg.heads]
             fs = [torch.rand(f, generator=g) for f in cfg.ffn]
             # Random scores divided by cost would bias toward removing heads; undo the cost weighting.
-            d, dh = cfg.hidden, cfg.head_dim
-            hc, uc = 2 * d * 3 * dh + 4 * a.seq_len * dh + 2 * dh * d, 4 * d
+            hc, uc = unit_flops(cfg.hidden, cfg.head_dim, a.seq_len)
             spec = select(cfg, a.target_sparsity, [h * hc for h in hs], [f * uc for f in fs], a.seq_len)
         else:
             if not a.data:

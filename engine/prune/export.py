@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.config import EncoderConfig
-from engine.flops import encoder_params, flop_sparsity
+from engine.flops import encoder_params, flop_sparsity, unit_flops, unit_params
 from engine.prune.gated import GatedQAModel
 
 OPEN, CLOSED = 10.0, -10.0  # log_alpha values whose deterministic gates are exactly 1 and exactly 0
@@ -32,18 +32,17 @@ def calibrate(gated: GatedQAModel, dense: EncoderConfig, target: float, seq_len:
     The Lagrangian steers *expected* sparsity; deterministic gates can land slightly off. When they miss by
     more than `tol`, heads and units are kept in order of log_alpha until the target cost is spent and the
     rest are closed; units newly opened get gate 1, and the fixed-structure fine-tune that follows adapts.
-    Per-unit costs are the marginal per-token costs of flops.py / encoder_params (linear in heads and units).
+    Per-unit costs come from engine.flops (unit_flops / unit_params; costs are linear in heads and units).
     Returns the achieved sparsity before and after, and how many gates changed.
     """
     before = achieved_sparsity(deterministic_shape(gated), dense, seq_len, by)
     if abs(before - target) <= tol:
         return {"before": before, "after": before, "changed": 0}
     cfg = gated.cfg
-    d, dh = dense.hidden, dense.head_dim
     if by == "flops":
-        head_cost, unit_cost = 2 * d * 3 * dh + 4 * seq_len * dh + 2 * dh * d, 4 * d
+        head_cost, unit_cost = unit_flops(dense.hidden, dense.head_dim, seq_len)
     else:
-        head_cost, unit_cost = 4 * d * dh + 3 * dh, 2 * d + 1
+        head_cost, unit_cost = unit_params(dense.hidden, dense.head_dim)
     full = sum(h * head_cost + f * unit_cost for h, f in zip(dense.heads, dense.ffn))
     open_h = [True] * cfg.num_layers if gated.mha_gate is None else gated.mha_gate.keep_mask().tolist()
     open_f = [True] * cfg.num_layers if gated.ffn_layer_gate is None else gated.ffn_layer_gate.keep_mask().tolist()
