@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 BUILD  := build/native
 export SPARSEQA_THREADS ?= 2
 
-.PHONY: install run test test-py test-cpp bench bench-full bench-gpu report lint clean
+.PHONY: install run test test-py test-cpp bench bench-full bench-students bench-gpu report lint clean
 
 install: $(STAMP)
 
@@ -38,6 +38,9 @@ bench-full: install
 		-p no:cacheprovider
 	SPARSEQA_WORKLOAD_LIMIT=0 $(PY) -m pytest bench/test_workload.py -q --benchmark-json=bench/results/workload-full.json \
 		-p no:cacheprovider
+
+bench-students: install
+	$(PY) -m pytest bench/test_students.py -q --benchmark-json=bench/results/students.json -p no:cacheprovider
 
 bench-gpu:
 	python3 bench/gpu_bench.py --out bench/results/gpu.json

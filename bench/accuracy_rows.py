@@ -24,6 +24,29 @@ QUOTED = [
 ]
 
 
+def _join_latency(rows: list[dict], teacher: str) -> None:
+    """Add CPU medians from bench/results/students.json (bench/test_students.py): ms per shape, the speedup over the
+    dense teacher on the same engine and over dense fp32 HF eager."""
+    path = ROOT / "bench" / "results" / "students.json"
+    if not path.is_file():
+        return
+    from bench.report import load_benchmarks
+
+    ms = {(r["model"], f"{r['batch']}x{r['seq']}"): (r["median_ms"], r["provider"]) for r in load_benchmarks([path])}
+    for row in rows:
+        for shape in ("1x384", "8x384"):
+            if (row["name"], shape) not in ms:
+                continue
+            t, provider = ms[(row["name"], shape)]
+            row.setdefault("latency", {})[shape] = {"ms": t, "provider": provider}
+            if (teacher, shape) in ms:
+                row["latency"][shape]["speedup_vs_teacher"] = ms[(teacher, shape)][0] / t
+            if ("hf-eager-dense", shape) in ms:
+                row["latency"][shape]["speedup_vs_hf_eager"] = ms[("hf-eager-dense", shape)][0] / t
+        if "8x384" in row.get("latency", {}):
+            row["speedup"] = row["latency"]["8x384"].get("speedup_vs_teacher")
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     rows = []
@@ -40,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"name": name, "eval": str(p.relative_to(ROOT)), "artifact_flops": encoder_flops(cfg, 1, 384),
                      "dense_flops": encoder_flops(dense, 1, 384),
                      "command": f"scripts/reproduce_squad.sh (run {name}); python -m engine.evaluate ... --data dev"})
+    _join_latency(rows, teacher[0].stem.removeprefix("eval-"))
     (ROOT / "bench" / "results" / "accuracy.json").write_text(json.dumps(rows + QUOTED, indent=1) + "\n")
     print(f"{len(rows)} measured rows + {len(QUOTED)} quoted")
     return 0

@@ -119,25 +119,49 @@ def workload_table(paths: list[Path]) -> str:
 
 
 def accuracy_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    """Rows of EM/F1 at 0.0 and best thresholds, HasAns/NoAns F1, FLOPs, from engine.evaluate outputs."""
-    out = ["| model | EM | F1 (thr 0) | best F1 | HasAns F1 | NoAns F1 | encoder FLOPs vs dense | source |",
-           "|---|---|---|---|---|---|---|---|"]
+    """Rows of EM/F1 at 0.0 and best thresholds, HasAns/NoAns F1, FLOPs and CPU latency, from engine.evaluate
+    outputs joined with bench/test_students.py by bench.accuracy_rows."""
+    out = ["| model | EM | F1 (thr 0) | best F1 | HasAns F1 | NoAns F1 | encoder FLOPs vs dense | (8,384) ms | "
+           "speedup vs teacher (same engine) | vs HF eager dense | (1,384) ms | source |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     points = []
     for r in rows:
         if "quoted" in r:
             q = r["quoted"]
             out.append(f"| {r['name']} | {q.get('exact', '-')} | {q.get('f1', '-')} | - | {q.get('HasAns_f1', '-')} | "
-                       f"{q.get('NoAns_f1', '-')} | {q.get('flops', '-')} | quoted: {r['note']} |")
+                       f"{q.get('NoAns_f1', '-')} | {q.get('flops', '-')} | - | {q.get('speedup', '-')} | - | - | "
+                       f"quoted: {r['note']} |")
             continue
         ev = json.loads((ROOT / r["eval"]).read_text()) if (ROOT / r["eval"]).is_file() else json.loads(
             Path(r["eval"]).read_text())
         z = ev["at_zero"]
         frac = r["artifact_flops"] / r["dense_flops"]
+        lat = r.get("latency", {})
+        big, small = lat.get("8x384", {}), lat.get("1x384", {})
+        fmt = lambda v, f: f.format(v) if v is not None else "not measured"  # noqa: E731
         out.append(f"| {r['name']} | {z['exact']:.2f} | {z['f1']:.2f} | {z['best_f1']:.2f} | {z['HasAns_f1']:.2f} | "
-                   f"{z['NoAns_f1']:.2f} | {frac:.2f} | `{r['command']}` |")
-        points.append({"name": r["name"], "f1": z["f1"], "best_f1": z["best_f1"], "flops": frac,
-                       "speedup": r.get("speedup")})
+                   f"{z['NoAns_f1']:.2f} | {frac:.2f} | {fmt(big.get('ms'), '{:.1f}')} | "
+                   f"{fmt(big.get('speedup_vs_teacher'), '{:.2f}x')} | {fmt(big.get('speedup_vs_hf_eager'), '{:.2f}x')} | "
+                   f"{fmt(small.get('ms'), '{:.1f}')} | `{r['command']}` |")
+        points.append({"name": r["name"], "f1": z["f1"], "best_f1": z["best_f1"], "HasAns_f1": z["HasAns_f1"],
+                       "flops": frac, "speedup": r.get("speedup")})
     return "\n".join(out), points
+
+
+def f1_loss_table(points: list[dict[str, Any]]) -> str:
+    """F1 lost by every evaluated model against the fp32 teacher (the pruning issue's target: <= 1.5 at ~2x)."""
+    teacher = next((p for p in points if p["name"] == "teacher-minilm"), None)
+    if teacher is None:
+        return ""
+    out = ["| model | FLOPs vs dense | speedup vs teacher (8,384) | F1 lost (thr 0) | best-F1 lost | HasAns F1 lost |",
+           "|---|---|---|---|---|---|"]
+    for p in points:
+        if p is teacher:
+            continue
+        sp = f"{p['speedup']:.2f}x" if p.get("speedup") else "not measured"
+        out.append(f"| {p['name']} | {p['flops']:.2f} | {sp} | {teacher['f1'] - p['f1']:+.2f} | "
+                   f"{teacher['best_f1'] - p['best_f1']:+.2f} | {teacher['HasAns_f1'] - p['HasAns_f1']:+.2f} |")
+    return "\n".join(out)
 
 
 def plots(rows: list[dict[str, Any]], points: list[dict[str, Any]], outdir: Path) -> list[str]:
@@ -208,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     if acc_file.is_file():
         table, points = accuracy_table(json.loads(acc_file.read_text()))
         parts.append("\n## Accuracy on the complete official SQuAD 2.0 dev set\n\n" + table)
+        losses = f1_loss_table(points)
+        if losses:
+            parts.append("\n### F1 lost against the fp32 teacher (positive = worse)\n\n" + losses)
     parts.append("""
 ## Commands behind these numbers
 
