@@ -1,0 +1,79 @@
+"""bench.report: the tables and ratios it derives from saved benchmark and evaluation JSON (synthetic inputs)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from bench import report
+
+
+def _bench_file(path: Path, rows: list[dict]) -> None:
+    """A pytest-benchmark JSON with the given (extra_info, median seconds) rows."""
+    benchmarks = [{"extra_info": info, "stats": {"median": median}} for info, median in rows]
+    path.write_text(json.dumps({"machine_info": {"cpu": {"brand_raw": "Test CPU"}}, "benchmarks": benchmarks}))
+
+
+def _info(model: str, provider: str, batch: int, seq: int, flops: float, dense_flops: float, median: float) -> tuple:
+    return ({"provider": provider, "model": model, "batch": batch, "seq": seq, "dtype": "float32", "threads": 2,
+             "flops": flops, "dense_flops": dense_flops, "gflops_per_s": flops / median / 1e9,
+             "gemm_peak_gflops": 500.0, "pct_of_peak": 100 * flops / median / 1e9 / 500.0}, median)
+
+
+def _eval_file(path: Path, f1: float, best_f1: float, has: float) -> Path:
+    path.write_text(json.dumps({"artifact": "unused", "at_zero": {
+        "exact": f1 - 5, "f1": f1, "best_f1": best_f1, "HasAns_f1": has, "NoAns_f1": 2 * f1 - has}}))
+    return path
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    res = tmp_path / "results"
+    res.mkdir()
+    d, h = 8e9, 4e9  # dense and pruned FLOPs: a 2.0x FLOP reduction
+    _bench_file(res / "cpu.json", [
+        _info("minilm-dense", "engine-cpp", 8, 384, d, d, 0.200),
+        _info("minilm-half", "engine-cpp", 8, 384, h, d, 0.125),  # realized 1.6x -> 0.80 of the FLOP reduction
+        _info("minilm-half", "ort-fused", 8, 384, h, d, 0.150),
+        _info("minilm-dense", "hf-eager", 8, 384, d, d, 0.800),
+    ])
+    teacher = _eval_file(res / "eval-teacher-minilm.json", 60.0, 62.0, 70.0)
+    student = _eval_file(res / "eval-l0-0.5.json", 58.5, 61.0, 67.0)
+    acc = [{"name": "teacher-minilm", "eval": str(teacher), "artifact_flops": d, "dense_flops": d, "command": "c1",
+            "latency": {"8x384": {"ms": 100.0, "speedup_vs_teacher": 1.0, "speedup_vs_hf_eager": 8.0}}},
+           {"name": "l0-0.5", "eval": str(student), "artifact_flops": h, "dense_flops": d, "command": "c2",
+            "speedup": 1.9,
+            "latency": {"8x384": {"ms": 52.6, "speedup_vs_teacher": 1.9, "speedup_vs_hf_eager": 15.2}}},
+           {"name": "always no answer (floor)", "note": "quoted", "quoted": {"f1": 50.07}}]
+    (res / "accuracy.json").write_text(json.dumps(acc))
+    return res
+
+
+def test_report_tables_and_ratios(results: Path, tmp_path: Path):
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    # realized 0.200/0.125 = 1.6x over a 2.0x FLOP reduction; 0.150/0.125 = 1.20x over ORT; 0.8/0.125 = 6.40x
+    row = next(line for line in text.splitlines() if line.startswith("| (8,384) | engine-cpp | 0.80"))
+    assert "1.20x" in row and "6.40x" in row
+    # F1 lost: 60.0 - 58.5 at threshold 0, 62 - 61 best, 70 - 67 HasAns
+    loss = next(line for line in text.splitlines() if line.startswith("| l0-0.5 | 0.50 |"))
+    assert re.search(r"\+1\.50 \| \+1\.00 \| \+3\.00", loss), loss
+    assert "1.90x" in loss
+    # the student row of the accuracy table carries its latency and both speedups; the quoted row says so
+    acc = next(line for line in text.splitlines() if line.startswith("| l0-0.5 | 53.50 |"))
+    assert "52.6" in acc and "1.90x" in acc and "15.20x" in acc
+    assert "quoted: quoted" in text
+    assert (tmp_path / "latency_vs_flops.png").stat().st_size > 0
+    assert (tmp_path / "f1_vs_speedup.png").stat().st_size > 0
+
+
+def test_report_without_accuracy_has_no_loss_table(results: Path, tmp_path: Path):
+    (results / "accuracy.json").unlink()
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--results", str(results), "--out", str(out)]) == 0
+    assert "F1 lost" not in out.read_text()
+    assert not (tmp_path / "f1_vs_speedup.png").exists()
