@@ -2,6 +2,7 @@
 
     python csrc/tools/bench_cpu.py [--threads 2] [--models dense,half] [--reps 15] [--providers ...]
     python csrc/tools/bench_cpu.py --attention [--threads 2]     # the fused attention kernel against SDPA
+    python csrc/tools/bench_cpu.py --breakdown [--threads 1]     # where a forward's time goes: GEMM, attention, rest
 
 Each round runs every provider once per shape, in turn, so machine noise hits all of them alike; the table shows
 the best (min) and median time per provider and encoder GFLOP/s (engine.flops, DESIGN.md's count) of the best.
@@ -54,6 +55,52 @@ def attention(threads: int, reps: int) -> None:
                 f"{n} {flops / t / 1e9:6.1f} GFLOP/s ({t * 1e3:6.2f} ms)" for n, t in best.items()), flush=True)
 
 
+def breakdown(models: list[str], shapes: list[tuple[int, int]], reps: int) -> None:
+    """Single-threaded split of one C++ engine forward into its GEMMs (oneDNN, the model's exact shapes), fused
+    attention and the rest (embeddings, LayerNorms, GELU epilogues, copies, call overhead), by timing each part alone."""
+    from engine import _C
+    from engine.qa import QAEngine
+
+    torch.set_num_threads(1)
+
+    def best(fn) -> float:
+        for _ in range(3):
+            fn()
+        t = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+        return min(t)
+
+    print("threads=1  engine-cpp forward = GEMM + attention + rest (ms, and share of the forward)")
+    for kind in models:
+        m = minilm(kind)
+        cfg = load_artifact(m.artifact).cfg
+        eng = QAEngine.load(m.artifact, backend="cpp")
+        for b, s in shapes:
+            total_tokens = b * s
+            ids = torch.randint(1000, cfg.vocab_size, (total_tokens,))
+            cu = torch.arange(0, total_tokens + 1, s, dtype=torch.int32)
+            fwd = best(lambda: eng.backend.forward_packed(ids, torch.zeros_like(ids), cu, s))
+            gemm = attn = 0.0
+            for heads, ffn in zip(cfg.heads, cfg.ffn):
+                w = heads * cfg.head_dim
+                shapes_nk = ([(3 * w, cfg.hidden), (cfg.hidden, w)] if heads else []) + (
+                    [(ffn, cfg.hidden), (cfg.hidden, ffn)] if ffn else [])
+                for n, k in shapes_nk:
+                    packed = torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k), None)
+                    x, bias = torch.randn(total_tokens, k), torch.randn(n)
+                    gemm += best(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""))
+                if heads:
+                    qkv = torch.randn(total_tokens, 3 * w)
+                    attn += best(lambda: _C.cpu_attention(qkv, torch.zeros(3 * w), cu, heads, s))
+            rest = fwd - gemm - attn
+            print(f"{m.name:<12} {b:>3}x{s:<4} forward {fwd * 1e3:7.2f}  gemm {gemm * 1e3:7.2f} ({gemm / fwd:4.0%})  "
+                  f"attention {attn * 1e3:6.2f} ({attn / fwd:4.0%})  rest {rest * 1e3:6.2f} ({rest / fwd:4.0%})",
+                  flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -62,12 +109,16 @@ def main() -> None:
     ap.add_argument("--providers", default="engine-cpp,engine-torch,ort,ort-fused")
     ap.add_argument("--shapes", default=",".join(f"{b}x{s}" for b, s in SHAPES))
     ap.add_argument("--attention", action="store_true", help="time the fused attention kernel against SDPA")
+    ap.add_argument("--breakdown", action="store_true", help="split a single-threaded forward: GEMM, attention, rest")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.attention:
         attention(args.threads, args.reps)
         return
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.breakdown:
+        breakdown(args.models.split(","), shapes, args.reps)
+        return
     names = [p for p in args.providers.split(",") if available(p) is None]
     print(f"threads={args.threads} providers={names}")
     for kind in args.models.split(","):
