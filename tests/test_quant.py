@@ -392,6 +392,7 @@ def test_malformed_int8_artifacts(artifacts, tmp_path, kind, manifest, tensors, 
 
 
 def test_backend_without_int8_kernels_is_refused(artifacts, monkeypatch):
+    import engine.runtime.cpp_backend as cb
     import engine.runtime.torch_backend as tb
 
     path = artifacts["bert", "int8"]
@@ -399,6 +400,7 @@ def test_backend_without_int8_kernels_is_refused(artifacts, monkeypatch):
         with pytest.raises(RuntimeError, match=r"needs kernel\(s\) \['int8_gemm_per_token'\]"):
             QAEngine.load(path, backend="triton")
     monkeypatch.setattr(tb, "supported_kernels", lambda device: frozenset())
+    monkeypatch.setattr(cb, "supported_kernels", lambda device: frozenset())  # the cpp backend runs them too
     with pytest.raises(RuntimeError, match="provides the kernels"):
         QAEngine.load(path, backend="auto")
     with pytest.raises(RuntimeError, match="Backends that can: \\[\\]"):

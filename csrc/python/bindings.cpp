@@ -7,6 +7,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "../src/cpu/kernels.h"
+#include "../src/linear.h"
 #include "qaengine/aten.h"
 #include "qaengine/engine.h"
 
@@ -106,6 +107,52 @@ at::Tensor cpu_attention(const at::Tensor& qkv, const at::Tensor& bias, const at
   return out;
 }
 
+std::optional<qaengine::cpu::Act> parse_act(const std::optional<std::string>& act) {
+  if (!act) return std::nullopt;
+  if (*act == "gelu") return qaengine::cpu::Act::Gelu;
+  if (*act == "gelu_new") return qaengine::cpu::Act::GeluTanh;
+  if (*act == "relu") return qaengine::cpu::Act::Relu;
+  throw qaengine::Error("activation must be None, 'gelu', 'gelu_new' or 'relu', got '" + *act + "'");
+}
+
+void check_linear_input(const at::Tensor& x, int64_t in) {
+  check_tensor(x, "x", at::kFloat, 2);
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "x must be on the CPU");
+  TORCH_CHECK_VALUE(x.size(1) == in, "x has ", x.size(1), " columns, the weight ", in);
+}
+
+// One int8 Linear of the engine on `x` (tests): builds it (prepacking the weight) and runs it once.
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& weight_scale,
+                       const at::Tensor& bias, const std::optional<at::Tensor>& input_scale,
+                       const std::optional<std::string>& activation) {
+  check_tensor(qweight, "qweight", at::kChar, 2);
+  check_tensor(weight_scale, "weight_scale", at::kFloat, 1);
+  check_tensor(bias, "bias", at::kFloat, 1);
+  TORCH_CHECK_VALUE(weight_scale.size(0) == qweight.size(0) && bias.size(0) == qweight.size(0),
+                    "weight_scale and bias need one entry per weight row");
+  if (input_scale) {
+    check_tensor(*input_scale, "input_scale", at::kFloat, 1);
+    TORCH_CHECK_VALUE(input_scale->size(0) == qweight.size(1), "input_scale needs one entry per weight column");
+  }
+  check_linear_input(x, qweight.size(1));
+  const auto lin =
+      qaengine::Linear::int8(qweight, weight_scale, bias, input_scale.value_or(at::Tensor()), parse_act(activation));
+  py::gil_scoped_release release;
+  return lin(x);
+}
+
+// One bf16 Linear of the engine on `x` (tests).
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                       const std::optional<std::string>& activation, const std::string& gemm) {
+  check_tensor(weight, "weight", at::kFloat, 2);
+  check_tensor(bias, "bias", at::kFloat, 1);
+  TORCH_CHECK_VALUE(bias.size(0) == weight.size(0), "bias needs one entry per weight row");
+  check_linear_input(x, weight.size(1));
+  const auto lin = qaengine::Linear::bf16(weight, bias, parse_act(activation), load_options(gemm).gemm);
+  py::gil_scoped_release release;
+  return lin(x);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -184,6 +231,9 @@ PYBIND11_MODULE(_C, m) {
           py::arg("text"), "Token ids and (start, end) UTF-8 byte offsets, without special tokens.")
       .def_property_readonly("device", &Engine::device)
       .def_property_readonly("gemm", [](const Engine& e) { return gemm_name(e.gemm_backend()); })
+      .def_property_readonly("precision", &Engine::precision,
+                             "What the encoder Linears compute in: 'float32', 'bfloat16', "
+                             "'int8_dynamic_per_token' or 'int8_static_per_input_channel'.")
       .def_property_readonly("null_threshold", [](const Engine& e) { return e.manifest().null_threshold; })
       .def_property_readonly("architecture", [](const Engine& e) {
         return e.manifest().config.architecture == qaengine::Architecture::Bert ? "bert" : "roberta";
@@ -222,6 +272,19 @@ PYBIND11_MODULE(_C, m) {
         return names;
       },
       "Fused CPU kernel ISAs this CPU runs, best last.");
+  m.def(
+      "supported_kernels", [](const std::string& device) { return qaengine::supported_kernels(device); },
+      py::arg("device") = "cpu",
+      "Artifact kernels (docs/ARTIFACT.md) this build runs on `device`: int8_gemm_per_token and int8_gemm_static on "
+      "the CPU when torch's oneDNN int8 linear works; none on CUDA.");
+  m.def("int8_linear", &int8_linear, py::arg("x"), py::arg("qweight"), py::arg("weight_scale"), py::arg("bias"),
+        py::arg("input_scale") = py::none(), py::arg("activation") = py::none(),
+        "One int8 Linear of the engine (tests): fp32 x [T, in], int8 qweight [out, in], fp32 weight_scale [out], "
+        "bias [out], input_scale [in] (static; None = dynamic per-token) -> fp32 [T, out].");
+  m.def("bf16_linear", &bf16_linear, py::arg("x"), py::arg("weight"), py::arg("bias"),
+        py::arg("activation") = py::none(), py::arg("gemm") = "auto",
+        "One bf16 Linear of the engine (tests): fp32 x [T, in], weight [out, in] and bias [out] rounded to bf16 "
+        "-> fp32 [T, out] (the bf16 GEMM output widened, then the activation in fp32).");
   m.def("cpu_attention", &cpu_attention, py::arg("qkv"), py::arg("bias"), py::arg("cu_seqlens"), py::arg("heads"),
         py::arg("max_seqlen"), py::arg("isa") = "",
         "Fused varlen attention on packed qkv [T, 3*h*dh] (+ bias [3*h*dh]) -> [T, h*dh] (tests, benchmarks).");

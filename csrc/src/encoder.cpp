@@ -3,7 +3,10 @@
 
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <map>
 #include <set>
 
@@ -34,6 +37,58 @@ std::string safetensors_dtype(const std::string& dtype) {
   return dtype == "float32" ? "F32" : dtype == "bfloat16" ? "BF16" : "F16";
 }
 
+const char* const kLinears[] = {"qkv", "o", "ffn_in", "ffn_out"};  // int8 Linears (quantization.linears)
+
+std::string names_str(const std::vector<std::string>& v) {
+  std::string out = "[";
+  for (size_t i = 0; i < v.size(); ++i) out += (i ? ", '" : "'") + v[i] + "'";
+  return out + "]";
+}
+
+// layers.{l}.{lin}.weight of an int8 Linear: the tensors stored as I8 (engine.artifact.tensor_dtype).
+bool is_quantized_weight(const std::string& name) {
+  const std::string pre = "layers.";
+  if (name.compare(0, pre.size(), pre) != 0) return false;
+  const size_t dot = name.find('.', pre.size());
+  if (dot == std::string::npos || dot == pre.size()) return false;
+  for (size_t i = pre.size(); i < dot; ++i)
+    if (name[i] < '0' || name[i] > '9') return false;
+  const std::string rest = name.substr(dot + 1);
+  for (const char* lin : kLinears)
+    if (rest == std::string(lin) + ".weight") return true;
+  return false;
+}
+
+std::string format_g(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
+// engine.artifact._check_int8_values: weights in [-127, 127]; scales positive (finite is checked at load).
+void check_int8_values(std::map<std::string, at::Tensor>& t, const EncoderConfig& cfg) {
+  for (int64_t l = 0; l < cfg.num_layers(); ++l) {
+    for (const char* lin : kLinears) {
+      const std::string p = "layers." + std::to_string(l) + "." + lin + ".";
+      const at::Tensor& w = t.at(p + "weight");
+      const int8_t* q = w.data_ptr<int8_t>();
+      for (int64_t i = 0, n = w.numel(); i < n; ++i) {
+        QAENGINE_CHECK(q[i] != -128, std::string(kWeights) + ": tensor '" + p +
+                                         "weight' holds -128; the symmetric int8 scheme uses [-127, 127]");
+      }
+      for (const char* s : {"weight_scale", "input_scale"}) {
+        auto it = t.find(p + s);
+        if (it == t.end() || it->second.numel() == 0) continue;
+        const float* v = it->second.data_ptr<float>();
+        float lo = v[0];
+        for (int64_t i = 1, n = it->second.numel(); i < n; ++i) lo = std::min(lo, v[i]);
+        QAENGINE_CHECK(lo > 0.f, std::string(kWeights) + ": tensor '" + p + s + "' must be positive and finite (min " +
+                                     format_g(lo) + ")");
+      }
+    }
+  }
+}
+
 cpu::Act to_act(Activation a) {
   switch (a) {
     case Activation::Gelu: return cpu::Act::Gelu;
@@ -45,7 +100,8 @@ cpu::Act to_act(Activation a) {
 
 }  // namespace
 
-std::vector<std::pair<std::string, std::vector<int64_t>>> expected_shapes(const EncoderConfig& c) {
+std::vector<std::pair<std::string, std::vector<int64_t>>> expected_shapes(const EncoderConfig& c,
+                                                                          const std::optional<Quantization>& quant) {
   const int64_t d = c.hidden;
   std::vector<std::pair<std::string, std::vector<int64_t>>> s = {
       {"embeddings.word.weight", {c.vocab_size, d}},
@@ -72,13 +128,40 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> expected_shapes(const 
   }
   s.push_back({"qa.weight", {2, d}});
   s.push_back({"qa.bias", {2}});
+  if (quant) {  // engine.artifact.artifact_shapes: the scales follow, layer by layer
+    const bool is_static = quant->activations == ActivationQuant::StaticPerInputChannel;
+    for (int64_t l = 0; l < c.num_layers(); ++l) {
+      const int64_t w = c.attn_width(l), f = c.ffn[l];
+      const std::string p = "layers." + std::to_string(l) + ".";
+      const std::pair<int64_t, int64_t> out_in[] = {{3 * w, d}, {d, w}, {f, d}, {d, f}};  // kLinears order
+      for (int i = 0; i < 4; ++i) {
+        s.push_back({p + kLinears[i] + ".weight_scale", {out_in[i].first}});
+        if (is_static) s.push_back({p + kLinears[i] + ".input_scale", {out_in[i].second}});
+      }
+    }
+  }
   return s;
 }
 
 Encoder::Encoder(const EncoderConfig& cfg, const SafetensorsFile& file, const std::string& dtype, c10::Device device,
-                 GemmBackend gemm)
+                 GemmBackend gemm, const std::optional<Quantization>& quant)
     : cfg_(cfg), device_(device) {
-  const auto want = expected_shapes(cfg);
+  const bool int8 = quant.has_value();
+  const bool is_static = int8 && quant->activations == ActivationQuant::StaticPerInputChannel;
+  if (int8) {  // refuse before reading any weight: the kernels this build runs on `device`
+    const auto have = supported_kernels(device);
+    std::vector<std::string> missing_k;
+    for (const auto& k : quant->kernels)
+      if (std::find(have.begin(), have.end(), k) == have.end()) missing_k.push_back(k);
+    QAENGINE_CHECK(missing_k.empty(),
+                   "engine.json: this int8 artifact needs kernel(s) " + names_str(missing_k) +
+                       ", which libqaengine does not provide on " + device.str() +
+                       (device.is_cpu() ? ": this torch build has no working oneDNN int8 linear "
+                                          "(onednn::qlinear_pointwise); use a torch with mkldnn enabled"
+                                        : ": its int8 GEMMs run on the CPU only (load the artifact on 'cpu', or "
+                                          "build a float artifact for CUDA)"));
+  }
+  const auto want = expected_shapes(cfg, quant);
   const auto& have = file.tensors();
   std::vector<std::string> missing;
   std::set<std::string> wanted;
@@ -89,18 +172,25 @@ Encoder::Encoder(const EncoderConfig& cfg, const SafetensorsFile& file, const st
   QAENGINE_CHECK(missing.empty(), std::string(kWeights) + ": tensor '" + (missing.empty() ? "" : missing[0]) +
                                       "' is missing (" + std::to_string(missing.size()) + " missing in all)");
   for (const auto& [name, entry] : have) {
-    QAENGINE_CHECK(wanted.count(name) > 0,
-                   std::string(kWeights) + ": unexpected tensor '" + name + "' (not in the manifest's config)");
+    QAENGINE_CHECK(wanted.count(name) > 0, std::string(kWeights) + ": unexpected tensor '" + name +
+                                               "' (not in the manifest's config" + (int8 ? " and quantization" : "") +
+                                               ")");
   }
-  const std::string want_dtype = safetensors_dtype(dtype);
   std::map<std::string, at::Tensor> t;
   for (const auto& [name, shape] : want) {
     const TensorEntry& e = have.at(name);
     QAENGINE_CHECK(e.shape == shape, std::string(kWeights) + ": tensor '" + name + "' has shape " + shape_str(e.shape) +
                                          ", expected " + shape_str(shape) + " from engine.json (heads=" +
                                          list_str(cfg.heads) + ", ffn=" + list_str(cfg.ffn) + ")");
+    const std::string want_dtype = int8 ? (is_quantized_weight(name) ? "I8" : "F32") : safetensors_dtype(dtype);
     QAENGINE_CHECK(e.dtype == want_dtype, std::string(kWeights) + ": tensor '" + name + "' has dtype " + e.dtype +
                                               ", expected " + want_dtype + " (manifest dtype " + dtype + ")");
+    if (want_dtype == "I8") {
+      at::Tensor v = at::empty(shape, at::kChar);
+      if (v.numel()) std::memcpy(v.data_ptr<int8_t>(), file.int8_data(name), static_cast<size_t>(v.numel()));
+      t[name] = v;
+      continue;
+    }
     at::Tensor v = at::empty(shape, at::kFloat);
     file.to_float32(name, v.data_ptr<float>());
     const float* p = v.data_ptr<float>();
@@ -109,6 +199,8 @@ Encoder::Encoder(const EncoderConfig& cfg, const SafetensorsFile& file, const st
     }
     t[name] = v;
   }
+  if (int8) check_int8_values(t, cfg);
+
   auto dev = [&](const at::Tensor& x) { return x.to(device_).contiguous(); };
   word_ = dev(t["embeddings.word.weight"]);
   position_ = dev(t["embeddings.position.weight"]);
@@ -116,6 +208,19 @@ Encoder::Encoder(const EncoderConfig& cfg, const SafetensorsFile& file, const st
   emb_ln_w_ = dev(t["embeddings.ln.weight"]);
   emb_ln_b_ = dev(t["embeddings.ln.bias"]);
   qa_ = Linear(t["qa.weight"], t["qa.bias"], std::nullopt, gemm, device_);
+  // The encoder Linears' precision: int8 as stored, bf16 compute for bf16 artifacts on the CPU, else fp32.
+  const bool bf16 = dtype == "bfloat16" && device_.is_cpu();
+  precision_ = int8   ? (is_static ? LinearPrecision::Int8Static : LinearPrecision::Int8Dynamic)
+               : bf16 ? LinearPrecision::BFloat16
+                      : LinearPrecision::Float32;
+  auto linear = [&](const std::string& p, std::optional<cpu::Act> a) {
+    if (int8) {
+      return Linear::int8(t[p + "weight"], t[p + "weight_scale"], t[p + "bias"],
+                          is_static ? t[p + "input_scale"] : at::Tensor(), a);
+    }
+    if (bf16) return Linear::bf16(t[p + "weight"], t[p + "bias"], a, gemm);
+    return Linear(t[p + "weight"], t[p + "bias"], a, gemm, device_);
+  };
   const cpu::Act act = to_act(cfg.activation);
   for (int64_t l = 0; l < cfg.num_layers(); ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
@@ -124,12 +229,12 @@ Encoder::Encoder(const EncoderConfig& cfg, const SafetensorsFile& file, const st
     L.width = cfg.attn_width(l);
     L.ffn = cfg.ffn[l];
     if (L.heads > 0) {
-      L.qkv = Linear(t[p + "qkv.weight"], t[p + "qkv.bias"], std::nullopt, gemm, device_);
-      L.o = Linear(t[p + "o.weight"], t[p + "o.bias"], std::nullopt, gemm, device_);
+      L.qkv = linear(p + "qkv.", std::nullopt);
+      L.o = linear(p + "o.", std::nullopt);
     }
     if (L.ffn > 0) {
-      L.ffn_in = Linear(t[p + "ffn_in.weight"], t[p + "ffn_in.bias"], act, gemm, device_);
-      L.ffn_out = Linear(t[p + "ffn_out.weight"], t[p + "ffn_out.bias"], std::nullopt, gemm, device_);
+      L.ffn_in = linear(p + "ffn_in.", act);
+      L.ffn_out = linear(p + "ffn_out.", std::nullopt);
     }
     L.qkv_b = dev(t[p + "qkv.bias"]);
     L.o_b = dev(t[p + "o.bias"]);

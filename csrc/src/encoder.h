@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -24,10 +25,13 @@ struct LayerWeights {
 
 class Encoder {
  public:
-  /// Validates tensor names, shapes and dtypes against `cfg` (the artifact's `dtype`), upcasts to fp32 and moves
-  /// the weights to `device`. Errors name the tensor, like engine/artifact.py.
+  /// Validates tensor names, shapes, dtypes and (int8) values against `cfg`, the artifact's `dtype` and its
+  /// `quant` block, like engine/artifact.py (errors name the tensor), and builds the Linears of the precision the
+  /// artifact asks for (docs/PRECISION.md): fp32; bf16 encoder Linears for bf16 artifacts on the CPU (fp32 on CUDA);
+  /// int8 encoder Linears for int8 artifacts (CPU only; `gemm` then applies to the QA head alone). Everything else
+  /// is upcast to fp32 and moved to `device`.
   Encoder(const EncoderConfig& cfg, const SafetensorsFile& weights, const std::string& dtype, c10::Device device,
-          GemmBackend gemm = GemmBackend::Auto);
+          GemmBackend gemm = GemmBackend::Auto, const std::optional<Quantization>& quant = std::nullopt);
 
   /// Checked entry: dtypes, ranks, contiguity, cu_seqlens, token/type/position ranges. Returns (start, end) [T].
   std::pair<at::Tensor, at::Tensor> forward(const at::Tensor& input_ids, const at::Tensor& token_type_ids,
@@ -35,6 +39,8 @@ class Encoder {
 
   const EncoderConfig& config() const { return cfg_; }
   GemmBackend gemm_backend() const { return qa_.backend(); }
+  /// What the encoder Linears (qkv, o, ffn_in, ffn_out) compute in.
+  LinearPrecision linear_precision() const { return precision_; }
   c10::Device device() const { return device_; }
 
  private:
@@ -48,12 +54,15 @@ class Encoder {
 
   EncoderConfig cfg_;
   c10::Device device_;
+  LinearPrecision precision_ = LinearPrecision::Float32;
   at::Tensor word_, position_, token_type_, emb_ln_w_, emb_ln_b_;
   Linear qa_;
   std::vector<LayerWeights> layers_;
 };
 
-/// Name -> shape of every tensor the artifact must hold (engine.model.expected_shapes).
-std::vector<std::pair<std::string, std::vector<int64_t>>> expected_shapes(const EncoderConfig& cfg);
+/// Name -> shape of every tensor the artifact must hold (engine.model.expected_shapes; with `quant`, also the int8
+/// scales of engine.artifact.artifact_shapes).
+std::vector<std::pair<std::string, std::vector<int64_t>>> expected_shapes(
+    const EncoderConfig& cfg, const std::optional<Quantization>& quant = std::nullopt);
 
 }  // namespace qaengine

@@ -53,6 +53,26 @@ GemmBackend Engine::gemm_backend() const {
   return impl_->encoder->gemm_backend();
 }
 
+const char* Engine::precision() const {
+  switch (impl_->encoder->linear_precision()) {
+    case LinearPrecision::BFloat16: return "bfloat16";
+    case LinearPrecision::Int8Dynamic: return "int8_dynamic_per_token";
+    case LinearPrecision::Int8Static: return "int8_static_per_input_channel";
+    case LinearPrecision::Float32: break;
+  }
+  return "float32";
+}
+
+std::vector<std::string> supported_kernels(const std::string& device) {
+  c10::Device dev(c10::kCPU);
+  try {
+    dev = c10::Device(device);
+  } catch (const std::exception&) {
+    throw Error("unknown device '" + device + "' (use cpu or cuda[:N])");
+  }
+  return supported_kernels(dev);
+}
+
 Engine Engine::load(const std::string& dir, const std::string& device, const LoadOptions& options) {
   auto impl = std::make_unique<Impl>();
   c10::Device dev(c10::kCPU);
@@ -76,7 +96,7 @@ Engine Engine::load(const std::string& dir, const std::string& device, const Loa
     impl->sep_id = *sep;
   }
   const SafetensorsFile weights = SafetensorsFile::read(dir + "/weights.safetensors", "weights.safetensors");
-  impl->encoder = std::make_unique<Encoder>(m.config, weights, m.dtype, dev, options.gemm);
+  impl->encoder = std::make_unique<Encoder>(m.config, weights, m.dtype, dev, options.gemm, m.quantization);
   return Engine(std::move(impl));
 }
 

@@ -3,13 +3,22 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/relu.h>
+#include <ATen/ops/zeros.h>
 
+#include <cstring>
+#include <exception>
+
+#include "cpu/quant.h"
 #include "qaengine/error.h"
 
 namespace qaengine {
 namespace {
+
+constexpr int64_t kZeroPoint = 128;  // uint8 activation = int8 q + 128 (engine/quant.py _ZERO_POINT)
 
 std::optional<c10::OperatorHandle> find_op(const char* name, const char* overload) {
   auto op = c10::Dispatcher::singleton().findSchema({name, overload});
@@ -27,15 +36,109 @@ const std::optional<c10::OperatorHandle>& reorder_op() {
   return op;
 }
 
+const std::optional<c10::OperatorHandle>& qlinear_op() {
+  static const auto op = find_op("onednn::qlinear_pointwise", "");
+  return op;
+}
+
+const std::optional<c10::OperatorHandle>& qprepack_op() {
+  static const auto op = find_op("onednn::qlinear_prepack", "");
+  return op;
+}
+
+at::Tensor reorder_weight(const at::Tensor& weight) {
+  torch::jit::Stack stack{weight.contiguous(), c10::IValue()};
+  reorder_op()->callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// mkldnn::_linear_pointwise(X, W, B, attr, scalars, algorithm)
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias, std::string attr,
+                         std::optional<std::string> algorithm) {
+  torch::jit::Stack stack{x,
+                          packed,
+                          bias.defined() ? c10::IValue(bias) : c10::IValue(),
+                          std::move(attr),
+                          c10::List<std::optional<at::Scalar>>(),
+                          algorithm ? c10::IValue(*algorithm) : c10::IValue()};
+  linear_op()->callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+at::Tensor int8_prepack(const at::Tensor& qweight) {
+  torch::jit::Stack stack{qweight.contiguous(), c10::IValue()};
+  qprepack_op()->callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// onednn::qlinear_pointwise on uint8 q + 128 `[T, in]` -> fp32 `[T, out]` = (q Qᵀ) · s_w (+ bias).
+at::Tensor int8_gemm(const at::Tensor& xu8, const at::Tensor& packed, const at::Tensor& w_scale,
+                     const at::Tensor& w_zero_point, const at::Tensor& bias) {
+  torch::jit::Stack stack{xu8,
+                          1.0,
+                          kZeroPoint,
+                          packed,
+                          w_scale,
+                          w_zero_point,
+                          bias.defined() ? c10::IValue(bias) : c10::IValue(),
+                          1.0,
+                          int64_t{0},
+                          c10::IValue(at::kFloat),
+                          std::string("none"),
+                          c10::List<std::optional<at::Scalar>>(),
+                          std::string("")};
+  qlinear_op()->callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
 }  // namespace
 
 bool onednn_available() {
   return linear_op().has_value() && reorder_op().has_value();
 }
 
+bool onednn_bf16_available() {
+  // oneDNN refuses bf16 on CPUs without the needed ISA (it throws), so a tiny GEMM tells.
+  static const bool ok = [] {
+    if (!onednn_available()) return false;
+    try {
+      const at::Tensor w = at::full({2, 4}, 1.0, at::TensorOptions().dtype(at::kBFloat16));
+      const at::Tensor x = at::full({1, 4}, 0.5, at::TensorOptions().dtype(at::kBFloat16));
+      const at::Tensor y = onednn_linear(x, reorder_weight(w), at::Tensor(), "none", std::nullopt).contiguous();
+      return y.scalar_type() == at::kBFloat16 && y.numel() == 2 &&
+             static_cast<float>(y.data_ptr<at::BFloat16>()[1]) == 2.f;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
+bool onednn_int8_available() {
+  static const bool ok = [] {
+    if (!qlinear_op() || !qprepack_op()) return false;
+    try {
+      const at::Tensor q = at::full({2, 4}, 3, at::TensorOptions().dtype(at::kChar));
+      const at::Tensor xu8 = at::full({1, 4}, kZeroPoint - 2, at::TensorOptions().dtype(at::kByte));  // q = -2
+      const at::Tensor y =
+          int8_gemm(xu8, int8_prepack(q), at::full({2}, 0.5, at::kFloat), at::zeros({2}, at::kLong), at::Tensor())
+              .contiguous();
+      return y.scalar_type() == at::kFloat && y.numel() == 2 && y.data_ptr<float>()[1] == -12.f;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
+std::vector<std::string> supported_kernels(c10::Device device) {
+  if (device.is_cpu() && onednn_int8_available()) return {"int8_gemm_per_token", "int8_gemm_static"};
+  return {};
+}
+
 Linear::Linear(const at::Tensor& weight, const at::Tensor& bias, std::optional<cpu::Act> act, GemmBackend backend,
                c10::Device device)
-    : act_(act), out_(weight.size(0)) {
+    : act_(act), out_(weight.size(0)), in_(weight.size(1)) {
   if (backend == GemmBackend::Auto) {
     backend = device.is_cpu() && onednn_available() && weight.numel() > 0 ? GemmBackend::OneDnn : GemmBackend::Aten;
   }
@@ -45,15 +148,123 @@ Linear::Linear(const at::Tensor& weight, const at::Tensor& bias, std::optional<c
   backend_ = backend;
   bias_ = bias.contiguous().to(device);
   if (backend_ == GemmBackend::OneDnn) {
-    torch::jit::Stack stack{weight.contiguous(), c10::IValue()};
-    reorder_op()->callBoxed(&stack);
-    weight_ = stack[0].toTensor();
+    weight_ = reorder_weight(weight);
   } else {
     weight_ = weight.t().contiguous().to(device);
   }
 }
 
+Linear Linear::bf16(const at::Tensor& weight, const at::Tensor& bias, std::optional<cpu::Act> act,
+                    GemmBackend backend) {
+  if (weight.numel() == 0) {  // nothing to multiply: act(b), in fp32 (as engine.quant.bf16_model leaves it)
+    return Linear(weight.to(at::kFloat), bias.to(at::kFloat), act, GemmBackend::Aten, c10::Device(c10::kCPU));
+  }
+  if (backend == GemmBackend::Auto || backend == GemmBackend::OneDnn) {
+    if (!onednn_bf16_available()) {
+      throw Error(
+          "this bf16 artifact needs bf16 GEMMs, which oneDNN cannot run with this torch build on this CPU (it "
+          "needs torch with mkldnn and a CPU with AVX-512 BF16 or AVX512BW/VL/DQ); load it with gemm='aten' "
+          "(ATen's bf16 addmm, slower) or build a float32 artifact");
+    }
+    backend = GemmBackend::OneDnn;
+  }
+  Linear l;
+  l.precision_ = LinearPrecision::BFloat16;
+  l.backend_ = backend;
+  l.act_ = act;
+  l.out_ = weight.size(0);
+  l.in_ = weight.size(1);
+  const at::Tensor w = weight.to(at::kBFloat16).contiguous();
+  l.bias_ = bias.to(at::kBFloat16).contiguous();
+  l.bias_f32_ = bias.to(at::kFloat).contiguous();
+  l.weight_ = backend == GemmBackend::OneDnn ? reorder_weight(w) : w.t().contiguous();
+  return l;
+}
+
+Linear Linear::int8(const at::Tensor& qweight, const at::Tensor& weight_scale, const at::Tensor& bias,
+                    const at::Tensor& input_scale, std::optional<cpu::Act> act) {
+  Linear l;
+  l.precision_ = input_scale.defined() ? LinearPrecision::Int8Static : LinearPrecision::Int8Dynamic;
+  l.backend_ = GemmBackend::OneDnn;
+  l.act_ = act;
+  l.out_ = qweight.size(0);
+  l.in_ = qweight.size(1);
+  l.bias_f32_ = bias.to(at::kFloat).contiguous();
+  l.weight_scale_ = weight_scale.to(at::kFloat).contiguous();
+  l.weight_zero_point_ = at::zeros({l.out_}, at::kLong);
+  if (input_scale.defined()) {
+    // 1 / c, as engine.quant.Int8LinearStatic (the kernel multiplies by it).
+    const at::Tensor c = input_scale.to(at::kFloat).contiguous();
+    l.inv_input_scale_ = at::empty({l.in_}, at::kFloat);
+    for (int64_t k = 0; k < l.in_; ++k) l.inv_input_scale_.data_ptr<float>()[k] = 1.f / c.data_ptr<float>()[k];
+  }
+  if (l.out_ > 0 && l.in_ > 0) {
+    if (!onednn_int8_available()) {
+      throw Error(
+          "this torch build has no working oneDNN int8 linear (onednn::qlinear_pointwise), so libqaengine cannot "
+          "run the int8 kernels (int8_gemm_per_token, int8_gemm_static); use a torch with mkldnn enabled");
+    }
+    l.weight_ = int8_prepack(qweight.to(at::kChar));
+  }
+  return l;
+}
+
+at::Tensor Linear::bias_only(int64_t rows) const {
+  at::Tensor y = at::empty({rows, out_}, at::kFloat);
+  float* p = y.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(p + r * out_, bias_f32_.data_ptr<float>(), sizeof(float) * out_);
+  if (act_ && rows > 0 && out_ > 0) {
+    const cpu::Act a = *act_;
+    cpu::best_quant_kernels().epilogue(p, out_, nullptr, nullptr, rows, out_, cpu::epi_act(&a));
+  }
+  return y;
+}
+
+at::Tensor Linear::forward_bf16(const at::Tensor& x) const {
+  const int64_t n = x.size(0);
+  if (n == 0) return at::empty({0, out_}, at::kFloat);
+  const at::Tensor xb = x.to(at::kBFloat16);  // round to nearest even, as torch's .to(bfloat16)
+  at::Tensor yb = backend_ == GemmBackend::OneDnn ? onednn_linear(xb, weight_, bias_, "none", std::nullopt)
+                                                  : at::addmm(bias_, xb, weight_);
+  yb = yb.contiguous();
+  at::Tensor y = at::empty({n, out_}, at::kFloat);
+  const cpu::Act a = act_.value_or(cpu::Act::Relu);
+  cpu::best_quant_kernels().widen_bf16(reinterpret_cast<const uint16_t*>(yb.data_ptr<at::BFloat16>()), out_,
+                                       y.data_ptr<float>(), out_, n, out_, cpu::epi_act(act_ ? &a : nullptr));
+  return y;
+}
+
+at::Tensor Linear::forward_int8(const at::Tensor& x) const {
+  const int64_t n = x.size(0);
+  if (n == 0 || out_ == 0) return at::empty({n, out_}, at::kFloat);
+  if (in_ == 0) return bias_only(n);  // an empty sum: y = act(b)
+  const auto& k = cpu::best_quant_kernels();
+  const at::Tensor xc = x.contiguous();
+  at::Tensor xu8 = at::empty({n, in_}, at::kByte);
+  const cpu::Act a = act_.value_or(cpu::Act::Relu);
+  const cpu::EpiAct act = cpu::epi_act(act_ ? &a : nullptr);
+  if (precision_ == LinearPrecision::Int8Dynamic) {
+    thread_local std::vector<float> scale;  // s_x per row
+    if (scale.size() < static_cast<size_t>(n)) scale.resize(static_cast<size_t>(n));
+    k.quantize_per_token(xc.data_ptr<float>(), in_, n, in_, xu8.data_ptr<uint8_t>(), in_, scale.data());
+    at::Tensor y = int8_gemm(xu8, weight_, weight_scale_, weight_zero_point_, at::Tensor()).contiguous();
+    k.epilogue(y.data_ptr<float>(), out_, scale.data(), bias_f32_.data_ptr<float>(), n, out_, act);
+    return y;
+  }
+  k.quantize_static(xc.data_ptr<float>(), in_, n, in_, inv_input_scale_.data_ptr<float>(), xu8.data_ptr<uint8_t>(),
+                    in_);
+  at::Tensor y = int8_gemm(xu8, weight_, weight_scale_, weight_zero_point_, bias_f32_).contiguous();
+  if (act != cpu::EpiAct::None) k.epilogue(y.data_ptr<float>(), out_, nullptr, nullptr, n, out_, act);
+  return y;
+}
+
 at::Tensor Linear::operator()(const at::Tensor& x) const {
+  switch (precision_) {
+    case LinearPrecision::BFloat16: return forward_bf16(x);
+    case LinearPrecision::Int8Dynamic:
+    case LinearPrecision::Int8Static: return forward_int8(x);
+    case LinearPrecision::Float32: break;
+  }
   if (backend_ == GemmBackend::OneDnn) {
     std::string attr = "none";
     std::optional<std::string> algorithm;
@@ -70,14 +281,7 @@ at::Tensor Linear::operator()(const at::Tensor& x) const {
         case cpu::Act::Relu: attr = "relu"; break;
       }
     }
-    torch::jit::Stack stack{x,
-                            weight_,
-                            bias_,
-                            attr,
-                            c10::List<std::optional<at::Scalar>>(),
-                            algorithm ? c10::IValue(*algorithm) : c10::IValue()};
-    linear_op()->callBoxed(&stack);
-    return stack[0].toTensor();
+    return onednn_linear(x, weight_, bias_, attr, algorithm);
   }
   at::Tensor y = at::addmm(bias_, x, weight_);
   if (act_) {

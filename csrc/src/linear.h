@@ -1,15 +1,30 @@
-// Linear layers y = x Wᵀ + b (+ activation) through ATen.
+// Linear layers y = x Wᵀ + b (+ activation) through ATen, in one of four precisions (docs/PRECISION.md).
 //
-// CPU: oneDNN's inner product with weights prepacked at load, bias and activation fused as post-ops
+// Float32. CPU: oneDNN's inner product with weights prepacked at load, bias and activation fused as post-ops
 // (mkldnn::_linear_pointwise, the op torch.compile's CPU backend emits). On this project's AMD CPUs it runs about
 // 2x faster than at::addmm, whose MKL takes AVX2 paths on non-Intel CPUs. Where torch was built without oneDNN, or
 // when asked, at::addmm plus the fused activation kernel. CUDA: at::addmm (cuBLAS) plus ATen activations.
+//
+// BFloat16 (CPU). bf16 weight and bias; the fp32 input is rounded to bf16, oneDNN multiplies with fp32 accumulation
+// and rounds the output to bf16, which one fused pass widens to fp32 (applying the activation in fp32), exactly as
+// engine.quant.BF16Linear. With GemmBackend::Aten the GEMM is at::addmm in bf16.
+//
+// Int8Dynamic / Int8Static (CPU): the int8 kernels of docs/ARTIFACT.md. The input is quantized to uint8 q + 128 by
+// a vectorised kernel (cpu/quant.h), multiplied with the prepacked int8 weight by oneDNN's u8 x s8 GEMM
+// (onednn::qlinear_pointwise, int32 accumulation, fp32 output · s_w), then one fused pass applies the per-token scale,
+// the bias and the activation (dynamic), or the activation alone (static: oneDNN adds the bias). The numerics are
+// engine.quant.Int8LinearDynamic / Int8LinearStatic.
+//
+// Every call runs single-threaded when the caller is inside a cpu::run_items item (encoder_cpu.cpp), and returns a
+// fresh fp32 `[T, out]` tensor with bias and activation applied, whatever the precision.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "cpu/kernels.h"
 #include "qaengine/config.h"
@@ -18,26 +33,55 @@ namespace qaengine {
 
 /// Whether this torch build registers the oneDNN ops the OneDnn backend needs.
 bool onednn_available();
+/// Whether oneDNN can run bf16 GEMMs here (the torch build and this CPU); probed once with a tiny GEMM.
+bool onednn_bf16_available();
+/// Whether this torch build registers oneDNN's int8 linear (onednn::qlinear_prepack / qlinear_pointwise) and it
+/// runs; probed once with a tiny GEMM.
+bool onednn_int8_available();
+/// Artifact kernels (docs/ARTIFACT.md "Kernels") libqaengine runs on `device`: int8_gemm_per_token and
+/// int8_gemm_static on the CPU when onednn_int8_available(); none on CUDA.
+std::vector<std::string> supported_kernels(c10::Device device);
+
+enum class LinearPrecision { Float32, BFloat16, Int8Dynamic, Int8Static };
 
 class Linear {
  public:
   Linear() = default;
-  /// `weight` `[out, in]`, `bias` `[out]`, fp32 on the CPU; moved to `device` (prepacked for oneDNN).
+  /// fp32: `weight` `[out, in]`, `bias` `[out]`, fp32 on the CPU; moved to `device` (prepacked for oneDNN).
   Linear(const at::Tensor& weight, const at::Tensor& bias, std::optional<cpu::Act> act, GemmBackend backend,
          c10::Device device);
 
-  /// `x` `[T, in]` contiguous fp32 -> `[T, out]`.
+  /// bf16 compute on the CPU: `weight` and `bias` (fp32 holding bf16 values, or any float: rounded to bf16).
+  /// Throws when this torch build or CPU cannot run oneDNN bf16 GEMMs (unless `backend` is Aten).
+  static Linear bf16(const at::Tensor& weight, const at::Tensor& bias, std::optional<cpu::Act> act,
+                     GemmBackend backend);
+  /// int8 on the CPU: `qweight` int8 `[out, in]` in [-127, 127], `weight_scale` fp32 `[out]`, `bias` fp32 `[out]`;
+  /// `input_scale` fp32 `[in]` selects static activation scales, undefined means dynamic per-token scales.
+  static Linear int8(const at::Tensor& qweight, const at::Tensor& weight_scale, const at::Tensor& bias,
+                     const at::Tensor& input_scale, std::optional<cpu::Act> act);
+
+  /// `x` `[T, in]` contiguous fp32 -> fp32 `[T, out]`.
   at::Tensor operator()(const at::Tensor& x) const;
 
   int64_t out_features() const { return out_; }
+  int64_t in_features() const { return in_; }
   GemmBackend backend() const { return backend_; }
+  LinearPrecision precision() const { return precision_; }
 
  private:
+  at::Tensor forward_bf16(const at::Tensor& x) const;
+  at::Tensor forward_int8(const at::Tensor& x) const;
+  at::Tensor bias_only(int64_t rows) const;  // a zero-width input: act(b) per row
+
+  LinearPrecision precision_ = LinearPrecision::Float32;
   GemmBackend backend_ = GemmBackend::Aten;
   std::optional<cpu::Act> act_;
-  at::Tensor weight_;  // oneDNN: prepacked (mkldnn layout); ATen: Wᵀ `[in, out]` contiguous
-  at::Tensor bias_;
-  int64_t out_ = 0;
+  at::Tensor weight_;  // oneDNN (fp32, bf16, int8): prepacked, undefined for an empty int8 one; ATen: Wᵀ `[in, out]`
+  at::Tensor bias_;    // fp32 (bf16 for BFloat16)
+  at::Tensor bias_f32_;                          // bf16 / int8: fp32 bias (epilogues, zero-width inputs)
+  at::Tensor weight_scale_, weight_zero_point_;  // int8: s_w `[out]`, zeros `[out]` (int64)
+  at::Tensor inv_input_scale_;                   // int8 static: 1 / c `[in]`
+  int64_t out_ = 0, in_ = 0;
 };
 
 }  // namespace qaengine

@@ -13,13 +13,44 @@ namespace qaengine {
 namespace {
 
 using json = nlohmann::json;
-constexpr int64_t kFormatVersion = 1;      // float artifacts: what this reader runs
-constexpr int64_t kInt8FormatVersion = 2;  // int8 artifacts: recognised and refused
+constexpr int64_t kFormatVersion = 1;      // float artifacts
+constexpr int64_t kInt8FormatVersion = 2;  // int8 artifacts (docs/ARTIFACT.md "Int8 artifacts"); the newest read
 const char* kManifest = "engine.json";
+const char* kWeightScheme = "int8_symmetric_per_output_channel";
+const char* kDynamic = "dynamic_per_token";
+const char* kStatic = "static_per_input_channel";
+const char* kKernelPerToken = "int8_gemm_per_token";
+const char* kKernelStatic = "int8_gemm_static";
 
 std::string join(const std::set<std::string>& names) {
   std::string out = "[";
   for (const auto& n : names) out += (out.size() > 1 ? ", '" : "'") + n + "'";
+  return out + "]";
+}
+
+// A JSON value as Python's repr() of its json.loads value would print it, so messages match engine/artifact.py.
+std::string py_repr(const json& v) {
+  if (v.is_string()) return "'" + v.get<std::string>() + "'";
+  if (v.is_null()) return "None";
+  if (v.is_boolean()) return v.get<bool>() ? "True" : "False";
+  if (v.is_array()) {
+    std::string out = "[";
+    for (size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + py_repr(v[i]);
+    return out + "]";
+  }
+  if (v.is_object()) {
+    std::string out = "{";
+    bool first = true;
+    for (auto it = v.begin(); it != v.end(); ++it, first = false)
+      out += (first ? "'" : ", '") + it.key() + "': " + py_repr(it.value());
+    return out + "}";
+  }
+  return v.dump();
+}
+
+std::string list_repr(const std::vector<std::string>& names) {
+  std::string out = "[";
+  for (size_t i = 0; i < names.size(); ++i) out += (i ? ", '" : "'") + names[i] + "'";
   return out + "]";
 }
 
@@ -32,8 +63,9 @@ int64_t get_int(const json& obj, const std::string& key, const std::string& wher
   return obj.at(key).get<int64_t>();
 }
 
-void check_keys(const json& obj, const std::set<std::string>& required, const std::set<std::string>& optional,
-                const std::string& where) {
+void check_keys(const json& obj, std::set<std::string> required, const std::set<std::string>& optional,
+                const std::string& where, const char* also_required = nullptr) {
+  if (also_required) required.insert(also_required);
   std::set<std::string> missing, unknown;
   for (const auto& k : required)
     if (!obj.contains(k)) missing.insert(k);
@@ -103,6 +135,56 @@ EncoderConfig parse_config(const json& c) {
   return cfg;
 }
 
+// engine/artifact.py parse_quantization: the `quantization` block of a version-2 manifest.
+Quantization parse_quantization(const json& q) {
+  const std::string where = std::string(kManifest) + ": field 'quantization'";
+  QAENGINE_CHECK(q.is_object(), where + " must be an object");
+  const std::set<std::string> keys = {"weights", "activations", "linears", "float_dtype", "kernels", "calibration"};
+  std::set<std::string> missing, unknown;
+  for (const auto& k : keys)
+    if (!q.contains(k)) missing.insert(k);
+  for (auto it = q.begin(); it != q.end(); ++it)
+    if (!keys.count(it.key())) unknown.insert(it.key());
+  QAENGINE_CHECK(missing.empty(), where + ": missing key(s) " + join(missing));
+  QAENGINE_CHECK(unknown.empty(), where + ": unknown key(s) " + join(unknown));
+  QAENGINE_CHECK(q["weights"] == kWeightScheme, where + ": weights is " + py_repr(q["weights"]) +
+                                                    ", this SparseQA reads only '" + kWeightScheme + "'");
+  const json& act = q["activations"];
+  QAENGINE_CHECK(act == kDynamic || act == kStatic, where + ": activations is " + py_repr(act) +
+                                                        ", expected one of ['" + kDynamic + "', '" + kStatic + "']");
+  Quantization out;
+  out.activations = act == kDynamic ? ActivationQuant::DynamicPerToken : ActivationQuant::StaticPerInputChannel;
+  const json linears = json::array({"qkv", "o", "ffn_in", "ffn_out"});
+  QAENGINE_CHECK(q["linears"] == linears,
+                 where + ": linears must be " + py_repr(linears) + ", got " + py_repr(q["linears"]));
+  QAENGINE_CHECK(q["float_dtype"] == "float32",
+                 where + ": float_dtype must be 'float32', got " + py_repr(q["float_dtype"]));
+  const json& kernels = q["kernels"];
+  bool names_ok = kernels.is_array();
+  if (names_ok)
+    for (const json& k : kernels) names_ok = names_ok && k.is_string();
+  QAENGINE_CHECK(names_ok, where + ": kernels must be a list of kernel names");
+  std::set<std::string> unknown_k;
+  for (const json& k : kernels) {
+    out.kernels.push_back(k.get<std::string>());
+    if (k != kKernelPerToken && k != kKernelStatic) unknown_k.insert(k.get<std::string>());
+  }
+  QAENGINE_CHECK(unknown_k.empty(), where + ": requires kernel(s) " + join(unknown_k) +
+                                        " that this SparseQA does not know (known: ['" + kKernelPerToken + "', '" +
+                                        kKernelStatic + "']); upgrade SparseQA");
+  const std::string need = out.activations == ActivationQuant::DynamicPerToken ? kKernelPerToken : kKernelStatic;
+  QAENGINE_CHECK(out.kernels == std::vector<std::string>{need},
+                 where + ": activations " + py_repr(act) + " need kernels ['" + need + "'], but the manifest lists " +
+                     list_repr(out.kernels));
+  const json& cal = q["calibration"];
+  if (out.activations == ActivationQuant::StaticPerInputChannel) {
+    QAENGINE_CHECK(cal.is_object(), where + ": static activation scales need a 'calibration' object");
+  } else {
+    QAENGINE_CHECK(cal.is_null(), where + ": calibration must be null for " + py_repr(act) + " activations");
+  }
+  return out;
+}
+
 }  // namespace
 
 Manifest read_manifest(const std::string& dir) {
@@ -125,24 +207,33 @@ Manifest read_manifest(const std::string& dir) {
   QAENGINE_CHECK(m.contains("format_version") && is_int(m["format_version"]),
                  std::string(kManifest) + ": field 'format_version' must be an integer");
   const int64_t ver = m["format_version"].get<int64_t>();
-  // Version 2 (int8 weights with scales, docs/ARTIFACT.md) is a known format this fp32 engine does not run.
-  QAENGINE_CHECK(ver != kInt8FormatVersion, std::string(kManifest) +
-                                                ": format_version 2 is an int8 artifact; libqaengine runs float "
-                                                "artifacts (version 1) only: use the torch or triton backend");
   QAENGINE_CHECK(ver <= kInt8FormatVersion, std::string(kManifest) + ": format_version " + std::to_string(ver) +
                                                 " was written by a newer SparseQA (this one reads up to " +
                                                 std::to_string(kInt8FormatVersion) + "); upgrade SparseQA");
-  QAENGINE_CHECK(ver == kFormatVersion,
+  QAENGINE_CHECK(ver == kFormatVersion || ver == kInt8FormatVersion,
                  std::string(kManifest) + ": format_version " + std::to_string(ver) + " is not supported");
+  // Version 1 holds float artifacts, version 2 int8 ones (a float artifact is always written as version 1).
+  if (ver == kFormatVersion) {
+    QAENGINE_CHECK(!(m.contains("dtype") && m["dtype"] == "int8"),
+                   std::string(kManifest) + ": dtype 'int8' needs format_version 2 and a 'quantization' block, " +
+                       "got format_version " + std::to_string(ver));
+  } else if (m.contains("dtype")) {
+    QAENGINE_CHECK(m["dtype"] == "int8", std::string(kManifest) + ": format_version " + std::to_string(ver) +
+                                             " is for int8 artifacts, but dtype is " + py_repr(m["dtype"]) +
+                                             " (float artifacts use format_version 1)");
+  }
   check_keys(m, {"format", "format_version", "config", "dtype", "weights", "tokenizer", "null_threshold", "source"}, {},
-             kManifest);
+             kManifest, ver == kInt8FormatVersion ? "quantization" : nullptr);
 
   Manifest out;
-  QAENGINE_CHECK(m["dtype"].is_string(), std::string(kManifest) + ": field 'dtype' must be a string");
+  out.format_version = ver;
+  QAENGINE_CHECK(m["dtype"].is_string(), std::string(kManifest) + ": field 'dtype' is " + py_repr(m["dtype"]) +
+                                             ", expected one of ['bfloat16', 'float16', 'float32', 'int8']");
   out.dtype = m["dtype"].get<std::string>();
-  QAENGINE_CHECK(out.dtype == "float32" || out.dtype == "bfloat16" || out.dtype == "float16",
+  QAENGINE_CHECK(out.dtype == "float32" || out.dtype == "bfloat16" || out.dtype == "float16" || out.dtype == "int8",
                  std::string(kManifest) + ": field 'dtype' is '" + out.dtype +
-                     "', expected one of ['bfloat16', 'float16', 'float32']");
+                     "', expected one of ['bfloat16', 'float16', 'float32', 'int8']");
+  if (ver == kInt8FormatVersion) out.quantization = parse_quantization(m["quantization"]);
   QAENGINE_CHECK(m["weights"] == "weights.safetensors",
                  std::string(kManifest) + ": field 'weights' must be 'weights.safetensors'");
 

@@ -28,6 +28,7 @@ StorageDtype storage_of(const std::string& dtype) {
   if (dtype == "F32") return StorageDtype::F32;
   if (dtype == "BF16") return StorageDtype::BF16;
   if (dtype == "F16") return StorageDtype::F16;
+  if (dtype == "I8") return StorageDtype::I8;
   return StorageDtype::Other;
 }
 
@@ -177,6 +178,16 @@ void SafetensorsFile::to_float32(const std::string& name, float* out) const {
       break;
     default: throw Error(name_ + ": tensor '" + name + "' has dtype " + e.dtype + "; expected F32, BF16 or F16");
   }
+}
+
+const int8_t* SafetensorsFile::int8_data(const std::string& name) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) throw Error(name_ + ": tensor '" + name + "' is missing");
+  const TensorEntry& e = it->second;
+  if (e.storage != StorageDtype::I8) {
+    throw Error(name_ + ": tensor '" + name + "' has dtype " + e.dtype + "; expected I8");
+  }
+  return reinterpret_cast<const int8_t*>(data_.data() + e.begin);
 }
 
 }  // namespace qaengine

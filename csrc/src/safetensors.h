@@ -13,7 +13,7 @@
 
 namespace qaengine {
 
-enum class StorageDtype { F32, BF16, F16, Other };
+enum class StorageDtype { F32, BF16, F16, I8, Other };
 
 struct TensorEntry {
   std::string dtype;  // as written in the header ("F32", "BF16", ...)
@@ -32,6 +32,9 @@ class SafetensorsFile {
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   /// Converts tensor `name` (F32, BF16 or F16) to float32 into `out` (numel floats).
   void to_float32(const std::string& name, float* out) const;
+  /// The stored bytes of I8 tensor `name` (numel values, row-major); throws for another dtype. Valid while the
+  /// file object lives.
+  const int8_t* int8_data(const std::string& name) const;
   const std::string& display_name() const { return name_; }
 
  private:

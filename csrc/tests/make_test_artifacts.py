@@ -5,10 +5,16 @@
 Writes, under OUT_DIR:
   tokenizer/                 a tiny uncased BERT WordPiece tokenizer (HF fast tokenizer files)
   tiny_bert/                 random ragged BERT (head_dim 32; a 0-head and a 0-FFN layer), fp32
-  tiny_bert_bf16/, tiny_bert_fp16/   the same weights stored in bfloat16 / float16
+  tiny_bert_fp16/            the same weights stored in float16
+  tiny_bert_bf16/            the same shapes with smoother weights (random_state), stored in bfloat16
+  tiny_bert_int8/, tiny_bert_int8s/  tiny_bert_bf16's weights quantized to int8: dynamic per-token / static
+                             scales (calibrated on random token batches)
   tiny_hd24/                 head_dim 24 (fused-kernel fallback on AVX-512), gelu_new
   tiny_roberta/              RoBERTa conventions (position offset 2, one token type), relu
-  */reference.safetensors    packed inputs and the fp32 reference logits of engine.model.RaggedQAModel
+  */reference.safetensors    packed inputs and the reference logits `start`/`end` of the torch backend's numerics
+                             (fp32 engine.model.RaggedQAModel; bf16 and int8: engine.quant's bf16 / int8 modules),
+                             plus for bf16 and int8 `start_fp32`/`end_fp32` of the fp32 model they approximate and
+                             `noise_floor` (see noise_floor)
   tiny_bert/answers.json     questions with the Python QAEngine's (torch backend) answers
   minilm/                    the packaged all-MiniLM-L6-v2 (random QA head), if that package is installed
   tiny_bert_truncated/       tiny_bert with its weights file cut in half
@@ -55,33 +61,115 @@ def make_tokenizer(out: Path) -> Path:
     return out
 
 
-def random_state(cfg: EncoderConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Weights large enough that logits are O(1) and every sublayer matters."""
+def random_state(cfg: EncoderConfig, seed: int, linear_std: float = 0.3) -> dict[str, torch.Tensor]:
+    """Weights large enough that logits are O(1) and every sublayer matters.
+
+    With the default encoder Linear weights of std 0.3 (3x the usual 1/sqrt(d)), the model is so sensitive that a
+    1e-7 relative change of its input can move a logit by 0.05. That is fine for fp32 parity, but under bf16 / int8
+    rounding the same change flips roundings whose effect is as large as the precision's whole error, so comparing
+    two implementations of one scheme would test nothing (see noise_floor). The reduced-precision artifacts use
+    `linear_std` 0.05, where that floor is well below the precision's error."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for k, v in RaggedQAModel(cfg).state_dict().items():
         if k.endswith("ln.weight") or ".ln1.weight" in k or ".ln2.weight" in k:
             state[k] = 1.0 + 0.2 * torch.randn(v.shape, generator=gen)
+        elif k.startswith("layers.") and k.endswith(".weight"):
+            state[k] = linear_std * torch.randn(v.shape, generator=gen)
         else:
             state[k] = 0.3 * torch.randn(v.shape, generator=gen)
     return state
 
 
-def write_reference(art: Path, lengths: list[int], seed: int) -> None:
-    """Packed random inputs and the fp32 reference logits (from the artifact as stored, upcast)."""
+def _fp32_model(cfg: EncoderConfig, state: dict[str, torch.Tensor]) -> RaggedQAModel:
+    model = RaggedQAModel(cfg)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.eval()
+
+
+NOISE = 1e-6  # relative perturbation of the embeddings for the noise floor: the order of cpp-vs-torch fp32 differences
+NOISE_TRIALS = 3
+
+
+def noise_floor(model: RaggedQAModel, ids: torch.Tensor, types: torch.Tensor, cu: torch.Tensor, max_seqlen: int,
+                logits: torch.Tensor) -> float:
+    """How far `model`'s logits (`logits`: start and end, concatenated) move when its embeddings are perturbed by
+    relative noise NOISE: max over NOISE_TRIALS seeds of the L2 distance.
+
+    A bf16 / int8 model amplifies fp32-sized differences: a value within that difference of a rounding boundary
+    rounds the other way (one full step), which moves later inputs by far more than fp32 noise, so more roundings
+    flip downstream. Two implementations of the same scheme whose fp32 kernels differ at this level (the C++ and
+    torch backends) can only be compared up to this floor."""
+    emb, orig = model.embeddings, model.embeddings.forward
+    worst = 0.0
+    for trial in range(NOISE_TRIALS):
+        gen = torch.Generator().manual_seed(1000 + trial)
+        emb.forward = lambda *a, **k: (lambda h: h * (1 + NOISE * torch.randn(h.shape, generator=gen)))(orig(*a, **k))
+        try:
+            with torch.inference_mode():
+                s, e = model(ids, types, cu, max_seqlen)
+        finally:
+            emb.forward = orig
+        worst = max(worst, (torch.cat([s, e]) - logits).norm().item())
+    return worst
+
+
+def write_reference(art: Path, lengths: list[int], seed: int, fp32_state: dict[str, torch.Tensor] | None = None
+                    ) -> None:
+    """Packed random inputs and the reference logits of the torch backend's numerics for the artifact's dtype: fp32
+    (weights as stored, upcast) for float32/float16, engine.quant's bf16 / int8 modules for bfloat16 / int8. For the
+    latter two also the fp32 logits of the model they approximate (`fp32_state`, default: the stored weights
+    upcast), so the C++ test can compare its distance to the torch numerics with the precision's own error."""
+    from engine.quant import bf16_model, int8_model
+
     a = load_artifact(art)
-    model = RaggedQAModel(a.cfg)
-    model.load_state_dict({k: v.float() for k, v in a.state.items()})
-    model.eval()
+    if a.quantization is not None:
+        model = int8_model(a.cfg, a.state, a.quantization)
+    elif a.dtype == "bfloat16":
+        model = bf16_model(a.cfg, a.state)
+    else:
+        model = _fp32_model(a.cfg, a.state)
     gen = torch.Generator().manual_seed(seed)
     total = sum(lengths)
     ids = torch.randint(0, a.cfg.vocab_size, (total,), generator=gen)
     types = torch.randint(0, a.cfg.type_vocab_size, (total,), generator=gen)
     cu = cu_seqlens_from_lengths(lengths)
-    with torch.no_grad():
+    out = {"input_ids": ids, "token_type_ids": types, "cu_seqlens": cu}
+    with torch.inference_mode():
         start, end = model(ids, types, cu, max(lengths))
-    save_file({"input_ids": ids, "token_type_ids": types, "cu_seqlens": cu, "start": start.contiguous(),
-               "end": end.contiguous()}, str(art / "reference.safetensors"))
+        out.update(start=start.contiguous(), end=end.contiguous())
+        if a.quantization is not None or a.dtype == "bfloat16":
+            ref = _fp32_model(a.cfg, fp32_state if fp32_state is not None else a.state)
+            s32, e32 = ref(ids, types, cu, max(lengths))
+            out.update(start_fp32=s32.contiguous(), end_fp32=e32.contiguous())
+    if "start_fp32" in out:
+        floor = noise_floor(model, ids, types, cu, max(lengths), torch.cat([start, end]))
+        out["noise_floor"] = torch.tensor([floor], dtype=torch.float32)
+    save_file(out, str(art / "reference.safetensors"))
+
+
+def int8_artifacts(out: Path, cfg: EncoderConfig, state: dict[str, torch.Tensor], tok: Path,
+                   settings: WindowSettings, lengths: list[int]) -> None:
+    """tiny_bert_int8 (dynamic) and tiny_bert_int8s (static scales calibrated on random token batches)."""
+    from engine.artifact import ActivationQuant, Quantization
+    from engine.features import PackedBatch
+    from engine.quant import calibrate, quantize_state
+
+    save_artifact(out / "tiny_bert_int8", cfg, quantize_state(cfg, state), tok, settings, "int8", null_threshold=0.5,
+                  source={"test": "tiny_bert_int8"}, quantization=Quantization(ActivationQuant.DYNAMIC))
+    write_reference(out / "tiny_bert_int8", lengths, 1, fp32_state=state)
+    gen = torch.Generator().manual_seed(6)
+    cal_lengths = [64, 40, 17, 64]
+    batches = [PackedBatch(torch.randint(0, cfg.vocab_size, (sum(cal_lengths),), generator=gen),
+                           torch.randint(0, cfg.type_vocab_size, (sum(cal_lengths),), generator=gen),
+                           cu_seqlens_from_lengths(cal_lengths), max(cal_lengths)) for _ in range(2)]
+    absmax = calibrate(_fp32_model(cfg, state), batches)
+    quant = Quantization(ActivationQuant.STATIC, {"file": "random token batches", "samples_requested": 0,
+                                                  "examples": 0, "windows": 8, "tokens": 2 * sum(cal_lengths),
+                                                  "statistic": "absmax_per_input_channel", "smoothing_alpha": 1.0})
+    save_artifact(out / "tiny_bert_int8s", cfg, quantize_state(cfg, state, absmax), tok, settings, "int8",
+                  null_threshold=0.5, source={"test": "tiny_bert_int8s"}, quantization=quant)
+    write_reference(out / "tiny_bert_int8s", lengths, 1, fp32_state=state)
 
 
 def main() -> None:
@@ -95,10 +183,12 @@ def main() -> None:
                 max_position_embeddings=320, type_vocab_size=2, layer_norm_eps=1e-12, activation="gelu",
                 pad_token_id=0, position_offset=0)
     cfg = EncoderConfig(**base)
-    state = random_state(cfg, 0)
-    for name, dtype in (("tiny_bert", "float32"), ("tiny_bert_bf16", "bfloat16"), ("tiny_bert_fp16", "float16")):
-        save_artifact(out / name, cfg, state, tok, settings, dtype, null_threshold=0.5, source={"test": name})
+    state, smooth = random_state(cfg, 0), random_state(cfg, 0, linear_std=0.05)
+    for name, dtype, st in (("tiny_bert", "float32", state), ("tiny_bert_bf16", "bfloat16", smooth),
+                            ("tiny_bert_fp16", "float16", state)):
+        save_artifact(out / name, cfg, st, tok, settings, dtype, null_threshold=0.5, source={"test": name})
         write_reference(out / name, lengths, 1)
+    int8_artifacts(out, cfg, smooth, tok, settings, lengths)
     cfg24 = EncoderConfig(**{**base, "hidden": 48, "head_dim": 24, "heads": (2, 1), "ffn": (31, 0),
                              "activation": "gelu_new"})
     save_artifact(out / "tiny_hd24", cfg24, random_state(cfg24, 2), tok, settings)

@@ -1,10 +1,22 @@
-"""The `cpp` backend: libqaengine through the pybind11 module `engine._C` (fp32 compute; CPU, and CUDA in a
--DQAENGINE_CUDA=ON build).
+"""The `cpp` backend: libqaengine through the pybind11 module `engine._C` (CPU, and CUDA in a -DQAENGINE_CUDA=ON
+build).
 
 The C++ engine reads the artifact directory itself (engine.json, weights.safetensors, tokenizer.json) and validates
 it with the same rules as engine.artifact. Its CPU path runs padding-free packed batches with fused kernels:
-varlen attention with an online softmax, bias + GELU, residual + bias + LayerNorm; GEMMs go through ATen (MKL).
+varlen attention with an online softmax, bias + GELU, residual + bias + LayerNorm; GEMMs go through ATen (oneDNN).
 Intra-op threads are ATen's, shared with torch in this process.
+
+Compute by artifact dtype (docs/PRECISION.md, docs/CPP.md); attention, LayerNorm, GELU, embeddings and the QA head
+are fp32 in every mode:
+  float32            fp32.
+  bfloat16           CPU: encoder Linears in bf16 through oneDNN (bf16 input, weight and output, fp32
+                     accumulation; the output widened to fp32), as engine.quant.BF16Linear. Loading fails when
+                     oneDNN cannot run bf16 GEMMs on this CPU. CUDA: upcast to fp32.
+  float16            upcast to fp32.
+  int8               CPU only: encoder Linears through oneDNN's u8 x s8 GEMM (onednn::qlinear_pointwise) with
+                     vectorised per-token / static quantization and a fused rescale + bias + activation epilogue,
+                     the numerics of engine.quant.Int8LinearDynamic / Int8LinearStatic. Kernels:
+                     `supported_kernels(device)`; none on CUDA, so engine.runtime refuses int8 artifacts there.
 """
 
 from __future__ import annotations
@@ -38,6 +50,14 @@ def why_unavailable(device: torch.device) -> str | None:
     if device.type not in ("cpu", "cuda"):
         return f"runs on cpu/cuda, not {device.type}"
     return None
+
+
+def supported_kernels(device: torch.device) -> frozenset[str]:
+    """The artifact kernels (engine.artifact.KERNELS) this build runs on `device`: the int8 GEMMs on the CPU when
+    torch's oneDNN int8 linear works there, none on CUDA (registry hook)."""
+    if _C is None or device.type != "cpu" or not hasattr(_C, "supported_kernels"):
+        return frozenset()
+    return frozenset(_C.supported_kernels("cpu"))
 
 
 class CppBackend:

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -34,10 +35,25 @@ struct WindowSettings {
   int64_t max_seq_length = 384, doc_stride = 128, max_query_length = 64;
 };
 
+/// How an int8 artifact quantizes the inputs of its Linears (docs/ARTIFACT.md, "Int8 artifacts").
+enum class ActivationQuant {
+  DynamicPerToken,       // "dynamic_per_token": s_x[t] = max_k |x[t, k]| / 127 at run time; kernel int8_gemm_per_token
+  StaticPerInputChannel  // "static_per_input_channel": calibrated `input_scale` per channel; kernel int8_gemm_static
+};
+
+/// The `quantization` block of a version-2 (int8) manifest. Weights are always int8 symmetric per output channel;
+/// the Linears are qkv, o, ffn_in and ffn_out of every layer; every other tensor is fp32.
+struct Quantization {
+  ActivationQuant activations = ActivationQuant::DynamicPerToken;
+  std::vector<std::string> kernels;  // kernels a backend must provide (validated against `activations`)
+};
+
 /// A validated engine.json.
 struct Manifest {
   EncoderConfig config;
-  std::string dtype;  // "float32", "bfloat16" or "float16"
+  int64_t format_version = 1;                // 1: float artifacts, 2: int8
+  std::string dtype;                         // "float32", "bfloat16" or "float16" (version 1); "int8" (version 2)
+  std::optional<Quantization> quantization;  // version 2 only
   WindowSettings windows;
   bool do_lower_case = true, strip_accents = true;
   std::vector<std::string> tokenizer_files;

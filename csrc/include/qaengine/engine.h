@@ -3,8 +3,9 @@
 //   auto engine = qaengine::Engine::load("artifacts/minilm", "cpu");
 //   qaengine::Answer a = engine.answer("Who wrote it?", context);
 //
-// The encoder runs in fp32 (bf16/fp16 artifacts are upcast at load). This header is torch-free; the ATen-tensor
-// entry point lives in qaengine/aten.h.
+// The encoder Linears compute in the artifact's precision on the CPU (fp32; bf16 for bf16 artifacts; int8 for int8
+// artifacts; fp16 artifacts are upcast to fp32), everything else in fp32 (docs/PRECISION.md, docs/CPP.md). This
+// header is torch-free; the ATen-tensor entry point lives in qaengine/aten.h.
 #pragma once
 
 #include <cstdint>
@@ -45,6 +46,10 @@ struct LoadOptions {
 /// Sets the intra-op thread count of the CPU path (ATen's pool, shared with torch in the same process).
 void set_num_threads(int threads);
 
+/// Artifact kernels (docs/ARTIFACT.md "Kernels": int8_gemm_per_token, int8_gemm_static) this build runs on
+/// `device` ("cpu" or "cuda[:N]"): both on the CPU when torch's oneDNN int8 linear works, none on CUDA.
+std::vector<std::string> supported_kernels(const std::string& device = "cpu");
+
 class Engine {
  public:
   /// Loads and validates ARTIFACT_DIR (engine.json, weights.safetensors, tokenizer.json). `device` is "cpu" or
@@ -57,8 +62,11 @@ class Engine {
 
   const Manifest& manifest() const;
   const std::string& device() const;
-  /// The GEMM backend in use (never Auto).
+  /// The GEMM backend in use (never Auto); for int8 artifacts it applies to the QA head only.
   GemmBackend gemm_backend() const;
+  /// What the encoder Linears compute in: "float32", "bfloat16", "int8_dynamic_per_token" or
+  /// "int8_static_per_input_channel".
+  const char* precision() const;
 
   /// Packed forward: `input_ids`/`token_type_ids` `[total]`, `cu_seqlens` `[batch + 1]` (0, ..., total).
   Logits forward_packed(const int64_t* input_ids, const int64_t* token_type_ids, int64_t total,

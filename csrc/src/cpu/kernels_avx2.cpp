@@ -5,3 +5,4 @@
 #define QAENGINE_NAME "avx2"
 #define QAENGINE_TABLE kernels_avx2
 #include "kernels_impl.h"
+#include "quant_impl.h"

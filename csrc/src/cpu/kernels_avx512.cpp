@@ -5,3 +5,4 @@
 #define QAENGINE_NAME "avx512"
 #define QAENGINE_TABLE kernels_avx512
 #include "kernels_impl.h"
+#include "quant_impl.h"

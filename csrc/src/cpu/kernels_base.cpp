@@ -5,3 +5,4 @@
 #define QAENGINE_NAME "base"
 #define QAENGINE_TABLE kernels_base
 #include "kernels_impl.h"
+#include "quant_impl.h"
