@@ -240,9 +240,14 @@ def main(argv: list[str] | None = None) -> int:
 
 ```
 make bench                                   # CPU latency, precision and workload suites -> bench/results/*.json
-RUNS=runs THREADS=1 FT_STEPS=200 PRUNE_STEPS=400 scripts/reproduce_squad.sh teacher    # MiniLM teacher
-RUNS=runs THREADS=1 FT_STEPS=200 PRUNE_STEPS=400 scripts/reproduce_squad.sh l0 0.5     # L0 student, 50% FLOPs
-RUNS=runs THREADS=1 FT_STEPS=200 scripts/reproduce_squad.sh importance                 # Michel et al. baseline
+RUNS=runs THREADS=1 scripts/reproduce_squad.sh teacher                          # MiniLM teacher (1600 steps)
+RUNS=runs THREADS=1 PRUNE_STEPS=400 FT_STEPS=200 scripts/reproduce_squad.sh l0 0.5        # L0 student -> runs/l0-0.5
+RUNS=runs THREADS=1 PRUNE_STEPS=400 FT_STEPS=1000 TAG=-ft1000 scripts/reproduce_squad.sh l0 0.5   # longer fine-tune
+RUNS=runs THREADS=1 FT_STEPS=200 scripts/reproduce_squad.sh importance          # Michel et al. baseline, same budgets
+RUNS=runs THREADS=1 FT_STEPS=1000 TAG=-ft1000 scripts/reproduce_squad.sh importance
+RUNS=runs THREADS=1 scripts/reproduce_squad.sh l0 0.4 / l0 0.75 / nodistill / random   # the trade-off and ablations
+RUNS=runs THREADS=1 scripts/reproduce_squad.sh eval NAME ...                   # build + complete-dev evaluation
+make bench-students                          # CPU latency of every evaluated artifact -> bench/results/students.json
 python -m engine.build_model --model runs/l0-0.5 --out runs/art/l0-0.5-int8 --dtype int8 --max-seq-length 256
 python -m engine.evaluate runs/art/NAME --data ../shared/data/squad2/dev-v2.0.json.gz --out bench/results/eval-NAME.json
 python -m bench.accuracy_rows && python -m bench.report
