@@ -2,11 +2,12 @@
 
     python -m engine.make_spec --model DIR --target-sparsity 0.5 --by random|importance [--data FILE ...] --out SPEC
 
-random:      heads and FFN units removed in a uniformly random order until the FLOP target is met.
+random:      heads, and separately FFN units, removed in a uniformly random order.
 importance:  Michel et al. (2019), "Are Sixteen Heads Really Better than One?": the importance of a head
-             (or FFN unit) is E_x |dL/dξ| for a mask variable ξ = 1 multiplying its output, with L the
-             task loss on training data; scores are L2-normalised per layer and type, as in the paper.
-             Structures are removed in increasing order of importance per FLOP until the target is met.
+             (or FFN unit) is E |dL/dξ| for a mask variable ξ = 1 multiplying its output, with L the
+             task loss on training batches; scores are L2-normalised per layer and type, as in the paper.
+             The least important heads (ranked across layers) are removed, and separately the least important
+             FFN units, until each kind has lost the target fraction of its FLOPs.
 """
 
 from __future__ import annotations
@@ -75,17 +76,23 @@ def importance_scores(model_dir: Path, data: list[Path], max_windows: int = 2048
 
 def select(cfg: EncoderConfig, target: float, head_scores: list[torch.Tensor], ffn_scores: list[torch.Tensor],
            seq_len: int = 384) -> PruneSpec:
-    """Remove structures in increasing score-per-FLOP order until `target` FLOP sparsity is reached."""
+    """Remove the lowest-scoring heads (ranked across all layers) until the heads have lost `target` of their FLOPs,
+    and likewise the FFN units, so the encoder loses `target` of its FLOPs with both kinds cut alike.
+
+    Scores are compared only within a kind: per-layer L2-normalised head and unit scores live on different scales
+    (12 heads against 1536 units per layer), so one ranking over both would empty every layer of heads first.
+    """
     head_cost, unit_cost = unit_flops(cfg.hidden, cfg.head_dim, seq_len)
-    items = [(float(head_scores[l][j]) / head_cost, "h", l, j) for l in range(cfg.num_layers) for j in range(cfg.heads[l])]
-    items += [(float(ffn_scores[l][j]) / unit_cost, "f", l, j) for l in range(cfg.num_layers) for j in range(cfg.ffn[l])]
     keep_h = [set(range(h)) for h in cfg.heads]
     keep_f = [set(range(f)) for f in cfg.ffn]
-    for _, kind, l, j in sorted(items, key=lambda t: t[0]):
-        shape = cfg.with_shape(tuple(map(len, keep_h)), tuple(map(len, keep_f)))
-        if flop_sparsity(shape, cfg, seq_len) >= target:
-            break
-        (keep_h if kind == "h" else keep_f)[l].discard(j)
+    for scores, counts, cost, keep in ((head_scores, cfg.heads, head_cost, keep_h),
+                                       (ffn_scores, cfg.ffn, unit_cost, keep_f)):
+        budget, removed = target * cost * sum(counts), 0.0
+        for _, l, j in sorted((float(scores[l][j]), l, j) for l in range(cfg.num_layers) for j in range(counts[l])):
+            if removed >= budget:
+                break
+            keep[l].discard(j)
+            removed += cost
     return PruneSpec(tuple(LayerKeep(tuple(sorted(h)), tuple(sorted(f))) for h, f in zip(keep_h, keep_f)))
 
 
@@ -109,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             g = torch.Generator().manual_seed(a.seed)
             hs = [torch.rand(h, generator=g) for h in cfg.heads]
             fs = [torch.rand(f, generator=g) for f in cfg.ffn]
-            # Random scores divided by cost would bias toward removing heads; undo the cost weighting.
-            hc, uc = unit_flops(cfg.hidden, cfg.head_dim, a.seq_len)
-            spec = select(cfg, a.target_sparsity, [h * hc for h in hs], [f * uc for f in fs], a.seq_len)
+            spec = select(cfg, a.target_sparsity, hs, fs, a.seq_len)
         else:
             if not a.data:
                 ap.error("--by importance needs --data (train files)")
