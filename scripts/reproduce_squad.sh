@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the accuracy/speed rows of RESULTS.md on real SQuAD 2.0 (CPU). Stages can be run one at a time:
-#   scripts/reproduce_squad.sh teacher|l0|importance|random|nodistill|eval|all
+#   scripts/reproduce_squad.sh teacher|l0|importance|random|nodistill|more RUN STEPS|eval|all
 # Outputs go to $RUNS (default ./runs, git-ignored); evaluation JSON to bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +36,13 @@ baseline() {  # $1 = importance | random
   $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --spec "$RUNS/spec-$1.json" --out "$RUNS/$1-0.5$TAG" \
       --finetune-max-steps "$FT_STEPS" --resume
 }
+more() {  # $1 = a finished run, $2 = steps: one more fixed-structure distillation round (fresh LR schedule)
+  local keep="$RUNS/keep-all-$1.json"
+  $PY -c "import json, sys; from engine.checkpoint import load_checkpoint
+json.dump({'layers': [{}] * load_checkpoint(sys.argv[1]).cfg.num_layers}, open(sys.argv[2], 'w'))" "$RUNS/$1" "$keep"
+  $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --student-init "$RUNS/$1" --spec "$keep" \
+      --out "$RUNS/$1+$2" --finetune-max-steps "$2" --resume
+}
 evaluate() {  # build an engine for each finished run (or the named ones) and score it on the complete official dev set
   mkdir -p bench/results
   local runs=("$@")
@@ -55,7 +62,8 @@ case "${1:-all}" in
   nodistill) nodistill ;;
   importance) baseline importance ;;
   random) baseline random ;;
+  more) more "$2" "$3" ;;
   eval) shift; evaluate "$@" ;;
   all) teacher; l0 0.5; baseline importance; evaluate ;;
-  *) echo "usage: $0 teacher|l0 [target]|nodistill|importance|random|eval [RUN ...]|all" >&2; exit 2 ;;
+  *) echo "usage: $0 teacher|l0 [target]|nodistill|importance|random|more RUN STEPS|eval [RUN ...]|all" >&2; exit 2 ;;
 esac
