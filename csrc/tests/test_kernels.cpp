@@ -11,14 +11,6 @@ namespace {
 
 using cpu::KernelTable;
 
-std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> dist(0.f, scale);
-  std::vector<float> v(n);
-  for (auto& x : v) x = dist(rng);
-  return v;
-}
-
 // softmax(QKᵀ/sqrt(d)) V per sequence and head, with the qkv bias, in double.
 std::vector<float> attention_ref(const std::vector<float>& qkv, const std::vector<float>& bias,
                                  const std::vector<int32_t>& cu, int64_t heads, int64_t dh) {

@@ -14,14 +14,6 @@ namespace {
 using cpu::EpiAct;
 using cpu::QuantKernels;
 
-std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> dist(0.f, scale);
-  std::vector<float> v(n);
-  for (auto& x : v) x = dist(rng);
-  return v;
-}
-
 // torch.round on a float product: round to nearest, ties to even (the default rounding mode of std::nearbyint).
 uint8_t code(float v) {
   return static_cast<uint8_t>(static_cast<int>(std::nearbyint(v)) + 128);

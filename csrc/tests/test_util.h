@@ -10,12 +10,22 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "qaengine/error.h"
 
 namespace qaengine::test {
 
 namespace fs = std::filesystem;
+
+/// n draws of N(0, scale²) from a seeded generator.
+inline std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.f) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> dist(0.f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = dist(rng);
+  return v;
+}
 
 /// Directory written by make_test_artifacts.py (ctest fixture), or "" when the tests run without it.
 inline std::string artifacts_dir() {

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "quant.h"
+#include "vec_impl.h"
 
 // QAENGINE_Q8_ROUNDED(v): v, rounded to fp32 where it stands (no FMA contraction with what follows). On x86 an empty
 // asm that takes the value in a vector register; GCC 12's __builtin_assoc_barrier does the same job but splits a
@@ -30,10 +31,6 @@ namespace qaengine::cpu {
 namespace {
 namespace q8 {
 
-constexpr int W = QAENGINE_VW;
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
-typedef uint32_t vu __attribute__((vector_size(W * 4)));
 typedef uint16_t vh __attribute__((vector_size(W * 2)));
 typedef uint8_t vb __attribute__((vector_size(W)));
 
@@ -43,38 +40,12 @@ constexpr float kQmax = 127.f;
 // constant is even) held in the low mantissa bits, whose low byte is then n + 128 for n in [-128, 127].
 constexpr float kMagicU8 = 12582912.f + 128.f;
 
-inline vf load(const float* p) {
-  vf v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store(float* p, vf v) {
-  __builtin_memcpy(p, &v, sizeof v);
-}
-inline vf splat(float s) {
-  return vf{} + s;
-}
-inline vf vmax(vf a, vf b) {
-  return a > b ? a : b;
-}
-inline vf vmin(vf a, vf b) {
-  return a < b ? a : b;
-}
 #if defined(__x86_64__) || defined(__i386__)
 inline vf rounded(vf v) {
   asm("" : "+v"(v));
   return v;
 }
 #endif
-inline vf vabs(vf x) {
-  return (vf)((vu)x & 0x7fffffffu);
-}
-inline float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
-  return m;
-}
-
 typedef uint8_t vb4 __attribute__((vector_size(W * 4)));
 
 // Rounded v (|v| <= 127.5) + 128 as uint8: the low byte of each lane of v + kMagicU8. A byte shuffle, because GCC
@@ -93,50 +64,12 @@ inline void store_u8(uint8_t* p, vf v) {
   __builtin_memcpy(p, &b, sizeof b);
 }
 
-// ---- activations (fp32; the same formulas as kernels_impl.h, so int8/bf16 layers match the fp32 ones) ----------
-
-inline vf exp2v(vf x) {
-  x = vmin(vmax(x, splat(-126.f)), splat(126.f));
-  const vf magic = splat(12582912.f);
-  const vf t = x + magic;
-  const vi n = (vi)t - (vi)magic;
-  const vf f = x - (t - magic);
-  vf poly = splat(1.5403530393381608e-4f);
-  poly = poly * f + 1.3333558146428443e-3f;
-  poly = poly * f + 9.6181291076284772e-3f;
-  poly = poly * f + 5.5504108664821580e-2f;
-  poly = poly * f + 2.4022650695910071e-1f;
-  poly = poly * f + 6.9314718055994531e-1f;
-  poly = poly * f + 1.f;
-  const vi bits = (n + 127) << 23;
-  return poly * (vf)bits;
-}
-
-inline vf expv(vf x) {
-  return exp2v(x * 1.4426950408889634f);
-}
-
-// erf by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7).
-inline vf erfv(vf x) {
-  const vf ax = vabs(x);
-  const vf t = 1.f / (ax * 0.3275911f + 1.f);
-  vf r = splat(1.061405429f);
-  r = r * t - 1.453152027f;
-  r = r * t + 1.421413741f;
-  r = r * t - 0.284496736f;
-  r = r * t + 0.254829592f;
-  const vf y = 1.f - r * t * expv(-(x * x));
-  return x < 0.f ? -y : y;
-}
+// ---- activations (fp32; vec_impl.h, the formulas of the fp32 kernels, so int8/bf16 layers match the fp32 ones) ---
 
 inline vf act_v(vf x, EpiAct act) {
   switch (act) {
-    case EpiAct::Gelu: return 0.5f * x * (1.f + erfv(x * 0.70710678118654752f));
-    case EpiAct::GeluTanh: {
-      const vf inner = 0.79788456080286536f * (x + 0.044715f * x * x * x);
-      const vf th = 1.f - 2.f / (expv(2.f * inner) + 1.f);
-      return 0.5f * x * (1.f + th);
-    }
+    case EpiAct::Gelu: return gelu_v(x);
+    case EpiAct::GeluTanh: return gelu_tanh_v(x);
     case EpiAct::Relu: return vmax(x, splat(0.f));
     case EpiAct::None:
     default: return x;
