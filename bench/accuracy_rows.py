@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if not teacher:
         print("error: no bench/results/eval-teacher*.json: evaluate the dense teacher first", file=sys.stderr)
         return 2
+    teacher = [min(teacher, key=lambda p: len(p.stem))]  # the fp32 teacher, not its -int8 or -bfloat16 builds
     dense = cfg_of[teacher[0]]
     for p in evals:
         cfg = cfg_of[p]
