@@ -52,19 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     evals = sorted((ROOT / "bench" / "results").glob("eval-*.json"))
     cfg_of = {p: EncoderConfig.from_dict(read_manifest(json.loads(p.read_text())["artifact"])["config"]) for p in evals}
-    teacher = [p for p in evals if p.stem.startswith("eval-teacher")]
-    if not teacher:
+    teachers = [p for p in evals if p.stem.startswith("eval-teacher")]
+    if not teachers:
         print("error: no bench/results/eval-teacher*.json: evaluate the dense teacher first", file=sys.stderr)
         return 2
-    teacher = [min(teacher, key=lambda p: len(p.stem))]  # the fp32 teacher, not its -int8 or -bfloat16 builds
-    dense = cfg_of[teacher[0]]
+    teacher = min(teachers, key=lambda p: len(p.stem))  # the fp32 teacher, not its -int8 or -bfloat16 builds
+    dense_flops = encoder_flops(cfg_of[teacher], 1, 384)
     for p in evals:
-        cfg = cfg_of[p]
         name = p.stem.removeprefix("eval-")
-        rows.append({"name": name, "eval": str(p.relative_to(ROOT)), "artifact_flops": encoder_flops(cfg, 1, 384),
-                     "dense_flops": encoder_flops(dense, 1, 384),
+        rows.append({"name": name, "eval": str(p.relative_to(ROOT)), "artifact_flops": encoder_flops(cfg_of[p], 1, 384),
+                     "dense_flops": dense_flops,
                      "command": f"scripts/reproduce_squad.sh (run {name}); python -m engine.evaluate ... --data dev"})
-    _join_latency(rows, teacher[0].stem.removeprefix("eval-"))
+    _join_latency(rows, teacher.stem.removeprefix("eval-"))
     (ROOT / "bench" / "results" / "accuracy.json").write_text(json.dumps(rows + QUOTED, indent=1) + "\n")
     print(f"{len(rows)} measured rows + {len(QUOTED)} quoted")
     return 0

@@ -167,12 +167,8 @@ def test_int8_linears_match_integer_product_and_scheme_bound(artifacts, arch, ki
     Rounding gives |d| <= 1/2; a static scale that clips an input beyond the calibrated range gives a larger |d|,
     which the bound takes as measured.
     """
-    art = load_artifact(artifacts[arch, kind])
-    ref = _fp32_model(artifacts[arch, "float32"])
-    model = int8_model(art.cfg, art.state, art.quantization)
-    ids, types, cu, ms = _packed(art.cfg, [37, 5, 60, 1, 23])
+    art, ref, model, seen = _int8_linear_inputs(artifacts[arch, kind], artifacts[arch, "float32"])
     with torch.no_grad():
-        seen = _capture_inputs(model, lambda: model(ids, types, cu, ms))
         assert len(seen) == 8  # layers 0 and 2 run all four Linears (layer 2's FFN has 1 unit); layer 1 runs none
         for name, (mod, x) in seen.items():
             y = mod(x).double()
@@ -203,6 +199,18 @@ def test_int8_linears_match_integer_product_and_scheme_bound(artifacts, arch, ki
 
 
 # ---- whole models against fp32 ---------------------------------------------------------------------------------------
+
+def _int8_linear_inputs(int8_path, fp32_path):
+    """(int8 artifact, fp32 reference model, int8 model, {linear name: (module, input)}) from one forward of the int8
+    model on a ragged packed batch."""
+    art = load_artifact(int8_path)
+    ref = _fp32_model(fp32_path)
+    model = int8_model(art.cfg, art.state, art.quantization)
+    ids, types, cu, ms = _packed(art.cfg, [37, 5, 60, 1, 23])
+    with torch.no_grad():
+        seen = _capture_inputs(model, lambda: model(ids, types, cu, ms))
+    return art, ref, model, seen
+
 
 def _layer_errors(ref: RaggedQAModel, model: RaggedQAModel, cfg) -> tuple[list[float], float]:
     """Teacher-forced relative error of each layer's output (same fp32 input to both), and of the logits."""

@@ -87,16 +87,16 @@ def test_minilm_logits_match_reference(minilm, spec, tmp_path):
     _assert_parity(art, [384, 100, 7, 1], 1e-4)
 
 
-@pytest.mark.parametrize("head_dim", [32, 64])
-@pytest.mark.parametrize("isa", _C.cpu_kernels())
-def test_fused_attention_matches_sdpa(isa, head_dim):
+def _check_varlen_attention(attention, head_dim: int) -> None:
+    """`attention(qkv, bias, cu_seqlens, heads, max_seqlen)` on packed random sequences (lengths 0 to 300) against
+    fp64 SDPA per sequence."""
     heads, lengths = 3, [1, 31, 0, 257, 300]
     gen = torch.Generator().manual_seed(head_dim)
     total = sum(lengths)
     qkv = 2 * torch.randn(total, 3 * heads * head_dim, generator=gen)
     bias = 0.5 * torch.randn(3 * heads * head_dim, generator=gen)
     cu = cu_seqlens_from_lengths(lengths)
-    out = _C.cpu_attention(qkv, bias, cu, heads, max(lengths), isa)
+    out = attention(qkv, bias, cu, heads, max(lengths))
     x = (qkv + bias).double().view(total, 3, heads, head_dim)
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         if a == b:
@@ -104,6 +104,13 @@ def test_fused_attention_matches_sdpa(isa, head_dim):
         q, k, v = x[a:b].permute(1, 2, 0, 3).unbind(0)
         ref = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(b - a, heads * head_dim)
         torch.testing.assert_close(out[a:b].double(), ref, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64])
+@pytest.mark.parametrize("isa", _C.cpu_kernels())
+def test_fused_attention_matches_sdpa(isa, head_dim):
+    _check_varlen_attention(lambda qkv, bias, cu, heads, max_len: _C.cpu_attention(qkv, bias, cu, heads, max_len, isa),
+                            head_dim)
 
 
 @pytest.fixture(scope="module")
@@ -267,20 +274,8 @@ def _require_cuda_build() -> None:
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 def test_cuda_attention_matches_sdpa(head_dim):
     _require_cuda_build()
-    heads, lengths = 3, [1, 31, 0, 257, 300]
-    gen = torch.Generator().manual_seed(head_dim)
-    total = sum(lengths)
-    qkv = 2 * torch.randn(total, 3 * heads * head_dim, generator=gen)
-    bias = 0.5 * torch.randn(3 * heads * head_dim, generator=gen)
-    cu = cu_seqlens_from_lengths(lengths)
-    out = _C.cuda_varlen_attention(qkv.cuda(), bias.cuda(), cu.cuda(), heads, max(lengths)).cpu()
-    x = (qkv + bias).double().view(total, 3, heads, head_dim)
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        if a == b:
-            continue
-        q, k, v = x[a:b].permute(1, 2, 0, 3).unbind(0)
-        ref = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(b - a, heads * head_dim)
-        torch.testing.assert_close(out[a:b].double(), ref, atol=2e-5, rtol=0)
+    _check_varlen_attention(lambda qkv, bias, cu, heads, max_len: _C.cuda_varlen_attention(
+        qkv.cuda(), bias.cuda(), cu.cuda(), heads, max_len).cpu(), head_dim)
     with pytest.raises(ValueError, match="head_dim"):
         _C.cuda_varlen_attention(torch.zeros(4, 3 * 48, device="cuda"), None, torch.tensor([0, 4], dtype=torch.int32),
                                  1, 4)

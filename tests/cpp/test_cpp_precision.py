@@ -33,8 +33,8 @@ from tests.test_quant import (  # noqa: E402
     SMALL,
     U_BF16,
     _capture_inputs,
-    _fp32_model,
     _int8_layer_bound,
+    _int8_linear_inputs,
     _packed,
     _synthetic_squad,
 )
@@ -157,14 +157,7 @@ def test_int8_linears_match_torch_and_integer_product(artifacts, arch, kind):
     (ffn_in), the result is the activation of that, within 2e-6 (the erf approximation, <= 1.5e-7 absolute).
     The error against the fp32 Linear obeys the scheme's bound (tests/test_quant.py derives it).
     """
-    from engine.quant import int8_model
-
-    art = load_artifact(artifacts[arch, kind])
-    ref = _fp32_model(artifacts[arch, "float32"])
-    model = int8_model(art.cfg, art.state, art.quantization)
-    ids, types, cu, ms = _packed(art.cfg, [37, 5, 60, 1, 23])
-    with torch.no_grad():
-        seen = _capture_inputs(model, lambda: model(ids, types, cu, ms))
+    art, ref, _, seen = _int8_linear_inputs(artifacts[arch, kind], artifacts[arch, "float32"])
     assert len(seen) == 8  # layers 0 and 2 run four Linears each; the empty layer 1 none
     for name, (mod, x) in seen.items():
         Q, s_w, bias = (art.state[name + s] for s in (".weight", ".weight_scale", ".bias"))
