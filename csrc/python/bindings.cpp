@@ -28,14 +28,22 @@ qaengine::LoadOptions load_options(const std::string& gemm) {
     o.gemm = qaengine::GemmBackend::OneDnn;
   } else if (gemm == "aten") {
     o.gemm = qaengine::GemmBackend::Aten;
+  } else if (gemm == "dnnl") {
+    o.gemm = qaengine::GemmBackend::Dnnl;
   } else {
-    throw qaengine::Error("gemm must be 'auto', 'onednn' or 'aten', got '" + gemm + "'");
+    throw qaengine::Error("gemm must be 'auto', 'dnnl', 'onednn' or 'aten', got '" + gemm + "'");
   }
   return o;
 }
 
 const char* gemm_name(qaengine::GemmBackend g) {
-  return g == qaengine::GemmBackend::OneDnn ? "onednn" : g == qaengine::GemmBackend::Aten ? "aten" : "auto";
+  switch (g) {
+    case qaengine::GemmBackend::Dnnl: return "dnnl";
+    case qaengine::GemmBackend::OneDnn: return "onednn";
+    case qaengine::GemmBackend::Aten: return "aten";
+    case qaengine::GemmBackend::Auto: break;
+  }
+  return "auto";
 }
 
 void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
@@ -141,6 +149,31 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   return lin(x);
 }
 
+// One fp32 Linear of the engine on `x` (tests); with `residual`, the in-place form the encoder uses
+// (residual + act(x Wᵀ + b), written into a copy of `residual`), which needs gemm='dnnl'.
+at::Tensor fp32_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                       const std::optional<std::string>& activation, const std::string& gemm,
+                       const std::optional<at::Tensor>& residual) {
+  check_tensor(weight, "weight", at::kFloat, 2);
+  check_tensor(bias, "bias", at::kFloat, 1);
+  TORCH_CHECK_VALUE(bias.size(0) == weight.size(0), "bias needs one entry per weight row");
+  check_linear_input(x, weight.size(1));
+  const auto lin = qaengine::Linear(weight, bias, parse_act(activation), load_options(gemm).gemm, c10::Device("cpu"));
+  if (!residual) {
+    py::gil_scoped_release release;
+    return lin(x.contiguous());
+  }
+  check_tensor(*residual, "residual", at::kFloat, 2);
+  TORCH_CHECK_VALUE(residual->size(0) == x.size(0) && residual->size(1) == weight.size(0),
+                    "residual must be [T, out]");
+  TORCH_CHECK_VALUE(lin.writes_in_place(), "residual needs gemm='dnnl' (and a build with libdnnl)");
+  at::Tensor y = residual->contiguous().clone();
+  const at::Tensor xc = x.contiguous();
+  py::gil_scoped_release release;
+  lin.run_into(xc.data_ptr<float>(), xc.size(0), y.data_ptr<float>(), true);
+  return y;
+}
+
 // One bf16 Linear of the engine on `x` (tests).
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                        const std::optional<std::string>& activation, const std::string& gemm) {
@@ -190,7 +223,7 @@ PYBIND11_MODULE(_C, m) {
             return std::make_unique<Engine>(Engine::load(dir, device, options));
           },
           py::arg("artifact_dir"), py::arg("device") = "cpu", py::arg("gemm") = "auto",
-          "Load and validate an engine artifact directory; gemm: 'auto', 'onednn' (CPU) or 'aten'.")
+          "Load and validate an engine artifact directory; gemm: 'auto', 'dnnl' or 'onednn' (CPU), or 'aten'.")
       .def("forward_packed", &forward_packed, py::arg("input_ids"), py::arg("token_type_ids"), py::arg("cu_seqlens"),
            py::arg("max_seqlen"),
            "Packed int64 ids/types [T], int32 cu_seqlens [B+1] -> fp32 (start, end) logits [T] each.")
@@ -281,6 +314,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("input_scale") = py::none(), py::arg("activation") = py::none(),
         "One int8 Linear of the engine (tests): fp32 x [T, in], int8 qweight [out, in], fp32 weight_scale [out], "
         "bias [out], input_scale [in] (static; None = dynamic per-token) -> fp32 [T, out].");
+  m.def("dnnl_available", &qaengine::dnnl_available,
+        "Whether this build calls oneDNN's library (libdnnl) directly for fp32 GEMMs (gemm='dnnl', auto's choice).");
+  m.def("fp32_linear", &fp32_linear, py::arg("x"), py::arg("weight"), py::arg("bias"),
+        py::arg("activation") = py::none(), py::arg("gemm") = "auto", py::arg("residual") = py::none(),
+        "One fp32 Linear of the engine (tests): x [T, in], weight [out, in], bias [out] -> [T, out]; with residual "
+        "[T, out] (gemm='dnnl'), residual + act(x W^T + b) through the in-place path.");
   m.def("bf16_linear", &bf16_linear, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("activation") = py::none(), py::arg("gemm") = "auto",
         "One bf16 Linear of the engine (tests): fp32 x [T, in], weight [out, in] and bias [out] rounded to bf16 "

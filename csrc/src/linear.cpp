@@ -140,14 +140,26 @@ Linear::Linear(const at::Tensor& weight, const at::Tensor& bias, std::optional<c
                c10::Device device)
     : act_(act), out_(weight.size(0)), in_(weight.size(1)) {
   if (backend == GemmBackend::Auto) {
-    backend = device.is_cpu() && onednn_available() && weight.numel() > 0 ? GemmBackend::OneDnn : GemmBackend::Aten;
+    backend = !device.is_cpu() || weight.numel() == 0 ? GemmBackend::Aten
+              : dnnl_available()                     ? GemmBackend::Dnnl
+              : onednn_available()                   ? GemmBackend::OneDnn
+                                                     : GemmBackend::Aten;
   }
   if (backend == GemmBackend::OneDnn && (!device.is_cpu() || !onednn_available())) {
     throw Error("the oneDNN GEMM backend needs a CPU device and a torch build with oneDNN (mkldnn)");
   }
+  if (backend == GemmBackend::Dnnl && (!device.is_cpu() || !dnnl_available())) {
+    throw Error(
+        "the dnnl GEMM backend needs a CPU device and libqaengine built with oneDNN's library (requirements.txt "
+        "installs it; see docs/CPP.md); use gemm='onednn' or 'aten'");
+  }
+  if (backend == GemmBackend::Dnnl && weight.numel() == 0) backend = GemmBackend::Aten;  // nothing to multiply
   backend_ = backend;
   bias_ = bias.contiguous().to(device);
-  if (backend_ == GemmBackend::OneDnn) {
+  if (backend_ == GemmBackend::Dnnl) {
+    const at::Tensor w = weight.to(at::kFloat).contiguous(), b = bias.to(at::kFloat).contiguous();
+    dnnl_ = std::make_shared<const DnnlGemm>(w.data_ptr<float>(), b.data_ptr<float>(), out_, in_, act);
+  } else if (backend_ == GemmBackend::OneDnn) {
     weight_ = reorder_weight(weight);
   } else {
     weight_ = weight.t().contiguous().to(device);
@@ -159,7 +171,7 @@ Linear Linear::bf16(const at::Tensor& weight, const at::Tensor& bias, std::optio
   if (weight.numel() == 0) {  // nothing to multiply: act(b), in fp32 (as engine.quant.bf16_model leaves it)
     return Linear(weight.to(at::kFloat), bias.to(at::kFloat), act, GemmBackend::Aten, c10::Device(c10::kCPU));
   }
-  if (backend == GemmBackend::Auto || backend == GemmBackend::OneDnn) {
+  if (backend != GemmBackend::Aten) {  // Auto, OneDnn, Dnnl: bf16 runs torch's oneDNN op
     if (!onednn_bf16_available()) {
       throw Error(
           "this bf16 artifact needs bf16 GEMMs, which oneDNN cannot run with this torch build on this CPU (it "
@@ -264,6 +276,12 @@ at::Tensor Linear::operator()(const at::Tensor& x) const {
     case LinearPrecision::Int8Dynamic:
     case LinearPrecision::Int8Static: return forward_int8(x);
     case LinearPrecision::Float32: break;
+  }
+  if (dnnl_) {
+    const at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty({xc.size(0), out_}, at::kFloat);
+    dnnl_->run(xc.data_ptr<float>(), xc.size(0), y.data_ptr<float>(), false);
+    return y;
   }
   if (backend_ == GemmBackend::OneDnn) {
     std::string attr = "none";

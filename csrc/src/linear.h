@@ -1,7 +1,8 @@
 // Linear layers y = x Wᵀ + b (+ activation) through ATen, in one of four precisions (docs/PRECISION.md).
 //
-// Float32. CPU: oneDNN's inner product with weights prepacked at load, bias and activation fused as post-ops
-// (mkldnn::_linear_pointwise, the op torch.compile's CPU backend emits). On this project's AMD CPUs it runs about
+// Float32. CPU: oneDNN's matmul with weights prepacked at load, bias and activation fused as post-ops: called
+// directly through libdnnl (GemmBackend::Dnnl, dnnl_gemm.h: no dispatcher, output written in place), or through
+// torch's mkldnn::_linear_pointwise (GemmBackend::OneDnn, the op torch.compile's CPU backend emits). On this project's AMD CPUs it runs about
 // 2x faster than at::addmm, whose MKL takes AVX2 paths on non-Intel CPUs. Where torch was built without oneDNN, or
 // when asked, at::addmm plus the fused activation kernel. CUDA: at::addmm (cuBLAS) plus ATen activations.
 //
@@ -22,11 +23,13 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "dnnl_gemm.h"
 #include "qaengine/config.h"
 
 namespace qaengine {
@@ -63,6 +66,12 @@ class Linear {
   /// `x` `[T, in]` contiguous fp32 -> fp32 `[T, out]`.
   at::Tensor operator()(const at::Tensor& x) const;
 
+  /// Whether run_into() is available: fp32 through libdnnl (GemmBackend::Dnnl).
+  bool writes_in_place() const { return dnnl_ != nullptr; }
+  /// y = act(x Wᵀ + b) (+ y when `accumulate`) for `rows` contiguous rows, written into caller memory (`y`
+  /// `[rows, out]`); only when writes_in_place().
+  void run_into(const float* x, int64_t rows, float* y, bool accumulate) const { dnnl_->run(x, rows, y, accumulate); }
+
   int64_t out_features() const { return out_; }
   int64_t in_features() const { return in_; }
   GemmBackend backend() const { return backend_; }
@@ -81,6 +90,7 @@ class Linear {
   at::Tensor bias_f32_;                          // bf16 / int8: fp32 bias (epilogues, zero-width inputs)
   at::Tensor weight_scale_, weight_zero_point_;  // int8: s_w `[out]`, zeros `[out]` (int64)
   at::Tensor inv_input_scale_;                   // int8 static: 1 / c `[in]`
+  std::shared_ptr<const DnnlGemm> dnnl_;         // fp32 through libdnnl (weights prepacked inside)
   int64_t out_ = 0, in_ = 0;
 };
 

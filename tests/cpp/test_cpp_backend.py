@@ -50,10 +50,10 @@ def _packed(cfg, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch
     return ids, types, cu_seqlens_from_lengths(lengths), max(lengths)
 
 
-def _assert_parity(path: Path, lengths: list[int], atol: float) -> None:
+def _assert_parity(path: Path, lengths: list[int], atol: float, gemm: str = "auto") -> None:
     ref = _reference(path)
     ids, types, cu, max_len = _packed(ref.cfg, lengths)
-    eng = _C.Engine.load(str(path))
+    eng = _C.Engine.load(str(path), "cpu", gemm)
     start, end = eng.forward_packed(ids, types, cu, max_len)
     with torch.no_grad():
         rs, re = ref(ids, types, cu, max_len)
@@ -85,6 +85,48 @@ def test_logits_match_reference(arch, ragged, dtype, tiny_bert, tiny_roberta, sp
 def test_minilm_logits_match_reference(minilm, spec, tmp_path):
     art = build(minilm, tmp_path / "a", spec=spec)
     _assert_parity(art, [384, 100, 7, 1], 1e-4)
+
+
+GEMMS = ["dnnl", "onednn", "aten"] if _C.dnnl_available() else ["onednn", "aten"]
+
+
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_every_gemm_backend_matches_reference(gemm, tiny_bert, minilm, spec_path, tmp_path):
+    """Each fp32 GEMM route, on the ragged tiny model (0-head and 0-FFN layers) and MiniLM-half; a long single
+    sequence takes the row-chunk path, several sequences the per-group path."""
+    tiny = build(tiny_bert, tmp_path / "tiny", spec=spec_path, settings=SMALL)
+    assert _C.Engine.load(str(tiny), "cpu", gemm).gemm == gemm
+    _assert_parity(tiny, LENGTHS, 1e-4, gemm)
+    _assert_parity(tiny, [126], 1e-4, gemm)
+    half = build(minilm, tmp_path / "half", spec=ROOT / "specs" / "minilm-half.json")
+    _assert_parity(half, [381], 1e-4, gemm)
+    _assert_parity(half, [200, 57, 190, 3, 256, 129], 1e-4, gemm)
+
+
+def test_auto_gemm_prefers_the_direct_onednn_library(tiny_bert, tmp_path):
+    art = build(tiny_bert, tmp_path / "a", settings=SMALL)
+    assert _C.Engine.load(str(art)).gemm == ("dnnl" if _C.dnnl_available() else "onednn")
+    with pytest.raises(_C.Error, match="gemm must be"):
+        _C.Engine.load(str(art), "cpu", "mkl")
+
+
+@pytest.mark.skipif(not _C.dnnl_available(), reason="engine._C was built without oneDNN's library (libdnnl)")
+@pytest.mark.parametrize("rows,cols_in,cols_out", [(1, 1, 1), (3, 7, 5), (64, 384, 1152), (65, 33, 2), (129, 600, 17)])
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_new", "relu"])
+def test_dnnl_linear_matches_torch(rows, cols_in, cols_out, activation):
+    """One fp32 Linear through libdnnl, plain and in place onto a residual (the encoder's sum post-op)."""
+    gen = torch.Generator().manual_seed(rows * 1000 + cols_in)
+    x, w = torch.randn(rows, cols_in, generator=gen), torch.randn(cols_out, cols_in, generator=gen)
+    b, residual = torch.randn(cols_out, generator=gen), torch.randn(rows, cols_out, generator=gen)
+    want = F.linear(x.double(), w.double(), b.double())
+    want = {None: want, "relu": F.relu(want), "gelu": F.gelu(want),
+            "gelu_new": F.gelu(want, approximate="tanh")}[activation].float()
+    tol = 1e-5 * (1 + cols_in ** 0.5 * 4)
+    torch.testing.assert_close(_C.fp32_linear(x, w, b, activation, "dnnl"), want, atol=tol, rtol=1e-5)
+    torch.testing.assert_close(_C.fp32_linear(x, w, b, activation, "dnnl", residual), want + residual, atol=tol,
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="residual needs gemm='dnnl'"):
+        _C.fp32_linear(x, w, b, activation, "aten", residual)
 
 
 def _check_varlen_attention(attention, head_dim: int) -> None:

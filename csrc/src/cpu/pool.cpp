@@ -136,7 +136,13 @@ class Pool {
         if (index >= wanted_) continue;  // this job asked for fewer threads
         job = job_;
       }
-      if (job) job->work();
+      if (job) {
+        // Again per job: measured, a worker's OpenMP thread count went back to the process default between jobs
+        // (after the OpenMP regions of ATen's parallel_for ran on it), and oneDNN's and ATen's regions then started
+        // a second team whose spinning thread took a core from the pool (8x384: 152 ms instead of 81).
+        omp_set_num_threads(1);
+        job->work();
+      }
     }
   }
 
