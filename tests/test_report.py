@@ -69,6 +69,13 @@ def test_report_tables_and_ratios(results: Path, tmp_path: Path):
     assert "quoted: quoted" in text
     assert (tmp_path / "latency_vs_flops.png").stat().st_size > 0
     assert (tmp_path / "f1_vs_speedup.png").stat().st_size > 0
+    # the targets in one table, each with its verdict
+    lines = text.splitlines()
+    assert "| pruned C++ engine vs ORT-fused | stretch >= 1.2x (must >= 1.0x) | minilm-half (8,384) | 1.20x | yes |" in lines
+    assert any(line.startswith("| realized speedup ÷ FLOP reduction (C++ engine) | >= 0.95 | minilm-half vs dense "
+                               "(8,384) | 0.80 (1.60x of 2.00x) | no |") for line in lines)
+    f1_row = next(line for line in lines if line.startswith("| F1 lost at about 2x"))
+    assert "l0-0.5 (1.90x at (8,384))" in f1_row and "+1.50 (best-F1 +1.00) | yes |" in f1_row
 
 
 def test_report_without_accuracy_has_no_loss_table(results: Path, tmp_path: Path):

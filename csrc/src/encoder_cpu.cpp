@@ -164,11 +164,14 @@ void Encoder::forward_cpu_batch(const int64_t* ids, const int64_t* types, const 
       p.ld_qkv = 3 * L.width;
       p.ld_out = L.width;
       p.max_seqlen = max_seqlen;
-      // Items: (sequence, head, query chunk); queries are split only when pairs alone cannot feed the threads.
+      // Items: (sequence, head, query chunk). Each item packs its head's K and V again, so queries are split only
+      // as far as the threads need: until the items divide evenly among them (or there are 4 per thread).
       const int64_t pairs = batch * L.heads;
+      int64_t split = 1;
+      while ((pairs * split) % threads != 0 && pairs * split < 4 * threads) ++split;
       int64_t qchunk = std::max<int64_t>(max_seqlen, 1);
-      if (pairs < 4 * threads) {  // a multiple of 24 rows: whole query tiles of every ISA (8 or 12 rows)
-        qchunk = std::max<int64_t>(24, (qchunk * pairs + 4 * threads - 1) / (4 * threads));
+      if (split > 1) {  // a multiple of 24 rows: whole query tiles of every ISA (8 or 12 rows)
+        qchunk = std::max<int64_t>(24, (qchunk + split - 1) / split);
         qchunk = (qchunk + 23) / 24 * 24;
       }
       const int64_t per_pair = (std::max<int64_t>(max_seqlen, 1) + qchunk - 1) / qchunk;
