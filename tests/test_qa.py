@@ -153,6 +153,25 @@ def test_forward_validation(engine):
         engine.forward(torch.ones(1, 600, dtype=torch.long), torch.ones(1, 600, dtype=torch.long))
 
 
+def test_forward_padded_matches_unpadded(engine):
+    """The no-padding fast path (reshapes, arange cu_seqlens) and the packing path give the same logits."""
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, 1000, (3, 12), generator=gen)
+    types = (torch.arange(12) >= 5).long().expand(3, 12)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    s_pad, e_pad = engine.forward(ids, mask, types)
+    for row, n in ((0, 12), (1, 7), (2, 12)):
+        s, e = engine.forward(ids[row:row + 1, :n], torch.ones(1, n, dtype=torch.long), types[row:row + 1, :n])
+        torch.testing.assert_close(s_pad[row, :n], s[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(e_pad[row, :n], e[0], atol=1e-5, rtol=0)
+    assert torch.isinf(s_pad[1, 7:]).all() and torch.isinf(e_pad[1, 7:]).all()
+    s, e = engine.forward(ids, mask, types)  # the same call twice: deterministic
+    torch.testing.assert_close(s, s_pad, atol=0, rtol=0)
+    s0, e0 = engine.forward(ids[:, :0], mask[:, :0])
+    assert s0.shape == (3, 0) and e0.shape == (3, 0)
+
+
 def test_backend_selection_errors(engine):
     with pytest.raises(ValueError, match="unknown backend 'nope'.*torch"):
         QAEngine.load(engine.artifact.path, backend="nope")
