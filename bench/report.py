@@ -141,13 +141,37 @@ def precision_table(rows: list[dict[str, Any]]) -> str:
 
 def workload_table(paths: list[Path]) -> str:
     """Questions/s and p50/p99 of the SQuAD dev workload (tokenization and decoding included)."""
-    out = ["| model | provider | backend | batch | questions | questions/s | p50 ms | p99 ms | latency unit |",
+    out = ["| questions | model | batch | provider | backend | questions/s | vs HF pipeline | p50 ms | p99 ms | "
+           "latency unit |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [b["extra_info"] for p in paths for b in json.loads(p.read_text()).get("benchmarks", [])]
+    hf = {(i["questions"], i["model"], i["batch"]): i["questions_per_s"] for i in rows if i["provider"] == "hf-pipeline"}
+    for i in sorted(rows, key=lambda i: (-i["questions"], i["model"], i["batch"], i["provider"])):
+        base = hf.get((i["questions"], i["model"], i["batch"]))
+        vs = f"{i['questions_per_s'] / base:.2f}x" if base else "-"
+        out.append(f"| {i['questions']} | {i['model']} | {i['batch']} | {i['provider']} | {i['backend']} | "
+                   f"{i['questions_per_s']:.1f} | {vs} | {i['p50_ms']:.1f} | {i['p99_ms']:.1f} | {i['latency_unit']} |")
+    return "\n".join(out)
+
+
+def gpu_section(path: Path) -> str:
+    """The GPU tables of `make bench-gpu` (bench/gpu_bench.py) naming the card, or why there are none."""
+    if not path.is_file():
+        return ("No GPU figures: no GPU was available to the sessions that produced this report. `make bench-gpu` "
+                "(`python3 bench/gpu_bench.py`, docs/GPU.md) produces them on a machine with one, into "
+                "`bench/results/gpu.json`, and this report then shows them here with the card's name.")
+    res = json.loads(path.read_text())
+    m = res.get("machine", {})
+    out = [f"Card: {m.get('device', 'unknown')} ({res.get('status', '')}); bf16 GEMM peak "
+           f"{m.get('bf16_gemm_peak_tflops', float('nan')):.0f} TFLOP/s measured in the same run.\n",
+           "| model | dtype | shape | provider | ms | TFLOP/s | % of peak | vs HF sdpa | vs dense (same provider) |",
            "|---|---|---|---|---|---|---|---|---|"]
-    for p in paths:
-        for b in json.loads(p.read_text()).get("benchmarks", []):
-            i = b["extra_info"]
-            out.append(f"| {i['model']} | {i['provider']} | {i['backend']} | {i['batch']} | {i['questions']} | "
-                       f"{i['questions_per_s']:.1f} | {i['p50_ms']:.1f} | {i['p99_ms']:.1f} | {i['latency_unit']} |")
+    fmt = lambda v, f: f.format(v) if isinstance(v, (int, float)) else "-"  # noqa: E731
+    for r in res.get("rows", []):
+        out.append(f"| {r['model']} | {r['dtype']} | {r['shape']} | {r['provider']} | {r['ms']:.3f} | "
+                   f"{fmt(r.get('tflops'), '{:.1f}')} | {fmt(r.get('pct_peak'), '{:.0f}%')} | "
+                   f"{fmt(r.get('speedup_vs_hf_sdpa'), '{:.2f}x')} | {fmt(r.get('speedup_vs_dense'), '{:.2f}x')} |")
+    if res.get("errors"):
+        out.append(f"\n{len(res['errors'])} provider(s) failed on that machine; `bench/results/gpu.json` has why.")
     return "\n".join(out)
 
 
@@ -259,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     if work:
         parts.append("\n## Real workload: SQuAD 2.0 dev questions through `answer_batch` (`bench/test_workload.py`)\n\n"
                      "HF baseline: pipeline-style padded window batches on the same weights (masked-HF for the ragged "
-                     "model). `make bench` takes the first 400 questions (this run: 200); `make bench-full` all 11,873."
+                     "model). `make bench` takes the first questions of the dev set (400 by default, "
+                     "`SPARSEQA_WORKLOAD_LIMIT`); `make bench-full` all 11,873 (the 'questions' column says which)."
                      "\n\n" + workload_table(work))
     acc_file = a.results / "accuracy.json"
     points: list[dict[str, Any]] = []
@@ -272,21 +297,28 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         parts[targets_at] = ("\n## Targets at a glance\n\n" + targets_table(rows, ratios, points) +
                              "\n\nEvery engine backend against the same peers:\n\n" + key_ratios(rows, ratios))
+    parts.append("\n## GPU (`make bench-gpu`)\n\n" + gpu_section(a.results / "gpu.json"))
     parts.append("""
 ## Commands behind these numbers
 
 ```
 make bench                                   # CPU latency, precision and workload suites -> bench/results/*.json
+make bench-full                              # + torch.compile, and the workload on all 11,873 dev questions
 RUNS=runs THREADS=1 scripts/reproduce_squad.sh teacher                          # MiniLM teacher (1600 steps)
-RUNS=runs THREADS=1 PRUNE_STEPS=400 FT_STEPS=200 scripts/reproduce_squad.sh l0 0.5        # L0 student -> runs/l0-0.5
-RUNS=runs THREADS=1 PRUNE_STEPS=400 FT_STEPS=1000 TAG=-ft1000 scripts/reproduce_squad.sh l0 0.5   # longer fine-tune
-RUNS=runs THREADS=1 FT_STEPS=200 scripts/reproduce_squad.sh importance          # Michel et al. baseline, same budgets
-RUNS=runs THREADS=1 FT_STEPS=1000 TAG=-ft1000 scripts/reproduce_squad.sh importance
-RUNS=runs THREADS=1 scripts/reproduce_squad.sh l0 0.4 / l0 0.75 / nodistill / random   # the trade-off and ablations
+RUNS=runs THREADS=1 scripts/reproduce_squad.sh l0 0.5     # L0 student, 400 gate + 200 fine-tune steps -> runs/l0-0.5
+RUNS=runs THREADS=1 scripts/reproduce_squad.sh l0 0.4     # ... at 40% and 75% of encoder FLOPs removed, same budget
+RUNS=runs THREADS=1 scripts/reproduce_squad.sh l0 0.75
+RUNS=runs THREADS=1 scripts/reproduce_squad.sh nodistill  # 50%, same budget, hard labels only (no teacher)
+RUNS=runs THREADS=1 scripts/reproduce_squad.sh random     # 50%, random heads/units kept, 200 fine-tune steps
+RUNS=runs THREADS=1 FT_STEPS=200 scripts/reproduce_squad.sh importance          # Michel et al. baseline
+RUNS=runs THREADS=1 FT_STEPS=1000 TAG=-ft1000 scripts/reproduce_squad.sh importance   # longer budgets:
+RUNS=runs THREADS=1 FT_STEPS=1000 TAG=-ft1000 scripts/reproduce_squad.sh l0 0.5
+RUNS=runs THREADS=1 scripts/reproduce_squad.sh more l0-0.5-ft1000 1000          # one more distillation round
+RUNS=runs THREADS=1 scripts/reproduce_squad.sh more importance-0.5-ft1000 1000
 RUNS=runs THREADS=1 scripts/reproduce_squad.sh eval NAME ...                   # build + complete-dev evaluation
-make bench-students                          # CPU latency of every evaluated artifact -> bench/results/students.json
 python -m engine.build_model --model runs/l0-0.5 --out runs/art/l0-0.5-int8 --dtype int8 --max-seq-length 256
 python -m engine.evaluate runs/art/NAME --data ../shared/data/squad2/dev-v2.0.json.gz --out bench/results/eval-NAME.json
+make bench-students                          # CPU latency of every evaluated artifact -> bench/results/students.json
 python -m bench.accuracy_rows && python -m bench.report
 ```
 

@@ -84,3 +84,30 @@ def test_report_without_accuracy_has_no_loss_table(results: Path, tmp_path: Path
     assert report.main(["--results", str(results), "--out", str(out)]) == 0
     assert "F1 lost" not in out.read_text()
     assert not (tmp_path / "f1_vs_speedup.png").exists()
+
+
+def test_workload_table_compares_with_the_hf_pipeline(tmp_path: Path):
+    def info(provider, model, batch, questions, qps):
+        return {"extra_info": {"provider": provider, "backend": "cpp" if provider == "engine" else "transformers-sdpa",
+                               "model": model, "batch": batch, "questions": questions, "questions_per_s": qps,
+                               "p50_ms": 10.0, "p99_ms": 30.0, "latency_unit": "per question"}}
+    path = tmp_path / "workload-full.json"
+    path.write_text(json.dumps({"benchmarks": [info("hf-pipeline", "m", 1, 11873, 20.0),
+                                               info("engine", "m", 1, 11873, 90.0),
+                                               info("engine", "m", 32, 11873, 100.0),
+                                               info("engine", "m", 1, 400, 70.0)]}))
+    lines = report.workload_table([path]).splitlines()
+    assert lines[2].startswith("| 11873 | m | 1 | engine | cpp | 90.0 | 4.50x |")  # full run first, HF ratio
+    assert "| 11873 | m | 32 | engine | cpp | 100.0 | - |" in lines[4]  # no HF row at batch 32: no ratio
+    assert lines[-1].startswith("| 400 | m | 1 | engine | cpp | 70.0 | - |")  # other question counts are not compared
+
+
+def test_gpu_section_names_the_card_or_says_why_not(tmp_path: Path):
+    assert "No GPU figures" in report.gpu_section(tmp_path / "gpu.json")
+    (tmp_path / "gpu.json").write_text(json.dumps({
+        "status": "measured on NVIDIA H100", "machine": {"device": "NVIDIA H100 80GB HBM3", "bf16_gemm_peak_tflops": 700},
+        "errors": [], "rows": [{"model": "ragged", "dtype": "bfloat16", "shape": "1x128", "provider": "triton",
+                                "ms": 0.5, "tflops": 12.3, "pct_peak": 1.8, "speedup_vs_hf_sdpa": 3.0,
+                                "speedup_vs_dense": 1.9}]}))
+    text = report.gpu_section(tmp_path / "gpu.json")
+    assert "NVIDIA H100 80GB HBM3" in text and "| ragged | bfloat16 | 1x128 | triton | 0.500 | 12.3 | 2% | 3.00x | 1.90x |" in text
