@@ -10,6 +10,7 @@
 //   runs the output projection, LN1, the FFN, LN2 and the next layer's QKV projection on each chunk.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 
 #include <algorithm>
@@ -24,6 +25,7 @@ namespace qaengine {
 namespace {
 
 constexpr int64_t kGroupTokens = 512;  // tokens per independent sequence group
+constexpr int64_t kWorkspaceFloats = int64_t{1} << 22;  // per-thread workspace cap: 16 MB
 constexpr int64_t kChunkRows = 64;     // minimum rows per row chunk: oneDNN runs M=32 about 12% slower than M=64
 
 // Per-thread scratch, grown on demand: Slot 0 for the attention kernel, 1 for the FFN's hidden rows, 2 for logits.
@@ -85,9 +87,24 @@ void Encoder::forward_cpu_batch(const int64_t* ids, const int64_t* types, const 
 
   int64_t max_width = 0;
   for (const LayerWeights& L : layers_) max_width = std::max(max_width, L.width);
-  at::Tensor x = at::empty({T, d}, at::kFloat);  // (T, d) hidden state, in place
-  at::Tensor qkv_buf = at::empty({T * 3 * std::max<int64_t>(max_width, 1)}, at::kFloat);  // (T, 3w) per layer
-  at::Tensor ctx_buf = at::empty({T * std::max<int64_t>(max_width, 1)}, at::kFloat);      // (T, w) per layer
+  // (T, d) hidden state (in place), (T, 3w) QKV and (T, w) attention output per layer: in the calling thread's
+  // workspace, which outlives the call (fresh allocations per forward can be mapped and faulted in anew by glibc
+  // when they exceed its mmap threshold); huge batches allocate instead.
+  const int64_t wmax = std::max<int64_t>(max_width, 1);
+  const int64_t floats = T * (d + 4 * wmax);
+  at::Tensor x, qkv_buf, ctx_buf;
+  if (floats <= kWorkspaceFloats) {
+    thread_local std::vector<float> workspace;
+    if (static_cast<int64_t>(workspace.size()) < floats) workspace.resize(static_cast<size_t>(floats));
+    const auto opts = at::TensorOptions().dtype(at::kFloat);
+    x = at::from_blob(workspace.data(), {T, d}, opts);
+    qkv_buf = at::from_blob(workspace.data() + T * d, {T * 3 * wmax}, opts);
+    ctx_buf = at::from_blob(workspace.data() + T * (d + 3 * wmax), {T * wmax}, opts);
+  } else {
+    x = at::empty({T, d}, at::kFloat);
+    qkv_buf = at::empty({T * 3 * wmax}, at::kFloat);
+    ctx_buf = at::empty({T * wmax}, at::kFloat);
+  }
   float* xp = x.data_ptr<float>();
 
   // QKV projection of layer l for rows [r0, r1), into the layer's (T, 3w) buffer.
