@@ -103,6 +103,19 @@ def test_every_gemm_backend_matches_reference(gemm, tiny_bert, minilm, spec_path
     _assert_parity(half, [200, 57, 190, 3, 256, 129], 1e-4, gemm)
 
 
+def test_single_thread_batches_past_the_workspace_cap(minilm, tmp_path):
+    """One thread runs the whole batch as one row-chunk job: 5 x 512 tokens exceed the per-thread workspace (16 MB)
+    and take freshly allocated buffers; a small batch right after reuses the workspace."""
+    half = build(minilm, tmp_path / "half", spec=ROOT / "specs" / "minilm-half.json")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _assert_parity(half, [512, 512, 300, 512, 512, 512], 1e-4)
+        _assert_parity(half, [33, 7], 1e-4)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_auto_gemm_prefers_the_direct_onednn_library(tiny_bert, tmp_path):
     art = build(tiny_bert, tmp_path / "a", settings=SMALL)
     assert _C.Engine.load(str(art)).gemm == ("dnnl" if _C.dnnl_available() else "onednn")
