@@ -71,11 +71,11 @@ def test_report_tables_and_ratios(results: Path, tmp_path: Path):
     assert (tmp_path / "f1_vs_speedup.png").stat().st_size > 0
     # the targets in one table, each with its verdict
     lines = text.splitlines()
-    assert "| pruned C++ engine vs ORT-fused | stretch >= 1.2x (must >= 1.0x) | minilm-half (8,384) | 1.20x | yes |" in lines
+    assert "| pruned C++ engine vs ORT-fused | stretch >= 1.2x (must >= 1.0x) | minilm-half (8,384) | 1.20x | yes | - |" in lines
     assert any(line.startswith("| realized speedup ÷ FLOP reduction (C++ engine) | >= 0.95 | minilm-half vs dense "
-                               "(8,384) | 0.80 (1.60x of 2.00x) | no |") for line in lines)
+                               "(8,384) | 0.80 (1.60x of 2.00x) | no | - |") for line in lines)
     f1_row = next(line for line in lines if line.startswith("| F1 lost at about 2x"))
-    assert "l0-0.5 (1.90x at (8,384))" in f1_row and "+1.50 (best-F1 +1.00) | yes |" in f1_row
+    assert "l0-0.5 (1.90x at (8,384))" in f1_row and "+1.50 (best-F1 +1.00) | yes | - |" in f1_row
 
 
 def test_report_without_accuracy_has_no_loss_table(results: Path, tmp_path: Path):
@@ -111,3 +111,27 @@ def test_gpu_section_names_the_card_or_says_why_not(tmp_path: Path):
                                 "speedup_vs_dense": 1.9}]}))
     text = report.gpu_section(tmp_path / "gpu.json")
     assert "NVIDIA H100 80GB HBM3" in text and "| ragged | bfloat16 | 1x128 | triton | 0.500 | 12.3 | 2% | 3.00x | 1.90x |" in text
+
+
+def test_ablation_table_subtracts_the_baseline_at_the_same_budget():
+    pts = [{"name": "l0-0.5", "f1": 36.0, "best_f1": 54.0, "HasAns_f1": 62.0},
+           {"name": "nodistill-0.5", "f1": 35.0, "best_f1": 52.5, "HasAns_f1": 57.0},
+           {"name": "importance-0.5-ft1000", "f1": 30.0, "best_f1": 50.0, "HasAns_f1": 40.0}]  # its L0 pair is absent
+    lines = report.ablation_table(pts).splitlines()
+    assert len(lines) == 3 and "| l0-0.5 | nodistill-0.5 | +1.00 | +1.50 | +5.00 |" in lines[2]
+    assert report.ablation_table(pts[1:]) == ""
+
+
+def test_repeated_cpu_runs_are_listed_beside_the_recorded_one(results: Path, tmp_path: Path):
+    d, h = 8e9, 4e9
+    _bench_file(results / "cpu-repeat-1.json", [
+        _info("minilm-dense", "engine-cpp", 8, 384, d, d, 0.190),
+        _info("minilm-half", "engine-cpp", 8, 384, h, d, 0.100),  # 1.9x of 2.0x -> 0.95; ORT 0.150/0.100
+        _info("minilm-half", "ort-fused", 8, 384, h, d, 0.150)])
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--results", str(results), "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert any(line.endswith("| 0.80 (1.60x of 2.00x) | no | 0.95 |") for line in lines)  # recorded run decides
+    assert any(line.endswith("| 1.20x | yes | 1.50x |") for line in lines)
+    # the repeat's rows are not mixed into the latency tables
+    assert sum(line.startswith("| (8,384) | engine-cpp | 0.80") for line in lines) == 1
