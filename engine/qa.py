@@ -69,8 +69,8 @@ class QAEngine:
         max_pos = self.cfg.max_position_embeddings - self.cfg.position_offset
         if seq > max_pos:
             raise ValueError(f"sequence length {seq} exceeds the model's {max_pos} positions")
-        # Without padding, packing and unpacking are reshapes and cu_seqlens an arange: at batch 1, where a pruned
-        # forward takes 3-4 ms, the general path's dozen small tensor ops cost several percent.
+        # Without padding, packing and unpacking are reshapes: at batch 1, where a pruned forward takes 3-4 ms, the
+        # general path's dozen small tensor ops cost several percent.
         mask = attention_mask.cpu()
         unpadded = bool(mask.all())
         lengths = torch.full((batch,), seq, dtype=torch.long) if unpadded else lengths_from_mask(mask)
@@ -87,11 +87,8 @@ class QAEngine:
                 lo, hi = torch.aminmax(types)
                 if lo < 0 or hi >= self.cfg.type_vocab_size:
                     raise ValueError(f"token_type_ids must lie in [0, {self.cfg.type_vocab_size})")
-        if unpadded:
-            cu, longest = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32) if seq else \
-                torch.zeros(batch + 1, dtype=torch.int32), seq
-        else:
-            cu, longest = cu_seqlens_from_lengths(lengths), int(lengths.max()) if lengths.numel() else 0
+        cu = cu_seqlens_from_lengths(lengths)
+        longest = seq if unpadded else int(lengths.max()) if lengths.numel() else 0
         start, end = self.backend.forward_packed(ids, types, cu, longest)
         if unpadded:
             return start.cpu().reshape(batch, seq), end.cpu().reshape(batch, seq)

@@ -14,7 +14,6 @@
 #include <ATen/ops/scaled_dot_product_attention.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -111,43 +110,27 @@ void Encoder::forward_cpu_batch(const int64_t* ids, const int64_t* types, const 
   auto project_qkv = [&](size_t l, int64_t r0, int64_t r1) {
     const LayerWeights& L = layers_[l];
     if (L.heads == 0) return;
-    if (L.qkv.writes_in_place()) {  // straight into the buffer
-      L.qkv.run_into(xp + r0 * d, r1 - r0, qkv_buf.data_ptr<float>() + r0 * 3 * L.width, false);
-      return;
-    }
-    const at::Tensor q = L.qkv(x.narrow(0, r0, r1 - r0));  // (n, 3w), bias included
-    std::memcpy(qkv_buf.data_ptr<float>() + r0 * 3 * L.width, q.data_ptr<float>(),
-                sizeof(float) * static_cast<size_t>((r1 - r0) * 3 * L.width));
+    L.qkv.run_into(xp + r0 * d, r1 - r0, qkv_buf.data_ptr<float>() + r0 * 3 * L.width, false);  // bias included
   };
   // Everything of layer l after attention, for rows [r0, r1).
   auto finish_layer = [&](size_t l, int64_t r0, int64_t r1) {
     const LayerWeights& L = layers_[l];
     const int64_t n = r1 - r0;
     float* xr = xp + r0 * d;
-    const at::Tensor xs = x.narrow(0, r0, n);
-    if (L.heads > 0 && L.o.writes_in_place()) {  // x += ctx W_Oᵀ + b_O, then LN in place
+    if (L.heads > 0) {  // x += ctx W_Oᵀ + b_O, then LN in place
       L.o.run_into(ctx_buf.data_ptr<float>() + r0 * L.width, n, xr, true);
       cpu::add_layernorm(xr, d, nullptr, 0, nullptr, L.ln1_w.data_ptr<float>(), L.ln1_b.data_ptr<float>(), n, d, eps,
                          k);
-    } else if (L.heads > 0) {
-      const at::Tensor ctx = ctx_buf.narrow(0, r0 * L.width, n * L.width).view({n, L.width});
-      const at::Tensor y = L.o(ctx);  // (n, d), b_O included
-      cpu::add_layernorm(xr, d, y.data_ptr<float>(), d, nullptr, L.ln1_w.data_ptr<float>(), L.ln1_b.data_ptr<float>(),
-                         n, d, eps, k);
     } else {  // 0 heads: LN(x + b_O), not an identity
       cpu::add_layernorm(xr, d, nullptr, 0, L.o_b.data_ptr<float>(), L.ln1_w.data_ptr<float>(),
                          L.ln1_b.data_ptr<float>(), n, d, eps, k);
     }
-    if (L.ffn > 0 && L.ffn_in.writes_in_place() && L.ffn_out.writes_in_place()) {  // x += act(x W_inᵀ + b_in) W_outᵀ + b_2
+    if (L.ffn > 0) {  // x += act(x W_inᵀ + b_in) W_outᵀ + b_2, then LN in place
       float* h = thread_scratch<1>(static_cast<size_t>(n * L.ffn));
       L.ffn_in.run_into(xr, n, h, false);
       L.ffn_out.run_into(h, n, xr, true);
       cpu::add_layernorm(xr, d, nullptr, 0, nullptr, L.ln2_w.data_ptr<float>(), L.ln2_b.data_ptr<float>(), n, d, eps,
                          k);
-    } else if (L.ffn > 0) {
-      const at::Tensor y = L.ffn_out(L.ffn_in(xs));  // (n, d): act(x W_inᵀ + b_in) W_outᵀ + b_2
-      cpu::add_layernorm(xr, d, y.data_ptr<float>(), d, nullptr, L.ln2_w.data_ptr<float>(), L.ln2_b.data_ptr<float>(),
-                         n, d, eps, k);
     } else {  // 0 FFN units: LN(h + b_2)
       cpu::add_layernorm(xr, d, nullptr, 0, L.out_b.data_ptr<float>(), L.ln2_w.data_ptr<float>(),
                          L.ln2_b.data_ptr<float>(), n, d, eps, k);
@@ -217,16 +200,8 @@ void Encoder::forward_cpu_batch(const int64_t* ids, const int64_t* types, const 
         project_qkv(l + 1, r0, r1);
         return;
       }
-      at::Tensor logits;  // (n, 2)
-      const float* lp;
-      if (qa_.writes_in_place()) {
-        float* buf = thread_scratch<2>(static_cast<size_t>(2 * (r1 - r0)));
-        qa_.run_into(xp + r0 * d, r1 - r0, buf, false);
-        lp = buf;
-      } else {
-        logits = qa_(x.narrow(0, r0, r1 - r0));
-        lp = logits.data_ptr<float>();
-      }
+      float* lp = thread_scratch<2>(static_cast<size_t>(2 * (r1 - r0)));  // (n, 2) logits
+      qa_.run_into(xp + r0 * d, r1 - r0, lp, false);
       for (int64_t t = r0; t < r1; ++t) {
         start[t] = lp[2 * (t - r0)];
         end[t] = lp[2 * (t - r0) + 1];

@@ -4,6 +4,7 @@
 #include <ATen/core/stack.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/relu.h>
@@ -268,6 +269,22 @@ at::Tensor Linear::forward_int8(const at::Tensor& x) const {
   at::Tensor y = int8_gemm(xu8, weight_, weight_scale_, weight_zero_point_, bias_f32_).contiguous();
   if (act != cpu::EpiAct::None) k.epilogue(y.data_ptr<float>(), out_, nullptr, nullptr, n, out_, act);
   return y;
+}
+
+void Linear::run_into(const float* x, int64_t rows, float* y, bool accumulate) const {
+  if (dnnl_) {
+    dnnl_->run(x, rows, y, accumulate);
+    return;
+  }
+  if (rows <= 0 || out_ == 0) return;
+  const at::Tensor t = (*this)(at::from_blob(const_cast<float*>(x), {rows, in_}, at::kFloat)).contiguous();
+  const float* tp = t.data_ptr<float>();
+  const int64_t n = rows * out_;
+  if (accumulate) {
+    for (int64_t i = 0; i < n; ++i) y[i] += tp[i];
+  } else {
+    std::memcpy(y, tp, sizeof(float) * static_cast<size_t>(n));
+  }
 }
 
 at::Tensor Linear::operator()(const at::Tensor& x) const {

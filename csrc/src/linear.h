@@ -66,11 +66,12 @@ class Linear {
   /// `x` `[T, in]` contiguous fp32 -> fp32 `[T, out]`.
   at::Tensor operator()(const at::Tensor& x) const;
 
-  /// Whether run_into() is available: fp32 through libdnnl (GemmBackend::Dnnl).
+  /// Whether run_into() writes caller memory directly (fp32 through libdnnl, GemmBackend::Dnnl); otherwise it runs
+  /// operator() and copies or adds the result.
   bool writes_in_place() const { return dnnl_ != nullptr; }
-  /// y = act(x Wᵀ + b) (+ y when `accumulate`) for `rows` contiguous rows, written into caller memory (`y`
-  /// `[rows, out]`); only when writes_in_place().
-  void run_into(const float* x, int64_t rows, float* y, bool accumulate) const { dnnl_->run(x, rows, y, accumulate); }
+  /// y = act(x Wᵀ + b) (+ y when `accumulate`) for `rows` contiguous rows of fp32 CPU memory (`x` `[rows, in]`,
+  /// `y` `[rows, out]`), any precision and backend.
+  void run_into(const float* x, int64_t rows, float* y, bool accumulate) const;
 
   int64_t out_features() const { return out_; }
   int64_t in_features() const { return in_; }
