@@ -5,26 +5,46 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 BUILD  := build/native
+RUFF   := $(VENV)/bin/ruff
 export SPARSEQA_THREADS ?= 2
 
 .PHONY: install run test test-py test-cpp bench bench-full bench-students bench-gpu report lint clean
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml setup.py CMakeLists.txt $(wildcard scripts/install-system-deps.sh) $(shell find csrc -type f 2>/dev/null)
+$(STAMP): requirements.txt pyproject.toml setup.py CMakeLists.txt $(wildcard scripts/install-system-deps.sh) \
+		$(shell find csrc -type f 2>/dev/null)
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	@if [ -x scripts/install-system-deps.sh ]; then scripts/install-system-deps.sh; fi
 	$(PIP) install -q --disable-pip-version-check -r requirements.txt
 	$(PIP) install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	@if [ -f $(BUILD)/NATIVE-NOT-BUILT.txt ]; then cat $(BUILD)/NATIVE-NOT-BUILT.txt >&2; fi
 	@touch $(STAMP)
 
 run: install
 	$(PY) -m engine.demo $(if $(MODEL),--model $(MODEL),)
 
-test: install
+test: test-py test-cpp
+
+test-py: install
 	$(PY) -m pytest -q tests
+
+# Without a native build ctest is skipped with a notice, or fails under SPARSEQA_REQUIRE_NATIVE=1 (as in CI).
+test-cpp: install
 	@if [ -f $(BUILD)/CTestTestfile.cmake ]; then cd $(BUILD) && ctest --output-on-failure; \
+	elif [ "$$SPARSEQA_REQUIRE_NATIVE" = 1 ]; then \
+		echo "error: no C++ build in $(BUILD); see why: $(PY) setup.py build_ext --inplace" >&2; exit 1; \
 	else echo "notice: C++ build not present, ctest skipped"; fi
+
+# ruff (version pinned in requirements.txt) is all lint needs, so it installs only that.
+$(RUFF): requirements.txt
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check "$$(grep -E '^ruff==' requirements.txt)"
+	@touch $(RUFF)
+
+lint: $(RUFF)
+	$(RUFF) check .
+	$(RUFF) format --check .
 
 bench: install
 	SPARSEQA_WORKLOAD_LIMIT=$${SPARSEQA_WORKLOAD_LIMIT:-400} $(PY) -m pytest bench/test_cpu_latency.py -q \

