@@ -47,12 +47,13 @@ def _shown(path: Path) -> str:
 
 def native_not_built(what: str, see: str) -> None:
     """Report a failed native build: one warning on stderr and in BUILD_DIR; raise if SPARSEQA_REQUIRE_NATIVE=1."""
-    message = (
-        f"WARNING: the C++ backend (engine._C) was NOT built: {what}. See why: {see}. "
-        f"Installing the pure-Python package without backend='cpp'; set {REQUIRE_NATIVE_ENV}=1 to fail instead."
-    )
+    failed = f"the C++ backend (engine._C) was NOT built: {what}. See why: {see}."
     if os.environ.get(REQUIRE_NATIVE_ENV) == "1":
-        raise SystemExit(f"error: {message.removeprefix('WARNING: ')} ({REQUIRE_NATIVE_ENV}=1)")
+        raise SystemExit(f"error: {failed} ({REQUIRE_NATIVE_ENV}=1; unset it to install the pure-Python package)")
+    message = (
+        f"WARNING: {failed} Installing the pure-Python package without backend='cpp'; "
+        f"set {REQUIRE_NATIVE_ENV}=1 to fail instead."
+    )
     print(message, file=sys.stderr)
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     (BUILD_DIR / NOT_BUILT_FILE).write_text(message + "\n")
