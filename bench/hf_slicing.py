@@ -3,7 +3,7 @@
 A pruned head or FFN unit is removed from the weights, not masked: Q/K/V keep only the rows of the kept
 heads, the attention output projection and the FFN output projection keep only the matching input
 columns, and the FFN input projection keeps only the kept rows. Every bias stays (post-LN semantics,
-DESIGN.md). Each layer's self-attention gets its own head count through the attributes transformers reads
+docs/DESIGN.md). Each layer's self-attention gets its own head count through the attributes transformers reads
 when it reshapes (`num_attention_heads`, `attention_head_size`, `all_head_size`, in transformers 4.x and 5).
 A layer that keeps no heads gets `NoHeads` in place of its self-attention, so the block computes
 `LayerNorm(x + b_O)`. An FFN with no units is left as `nn.Linear(d, 0)` followed by `nn.Linear(0, d)`, and

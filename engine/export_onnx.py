@@ -11,7 +11,7 @@ engine computes but in HF's padded, mask-based layout, because that layout is wh
 - a position-id buffer sliced to `seq`, the BERT embedding pattern. RoBERTa's position offset is folded into the
   table (rows from `position_offset` on), so both architectures export the same embedding pattern;
 - a layer with 0 heads is `LayerNorm(x + b_O)`, one with 0 FFN units `LayerNorm(h + b_out)`: bias and
-  LayerNorm stay (DESIGN.md), only the GEMMs and attention go.
+  LayerNorm stay (docs/DESIGN.md), only the GEMMs and attention go.
 The legacy TorchScript exporter is used (`dynamo=False`, opset 17): torch 2.13's dynamo exporter wrote invalid
 models at opset 17, and at opset 18 ORT's optimizer did not fuse attention.
 """

@@ -2,7 +2,7 @@
 
 A pruned model is a smaller dense model: layer l has `heads[l]` heads and `ffn[l]` FFN units, with no masks.
 Everything runs on packed tokens (`[T, d]`, T = sum of sequence lengths) described by `cu_seqlens`.
-Post-LN semantics (DESIGN.md): a layer with 0 heads computes `LayerNorm(x + b_O)`; with 0 FFN units
+Post-LN semantics (docs/DESIGN.md): a layer with 0 heads computes `LayerNorm(x + b_O)`; with 0 FFN units
 `LayerNorm(h + b_2)`. Only the GEMMs and attention are skipped, never the bias and LayerNorm.
 """
 

@@ -1,4 +1,4 @@
-"""Independent references built from stock `transformers`: the masked-HF model (DESIGN.md) for ragged parity.
+"""Independent references built from stock `transformers`: the masked-HF model (docs/DESIGN.md) for ragged parity.
 
 A model keeping heads K equals the dense HF model whose pruned heads' input columns of
 `attention.output.dense.weight` are zeroed; a pruned FFN unit equals its zeroed input column of

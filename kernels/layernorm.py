@@ -1,7 +1,7 @@
 """Fused add + LayerNorm, row-wise: ``out = LayerNorm(x + bias + residual) * weight + ln_bias``.
 
 This is BERT's post-LN step: ``x`` is a sublayer's output before its bias, ``residual`` the sublayer's input.
-A sublayer pruned to nothing still adds its bias (see DESIGN.md): that block is ``add_layernorm(h, bias=b_out)``.
+A sublayer pruned to nothing still adds its bias (docs/DESIGN.md): that block is ``add_layernorm(h, bias=b_out)``.
 
     x         [..., H]   flattened to [M, H]
     residual  [..., H]   optional, x's shape

@@ -1,4 +1,4 @@
-"""FLOP counting (DESIGN.md formula), pruning-spec parsing rules, and packing utilities."""
+"""FLOP counting (docs/DESIGN.md formula), pruning-spec parsing rules, and packing utilities."""
 
 from __future__ import annotations
 

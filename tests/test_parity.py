@@ -1,4 +1,4 @@
-"""Dense parity with stock transformers, and ragged parity with the masked-HF reference (DESIGN.md)."""
+"""Dense parity with stock transformers, and ragged parity with the masked-HF reference (docs/DESIGN.md)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,13 @@
 """varlen_attention against plain PyTorch attention, one packed sequence at a time."""
 
+import functools
+
 import pytest
 import torch
 
-from tests.kernels.tolerances import DTYPE_IDS, HALF_RATIO, TOLERANCES  # sets interpreter mode first
+from tests.kernels.tolerances import DTYPE_IDS, TOLERANCES, assert_matches_reference  # interpreter mode first
+
+# isort: split
 from kernels import default_device, varlen_attention  # noqa: E402
 
 DEVICE = default_device()
@@ -56,14 +60,7 @@ def test_matches_reference(seqlens, heads, head_dim, dtype, atol, rtol):
     assert result is out
     assert not torch.isnan(out).any(), "some output rows were never written"
     ref = _reference(qkv, cu_seqlens, torch.float64)
-    scale = ref.abs().max().item()
-    err = (out.double() - ref).abs().max().item()
-    if dtype == torch.float32:
-        torch.testing.assert_close(out.double(), ref, atol=atol * scale, rtol=rtol)
-    else:
-        torch_err = (_reference(qkv, cu_seqlens, dtype).double() - ref).abs().max().item()
-        bound = HALF_RATIO * torch_err + atol + rtol * scale
-        assert err <= bound, f"{dtype}: kernel error {err:.3g} > {bound:.3g} (torch's own error {torch_err:.3g})"
+    assert_matches_reference(out, ref, functools.partial(_reference, qkv, cu_seqlens, dtype), dtype, atol, rtol)
 
 
 def test_allocates_output_and_honours_scale():

@@ -1,9 +1,13 @@
 """linear (GEMM + bias + activation + residual) against plain PyTorch."""
 
+import functools
+
 import pytest
 import torch
 
-from tests.kernels.tolerances import DTYPE_IDS, HALF_RATIO, TOLERANCES  # sets interpreter mode first
+from tests.kernels.tolerances import DTYPE_IDS, TOLERANCES, assert_matches_reference  # interpreter mode first
+
+# isort: split
 from kernels import default_device, linear, linear_tuning_log  # noqa: E402
 
 DEVICE = default_device()
@@ -33,14 +37,7 @@ def _reference(x, w, b, activation, r, dtype):
 def _check(out, x, w, b, activation, r, dtype, atol, rtol):
     assert not torch.isnan(out).any(), "some outputs were never written"
     ref = _reference(x, w, b, activation, r, torch.float64)
-    scale = ref.abs().max().item() if ref.numel() else 0.0
-    if dtype == torch.float32:
-        torch.testing.assert_close(out.double(), ref, atol=atol * scale, rtol=rtol)
-        return
-    err = (out.double() - ref).abs().max().item()
-    torch_err = (_reference(x, w, b, activation, r, dtype).double() - ref).abs().max().item()
-    bound = HALF_RATIO * torch_err + atol + rtol * scale
-    assert err <= bound, f"{dtype}: kernel error {err:.3g} > {bound:.3g} (torch's own error {torch_err:.3g})"
+    assert_matches_reference(out, ref, functools.partial(_reference, x, w, b, activation, r, dtype), dtype, atol, rtol)
 
 
 def _run(x, w, b, activation, r):
