@@ -68,6 +68,15 @@ def check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...]) -> None:
         raise ValueError(f"`{name}` must have shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
+def check_input(inputs: dict[str, torch.Tensor], name: str, t: object, shape: tuple[int, ...]) -> torch.Tensor:
+    """Check tensor argument ``name`` (exact ``shape``, dtype and device of ``inputs["x"]``); add it to ``inputs``."""
+    t = check_tensor(name, t)
+    check_same(name, t, "x", inputs["x"])
+    check_shape(name, t, shape)
+    inputs[name] = t
+    return t
+
+
 def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the memory spans of two tensors intersect (conservative: compares byte ranges, not elements)."""
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:

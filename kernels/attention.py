@@ -17,8 +17,9 @@ Limits (the launcher enforces each one):
 - ``max_seqlen`` must be at least the longest sequence; it only sizes the grid. On CUDA the launcher does not
   check it (that would cost a device sync); on CPU it does.
 
-Grid: (query blocks of ``max_seqlen``) x (B * h), flattened into one axis. A program whose query block starts past its sequence's end
-exits at once, and key blocks stop at the sequence end, so padding costs no more than the tail of a block.
+Grid: (query blocks of ``max_seqlen``) x (B * h), flattened into one axis. A program whose query block starts past
+its sequence's end exits at once, and key blocks stop at the sequence end, so padding costs no more than the tail of
+a block.
 """
 
 from __future__ import annotations

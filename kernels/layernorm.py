@@ -30,9 +30,8 @@ from kernels._utils import (
     cast_to,
     check_device,
     check_float_dtype,
+    check_input,
     check_out,
-    check_same,
-    check_shape,
     check_tensor,
     interpreter_bf16,
 )
@@ -123,22 +122,13 @@ def _launch_add_layernorm(
         raise ValueError(f"`x` must have shape [..., H] with H >= 1, got {tuple(x.shape)}")
     hidden = x.shape[-1]
     check_float_dtype("x", x)
-    inputs = {"x": x}
-    for name, t, shape in (("weight", weight, (hidden,)), ("ln_bias", ln_bias, (hidden,))):
-        t = check_tensor(name, t)
-        check_same(name, t, "x", x)
-        check_shape(name, t, shape)
-        inputs[name] = t
+    inputs = {"x": x}  # everything `out` must not overlap
+    weight = check_input(inputs, "weight", weight, (hidden,))
+    ln_bias = check_input(inputs, "ln_bias", ln_bias, (hidden,))
     if bias is not None:
-        bias = check_tensor("bias", bias)
-        check_same("bias", bias, "x", x)
-        check_shape("bias", bias, (hidden,))
-        inputs["bias"] = bias
+        bias = check_input(inputs, "bias", bias, (hidden,))
     if residual is not None:
-        residual = check_tensor("residual", residual)
-        check_same("residual", residual, "x", x)
-        check_shape("residual", residual, tuple(x.shape))
-        inputs["residual"] = residual
+        residual = check_input(inputs, "residual", residual, tuple(x.shape))
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
         raise ValueError(f"`eps` must be a finite float > 0, got {eps!r}")
     check_device("x", x)

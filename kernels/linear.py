@@ -34,9 +34,9 @@ from kernels._utils import (
     cast_to,
     check_device,
     check_float_dtype,
+    check_input,
     check_out,
     check_same,
-    check_shape,
     check_tensor,
     dot_acc,
     interpreter_bf16,
@@ -206,17 +206,11 @@ def _launch_linear(
     check_float_dtype("x", x)
     check_same("weight", weight, "x", x)
     out_shape = (*x.shape[:-1], n)
-    inputs = {"x": x, "weight": weight}
+    inputs = {"x": x, "weight": weight}  # everything `out` must not overlap
     if bias is not None:
-        bias = check_tensor("bias", bias)
-        check_same("bias", bias, "x", x)
-        check_shape("bias", bias, (n,))
-        inputs["bias"] = bias
+        bias = check_input(inputs, "bias", bias, (n,))
     if residual is not None:
-        residual = check_tensor("residual", residual)
-        check_same("residual", residual, "x", x)
-        check_shape("residual", residual, out_shape)
-        inputs["residual"] = residual
+        residual = check_input(inputs, "residual", residual, out_shape)
     check_device("x", x)
 
     if out is None:
