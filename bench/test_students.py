@@ -60,10 +60,12 @@ def test_hf_eager_dense(benchmark, batch, seq):
     _run(benchmark, hf_masked_provider(m, "eager"), cfg, cfg, batch, seq, "hf-eager", "hf-eager-dense", "float32")
 
 
+NO_STUDENTS = "no bench/results/eval-*.json with its artifact on this machine: run scripts/reproduce_squad.sh first"
+STUDENTS = ARTIFACTS or [pytest.param("none", None, marks=pytest.mark.skip(reason=NO_STUDENTS))]
+
+
 @pytest.mark.parametrize("batch, seq", SHAPES, ids=[f"{b}x{s}" for b, s in SHAPES])
-@pytest.mark.parametrize("name, art", ARTIFACTS or [pytest.param("none", None, marks=pytest.mark.skip(
-    reason="no bench/results/eval-*.json with its artifact on this machine: run scripts/reproduce_squad.sh first"))],
-    ids=[n for n, _ in ARTIFACTS] or ["none"])
+@pytest.mark.parametrize("name, art", STUDENTS, ids=[n for n, _ in ARTIFACTS] or ["none"])
 def test_engine_student(benchmark, name, art, batch, seq):
     from engine.artifact import load_artifact
     from engine.qa import QAEngine
