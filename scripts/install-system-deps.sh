@@ -16,10 +16,11 @@ else
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-  echo "notice: missing ${missing[*]} (not root or no apt-get); the C++ backend will be skipped"
+  echo "notice: missing ${missing[*]} (not root or no apt-get); the C++ backend will not build"
   exit 0
 fi
-if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >/dev/null 2>&1; then
-  echo "notice: apt-get could not install ${missing[*]}; the C++ backend will be skipped"
+if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } \
+    >/dev/null 2>&1; then
+  echo "notice: apt-get could not install ${missing[*]}; the C++ backend will not build"
 fi
 exit 0
