@@ -4,7 +4,8 @@ Metadata lives in pyproject.toml. The build hands engine._C to CMake (Ninja, bui
 can run ctest there) and copies the module into place, also for editable installs. The C++ backend is optional, but
 never silently absent: when the toolchain or a dependency is missing, or the native build fails, one warning names
 what failed and the command that shows why, the same text goes to build/native/NATIVE-NOT-BUILT.txt (pip hides a
-build's output; `make install` prints that file), and the pure-Python package is installed.
+build's output; `make install` prints that file), and the pure-Python package is installed (an engine/_C*.so
+left by an earlier build is removed, so it cannot serve stale code).
 SPARSEQA_REQUIRE_NATIVE=1 (set by CI) turns the warning into a failed install.
 """
 
@@ -21,6 +22,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 BUILD_DIR = ROOT / "build" / "native"
+INPLACE_DIR = ROOT / "engine"  # where editable installs keep engine/_C*.so
 REQUIRE_NATIVE_ENV = "SPARSEQA_REQUIRE_NATIVE"
 NOT_BUILT_FILE = "NATIVE-NOT-BUILT.txt"  # in BUILD_DIR; present exactly when the last build attempt failed
 
@@ -55,6 +57,8 @@ def native_not_built(what: str, see: str) -> None:
         f"set {REQUIRE_NATIVE_ENV}=1 to fail instead."
     )
     print(message, file=sys.stderr)
+    for stale in INPLACE_DIR.glob("_C*.so"):  # an earlier build's module would serve code these sources replaced
+        stale.unlink()
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     (BUILD_DIR / NOT_BUILT_FILE).write_text(message + "\n")
 

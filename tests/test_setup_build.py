@@ -24,6 +24,7 @@ def setup_py(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     monkeypatch.setattr(mod, "BUILD_DIR", tmp_path / "native")
+    monkeypatch.setattr(mod, "INPLACE_DIR", tmp_path / "inplace")
     monkeypatch.setattr(mod.shutil, "which", lambda name: f"/usr/bin/{name}")  # cmake and ninja "present"
     monkeypatch.delenv(mod.REQUIRE_NATIVE_ENV, raising=False)
     return mod
@@ -56,6 +57,9 @@ def _build(mod, tmp_path: Path) -> Path:
 
 def test_failed_build_warns_once_and_records_it(setup_py, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(setup_py.subprocess, "run", _fake_cmake({"-S": 0, "--build": 2}))
+    stale = tmp_path / "inplace" / "_C.cpython-old.so"
+    stale.parent.mkdir()
+    stale.write_bytes(b"an earlier build")
     dest = _build(setup_py, tmp_path)
 
     err = capsys.readouterr().err
@@ -68,7 +72,7 @@ def test_failed_build_warns_once_and_records_it(setup_py, tmp_path, monkeypatch,
     assert err.strip() == warning
     assert (tmp_path / "native" / setup_py.NOT_BUILT_FILE).read_text().strip() == warning
     assert "fake cmake --build: exit 2" in log.read_text()
-    assert not dest.exists()
+    assert not dest.exists() and not stale.exists()
 
 
 def test_require_native_turns_the_warning_into_a_failure(setup_py, tmp_path, monkeypatch):
