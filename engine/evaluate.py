@@ -17,7 +17,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from engine.data.squad import auc, evaluate, load_squad, read_squad_json
-from engine.training import predictions_at
+from engine.data.predict import predictions_at
 
 
 def evaluate_artifact(artifact: str | Path, data: str | Path, backend: str = "auto", threads: int | None = None,

@@ -10,6 +10,7 @@ truncation or padding state) is used, so one WindowMaker is safe to share betwee
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,9 +159,14 @@ class PackedBatch:
     cu_seqlens: torch.Tensor
     max_seqlen: int
 
+    def to(self, device: torch.device | str) -> PackedBatch:
+        """The same batch on `device`."""
+        return PackedBatch(self.input_ids.to(device), self.token_type_ids.to(device), self.cu_seqlens.to(device),
+                           self.max_seqlen)
 
-def pack_windows(windows: list[Window]) -> PackedBatch:
-    """Concatenate windows into one padding-free batch."""
+
+def pack_windows(windows: Sequence[Window]) -> PackedBatch:
+    """Concatenate windows (anything with `input_ids` and `token_type_ids`) into one padding-free batch."""
     ids = torch.tensor([t for w in windows for t in w.input_ids], dtype=torch.long)
     types = torch.tensor([t for w in windows for t in w.token_type_ids], dtype=torch.long)
     lengths = [len(w.input_ids) for w in windows]

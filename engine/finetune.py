@@ -19,15 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.data.negatives import make_negatives, with_negatives
+from engine.data.predict import evaluate_model
 from engine.data.squad import Example, examples_to_squad, load_squad, split_by_title, train_features
 from engine.features import WindowMaker, WindowSettings, load_tokenizer
 from engine.model import RaggedQAModel
-from engine.training import (adamw, check_finite, epoch_order, evaluate_model, latest_checkpoint, load_training_state,
-                             lr_at, model_loss, save_training_state)
+from engine.train import Hooks, Precision, TrainConfig, default_threads, resolve_precision, train, weight_groups
 
 DROPOUT = 0.1
 
@@ -40,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = ap.add_mutually_exclusive_group(required=True)
     ev.add_argument("--eval", type=Path, help="SQuAD file used for model selection and threshold tuning")
     ev.add_argument("--eval-fraction", type=float, help="hold out this fraction of train articles (by title) instead")
+    ev.add_argument("--eval-titles", nargs="+", help="hold out these train articles (by title) instead")
     ap.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
     ap.add_argument("--negatives-ratio", type=float, default=0.0,
                     help="unanswerable train examples per answerable one (real ones first, then harder ones)")
@@ -68,9 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: at epoch ends only)")
     ap.add_argument("--log-every", type=int, default=50, help="print a log line every N steps")
     ap.add_argument("--resume", action="store_true", help="continue from the newest state in OUT/checkpoints")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    add_speed_args(ap)
     ap.add_argument("--no-progress", action="store_true", help="disable progress bars")
     return ap
+
+
+def add_speed_args(ap: argparse.ArgumentParser) -> None:
+    """--threads, --precision and --no-group-by-length, shared by engine.finetune and engine.prune."""
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    ap.add_argument("--precision", choices=[p.value for p in Precision], default=Precision.AUTO.value,
+                    help="compute precision; weights and optimizer state stay fp32. auto: bf16 where the CPU has "
+                         "AVX512-BF16/AMX (or on CUDA), else fp32")
+    ap.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                    help="draw batches uniformly instead of grouping windows of similar length (less padding)")
+
+
+def setup_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (default: all cores); returns the count."""
+    n = threads or default_threads()
+    torch.set_num_threads(n)
+    return n
 
 
 def _load_examples(paths: list[Path]) -> list[Example]:
@@ -92,10 +109,18 @@ def prepare_data(args: argparse.Namespace) -> tuple[list[Example], list[Example]
         evals = load_squad(args.eval)
         eval_source = str(args.eval)
     else:
-        train, held = split_by_title(train, args.eval_fraction, args.seed)
+        if args.eval_titles:
+            missing = sorted(set(args.eval_titles) - {e.title for e in train})
+            if missing:
+                raise ValueError(f"--eval-titles: no train article is titled {missing}")
+            held = [e for e in train if e.title in set(args.eval_titles)]
+            train = [e for e in train if e.title not in set(args.eval_titles)]
+        else:
+            train, held = split_by_title(train, args.eval_fraction, args.seed)
         evals = [e for e in held if not e.is_impossible]
         evals += make_negatives(held, args.eval_negatives_ratio, args.seed + 1, real_factor=1)
-        eval_source = f"{args.eval_fraction:g} of train articles: {sorted({e.title for e in held})}"
+        how = "listed" if args.eval_titles else f"{args.eval_fraction:g} of"
+        eval_source = f"{how} train articles: {sorted({e.title for e in held})}"
     raw_train = len(train)
     if args.negatives_ratio > 0:
         train = with_negatives(train, args.negatives_ratio, args.seed, args.real_negatives_factor,
@@ -116,15 +141,30 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def train_config(args: argparse.Namespace, name: str, epochs: float, max_steps: int | None,
+                 device: torch.device = torch.device("cpu")) -> TrainConfig:
+    """The trainer's config for one phase from the shared CLI flags."""
+    return TrainConfig(name=name, epochs=epochs, max_steps=max_steps, batch=args.batch, grad_accum=args.grad_accum,
+                       warmup=args.warmup, max_grad_norm=args.max_grad_norm, seed=args.seed,
+                       precision=resolve_precision(args.precision, device), group_by_length=args.group_by_length,
+                       checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                       log_every=args.log_every, eval_every=args.eval_every, time_budget_min=args.time_budget_min,
+                       resume=args.resume, progress=not args.no_progress)
+
+
+def cli_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed flags as JSON values (for metrics.json)."""
+    return {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
+            for k, v in vars(args).items()}
+
+
 def finetune(args: argparse.Namespace) -> dict[str, Any]:
     """Run fine-tuning as configured by the parsed CLI `args`; returns the metrics.json content."""
     t_start = time.monotonic()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.batch < 1 or args.grad_accum < 1:
-        raise ValueError("--batch and --grad-accum must be >= 1")
+    threads = setup_threads(args.threads)
+    epochs = args.epochs if args.epochs is not None else (None if args.max_steps else 2.0)
+    cfg = train_config(args, "train", epochs or 0.0, args.max_steps)
     out: Path = args.out
-    ckpt_root = out / "checkpoints"
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise FileExistsError(f"{out} is not empty; pass --resume to continue that run or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -133,114 +173,52 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     settings = WindowSettings(args.max_seq_length, args.doc_stride, args.max_query_length)
     settings.validate(src.cfg.architecture, src.cfg.max_position_embeddings)
     maker = WindowMaker(load_tokenizer(args.model), src.cfg.architecture, settings)
-    train, evals, data_info = prepare_data(args)
-    features = train_features(train, maker)
-    per_step = args.batch * args.grad_accum
-    steps_per_epoch = len(features) // per_step
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(features)} training windows are fewer than one step's {per_step} "
-                         f"(--batch x --grad-accum)")
-    epochs = args.epochs if args.epochs is not None else (None if args.max_steps else 2.0)
-    total = args.max_steps if args.max_steps else max(1, round(epochs * steps_per_epoch))
-    warmup_steps = round(args.warmup * total)
+    train_set, evals, data_info = prepare_data(args)
+    features = train_features(train_set, maker)
     data_info["train"]["windows"] = len(features)
     _write_json(out / "eval-set.json", examples_to_squad(evals))
 
     torch.manual_seed(args.seed)
     model = RaggedQAModel(src.cfg, dropout=DROPOUT)
     model.load_state_dict(src.state)
-    model.train()
-    opt = adamw(model, args.lr, args.weight_decay)
-    step, meta = 0, {"elapsed_s": 0.0, "history": [], "best": None, "losses": []}
-    last = latest_checkpoint(ckpt_root) if args.resume else None
-    if last is not None:
-        step, meta = load_training_state(last, model, opt)
-        print(f"resumed from {last} at step {step}", file=sys.stderr)
     tokenizer = None
 
-    def save_best(result: dict[str, Any]) -> None:
+    def evaluate(step: int, meta: dict[str, Any]) -> None:
+        """Held-out metrics; the best step so far (by best-threshold F1) becomes OUT's checkpoint."""
         nonlocal tokenizer
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(args.model))
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        save_checkpoint(out, src.cfg, state, src.hf_config, tokenizer=tokenizer,
-                        null_threshold=result["null_threshold"])
-        _write_json(out / "eval-predictions.json", result["predictions"])
-        _write_json(out / "eval-null-score-diff.json", result["null_score_diff"])
-
-    def run_eval() -> None:
         result = evaluate_model(model, evals, maker, progress=not args.no_progress)
         row = {"step": step, "f1": result["at_zero"]["f1"], "best_f1": result["at_zero"]["best_f1"],
                "HasAns_f1": result["at_best"].get("HasAns_f1"), "NoAns_f1": result["at_best"].get("NoAns_f1"),
                "null_threshold": result["null_threshold"], "auc": result["auc"]}
         meta["history"].append(row)
         print(f"eval @ step {step}: {json.dumps(row)}", file=sys.stderr)
-        if meta["best"] is None or row["best_f1"] > meta["best"]["eval_at_zero"]["best_f1"]:
-            meta["best"] = {"step": step, "eval_at_zero": result["at_zero"], "eval_at_best": result["at_best"],
-                            "null_threshold": result["null_threshold"], "auc": result["auc"]}
-            save_best(result)
+        if meta["best"] is not None and row["best_f1"] <= meta["best"]["eval_at_zero"]["best_f1"]:
+            return
+        meta["best"] = {"step": step, "eval_at_zero": result["at_zero"], "eval_at_best": result["at_best"],
+                        "null_threshold": result["null_threshold"], "auc": result["auc"]}
+        if tokenizer is None:
+            from transformers import AutoTokenizer
 
-    budget_s = args.time_budget_min * 60 if args.time_budget_min else None
-    t_train, elapsed_before = time.monotonic(), float(meta["elapsed_s"])
-    stopped_by, loss_sum, loss_n, t_log = "steps", 0.0, 0, time.monotonic()
-    order_epoch, order = -1, None
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=args.no_progress, mininterval=10)
-    while step < total:
-        epoch, pos = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:
-            order_epoch, order = epoch, epoch_order(len(features), args.seed, epoch)
-        idx = order[pos * per_step: (pos + 1) * per_step]
-        lr = lr_at(step, total, warmup_steps, args.lr)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for m in range(args.grad_accum):
-            micro = [features[k] for k in idx[m * args.batch: (m + 1) * args.batch]]
-            loss = model_loss(model, micro)
-            check_finite(loss, step + 1)
-            (loss / args.grad_accum).backward()
-            step_loss += loss.item() / args.grad_accum
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        opt.step()
-        step += 1
-        loss_sum, loss_n = loss_sum + step_loss, loss_n + 1
-        meta["losses"].append(round(step_loss, 5))
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
-        elapsed = elapsed_before + time.monotonic() - t_train
-        meta["elapsed_s"] = elapsed
-        if args.log_every and step % args.log_every == 0:
-            rate = loss_n / (time.monotonic() - t_log)
-            print(f"step {step}/{total} epoch {step / steps_per_epoch:.3f} loss {loss_sum / loss_n:.4f} lr {lr:.3e} "
-                  f"{rate:.3f} steps/s elapsed {elapsed / 60:.1f} min eta {(total - step) / rate / 60:.1f} min",
-                  file=sys.stderr, flush=True)
-            loss_sum, loss_n, t_log = 0.0, 0, time.monotonic()
-        over_budget = budget_s is not None and elapsed > budget_s
-        if over_budget:
-            stopped_by = "time_budget"
-        periodic = bool(args.eval_every) and step % args.eval_every == 0
-        if step % steps_per_epoch == 0 or step == total or over_budget or periodic:
-            run_eval()
-        if (args.checkpoint_every and step % args.checkpoint_every == 0) or step == total or over_budget:
-            save_training_state(ckpt_root, model, opt, step, meta, keep=args.keep_checkpoints)
-        if over_budget:
-            print(f"time budget of {args.time_budget_min} min reached at step {step}/{total}; stopping",
-                  file=sys.stderr)
-            break
-    bar.close()
+            tokenizer = AutoTokenizer.from_pretrained(str(args.model))
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        save_checkpoint(out, src.cfg, state, src.hf_config, tokenizer=tokenizer, null_threshold=result["null_threshold"])
+        _write_json(out / "eval-predictions.json", result["predictions"])
+        _write_json(out / "eval-null-score-diff.json", result["null_score_diff"])
+
+    meta = train(model, features, cfg, weight_groups(model, args.lr, args.weight_decay), out / "checkpoints",
+                 hooks=Hooks(evaluate=evaluate))
+    step = meta["steps"]
     if meta["best"] is None or not meta["history"] or meta["history"][-1]["step"] != step:
-        run_eval()  # e.g. resumed a finished run whose last eval was lost
-    best = meta["best"]
-    metrics = {**best, "steps": step, "total_steps": total, "steps_per_epoch": steps_per_epoch,
-               "epochs_done": step / steps_per_epoch, "stopped_by": stopped_by, "train_time_s": meta["elapsed_s"],
+        model.eval()
+        evaluate(step, meta)  # e.g. resumed a finished run whose last eval was lost
+    metrics = {**meta["best"], "steps": step, "total_steps": meta["total_steps"],
+               "steps_per_epoch": meta["steps_per_epoch"], "epochs_done": step / meta["steps_per_epoch"],
+               "stopped_by": meta["stopped_by"], "train_time_s": meta["elapsed_s"],
                "wall_time_s": time.monotonic() - t_start, "history": meta["history"],
+               "throughput": {"windows": meta["windows"], "windows_per_s": meta["windows"] / max(meta["elapsed_s"], 1e-9),
+                              "precision": cfg.precision.value, "threads": threads},
                "loss": {"first": meta["losses"][:10], "last": meta["losses"][-10:]}, "data": data_info,
-               "args": {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
-                        for k, v in vars(args).items()}}
+               "args": cli_args(args)}
     _write_json(out / "metrics.json", metrics)
     return metrics
 

@@ -44,7 +44,8 @@ def importance_scores(model_dir: Path, data: list[Path], max_windows: int = 2048
     from engine.data.squad import load_squad, train_features
     from engine.features import WindowMaker, WindowSettings, load_tokenizer
     from engine.prune.gated import GatedQAModel
-    from engine.training import collate, span_loss
+    from engine.train.batching import collate
+    from engine.train.losses import span_loss
 
     ck = load_checkpoint(model_dir)
     model = RaggedQAModel(ck.cfg).eval()

@@ -15,7 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import Activation, EncoderConfig
-from engine.packing import positions
+from engine.packing import pack, positions, unpack
+
+# Padded attention is used while padding costs at most this factor in tokens (B * S <= PAD_FACTOR * T).
+PAD_FACTOR = 1.25
 
 _ACTIVATIONS = {
     Activation.GELU: lambda x: F.gelu(x),
@@ -33,6 +36,16 @@ def attention_packed(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: in
         q, k, v = qkv.view(batch, max_seqlen, 3, h, dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, S, dh) each
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, S, dh)
         return out.transpose(1, 2).reshape(total, h * dh)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.long)  # (B,)
+    if batch > 0 and batch * max_seqlen <= PAD_FACTOR * total and bool((lengths > 0).all()):
+        # Lengths differ a little (e.g. length-grouped training batches): pad to max_seqlen, mask padded keys,
+        # one batched call. Padded query rows are computed and dropped; padded keys get probability 0.
+        padded = unpack(qkv, cu_seqlens, max_seqlen)  # (B, S, 3, h, dh)
+        q, k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, S, dh) each
+        keep = torch.arange(max_seqlen, device=qkv.device)[None, :] < lengths.to(qkv.device)[:, None]  # (B, S)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])  # (B, h, S, dh)
+        return pack(out.transpose(1, 2), lengths).reshape(total, h * dh)
+    # Very uneven lengths: one call per sequence, no padding at all.
     out = qkv.new_empty(total, h * dh)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):

@@ -1,4 +1,4 @@
-"""End-to-end tests of engine.finetune and engine.training on a tiny random BERT and synthetic SQuAD data."""
+"""End-to-end tests of engine.finetune and engine.train on a tiny random BERT and synthetic SQuAD data."""
 
 import gzip
 import json
@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 from engine.checkpoint import load_checkpoint
 from engine.finetune import build_parser, finetune
-from engine.training import (NonFiniteLossError, adamw, check_finite, load_training_state, lr_at,
-                             save_training_state, span_loss)
+from engine.train.config import make_optimizer, weight_groups
+from engine.train.losses import span_loss
+from engine.train.state import NonFiniteLossError, check_finite, load_training_state, lr_at, save_training_state
 
 _NAMES = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
 _THINGS = ["river", "castle", "bridge", "market", "tower", "garden"]
@@ -186,14 +187,14 @@ def test_span_loss_matches_per_window_cross_entropy():
 def test_training_state_round_trip(tmp_path: Path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
-    opt = adamw(model, 1e-2, 0.01)
+    opt = make_optimizer(weight_groups(model, 1e-2, 0.01))
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
     path = save_training_state(tmp_path, model, opt, 7, {"note": "x"})
     expected_rand = torch.rand(3)
     torch.manual_seed(123)
     model2 = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
-    opt2 = adamw(model2, 1e-2, 0.01)
+    opt2 = make_optimizer(weight_groups(model2, 1e-2, 0.01))
     step, meta = load_training_state(path, model2, opt2)
     assert step == 7 and meta == {"note": "x"}
     torch.testing.assert_close(torch.rand(3), expected_rand)

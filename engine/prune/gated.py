@@ -21,7 +21,7 @@ from torch import nn
 from engine.config import EncoderConfig
 from engine.model import RaggedQAModel, attention_packed
 from engine.prune.gates import HardConcreteGate
-from engine.prune.l0 import exact_flops, exact_params, expected_flops, expected_params
+from engine.flops import exact_flops, exact_params, expected_flops, expected_params
 
 
 class GatedQAModel(nn.Module):

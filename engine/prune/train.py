@@ -26,14 +26,15 @@ from torch import nn
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.data.squad import train_features
 from engine.features import WindowMaker, WindowSettings, load_tokenizer
-from engine.finetune import prepare_data
+from engine.data.predict import evaluate_model
+from engine.finetune import add_speed_args, cli_args, prepare_data, setup_threads, train_config
 from engine.model import RaggedQAModel
 from engine.prune.distributed import Dist
 from engine.prune.export import achieved_sparsity, calibrate
 from engine.prune.gated import GatedQAModel, export_ragged
 from engine.prune.l0 import LagrangianController, target_schedule
-from engine.prune.loop import PhaseConfig, run_phase
-from engine.training import evaluate_model
+from engine.train import DistillConfig, Hooks, ParamGroup, train, weight_groups
+from engine.train.teacher import PRECISIONS, LiveTeacher, TeacherSource, cached_teacher
 
 DROPOUT = 0.1
 
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = ap.add_mutually_exclusive_group(required=True)
     ev.add_argument("--eval", type=Path, help="held-out SQuAD file for metrics and threshold tuning")
     ev.add_argument("--eval-fraction", type=float, help="hold out this fraction of train articles instead")
+    ev.add_argument("--eval-titles", nargs="+", help="hold out these train articles (by title) instead")
     ap.add_argument("--out", required=True, type=Path)
     tgt = ap.add_mutually_exclusive_group(required=True)
     tgt.add_argument("--target-sparsity", type=float, help="fraction of encoder FLOPs to remove (at --flops-seq-len)")
@@ -80,11 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--doc-stride", type=int, default=128)
     ap.add_argument("--max-query-length", type=int, default=64)
     ap.add_argument("--checkpoint-every", type=int, default=200)
+    ap.add_argument("--keep-checkpoints", type=int, default=2, help="how many resumable states to keep per phase")
+    ap.add_argument("--eval-every", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--teacher-logits", choices=["cached", "live"], default="cached",
+                    help="cached: teacher logits computed once by the inference engine and reused by every student "
+                         "of this teacher (default; hidden-state distillation always runs the teacher live)")
+    ap.add_argument("--teacher-cache", type=Path, help="cache file or directory (default: OUT/../teacher-logits)")
+    ap.add_argument("--teacher-precision", choices=PRECISIONS, default="float32",
+                    help="artifact precision the cached teacher logits are computed in")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--time-budget-min", type=float, help="per phase: stop (and save) after this many minutes")
     ap.add_argument("--resume", action="store_true", help="continue from OUT's newest checkpoint")
-    ap.add_argument("--threads", type=int)
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    add_speed_args(ap)
+    ap.add_argument("--bf16", action="store_const", const="bf16", dest="precision",
+                    help="same as --precision bf16")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -107,7 +118,18 @@ def _teacher(args: argparse.Namespace) -> RaggedQAModel:
     return t
 
 
-def _metrics_row(result: dict[str, Any]) -> dict[str, Any]:
+def _teacher_source(args: argparse.Namespace, settings: WindowSettings, features, threads: int) -> TeacherSource | None:
+    """Live teacher, cached teacher logits, or None (--no-distill)."""
+    if args.no_distill:
+        return None
+    if args.teacher_logits == "live" or args.hidden_weight > 0:
+        return LiveTeacher(_teacher(args))
+    cache = args.teacher_cache or args.out.resolve().parent / "teacher-logits"
+    return cached_teacher(args.teacher, settings, features, cache, args.teacher_precision, threads=threads,
+                          progress=not args.no_progress)
+
+
+def metrics_row(result: dict[str, Any]) -> dict[str, Any]:
     z, b = result["at_zero"], result["at_best"]
     return {"exact": z["exact"], "f1": z["f1"], "best_f1": z.get("best_f1"), "best_f1_thresh": z.get("best_f1_thresh"),
             "HasAns_f1": b.get("HasAns_f1"), "NoAns_f1": b.get("NoAns_f1"), "HasAns_f1_at_zero": z.get("HasAns_f1"),
@@ -118,8 +140,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
     """Run both phases; returns metrics.json's content (rank 0) or {} (other ranks)."""
     dist = Dist.from_env()
     t0 = time.monotonic()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = setup_threads(args.threads)
     out: Path = args.out
     if dist.is_main and out.exists() and any(out.iterdir()) and not args.resume:
         raise FileExistsError(f"{out} is not empty; pass --resume to continue that run or choose another --out")
@@ -128,12 +149,18 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
     dense = teacher_ck.cfg
     settings = WindowSettings(args.max_seq_length, args.doc_stride, args.max_query_length)
     maker = WindowMaker(load_tokenizer(args.teacher), dense.architecture, settings)
-    train, evals, data_info = prepare_data(args)
-    features = train_features(train, maker)
-    teacher = None if args.no_distill else _teacher(args)
+    train_set, evals, data_info = prepare_data(args)
+    features = train_features(train_set, maker)
+    teacher = None
+    if not args.no_distill:
+        if dist.is_main:
+            teacher = _teacher_source(args, settings, features, threads)
+        dist.barrier()  # other ranks then read the cache rank 0 wrote
+        teacher = teacher or _teacher_source(args, settings, features, threads)
+    distill = None if args.no_distill else DistillConfig(args.distill_weight, args.temperature, args.hidden_weight)
     by = "params" if args.target_params is not None else "flops"
     target = args.target_params if by == "params" else args.target_sparsity
-    common = dict(features=features, teacher=teacher, dist=dist, args=args)
+    common = dict(teacher=teacher, distill=distill, dist=dist)
     export_dir = out / "phase1-export"
 
     # ---------------------------------------------------------------- phase 1: gates
@@ -151,16 +178,20 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
         base.load_state_dict(init.state)
         trainer = GateTrainer(GatedQAModel(base, sublayer_gates=args.sublayer_gates))
 
-        def extra_loss(module: GateTrainer, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
+        def penalty(step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
+            """The Lagrangian on expected sparsity, with the target ramped up over --target-warmup."""
             t = target_schedule(step, round(args.target_warmup * total), target)
-            s_hat = module.gated.expected_sparsity(dense, args.flops_seq_len, by)
-            return module.controller.penalty(s_hat, t), {"s_hat": float(s_hat.detach()), "t": t}
+            s_hat = trainer.gated.expected_sparsity(dense, args.flops_seq_len, by)
+            return trainer.controller.penalty(s_hat, t), {"s_hat": float(s_hat.detach()), "t": t}
 
-        phase = PhaseConfig(name="gates", epochs=args.epochs, max_steps=args.max_steps,
-                            groups=lambda m: [("weights", m.gated.model_parameters(), args.lr, args.weight_decay, False),
-                                              ("gates", m.gated.gate_parameters(), args.gate_lr, 0.0, False),
-                                              ("lambdas", m.controller.lambda_parameters(), args.lambda_lr, 0.0, True)])
-        run_phase(trainer, lambda m: m.gated, phase, out / "checkpoints" / "gates", extra_loss=extra_loss, **common)
+        # Gates and multipliers use a shorter second-moment memory (beta2 0.99): with 0.999, closed gates stall.
+        groups = [*weight_groups(trainer.gated.base, args.lr, args.weight_decay),
+                  ParamGroup("gates", tuple(trainer.gated.gate_parameters()), args.gate_lr, scheduled=False,
+                             clipped=False, beta2=0.99),
+                  ParamGroup("lambdas", tuple(trainer.controller.lambda_parameters()), args.lambda_lr,
+                             scheduled=False, ascent=True, clipped=False, beta2=0.99)]
+        train(trainer, features, train_config(args, "gates", args.epochs, args.max_steps, dist.device), groups,
+              out / "checkpoints" / "gates", forward=trainer.gated, hooks=Hooks(penalty=penalty), **common)
         trainer.gated.eval()
         cal = calibrate(trainer.gated, dense, target, args.flops_seq_len, by)
         cfg, state = export_ragged(trainer.gated)
@@ -183,9 +214,9 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
     student = RaggedQAModel(cfg, dropout=DROPOUT)
     student.load_state_dict(state)
     if args.finetune_epochs > 0 or args.finetune_max_steps:
-        phase = PhaseConfig(name="finetune", epochs=args.finetune_epochs, max_steps=args.finetune_max_steps,
-                            groups=lambda m: [("weights", list(m.parameters()), args.lr, args.weight_decay, False)])
-        run_phase(student, lambda m: m, phase, out / "checkpoints" / "finetune", **common)
+        cfg_ft = train_config(args, "finetune", args.finetune_epochs, args.finetune_max_steps, dist.device)
+        train(student, features, cfg_ft, weight_groups(student, args.lr, args.weight_decay),
+              out / "checkpoints" / "finetune", **common)
     if not dist.is_main:
         dist.close()
         return {}
@@ -207,12 +238,11 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
         "achieved_param_sparsity": achieved_sparsity(cfg, dense, args.flops_seq_len, "params"),
         "heads": list(cfg.heads), "ffn": list(cfg.ffn),
         "dense_heads": list(dense.heads), "dense_ffn": list(dense.ffn),
-        "teacher": _metrics_row(res_t), "student": _metrics_row(res_s),
+        "teacher": metrics_row(res_t), "student": metrics_row(res_s),
         "f1_loss": res_t["at_zero"]["f1"] - res_s["at_zero"]["f1"],
         "gates": {k: v for k, v in gate_info.items() if k != "log_alpha"},
         "distillation": not args.no_distill, "data": data_info, "wall_time_s": time.monotonic() - t0,
-        "args": {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
-                 for k, v in vars(args).items()},
+        "args": cli_args(args),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     dist.close()

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.prune.distill import distill_loss, hidden_state_loss, qa_ce_loss
+from engine.train.losses import distill_loss, hidden_state_loss, qa_ce_loss
 
 B, S = 3, 11
 

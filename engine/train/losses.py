@@ -1,17 +1,23 @@
-"""Losses for training a gated student: span cross-entropy, logit distillation, hidden-state matching.
+"""Every training loss in one place: span cross-entropy, logit distillation, hidden-state matching.
 
 Logit distillation follows Hinton et al. (2015) as used by McCarley et al. (2019): soften both start and
 end distributions with a temperature T and minimise T^2 * KL(teacher || student); the T^2 keeps gradient
-magnitudes comparable across temperatures.
+magnitudes comparable across temperatures. `task_and_distill` combines them the way every phase trains:
+(1 - w) * CE + w * KD [+ h * hidden MSE].
+
+Shapes: padded logits (B, S); packed logits `[T]` with `cu_seqlens` int32 `[B+1]`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from engine.packing import unpack
 
 
 def _check_logits(name: str, student: Tensor, teacher: Tensor, mask: Tensor | None) -> None:
@@ -114,3 +120,44 @@ def qa_ce_loss(start_logits: Tensor, end_logits: Tensor, start_pos: Tensor, end_
         if bool(((pos < 0) | (pos >= seq)).any()):
             raise ValueError(f"{name} must lie in [0, {seq}); point unanswerable windows at [CLS] (index 0)")
     return 0.5 * (F.cross_entropy(start_logits.float(), start_pos) + F.cross_entropy(end_logits.float(), end_pos))
+
+
+def span_loss(start: Tensor, end: Tensor, cu_seqlens: Tensor, max_seqlen: int, start_pos: Tensor,
+              end_pos: Tensor) -> Tensor:
+    """Mean start/end cross-entropy of packed logits `[T]`, each window normalised over its own tokens only."""
+    # Padding gets -inf, so it has probability 0 and no gradient.
+    s = unpack(start.float(), cu_seqlens, max_seqlen, fill=float("-inf"))  # (B, S)
+    e = unpack(end.float(), cu_seqlens, max_seqlen, fill=float("-inf"))
+    return qa_ce_loss(s, e, start_pos, end_pos)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How a student learns from its teacher: KL weight w (CE gets 1 - w), temperature, hidden-MSE weight."""
+
+    weight: float = 0.9
+    temperature: float = 2.0
+    hidden_weight: float = 0.0
+
+
+def task_and_distill(start: Tensor, end: Tensor, cu_seqlens: Tensor, max_seqlen: int, start_pos: Tensor,
+                     end_pos: Tensor, teacher: tuple[Tensor, Tensor] | None = None, cfg: DistillConfig | None = None,
+                     hidden: tuple[Sequence[Tensor], Sequence[Tensor]] | None = None) -> Tensor:
+    """(1 - w)·CE + w·KD [+ h·hidden MSE] of packed student logits `[T]` against packed teacher logits `[T]`.
+
+    `hidden` is (student, teacher) lists of packed `[T, d]` layer outputs, matched one to one.
+    """
+    ce = span_loss(start, end, cu_seqlens, max_seqlen, start_pos, end_pos)
+    if teacher is None or cfg is None:
+        return ce
+    cu, n = cu_seqlens, max_seqlen
+    mask = unpack(torch.ones_like(start, dtype=torch.bool), cu, n, fill=False)  # (B, S) real tokens
+    kd = distill_loss(unpack(start, cu, n), unpack(end, cu, n), unpack(teacher[0], cu, n), unpack(teacher[1], cu, n),
+                      cfg.temperature, mask)
+    loss = (1 - cfg.weight) * ce + cfg.weight * kd
+    if hidden is not None and cfg.hidden_weight > 0:
+        # Packed hiddens (T, d) as one (1, T, d) row; student and teacher have the same depth.
+        ones = torch.ones(1, start.shape[0], dtype=torch.bool, device=start.device)
+        loss = loss + cfg.hidden_weight * hidden_state_loss([h[None] for h in hidden[0]], [h[None] for h in hidden[1]],
+                                                            ones)
+    return loss

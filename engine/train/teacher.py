@@ -1,0 +1,238 @@
+"""Where a student's teacher logits come from: the live teacher, or a cache computed once by the engine.
+
+Logit distillation needs the teacher's start/end logits for every training window. They do not change
+during training (the teacher is frozen, in eval mode, and the windows are fixed), so `TeacherLogitCache`
+computes them once with the fast inference engine (the cpp backend when built, any artifact precision)
+and stores them with safetensors, next to the run, keyed by the exact teacher weights, tokenizer, window
+settings, windows and precision. Every student of that teacher reuses the file; a file whose key does not
+match is refused with a message naming the mismatch, never silently used. Hidden-state distillation still
+needs the live teacher (`LiveTeacher`).
+
+Shapes: packed logits `[T]` (fp32), `cu_seqlens` int32 `[B+1]`; the cache holds `start`, `end` `[T_all]`
+and `offsets` int64 `[N+1]` (window i's logits are `[offsets[i]:offsets[i+1]]`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from engine.data.squad import TrainFeature
+from engine.features import PackedBatch, WindowSettings
+from engine.packing import cu_seqlens_from_lengths
+
+CACHE_VERSION = "1"
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer_config.json",
+                    "special_tokens_map.json")
+# Precisions an artifact can hold (engine.build_model --dtype) -> the name used in cache keys and file names.
+PRECISIONS = ("float32", "bfloat16", "int8")
+
+
+class StaleTeacherCacheError(ValueError):
+    """A teacher-logit cache that does not belong to this teacher, tokenizer, window settings or windows."""
+
+
+class TeacherSource:
+    """Teacher outputs for a micro-batch of training windows (by index into the run's feature list)."""
+
+    needs_hidden: bool = False
+
+    def logits(self, indices: Sequence[int], batch: PackedBatch, want_hidden: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
+        """Packed start, end `[T]` (and layer outputs `[T, d]` if `want_hidden`) of the windows `indices`."""
+        raise NotImplementedError
+
+
+class LiveTeacher(TeacherSource):
+    """Runs the frozen teacher module on every micro-batch (needed for hidden-state distillation)."""
+
+    needs_hidden = True
+
+    def __init__(self, model: nn.Module):
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def logits(self, indices, batch, want_hidden):
+        out = self.model(batch.input_ids, batch.token_type_ids, batch.cu_seqlens, batch.max_seqlen,
+                         output_hidden_states=want_hidden)
+        return out[0].float(), out[1].float(), (out[2] if want_hidden else None)
+
+
+# ------------------------------------------------------------------------------------------------ the cache
+
+
+def _sha(chunks) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
+
+
+def teacher_fingerprint(teacher_dir: Path) -> tuple[str, str]:
+    """(sha256 of the teacher's config + weights, sha256 of its tokenizer files)."""
+    weights = sorted(teacher_dir.glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"teacher {teacher_dir} has no *.safetensors weights")
+
+    def files(paths):
+        for p in paths:
+            yield p.name.encode() + b"\0"
+            with open(p, "rb") as f:
+                while block := f.read(1 << 22):
+                    yield block
+
+    model = _sha(files([teacher_dir / "config.json", *weights]))
+    tok = _sha(files([teacher_dir / n for n in _TOKENIZER_FILES if (teacher_dir / n).is_file()]))
+    return model, tok
+
+
+def windows_fingerprint(features: Sequence[TrainFeature]) -> str:
+    """sha256 of every window's token ids and token types, in order."""
+    def chunks():
+        for f in features:
+            yield np.asarray(f.input_ids, dtype=np.int64).tobytes() + b"|"
+            yield np.asarray(f.token_type_ids, dtype=np.int8).tobytes() + b";"
+    return _sha(chunks())
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything the cached logits depend on; stored as the safetensors metadata and compared field by field."""
+
+    teacher_sha: str
+    tokenizer_sha: str
+    settings: str  # WindowSettings as JSON
+    windows_sha: str
+    n_windows: int
+    precision: str
+    version: str = CACHE_VERSION
+
+    @classmethod
+    def of(cls, teacher_dir: Path, settings: WindowSettings, features: Sequence[TrainFeature], precision: str
+           ) -> CacheKey:
+        """The key for these inputs."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"teacher precision must be one of {PRECISIONS}, got {precision!r}")
+        model, tok = teacher_fingerprint(Path(teacher_dir))
+        return cls(model, tok, json.dumps(asdict(settings), sort_keys=True), windows_fingerprint(features),
+                   len(features), precision)
+
+    @property
+    def digest(self) -> str:
+        """Short name for file names."""
+        return _sha([json.dumps(asdict(self), sort_keys=True).encode()])[:16]
+
+    def as_metadata(self) -> dict[str, str]:
+        """String-valued safetensors metadata."""
+        return {k: str(v) for k, v in asdict(self).items()}
+
+
+class CachedTeacher(TeacherSource):
+    """Teacher logits read from a validated cache file (all in memory: 8 bytes per training token)."""
+
+    def __init__(self, path: Path, key: CacheKey):
+        self.path = Path(path)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            want = key.as_metadata()
+            wrong = [k for k in want if meta.get(k) != want[k]]
+            if wrong:
+                detail = ", ".join(f"{k}: cache has {meta.get(k, '<missing>')!r}, run needs {want[k]!r}"
+                                   for k in wrong)
+                raise StaleTeacherCacheError(
+                    f"teacher-logit cache {path} was made for a different {' / '.join(wrong)} ({detail}); "
+                    f"delete it (it is recomputed), point --teacher-cache elsewhere, or use --teacher-logits live")
+            self.start, self.end = f.get_tensor("start"), f.get_tensor("end")  # (T_all,) fp32
+            self.offsets = f.get_tensor("offsets")  # (N+1,) int64
+        if self.offsets.numel() != key.n_windows + 1 or int(self.offsets[-1]) != self.start.numel():
+            raise StaleTeacherCacheError(f"teacher-logit cache {path} is malformed (offsets do not cover the logits); "
+                                         f"delete it to recompute")
+
+    def logits(self, indices, batch, want_hidden):
+        if want_hidden:
+            raise ValueError("cached teacher logits carry no hidden states; use --teacher-logits live")
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        lo, hi = self.offsets[idx], self.offsets[idx + 1]
+        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(torch.long)
+        if not torch.equal(hi - lo, lengths):
+            raise StaleTeacherCacheError(f"teacher-logit cache {self.path}: window lengths differ from the batch's")
+        rows = torch.cat([torch.arange(a, b) for a, b in zip(lo.tolist(), hi.tolist())])
+        return self.start[rows], self.end[rows], None
+
+
+@torch.inference_mode()
+def compute_teacher_logits(teacher_dir: Path, settings: WindowSettings, features: Sequence[TrainFeature],
+                           precision: str, backend: str = "auto", threads: int | None = None,
+                           tokens_per_batch: int = 8192, progress: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+    """Run the teacher, built as an engine artifact in `precision`, over every window; ({start, end, offsets}, backend)."""
+    from engine.artifact import load_artifact
+    from engine.build_model import build
+    from engine.runtime import create_backend
+
+    with tempfile.TemporaryDirectory(prefix="sparseqa-teacher-") as tmp:
+        art_dir = build(teacher_dir, Path(tmp) / "artifact", dtype=precision, settings=settings)
+        art = load_artifact(art_dir)
+        runner = create_backend(backend, art, "cpu", threads)
+        lengths = np.array([len(f.input_ids) for f in features])
+        offsets = np.zeros(len(features) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        start = torch.empty(int(offsets[-1]), dtype=torch.float32)
+        end = torch.empty_like(start)
+        order = np.argsort(-lengths, kind="stable")
+        bar = tqdm(total=len(features), desc=f"teacher logits ({runner.name}, {precision})", unit="win",
+                   disable=not progress, mininterval=5)
+        i = 0
+        while i < len(order):
+            n = max(1, tokens_per_batch // int(lengths[order[i]]))
+            idx = order[i: i + n]
+            feats = [features[k] for k in idx]
+            ids = torch.tensor([t for f in feats for t in f.input_ids], dtype=torch.long)
+            types = torch.tensor([t for f in feats for t in f.token_type_ids], dtype=torch.long)
+            lens = [len(f.input_ids) for f in feats]
+            s, e = runner.forward_packed(ids, types, cu_seqlens_from_lengths(lens), max(lens))
+            pos = 0
+            for k, n_tok in zip(idx, lens):
+                start[offsets[k]: offsets[k + 1]] = s[pos: pos + n_tok].float().cpu()
+                end[offsets[k]: offsets[k + 1]] = e[pos: pos + n_tok].float().cpu()
+                pos += n_tok
+            bar.update(len(idx))
+            i += n
+        bar.close()
+        name = runner.name
+    return {"start": start, "end": end, "offsets": torch.from_numpy(offsets)}, name
+
+
+def cached_teacher(teacher_dir: Path, settings: WindowSettings, features: Sequence[TrainFeature], cache: Path,
+                   precision: str = "float32", backend: str = "auto", threads: int | None = None,
+                   progress: bool = True) -> CachedTeacher:
+    """The teacher-logit cache for these windows: `cache` is a file, or a directory holding one file per key.
+
+    A missing file is computed (and written atomically); an existing one is validated against the key.
+    """
+    key = CacheKey.of(Path(teacher_dir), settings, features, precision)
+    cache = Path(cache)
+    path = cache if cache.suffix == ".safetensors" else cache / f"teacher-logits-{precision}-{key.digest}.safetensors"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors, backend_name = compute_teacher_logits(Path(teacher_dir), settings, features, precision, backend,
+                                                       threads, progress=progress)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={**key.as_metadata(), "backend": backend_name})
+        tmp.replace(path)
+        print(f"teacher logits of {len(features)} windows ({backend_name}, {precision}) cached in {path}",
+              file=sys.stderr)
+    return CachedTeacher(path, key)
