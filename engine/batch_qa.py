@@ -212,7 +212,7 @@ def run_ray(rows: list[Row], store: ShardStore, config: JobConfig, address: str 
     if started:
         ray.init(address=address, **({} if address else {"num_cpus": workers * threads}),
                  include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}} if not address else None)
+                 runtime_env=None if address else {"env_vars": {"PYTHONPATH": _pythonpath()}})
     try:
         items = [{"shard": s, "row": json.dumps(r, ensure_ascii=False)} for s, shard in _shard_rows(rows, store)
                  for r in shard]
@@ -236,6 +236,12 @@ def run_ray(rows: list[Row], store: ShardStore, config: JobConfig, address: str 
     finally:
         if started:
             ray.shutdown()
+
+
+def _pythonpath() -> str:
+    """PYTHONPATH for local Ray workers: where this `engine` package lives, then the caller's path."""
+    here = str(Path(__file__).resolve().parent.parent)
+    return os.pathsep.join([here, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 
 def main(argv: list[str] | None = None) -> int:

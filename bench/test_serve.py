@@ -1,0 +1,337 @@
+"""Serving and batch-QA figures (`make bench-serve`): load test of the real server against a naive one, and batch QA
+over the SQuAD 2.0 dev set locally and on a 2-actor Ray cluster, with a killed worker and a resumed job.
+
+Every served answer is checked against a direct `QAEngine.answer_batch` of the same inputs. Results go to
+bench/results/serve.json and bench/results/batch_qa.json. `python -m bench.test_serve naive ARTIFACT --port P`
+runs the naive server (one `QAEngine.answer` per request, no batching) used as the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.common import ROOT, THREADS, cpu_name, minilm
+
+RESULTS = ROOT / "bench" / "results"
+CLIENTS = (1, 8, 32)
+SERVE_N = int(os.environ.get("SPARSEQA_SERVE_QUESTIONS", "384"))  # dev questions per load level
+SCORE_ATOL = 1e-3  # packed batches of other sizes change logits in the last bits only
+
+
+def _dev_examples(limit: int | None) -> list:
+    from bench.test_workload import _dev_path
+    from engine.data.squad import load_squad
+
+    path = _dev_path()
+    if path is None:
+        pytest.skip("SQuAD 2.0 dev set not found (../shared/data/squad2/dev-v2.0.json.gz or $SPARSEQA_DATA)")
+    ex = load_squad(path)
+    return ex[:limit] if limit else ex
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _same(a: dict, ref: dict) -> bool:
+    keys = ("text", "start", "end", "no_answer")
+    return all(a[k] == ref[k] for k in keys) and abs(a["score"] - ref["score"]) <= SCORE_ATOL
+
+
+# ----------------------------------------------------------------------------------------------- load test
+
+def naive_app(engine):
+    """The baseline: one `QAEngine.answer` per request in FastAPI's thread pool, no batching."""
+    from fastapi import FastAPI
+
+    from engine.serve.app import AnswerRequest
+
+    app = FastAPI(title="naive")
+
+    @app.post("/v1/answer")
+    def answer(body: AnswerRequest):
+        return engine.answer(body.question, body.context, body.top_k, body.max_answer_length,
+                             body.null_threshold).to_dict()
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    return app
+
+
+class Server:
+    """A server process on a free port; waits for /healthz, stops with SIGTERM."""
+
+    def __init__(self, args: list[str]):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, *args, "--port", str(self.port), "--log-level", "warning"],
+                                     env=_env(), cwd=ROOT)
+        import httpx
+
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"server {args} did not come up")
+
+    def stop(self) -> int:
+        """SIGTERM and wait; the exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+async def _load(url: str, items: list[dict], clients: int) -> tuple[list, list[float], int, float]:
+    """`clients` concurrent clients send every item once; (responses by item, latencies, errors, seconds)."""
+    import httpx
+
+    out: list = [None] * len(items)
+    lat: list[float] = []
+    errors = 0
+    nxt = iter(range(len(items)))
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        for i in nxt:
+            t0 = time.perf_counter()
+            try:
+                r = await http.post(url + "/v1/answer", json=items[i])
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            lat.append(time.perf_counter() - t0)
+            if ok:
+                out[i] = r.json()
+            else:
+                errors += 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        return out, lat, errors, time.perf_counter() - t0
+
+
+def test_serve_load():
+    """Throughput and latency at 1, 8 and 32 clients, batched server vs naive server, every answer checked."""
+    from engine.qa import QAEngine
+
+    art = minilm("half").artifact
+    ex = _dev_examples(SERVE_N)
+    items = [{"question": e.question, "context": e.context} for e in ex]
+    eng = QAEngine.load(art, backend="cpp", threads=THREADS)
+    eng.answer_batch([(it["question"], it["context"]) for it in items[:32]])  # warm-up
+    t0 = time.perf_counter()
+    ref = [a.to_dict() for a in eng.answer_batch([(it["question"], it["context"]) for it in items], 32)]
+    engine_qps = len(items) / (time.perf_counter() - t0)
+    del eng
+    servers = {
+        "batched": ["-m", "engine.serve", str(art), "--backend", "cpp", "--threads", str(THREADS)],
+        "naive": ["-m", "bench.test_serve", "naive", str(art), "--backend", "cpp", "--threads", str(THREADS)],
+    }
+    rows = []
+    for clients in CLIENTS:
+        for name, args in servers.items():
+            srv = Server(args)
+            try:
+                asyncio.run(_load(srv.url, items[:16], min(clients, 8)))  # warm-up
+                out, lat, errors, secs = asyncio.run(_load(srv.url, items, clients))
+            finally:
+                srv.stop()
+            wrong = sum(o is not None and not _same(o, r) for o, r in zip(out, ref))
+            lost = sum(o is None for o in out)
+            rows.append({"server": name, "clients": clients, "questions": len(items), "qps": len(items) / secs,
+                         "p50_ms": 1000 * float(np.percentile(lat, 50)), "p99_ms": 1000 * float(np.percentile(lat, 99)),
+                         "errors": errors, "lost": lost, "mismatched": wrong})
+            print(rows[-1], flush=True)
+    by = {(r["server"], r["clients"]): r for r in rows}
+    result = {
+        "model": "minilm-half", "dtype": "float32", "backend": "cpp", "threads": THREADS, "device": cpu_name(),
+        "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
+        "note": "shared 2-core machine under other users' load; one run; client, server and others compete",
+        "engine_answer_batch_qps": engine_qps, "rows": rows,
+        "speedup_vs_naive": {c: by["batched", c]["qps"] / by["naive", c]["qps"] for c in CLIENTS},
+        "served_vs_answer_batch": {c: by["batched", c]["qps"] / engine_qps for c in CLIENTS},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
+    assert all(r["errors"] == 0 and r["lost"] == 0 and r["mismatched"] == 0 for r in rows if r["server"] == "batched")
+
+
+# ----------------------------------------------------------------------------------------------- batch QA
+
+def _write_pairs(path: Path, ex: list) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"id": e.qid, "question": e.question, "context": e.context}, ensure_ascii=False) + "\n"
+                     for e in ex)
+
+
+def _batch_qa(args: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "engine.batch_qa", *args], env=_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+
+
+def _check_output(path: Path, ref: dict[str, dict]) -> dict:
+    """Counts of the output against the reference answers by id."""
+    lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+    ids = [x["id"] for x in lines]
+    return {"lines": len(lines), "unique_ids": len(set(ids)), "missing": len(set(ref) - set(ids)),
+            "mismatched": sum(not _same(x, ref[x["id"]]) for x in lines if x["id"] in ref)}
+
+
+def _record(key: str, value: dict) -> None:
+    path = RESULTS / "batch_qa.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[key] = value
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _reference(art: Path, ex: list) -> tuple[dict[str, dict], float]:
+    from engine.qa import QAEngine
+
+    eng = QAEngine.load(art, backend="cpp", threads=THREADS)
+    t0 = time.perf_counter()
+    answers = eng.answer_batch([(e.question, e.context) for e in ex], 32)
+    return {e.qid: a.to_dict() for e, a in zip(ex, answers)}, time.perf_counter() - t0
+
+
+def test_batch_qa_dev(tmp_path):
+    """All dev questions (SPARSEQA_WORKLOAD_LIMIT caps them): answer_batch, local batch_qa, Ray 2 actors x 1 thread."""
+    limit = int(os.environ.get("SPARSEQA_WORKLOAD_LIMIT", "0")) or None
+    art = minilm("half").artifact
+    ex = _dev_examples(limit)
+    pairs = tmp_path / "dev.jsonl"
+    _write_pairs(pairs, ex)
+    ref, ref_s = _reference(art, ex)
+    runs = {"local": ["--threads", str(THREADS)], "ray": ["--ray", "--workers", "2", "--threads", "1"]}
+    out = {"questions": len(ex), "model": "minilm-half", "backend": "cpp", "device": cpu_name(),
+           "note": "shared 2-core machine under other users' load; seconds include engine load and Ray start",
+           "answer_batch": {"threads": THREADS, "seconds": ref_s, "qps": len(ex) / ref_s}}
+    for name, extra in runs.items():
+        dest = tmp_path / f"{name}.jsonl"
+        t0 = time.perf_counter()
+        rc = _batch_qa(["--artifact", str(art), "--input", str(pairs), "--output", str(dest), "--backend", "cpp",
+                        *extra]).wait()
+        secs = time.perf_counter() - t0
+        assert rc == 0, name
+        out[name] = {"args": extra, "seconds": secs, "qps": len(ex) / secs, **_check_output(dest, ref)}
+        print(name, out[name], flush=True)
+        _record("dev", out)
+    for name in runs:
+        assert out[name]["lines"] == out[name]["unique_ids"] == len(ex) and out[name]["mismatched"] == 0
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_batch_qa_ray_kill_and_resume(tmp_path):
+    """Kill a Ray actor mid-job (Ray restarts it), then kill the whole job; --resume completes it exactly once."""
+    n = int(os.environ.get("SPARSEQA_RESUME_QUESTIONS", "2048"))
+    art = minilm("half").artifact
+    ex = _dev_examples(n)
+    pairs, dest = tmp_path / "dev.jsonl", tmp_path / "out.jsonl"
+    _write_pairs(pairs, ex)
+    ref, _ = _reference(art, ex)
+    args = ["--artifact", str(art), "--input", str(pairs), "--output", str(dest), "--backend", "cpp", "--ray",
+            "--workers", "2", "--threads", "1", "--shard-size", "128"]
+    shards = dest.with_name(dest.name + ".shards")
+    job = _batch_qa(args, start_new_session=True)
+    done = lambda: len(list(shards.glob("0*[0-9].jsonl"))) if shards.is_dir() else 0
+    killed_actor = None
+    try:
+        while done() < 2 and job.poll() is None:
+            time.sleep(0.5)
+        actors = [p for p in _descendants(job.pid) if "_RayAnswerer" in _cmdline(p) or "MapWorker" in _cmdline(p)]
+        if actors:
+            killed_actor = actors[0]
+            os.kill(killed_actor, signal.SIGKILL)
+        while done() < 6 and job.poll() is None:
+            time.sleep(0.5)
+        shards_at_crash = done()
+    finally:
+        family = _descendants(job.pid)
+        os.killpg(job.pid, signal.SIGKILL)  # the driver's own session: the job dies mid-flight
+        job.wait()
+        for p in family:  # Ray daemons that left the session
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    t0 = time.perf_counter()
+    assert _batch_qa([*args, "--resume"]).wait() == 0
+    check = _check_output(dest, ref)
+    res = {"questions": len(ex), "shard_size": 128, "killed_actor_pid": killed_actor,
+           "shards_written_before_job_killed": shards_at_crash, "shards_total": (len(ex) + 127) // 128,
+           "resume_seconds": time.perf_counter() - t0, **check}
+    print(res, flush=True)
+    _record("ray_kill_and_resume", res)
+    assert check["lines"] == check["unique_ids"] == len(ex) and check["missing"] == 0 and check["mismatched"] == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`naive ARTIFACT --port P`: run the naive baseline server."""
+    p = argparse.ArgumentParser(prog="python -m bench.test_serve")
+    p.add_argument("mode", choices=["naive"])
+    p.add_argument("artifact")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--log-level", default="info")
+    a = p.parse_args(argv)
+    import uvicorn
+
+    from engine.qa import QAEngine
+
+    uvicorn.run(naive_app(QAEngine.load(a.artifact, backend=a.backend, threads=a.threads)), host=a.host,
+                port=a.port, log_level=a.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
