@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from bench.common import ROOT, THREADS, cpu_name, minilm
+from engine.serve.app import AnswerRequest  # module level: FastAPI resolves the annotation
 
 RESULTS = ROOT / "bench" / "results"
 CLIENTS = (1, 8, 32)
@@ -61,8 +62,6 @@ def _same(a: dict, ref: dict) -> bool:
 def naive_app(engine):
     """The baseline: one `QAEngine.answer` per request in FastAPI's thread pool, no batching."""
     from fastapi import FastAPI
-
-    from engine.serve.app import AnswerRequest
 
     app = FastAPI(title="naive")
 
