@@ -97,6 +97,11 @@ class Server:
         self.stop()
         raise RuntimeError(f"server {args} did not come up")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (all its threads)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> int:
         """SIGTERM and wait; the exit code."""
         self.proc.send_signal(signal.SIGTERM)
@@ -143,9 +148,10 @@ def test_serve_load():
     items = [{"question": e.question, "context": e.context} for e in ex]
     eng = QAEngine.load(art, backend="cpp", threads=THREADS)
     eng.answer_batch([(it["question"], it["context"]) for it in items[:32]])  # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ref = [a.to_dict() for a in eng.answer_batch([(it["question"], it["context"]) for it in items], 32)]
     engine_qps = len(items) / (time.perf_counter() - t0)
+    engine_q_per_cpu_s = len(items) / (time.process_time() - c0)
     del eng
     servers = {
         "batched": ["-m", "engine.serve", str(art), "--backend", "cpp", "--threads", str(THREADS)],
@@ -157,13 +163,16 @@ def test_serve_load():
             srv = Server(args)
             try:
                 asyncio.run(_load(srv.url, items[:16], min(clients, 8)))  # warm-up
+                cpu0 = srv.cpu_seconds()
                 out, lat, errors, secs = asyncio.run(_load(srv.url, items, clients))
+                cpu = srv.cpu_seconds() - cpu0
             finally:
                 srv.stop()
             wrong = sum(o is not None and not _same(o, r) for o, r in zip(out, ref))
             lost = sum(o is None for o in out)
             rows.append({"server": name, "clients": clients, "questions": len(items), "qps": len(items) / secs,
                          "p50_ms": 1000 * float(np.percentile(lat, 50)), "p99_ms": 1000 * float(np.percentile(lat, 99)),
+                         "server_cpu_s": cpu, "q_per_cpu_s": len(items) / cpu, "load_average_1m": os.getloadavg()[0],
                          "errors": errors, "lost": lost, "mismatched": wrong})
             print(rows[-1], flush=True)
     by = {(r["server"], r["clients"]): r for r in rows}
@@ -171,9 +180,11 @@ def test_serve_load():
         "model": "minilm-half", "dtype": "float32", "backend": "cpp", "threads": THREADS, "device": cpu_name(),
         "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
         "note": "shared 2-core machine under other users' load; one run; client, server and others compete",
-        "engine_answer_batch_qps": engine_qps, "rows": rows,
+        "engine_answer_batch_qps": engine_qps, "engine_answer_batch_q_per_cpu_s": engine_q_per_cpu_s, "rows": rows,
         "speedup_vs_naive": {c: by["batched", c]["qps"] / by["naive", c]["qps"] for c in CLIENTS},
+        "cpu_efficiency_vs_naive": {c: by["batched", c]["q_per_cpu_s"] / by["naive", c]["q_per_cpu_s"] for c in CLIENTS},
         "served_vs_answer_batch": {c: by["batched", c]["qps"] / engine_qps for c in CLIENTS},
+        "served_vs_answer_batch_per_cpu_s": {c: by["batched", c]["q_per_cpu_s"] / engine_q_per_cpu_s for c in CLIENTS},
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -218,25 +229,29 @@ def _reference(art: Path, ex: list) -> tuple[dict[str, dict], float]:
 
 
 def test_batch_qa_dev(tmp_path):
-    """All dev questions (SPARSEQA_WORKLOAD_LIMIT caps them): answer_batch, local batch_qa, Ray 2 actors x 1 thread."""
+    """All dev questions (SPARSEQA_WORKLOAD_LIMIT caps them): local batch_qa (QAEngine.answer_batch, 32 rows at a
+    time), then Ray with 2 actors x 1 thread; the Ray output must equal the local one on every id."""
     limit = int(os.environ.get("SPARSEQA_WORKLOAD_LIMIT", "0")) or None
     art = minilm("half").artifact
     ex = _dev_examples(limit)
     pairs = tmp_path / "dev.jsonl"
     _write_pairs(pairs, ex)
-    ref, ref_s = _reference(art, ex)
     runs = {"local": ["--threads", str(THREADS)], "ray": ["--ray", "--workers", "2", "--threads", "1"]}
     out = {"questions": len(ex), "model": "minilm-half", "backend": "cpp", "device": cpu_name(),
-           "note": "shared 2-core machine under other users' load; seconds include engine load and Ray start",
-           "answer_batch": {"threads": THREADS, "seconds": ref_s, "qps": len(ex) / ref_s}}
+           "note": "shared 2-core machine under other users' load; seconds include engine load and Ray start"}
+    ref: dict[str, dict] = {}
     for name, extra in runs.items():
         dest = tmp_path / f"{name}.jsonl"
         t0 = time.perf_counter()
+        load0 = os.getloadavg()[0]
         rc = _batch_qa(["--artifact", str(art), "--input", str(pairs), "--output", str(dest), "--backend", "cpp",
                         *extra]).wait()
         secs = time.perf_counter() - t0
         assert rc == 0, name
-        out[name] = {"args": extra, "seconds": secs, "qps": len(ex) / secs, **_check_output(dest, ref)}
+        if not ref:  # the local run is answer_batch's output: the reference for the others
+            ref = {x["id"]: x for x in map(json.loads, dest.read_text(encoding="utf-8").splitlines())}
+        out[name] = {"args": extra, "seconds": secs, "qps": len(ex) / secs, "load_average_1m": [load0,
+                     os.getloadavg()[0]], **_check_output(dest, ref)}
         print(name, out[name], flush=True)
         _record("dev", out)
     for name in runs:
