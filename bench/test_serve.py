@@ -302,8 +302,9 @@ def test_batch_qa_ray_kill_and_resume(tmp_path):
             time.sleep(0.5)
         actors = [p for p in _descendants(job.pid) if "_RayAnswerer" in _cmdline(p) or "MapWorker" in _cmdline(p)]
         if actors:
-            killed_actor = actors[0]
-            os.kill(killed_actor, signal.SIGKILL)
+            killed_actor = {"pid": actors[0], "cmdline": _cmdline(actors[0]).strip()}
+            os.kill(actors[0], signal.SIGKILL)
+        shards_at_actor_kill = done()
         while done() < 6 and job.poll() is None:
             time.sleep(0.5)
         shards_at_crash = done()
@@ -319,7 +320,8 @@ def test_batch_qa_ray_kill_and_resume(tmp_path):
     t0 = time.perf_counter()
     assert _batch_qa([*args, "--resume"]).wait() == 0
     check = _check_output(dest, ref)
-    res = {"questions": len(ex), "shard_size": 128, "killed_actor_pid": killed_actor,
+    res = {"questions": len(ex), "shard_size": 128, "killed_actor": killed_actor,
+           "shards_written_at_actor_kill": shards_at_actor_kill,
            "shards_written_before_job_killed": shards_at_crash, "shards_total": (len(ex) + 127) // 128,
            "resume_seconds": time.perf_counter() - t0, **check}
     print(res, flush=True)
