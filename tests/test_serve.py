@@ -284,10 +284,13 @@ def test_engine_failure_is_500_and_worker_lives(engine):
 
     async def go():
         async with _client(create_app(gated)) as cl:
-            return [await cl.post("/v1/answer", json=_body(*p)) for p in _pairs(2)]
+            return [await cl.post("/v1/answer", json=_body(*p)) for p in _pairs(2)] + [await cl.get("/metrics")]
 
-    bad, ok = asyncio.run(go())
+    bad, ok, metrics = asyncio.run(go())
     assert bad.status_code == 500 and ok.status_code == 200
+    counts = _samples(metrics.text)
+    assert counts['sparseqa_requests_total{endpoint="/v1/answer",status="500"}'] == 1
+    assert counts['sparseqa_requests_total{endpoint="/v1/answer",status="200"}'] == 1
 
 
 def test_healthz_metrics_docs(engine):

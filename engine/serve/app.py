@@ -103,6 +103,9 @@ class _MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_status)
+        except Exception:
+            status["code"] = 500  # Starlette's outermost error middleware answers it
+            raise
         finally:
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
@@ -127,18 +130,17 @@ def create_app(engine: QAEngine, config: ServeConfig = ServeConfig()) -> FastAPI
     app.state.batcher, app.state.metrics, app.state.engine = batcher, metrics, engine
     app.add_middleware(_MetricsMiddleware, metrics=metrics)
 
-    @app.exception_handler(ValueError)
-    async def _bad_text(_: Request, e: ValueError) -> JSONResponse:  # e.g. a question with no tokens
-        return JSONResponse({"detail": str(e)}, status_code=422)
-
     async def run(request: Request, items: Sequence[AnswerRequest]) -> list | Response:
         for i, it in enumerate(items):
             longest = max(len(it.question), len(it.context))
             if longest > config.max_context_chars:
                 raise HTTPException(413, f"item {i}: {longest} characters exceed --max-context-chars "
                                          f"{config.max_context_chars}")
-        windows = await anyio.to_thread.run_sync(
-            lambda: [engine.windows.windows(it.question, it.context) for it in items])
+        try:
+            windows = await anyio.to_thread.run_sync(
+                lambda: [engine.windows.windows(it.question, it.context) for it in items])
+        except (ValueError, TypeError) as e:  # e.g. a question with no tokens
+            raise HTTPException(422, str(e)) from None
         jobs = [Job(ws) for ws in windows]
         try:
             batcher.submit(jobs)
