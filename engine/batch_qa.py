@@ -16,7 +16,7 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from engine.artifact import ArtifactError
@@ -210,9 +210,10 @@ def run_ray(rows: list[Row], store: ShardStore, config: JobConfig, address: str 
     threads = config.threads or 1
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, **({} if address else {"num_cpus": workers * threads}),
-                 include_dashboard=False, log_to_driver=False,
-                 runtime_env=None if address else {"env_vars": {"PYTHONPATH": _pythonpath()}})
+        # A new local cluster is sized to the actors; an existing one keeps its own resources and settings.
+        local = {"num_cpus": workers * threads, "include_dashboard": False,
+                 "runtime_env": {"env_vars": {"PYTHONPATH": _pythonpath()}}}
+        ray.init(address=address, log_to_driver=False, **({} if address else local))
     try:
         items = [{"shard": s, "row": json.dumps(r, ensure_ascii=False)} for s, shard in _shard_rows(rows, store)
                  for r in shard]
@@ -222,7 +223,7 @@ def run_ray(rows: list[Row], store: ShardStore, config: JobConfig, address: str 
         if not items:
             return
         ds = ray.data.from_items(items).map_batches(
-            _RayAnswerer, fn_constructor_kwargs={"config": JobConfig(**{**config.__dict__, "threads": threads})},
+            _RayAnswerer, fn_constructor_kwargs={"config": replace(config, threads=threads)},
             batch_size=config.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=threads)
         done: dict[int, list[dict]] = {}
@@ -264,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.batch_size < 1 or a.shard_size < 1 or a.workers < 1:
         p.error("--batch-size, --shard-size and --workers must be >= 1")
-    config = JobConfig(str(a.artifact), a.backend, a.threads, a.batch_size, a.max_answer_length)
+    # An absolute artifact path: Ray workers do not share the driver's working directory.
+    config = JobConfig(str(Path(a.artifact).resolve()), a.backend, a.threads, a.batch_size, a.max_answer_length)
     try:
         rows, rejects = read_rows(a.input)
         store = ShardStore(a.output, rows, a.shard_size, a.resume)
