@@ -62,6 +62,9 @@ bench-full: install
 bench-students: install
 	$(PY) -m pytest bench/test_students.py -q --benchmark-json=bench/results/students.json -p no:cacheprovider
 
+bench-serve: install
+	$(PY) -m pytest bench/test_serve.py -q -s -p no:cacheprovider
+
 bench-gpu:
 	python3 bench/gpu_bench.py --out bench/results/gpu.json
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from engine.artifact import Artifact, load_artifact
-from engine.decode import Span, decode
+from engine.decode import decode
 from engine.features import Window, WindowMaker, load_tokenizer, pack_windows
 from engine.packing import cu_seqlens_from_lengths, lengths_from_mask, pack, unpack
 from engine.runtime import Backend, create_backend
@@ -95,27 +96,33 @@ class QAEngine:
         fill = float("-inf")
         return unpack(start.cpu(), cu, seq, fill), unpack(end.cpu(), cu, seq, fill)
 
-    def _run_windows(self, windows: list[Window], batch_size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def run_windows(self, windows: Sequence[Window], batch_size: int = 32, max_tokens: int | None = None
+                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Start and end logits `[len(window)]` of every window, in order; packed forwards of at most `batch_size`
+        windows and (when given) `max_tokens` tokens (a single longer window runs alone)."""
         starts: list[np.ndarray] = []
         ends: list[np.ndarray] = []
-        for i in range(0, len(windows), batch_size):
-            chunk = windows[i : i + batch_size]
+        for chunk in _chunks(windows, batch_size, max_tokens):
             b = pack_windows(chunk)
             s, e = self.backend.forward_packed(b.input_ids, b.token_type_ids, b.cu_seqlens, b.max_seqlen)
             s, e = s.cpu().numpy(), e.cpu().numpy()
             bounds = b.cu_seqlens.tolist()
-            starts += [s[a:z] for a, z in zip(bounds[:-1], bounds[1:])]
-            ends += [e[a:z] for a, z in zip(bounds[:-1], bounds[1:])]
+            starts += [s[a:z] for a, z in pairwise(bounds)]
+            ends += [e[a:z] for a, z in pairwise(bounds)]
         return starts, ends
 
-    def _answers(self, context: str, spans: list[Span], null: float, top_k: int, threshold: float
-                 ) -> list[Answer]:
+    def decode_answers(self, context: str, windows: Sequence[Window], starts: Sequence[np.ndarray],
+                       ends: Sequence[np.ndarray], top_k: int = 1, max_answer_length: int = 30,
+                       null_threshold: float | None = None) -> Answer | list[Answer]:
+        """One example's answer (or `top_k` answers) from the logits of its windows (see `run_windows`)."""
+        threshold = self.artifact.null_threshold if null_threshold is None else float(null_threshold)
+        spans, null = decode(list(windows), list(starts), list(ends), max_answer_length, top_k)
         best = spans[0].score if spans else float("-inf")
         diff = null - best
         out = [Answer(context[sp.start:sp.end], sp.start, sp.end, sp.score, False, null - sp.score) for sp in spans]
         if diff > threshold:
             out = [Answer("", 0, 0, null, True, diff)] + out[: top_k - 1]
-        return out[:top_k]
+        return out[:top_k] if top_k > 1 else out[0]
 
     def answer_batch(self, pairs: Sequence[tuple[str, str]], batch_size: int = 32, top_k: int = 1,
                      max_answer_length: int = 30, null_threshold: float | None = None) -> list:
@@ -124,24 +131,34 @@ class QAEngine:
             raise TypeError("pairs must be a sequence of (question, context) tuples")
         if batch_size < 1 or top_k < 1 or max_answer_length < 1:
             raise ValueError("batch_size, top_k and max_answer_length must be >= 1")
-        threshold = self.artifact.null_threshold if null_threshold is None else float(null_threshold)
         per_pair: list[list[Window]] = []
         for i, pair in enumerate(pairs):
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise TypeError(f"pairs[{i}] must be a (question, context) tuple")
             per_pair.append(self.windows.windows(pair[0], pair[1]))
-        flat = [w for ws in per_pair for w in ws]
-        starts, ends = self._run_windows(flat, batch_size)
+        starts, ends = self.run_windows([w for ws in per_pair for w in ws], batch_size)
         results, k = [], 0
         for (_, context), ws in zip(pairs, per_pair):
             n = len(ws)
-            spans, null = decode(ws, starts[k : k + n], ends[k : k + n], max_answer_length, top_k)
+            results.append(self.decode_answers(context, ws, starts[k : k + n], ends[k : k + n], top_k,
+                                               max_answer_length, null_threshold))
             k += n
-            answers = self._answers(context, spans, null, top_k, threshold)
-            results.append(answers if top_k > 1 else answers[0])
         return results
 
     def answer(self, question: str, context: str, top_k: int = 1, max_answer_length: int = 30,
                null_threshold: float | None = None) -> Answer | list[Answer]:
         """Best answer (or the `top_k` best as a list) to `question` in `context`."""
         return self.answer_batch([(question, context)], 32, top_k, max_answer_length, null_threshold)[0]
+
+
+def _chunks(windows: Sequence[Window], batch_size: int, max_tokens: int | None) -> Iterator[Sequence[Window]]:
+    """Consecutive runs of `windows`, each at most `batch_size` windows and `max_tokens` tokens (never empty)."""
+    start, tokens = 0, 0
+    for i, w in enumerate(windows):
+        n = len(w.input_ids)
+        if i > start and (i - start == batch_size or (max_tokens is not None and tokens + n > max_tokens)):
+            yield windows[start:i]
+            start, tokens = i, 0
+        tokens += n
+    if start < len(windows):
+        yield windows[start:]
