@@ -1,6 +1,7 @@
 """`python -m engine.latency`: a per-layer latency lookup table measured on the engine the user will run.
 
     python -m engine.latency --model DIR --shape 8,384 [--backend cpp] [--threads 2] [--dtype float32] [--out T.json]
+    python -m engine.latency --model DENSE --check PRUNED --shape 8,384     # measured speedup of a pruned model
 
 For every layer position l the table holds two piecewise-linear functions, in milliseconds for one forward of
 `batch` sequences of `seq` tokens: `attn_l(h)` (layer l keeping h heads) and `ffn_l(f)` (keeping f FFN units).
@@ -532,10 +533,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="round-robin timing rounds (the fastest run counts)")
     ap.add_argument("--out", type=Path, help="write the table here (default: the cache)")
     ap.add_argument("--remeasure", action="store_true", help="measure even if a cached table exists")
+    ap.add_argument("--check", type=Path, help="instead: build this pruned checkpoint and --model with real weights "
+                    "and print their measured latencies and speedup (interleaved, fastest of --rounds rounds)")
+    ap.add_argument("--rounds", type=int, default=7, help="timing rounds of --check")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     try:
         batch, seq = parse_shape(a.shape)
+        if a.check is not None:
+            r = measure_speedup(a.check, a.model, batch, seq, a.backend, a.threads, a.dtype, a.rounds,
+                                progress=not a.no_progress)
+            print(json.dumps({"model": str(a.check), "dense": str(a.model), "shape": [batch, seq],
+                              "backend": a.backend, "threads": a.threads, **r}, indent=2))
+            return 0
         table = load_or_measure(a.model, batch, seq, a.backend, a.threads, a.dtype, table_path=a.out,
                                 remeasure=a.remeasure or a.out is not None, reps=a.reps, progress=not a.no_progress)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

@@ -230,7 +230,9 @@ def test_cli_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, capsys):
     assert set(m["stages"]) == {"fisher", "search", "rearrange", "tune"}
     for stage in ("search", "rearrange"):
         assert (out / "stages" / stage / "config.json").is_file()
-    build(out, tmp_path / "art")  # build_model accepts the output as it accepts L0's
+    from engine.features import WindowSettings
+
+    build(out, tmp_path / "art", settings=WindowSettings(96, 32, 24))  # build_model takes it as it takes L0 output
     weights = (out / "model.safetensors").read_bytes()
 
     # Interrupted after the search: the later stages and outputs are gone; --resume redoes only those.

@@ -349,7 +349,7 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
     _check_resume(store, args)
     teacher_ck = load_checkpoint(args.teacher)
     dense = teacher_ck.cfg
-    if not teacher_ck.qa_head_initialised:
+    if teacher_ck.qa_head_initialised:
         print("warning: the teacher has no trained QA head (a bare encoder); its scores are meaningless",
               file=sys.stderr)
     settings = WindowSettings(args.max_seq_length, args.doc_stride, args.max_query_length)
