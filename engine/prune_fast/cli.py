@@ -172,19 +172,20 @@ def stage_fisher(store: StageStore, model: RaggedQAModel, feats: list[TrainFeatu
     elapsed = float(saved["seconds"]) if saved else 0.0
     cpu = float(saved["cpu_seconds"]) if saved else 0.0
     bar = tqdm(total=n_batches, initial=done, desc="fisher", unit="batch", disable=not progress)
-    for start in range(done, n_batches, FISHER_SAVE_EVERY):
+    for b in range(done, n_batches):
         t0, c0 = time.monotonic(), time.process_time()
-        h, f = mask_gradients(model, feats, batch, range(start, min(start + FISHER_SAVE_EVERY, n_batches)))
-        hg = [torch.cat([a, b]) for a, b in zip(hg, h)]
-        fg = [torch.cat([a, b]) for a, b in zip(fg, f)]
+        h, f = mask_gradients(model, feats, batch, [b])
+        hg = [torch.cat([x, y]) for x, y in zip(hg, h)]
+        fg = [torch.cat([x, y]) for x, y in zip(fg, f)]
         elapsed += time.monotonic() - t0
         cpu += time.process_time() - c0
-        done = min(start + FISHER_SAVE_EVERY, n_batches)
+        bar.update(1)
+        if (b + 1) % FISHER_SAVE_EVERY and b + 1 < n_batches:
+            continue
         tensors = {**{f"head.{l}": hg[l] for l in range(n_layers)}, **{f"ffn.{l}": fg[l] for l in range(n_layers)},
-                   "batches": torch.tensor(done), "seconds": torch.tensor(elapsed, dtype=torch.float64),
+                   "batches": torch.tensor(b + 1), "seconds": torch.tensor(elapsed, dtype=torch.float64),
                    "cpu_seconds": torch.tensor(cpu, dtype=torch.float64)}
-        store.put_tensors("fisher.safetensors" if done == n_batches else "fisher.partial.safetensors", tensors)
-        bar.update(done - bar.n)
+        store.put_tensors("fisher.safetensors" if b + 1 == n_batches else "fisher.partial.safetensors", tensors)
     bar.close()
     (store.root / "fisher.partial.safetensors").unlink(missing_ok=True)
     return hg, fg, {"time_s": elapsed, "cpu_s": cpu, "batches": n_batches, "samples": len(feats), "batch": batch}

@@ -19,9 +19,16 @@ from engine.spec import LayerKeep, PruneSpec, apply_spec
 from engine.training import collate, span_loss
 
 
-def head_context(layer: Layer, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-    """Per-head attention context `[T, h*dh]` of `layer` on input `x` `[T, d]` (before the output projection)."""
-    qkv = layer.qkv(x).view(-1, 3, layer.heads, layer.head_dim)  # (T, 3, h, dh)
+def head_context(layer: Layer, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-head attention context `[T, h*dh]` of `layer` on input `x` `[T, d]` (before the output projection);
+    with a bool mask `keep` `[h]`, only the kept heads' `[T, K*dh]` (their Q/K/V rows alone are computed)."""
+    if keep is None:
+        qkv = layer.qkv(x).view(-1, 3, layer.heads, layer.head_dim)  # (T, 3, h, dh)
+        return attention_packed(qkv, cu_seqlens, max_seqlen)
+    w = layer.qkv.weight.view(3, layer.heads, layer.head_dim, -1)[:, keep].reshape(-1, x.shape[1])
+    b = layer.qkv.bias.view(3, layer.heads, layer.head_dim)[:, keep].reshape(-1)
+    qkv = torch.addmm(b, x, w.t()).view(-1, 3, int(keep.sum()), layer.head_dim)  # (T, 3, K, dh)
     return attention_packed(qkv, cu_seqlens, max_seqlen)
 
 

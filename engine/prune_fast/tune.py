@@ -36,6 +36,7 @@ class _Chunk:
     max_seqlen: int
     teacher: torch.Tensor
     student: torch.Tensor
+    ctx: torch.Tensor | None = None  # the student's kept-head context `[T, K*dh]` of the current layer
 
 
 def solve_scales(gram: torch.Tensor, rhs: torch.Tensor, damping: float = 1e-10) -> torch.Tensor | None:
@@ -54,9 +55,9 @@ def solve_scales(gram: torch.Tensor, rhs: torch.Tensor, damping: float = 1e-10) 
 
 
 def head_outputs(layer: Layer, ctx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Each kept head's contribution to the output projection: `[T, |K|, d]` from context `[T, h*dh]`."""
-    t = ctx.shape[0]
-    c = ctx.view(t, layer.heads, layer.head_dim)[:, keep]  # (T, K, dh)
+    """Each kept head's contribution to the output projection: `[T, K, d]` from the kept heads' context
+    `[T, K*dh]`."""
+    c = ctx.view(ctx.shape[0], -1, layer.head_dim)  # (T, K, dh)
     w = layer.o.weight.view(-1, layer.heads, layer.head_dim)[:, keep]  # (d, K, dh)
     return torch.einsum("tkc,dkc->tkd", c, w)
 
@@ -71,7 +72,8 @@ def attention_system(t_layer: Layer, layer: Layer, chunk: _Chunk, keep: torch.Te
         z = chunk.teacher + t_layer.o.bias
     if not layer.heads or not bool(keep.any()):
         return torch.zeros(0, 0), torch.zeros(0), z
-    y = head_outputs(layer, head_context(layer, chunk.student, chunk.cu_seqlens, chunk.max_seqlen), keep)
+    chunk.ctx = head_context(layer, chunk.student, chunk.cu_seqlens, chunk.max_seqlen, keep)  # reused after solving
+    y = head_outputs(layer, chunk.ctx, keep)
     r = z - chunk.student - layer.o.bias
     return torch.einsum("tkd,tjd->kj", y, y), torch.einsum("tkd,td->k", y, r), z
 
@@ -127,7 +129,7 @@ def tune_masks(model: RaggedQAModel, features: Sequence[TrainFeature], head_keep
         hm = _scales(hk, done[l][0] if l < len(done) else solve_scales(gram, rhs), info, "heads")
         for c, z in zip(chunks, targets):
             c.teacher = t_layer.ln1(z)
-            c.student = _after_attention(layer, c, hm)
+            c.student = _after_attention(layer, c, hm, hk)
         del targets
         # -- FFN: same, then move both models past LN2
         targets = []
@@ -166,12 +168,15 @@ def _scales(keep: torch.Tensor, solved: torch.Tensor | None, info: dict, kind: s
     return out
 
 
-def _after_attention(layer: Layer, c: _Chunk, scales: torch.Tensor) -> torch.Tensor:
-    """Student hidden state after the attention sublayer and LN1, with head scales `[h]`."""
-    if layer.heads and bool(scales.ne(0).any()):
-        ctx = head_context(layer, c.student, c.cu_seqlens, c.max_seqlen) * scales.repeat_interleave(layer.head_dim)
-        return layer.ln1(c.student + torch.addmm(layer.o.bias, ctx, layer.o.weight.t()))
-    return layer.ln1(c.student + layer.o.bias)
+def _after_attention(layer: Layer, c: _Chunk, scales: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Student hidden state after the attention sublayer and LN1, with head scales `[h]` (kept heads' context from
+    `attention_system`)."""
+    ctx, c.ctx = c.ctx, None
+    if ctx is None:
+        return layer.ln1(c.student + layer.o.bias)
+    cols = keep.repeat_interleave(layer.head_dim)
+    ctx = ctx * scales[keep].repeat_interleave(layer.head_dim)
+    return layer.ln1(c.student + torch.addmm(layer.o.bias, ctx, layer.o.weight[:, cols].t()))
 
 
 def _ffn_out(layer: Layer, h: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
