@@ -31,6 +31,7 @@ import math
 import os
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -394,14 +395,21 @@ class EngineTimer:
             self.run(models[-1])  # warm-up: first touch, oneDNN primitive creation
             bar.update(1)
         best = [math.inf] * len(models)
+        self.per_round = [[] for _ in models]  # each round's fastest run of each model, for paired ratios
         for _ in range(self.reps):
             for i, m in enumerate(models):
                 t = self.run(m)
                 runs = min(MAX_REPS, max(1, math.ceil(self.min_time_s * 1e3 / max(t, 1e-3))))
-                best[i] = min(best[i], t, *(self.run(m) for _ in range(runs - 1)))
+                self.per_round[i].append(min(t, *(self.run(m) for _ in range(runs - 1))))
+                best[i] = min(best[i], self.per_round[i][-1])
                 bar.update(1)
         bar.close()
         return best
+
+    def paired_speedup(self, model: int = 0, dense: int = 1) -> float:
+        """Median over rounds of dense / model latency, each pair measured back to back in the last timing: robust
+        to load that changes between rounds, which the ratio of the two minima is not."""
+        return statistics.median(d / m for m, d in zip(self.per_round[model], self.per_round[dense]))
 
 
 def default_grid(n: int, points: int = 9) -> list[int]:
@@ -499,7 +507,8 @@ def measure_speedup(model_dir: str | Path, dense_dir: str | Path, batch: int, se
                     ) -> dict[str, float]:
     """The benchmark of a pruned checkpoint against its dense teacher on one engine: both are built with
     engine.build_model (real weights), then timed round-robin in one process (fastest of `rounds` rounds each).
-    Returns `{"ms", "dense_ms", "speedup"}`."""
+    Returns `{"ms", "dense_ms"}` (fastest runs), `speedup` (median of per-round paired ratios) and `speedup_min`
+    (ratio of the fastest runs)."""
     from engine.checkpoint import load_checkpoint
 
     torch.set_num_threads(threads)
@@ -508,9 +517,10 @@ def measure_speedup(model_dir: str | Path, dense_dir: str | Path, batch: int, se
     try:
         ms, dense_ms = timer.time_models([lambda: timer.load_checkpoint(Path(model_dir)),
                                           lambda: timer.load_checkpoint(Path(dense_dir))])
+        paired = timer.paired_speedup()
     finally:
         timer.close()
-    return {"ms": ms, "dense_ms": dense_ms, "speedup": dense_ms / ms, "rounds": rounds}
+    return {"ms": ms, "dense_ms": dense_ms, "speedup": paired, "speedup_min": dense_ms / ms, "rounds": rounds}
 
 
 def parse_shape(text: str) -> tuple[int, int]:

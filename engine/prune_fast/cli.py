@@ -232,7 +232,7 @@ def _latency_search(args: argparse.Namespace, dense: EncoderConfig, hs: list[tor
                             remeasure=args.remeasure_latency, progress=progress)
     budget = latency_budget(table, args.target_latency_ms, args.target_speedup)
     cost: CostFn = table.predict
-    timer = EngineTimer(dense, args.teacher, args.backend, args.latency_dtype, batch, seq, threads, reps=5,
+    timer = EngineTimer(dense, args.teacher, args.backend, args.latency_dtype, batch, seq, threads, reps=7,
                         progress=False)
     rounds, best = [], None
     try:
@@ -240,10 +240,14 @@ def _latency_search(args: argparse.Namespace, dense: EncoderConfig, hs: list[tor
             res = search(hs, fs, cost, budget)
             shape = (tuple(int(m.sum()) for m in res.head_masks), tuple(int(m.sum()) for m in res.ffn_masks))
             ms, dense_ms = timer([shape, (dense.heads, dense.ffn)])
-            want = args.target_latency_ms if args.target_latency_ms is not None else dense_ms / args.target_speedup
-            err = want / ms - 1  # > 0: faster than needed
+            speedup = timer.paired_speedup()  # median of back-to-back ratios: robust to changing machine load
+            if args.target_latency_ms is not None:
+                want, err = args.target_latency_ms, args.target_latency_ms / ms - 1  # > 0: faster than needed
+            else:
+                want, err = dense_ms / args.target_speedup, speedup / args.target_speedup - 1
+                ms = dense_ms / speedup  # the pruned latency implied by the paired speedup
             rounds.append({"budget_ms": budget, "predicted_ms": res.cost, "measured_ms": ms,
-                           "measured_dense_ms": dense_ms, "measured_speedup": dense_ms / ms, "target_ms": want,
+                           "measured_dense_ms": dense_ms, "measured_speedup": speedup, "target_ms": want,
                            "rel_error": err, "heads": list(shape[0]), "ffn": list(shape[1])})
             if best is None or abs(err) < abs(best[1]):
                 best = (res, err)
