@@ -400,7 +400,7 @@ class EngineTimer:
             for i, m in enumerate(models):
                 t = self.run(m)
                 runs = min(MAX_REPS, max(1, math.ceil(self.min_time_s * 1e3 / max(t, 1e-3))))
-                self.per_round[i].append(min(t, *(self.run(m) for _ in range(runs - 1))))
+                self.per_round[i].append(min([t, *(self.run(m) for _ in range(runs - 1))]))
                 best[i] = min(best[i], self.per_round[i][-1])
                 bar.update(1)
         bar.close()
