@@ -8,8 +8,9 @@ Stages (Kwon et al., NeurIPS 2022); each one's result is saved under OUT/state/ 
   1. fisher     gradients of the span loss w.r.t. all-ones head and FFN-unit masks, one row per mini-batch of
                 --batch windows over --samples train windows (saved every few batches, so resumable mid-stage);
   2. search     keep the units with the largest diagonal Fisher under the budget: encoder FLOPs (engine.flops) or
-                latency from a table measured on the target engine (engine.latency), then re-measured on the engine
-                and corrected until within --latency-tolerance;
+                latency from a table measured on the target engine (engine.latency); a latency-targeted shape is
+                then measured on the engine against the dense one and the budget corrected (by the median ratio of
+                measured to predicted latency over the rounds so far) until within --latency-tolerance;
   3. rearrange  within each layer, a greedy swap lowers the pruned units' full (not diagonal) Fisher quadratic form;
   4. tune       kept masks become real scales, fitted layer by layer by least squares against the dense teacher;
 then the scales are folded into `o.weight` / `ffn_out.weight` columns, the null threshold is tuned on held-out
@@ -22,6 +23,7 @@ import argparse
 import json
 import math
 import random
+import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -253,7 +255,9 @@ def _latency_search(args: argparse.Namespace, dense: EncoderConfig, hs: list[tor
                 best = (res, err)
             if abs(err) <= args.latency_tolerance:
                 break
-            budget = max(table.base_ms * 1.02, budget * want / ms)
+            # measured / table-predicted latency, median over all rounds so far: one noisy round moves it little
+            ratio = statistics.median(r["measured_ms"] / r["predicted_ms"] for r in rounds)
+            budget = max(table.base_ms * 1.02, want / ratio)
     finally:
         timer.close()
     info = {"by": "latency", "table_key": asdict(table.key), "table_dense_ms": table.dense_ms(),
