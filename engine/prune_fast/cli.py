@@ -255,9 +255,16 @@ def _latency_search(args: argparse.Namespace, dense: EncoderConfig, hs: list[tor
                 best = (res, err)
             if abs(err) <= args.latency_tolerance:
                 break
-            # measured / table-predicted latency, median over all rounds so far: one noisy round moves it little
-            ratio = statistics.median(r["measured_ms"] / r["predicted_ms"] for r in rounds)
-            budget = max(table.base_ms * 1.02, want / ratio)
+            # Correct the table by the median over all rounds so far (one noisy round moves it little) of measured /
+            # predicted latency, or for a speedup target of measured / predicted speedup (relative to the dense model
+            # measured in the same round, so load that changes between rounds cancels).
+            if args.target_latency_ms is not None:
+                k = statistics.median(r["measured_ms"] / r["predicted_ms"] for r in rounds)
+                budget = args.target_latency_ms / k
+            else:
+                k = statistics.median(r["measured_speedup"] * r["predicted_ms"] / table.dense_ms() for r in rounds)
+                budget = table.dense_ms() * k / args.target_speedup
+            budget = max(table.base_ms * 1.02, budget)
     finally:
         timer.close()
     info = {"by": "latency", "table_key": asdict(table.key), "table_dense_ms": table.dense_ms(),
