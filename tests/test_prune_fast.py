@@ -279,3 +279,53 @@ def test_cli_bad_inputs(tiny_bert, squad_train, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(_cli_args(tiny_bert, squad_train, tmp_path / "d", "--target-sparsity", "1.2"))
 
+
+
+def test_latency_search_corrects_a_biased_table(monkeypatch):
+    """The table over-predicts pruned speed by 15% (the engine's pruned models are slower than its sum of layers):
+    the measure-and-correct loop must still land within tolerance of the requested speedup, as measured."""
+    import argparse
+
+    import engine.latency as lat
+    from engine.prune_fast.cli import _latency_search
+
+    dense = CFG.with_shape((12, 12, 12), (400, 400, 400))
+
+    def table_ms(heads, ffn):
+        return 2.0 + sum(0.5 * h + 0.01 * f + (0.3 if h else 0) for h, f in zip(heads, ffn))
+
+    table = lat.build_table(dense, lat.LatencyKey("x", "cpp", "float32", 8, 32, 2, lat.dims_hash(dense)),
+                            lambda shapes: [table_ms(*s) for s in shapes], n_validation=0)
+
+    def engine_ms(heads, ffn):  # the truth: pruned shapes 15% slower than the table says, the dense one exact
+        full = tuple(heads) == dense.heads and tuple(ffn) == dense.ffn
+        return table.predict(heads, ffn) * (1.0 if full else 1.15)
+
+    class FakeTimer:
+        def __init__(self, *args, **kwargs):
+            self.ms: list[float] = []
+
+        def __call__(self, shapes):
+            self.ms = [engine_ms(*s) for s in shapes]
+            return self.ms
+
+        def paired_speedup(self):
+            return self.ms[1] / self.ms[0]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(lat, "load_or_measure", lambda *a, **k: table)
+    monkeypatch.setattr(lat, "EngineTimer", FakeTimer)
+    g = torch.Generator().manual_seed(0)
+    hs = [torch.rand(12, generator=g, dtype=torch.float64) for _ in range(3)]
+    fs = [torch.rand(400, generator=g, dtype=torch.float64) * 0.01 for _ in range(3)]
+    args = argparse.Namespace(latency_shape="8,32", threads=2, teacher=None, backend="cpp", latency_dtype="float32",
+                              latency_table=None, remeasure_latency=False, target_latency_ms=None, target_speedup=1.5,
+                              latency_iterations=4, latency_tolerance=0.03)
+    res, info = _latency_search(args, dense, hs, fs, progress=False)
+    first, last = info["verification"][0], info["verification"][-1]
+    assert first["rel_error"] < -0.1  # the table alone misses by ~15%
+    assert abs(last["rel_error"]) <= 0.03
+    shape = (tuple(int(m.sum()) for m in res.head_masks), tuple(int(m.sum()) for m in res.ffn_masks))
+    assert engine_ms(dense.heads, dense.ffn) / engine_ms(*shape) == pytest.approx(1.5, rel=0.03)
