@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the accuracy/speed rows of RESULTS.md on real SQuAD 2.0 (CPU). Stages can be run one at a time:
-#   scripts/reproduce_squad.sh teacher|l0|importance|random|nodistill|more RUN STEPS|eval|all
+#   scripts/reproduce_squad.sh teacher|l0|importance|random|nodistill|more RUN STEPS|fast [T]|fast-speedup [X]|
+#                              importance-noft [T]|eval|all
 # Outputs go to $RUNS (default ./runs, git-ignored); evaluation JSON to bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,10 +44,33 @@ json.dump({'layers': [{}] * load_checkpoint(sys.argv[1]).cfg.num_layers}, open(s
   $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --student-init "$RUNS/$1" --spec "$keep" \
       --out "$RUNS/$1+$2" --finetune-max-steps "$2" --resume
 }
+FAST=(--train $TRAIN --eval-fraction 0.08 --negatives-ratio 0.6 --max-seq-length 256 --threads "$THREADS"
+      --samples 2048 --save-stages --latency-shape 8,384 --backend cpp --resume)
+fast() {  # post-training pruning (Kwon et al.) at $1 of the FLOPs removed; stage ablations as RUN-search, RUN-rearrange
+  local run="$RUNS/fast-${1:-0.4}$TAG"
+  $PY -m engine.prune_fast --teacher "$TEACHER" "${FAST[@]}" --target-sparsity "${1:-0.4}" --out "$run"
+  ln -sfn "$(realpath "$run/stages/search")" "$run-search"
+  ln -sfn "$(realpath "$run/stages/rearrange")" "$run-rearrange"
+}
+fast_speedup() {  # post-training pruning to a measured speedup of $1 over the teacher at (8,384) on the cpp engine
+  $PY -m engine.prune_fast --teacher "$TEACHER" "${FAST[@]}" --target-speedup "${1:-1.5}" --out "$RUNS/fast-x${1:-1.5}$TAG"
+}
+importance_noft() {  # Michel et al.'s importance at $1 of the FLOPs removed, cut with no fine-tuning at all
+  local spec="$RUNS/spec-importance-${1:-0.4}.json"
+  [ -f "$spec" ] || $PY -m engine.make_spec --model "$TEACHER" --target-sparsity "${1:-0.4}" --by importance \
+      --data $TRAIN --max-windows 2048 --out "$spec"
+  $PY -c "import sys; from transformers import AutoTokenizer
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.spec import apply_spec, parse_spec
+ck = load_checkpoint(sys.argv[1]); cfg, state = apply_spec(ck.state, ck.cfg, parse_spec(sys.argv[2], ck.cfg))
+save_checkpoint(sys.argv[3], cfg, state, ck.hf_config, AutoTokenizer.from_pretrained(sys.argv[1]), ck.null_threshold)" \
+      "$TEACHER" "$spec" "$RUNS/importance-noft-${1:-0.4}"
+}
 evaluate() {  # build an engine for each finished run (or the named ones) and score it on the complete official dev set
   mkdir -p bench/results
   local runs=("$@")
-  [ ${#runs[@]} -gt 0 ] || runs=("$TEACHER" "$RUNS"/l0-* "$RUNS"/nodistill-* "$RUNS"/importance-* "$RUNS"/random-*)
+  [ ${#runs[@]} -gt 0 ] || runs=("$TEACHER" "$RUNS"/l0-* "$RUNS"/nodistill-* "$RUNS"/importance-* "$RUNS"/random-* \
+                                 "$RUNS"/fast-*)
   for run in "${runs[@]}"; do
     [ -d "$run" ] || run="$RUNS/$run"
     [ -f "$run/config.json" ] || continue
@@ -63,7 +87,11 @@ case "${1:-all}" in
   importance) baseline importance ;;
   random) baseline random ;;
   more) more "$2" "$3" ;;
+  fast) fast "${2:-0.4}" ;;
+  fast-speedup) fast_speedup "${2:-1.5}" ;;
+  importance-noft) importance_noft "${2:-0.4}" ;;
   eval) shift; evaluate "$@" ;;
   all) teacher; l0 0.5; baseline importance; evaluate ;;
-  *) echo "usage: $0 teacher|l0 [target]|nodistill|importance|random|more RUN STEPS|eval [RUN ...]|all" >&2; exit 2 ;;
+  *) echo "usage: $0 teacher|l0 [target]|nodistill|importance|random|more RUN STEPS|fast [target]|fast-speedup [x]|" \
+          "importance-noft [target]|eval [RUN ...]|all" >&2; exit 2 ;;
 esac

@@ -1,0 +1,5 @@
+import sys
+
+from engine.prune_fast.cli import main
+
+sys.exit(main())

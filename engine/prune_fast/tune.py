@@ -1,0 +1,189 @@
+"""Mask tuning (Kwon et al.): kept masks become real scales, fitted layer by layer by linear least squares.
+
+Layer l, attention sublayer. The target is the dense teacher's pre-LayerNorm output on the *teacher's* input,
+`Z = X_t + Attn(X_t)`. The pruned model computes `X_s + b_O + sum_{h in K} m_h Y_h` on its own input `X_s` (the
+output of the already-tuned layers below), where `Y_h = ctx_h W_O,h^T` `[T, d]` is head h's output. The scales
+solve `min_m || sum_h m_h Y_h - (Z - X_s - b_O) ||^2` over every token and hidden unit: a `|K| x |K|` normal-equation
+system. The FFN sublayer is the same with `Y_u = a_u W_2,u^T` for unit activation `a_u`, whose Gram matrix is
+`(A^T A) * (W_2^T W_2)` (elementwise), so it costs one `[T, |K|]` GEMM per batch rather than `|K|` `[T, d]` ones.
+
+The reconstruction target is the dense model, not a less-pruned intermediate: the dense outputs are exactly what
+the pruned model should reproduce, and feeding each layer the pruned model's own input lets the scales of layer l
+absorb the error left by layers below (an intermediate target would add its own error on top).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from engine.data.squad import TrainFeature
+from engine.model import Layer, RaggedQAModel
+from engine.prune_fast.masked import head_context
+from engine.training import collate
+
+MAX_SCALE = 10.0  # as Kwon et al.: a solution with a larger |scale| is ill-conditioned; keep the binary mask
+
+
+@dataclass
+class _Chunk:
+    """One batch of tuning windows: packing and the current teacher and student hidden states `[T, d]`."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    teacher: torch.Tensor
+    student: torch.Tensor
+    ctx: torch.Tensor | None = None  # the student's kept-head context `[T, K*dh]` of the current layer
+
+
+def solve_scales(gram: torch.Tensor, rhs: torch.Tensor, damping: float = 1e-10) -> torch.Tensor | None:
+    """Solve `gram @ m = rhs` (float64, lightly damped); None when the solution is non-finite or beyond MAX_SCALE."""
+    if gram.numel() == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    g = gram.double() + damping * gram.diagonal().double().mean().clamp_min(1e-30) * torch.eye(len(gram),
+                                                                                              dtype=torch.float64)
+    try:
+        m = torch.linalg.solve(g, rhs.double())
+    except RuntimeError:
+        return None
+    if not bool(torch.isfinite(m).all()) or float(m.abs().max()) > MAX_SCALE:
+        return None
+    return m
+
+
+def head_outputs(layer: Layer, ctx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Each kept head's contribution to the output projection: `[T, K, d]` from the kept heads' context
+    `[T, K*dh]`."""
+    c = ctx.view(ctx.shape[0], -1, layer.head_dim)  # (T, K, dh)
+    w = layer.o.weight.view(-1, layer.heads, layer.head_dim)[:, keep]  # (d, K, dh)
+    return torch.einsum("tkc,dkc->tkd", c, w)
+
+
+def attention_system(t_layer: Layer, layer: Layer, chunk: _Chunk, keep: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Gram `[K, K]`, rhs `[K]`, teacher pre-LN target) of the attention sublayer on one chunk."""
+    if t_layer.heads:
+        ctx_t = head_context(t_layer, chunk.teacher, chunk.cu_seqlens, chunk.max_seqlen)
+        z = chunk.teacher + torch.addmm(t_layer.o.bias, ctx_t, t_layer.o.weight.t())  # (T, d) teacher pre-LN1
+    else:
+        z = chunk.teacher + t_layer.o.bias
+    if not layer.heads or not bool(keep.any()):
+        return torch.zeros(0, 0), torch.zeros(0), z
+    chunk.ctx = head_context(layer, chunk.student, chunk.cu_seqlens, chunk.max_seqlen, keep)  # reused after solving
+    y = head_outputs(layer, chunk.ctx, keep)
+    r = z - chunk.student - layer.o.bias
+    return torch.einsum("tkd,tjd->kj", y, y), torch.einsum("tkd,td->k", y, r), z
+
+
+def ffn_system(t_layer: Layer, layer: Layer, h_t: torch.Tensor, h_s: torch.Tensor, keep: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(activation Gram `[K, K]` (times `W_2^T W_2` gives the system), rhs `[K]`, teacher pre-LN target)."""
+    z = h_t + t_layer.ffn_out(t_layer.act(t_layer.ffn_in(h_t)))  # (T, d) teacher pre-LN2
+    if not bool(keep.any()):
+        return torch.zeros(0, 0), torch.zeros(0), z
+    w_in, b_in, w2 = layer.ffn_in.weight[keep], layer.ffn_in.bias[keep], layer.ffn_out.weight[:, keep]
+    a = layer.act(torch.addmm(b_in, h_s, w_in.t()))  # (T, K)
+    r = z - h_s - layer.ffn_out.bias
+    return a.t() @ a, ((r @ w2) * a).sum(0), z
+
+
+@torch.inference_mode()
+def tune_masks(model: RaggedQAModel, features: Sequence[TrainFeature], head_keep: Sequence[torch.Tensor],
+               ffn_keep: Sequence[torch.Tensor], batch: int = 32, done: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+               on_layer: Callable[[int, torch.Tensor, torch.Tensor, dict], None] | None = None,
+               progress: bool = True, teacher: RaggedQAModel | None = None
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[dict]]:
+    """Fit real-valued scales for the kept heads and units of every layer, in order (see the module docstring).
+
+    The reconstruction target is `teacher` (default: `model` itself, unmasked: the dense model being pruned).
+    `done` holds (head scales, FFN scales) of layers already tuned by an interrupted run: they are applied, not
+    re-fitted. `on_layer(l, head_scales, ffn_scales, info)` is called after each newly tuned layer (checkpointing).
+    Returns per-layer head scales `[h]`, FFN scales `[f]` (0 for pruned units) and per-layer solver info.
+    """
+    teacher = (teacher if teacher is not None else model).eval()
+    model.eval()
+    cfg = model.cfg
+    chunks = []
+    for i in range(0, len(features), batch):
+        packed, _, _ = collate(features[i: i + batch])
+        x_t = teacher.embeddings(packed.input_ids, packed.token_type_ids, packed.cu_seqlens)
+        x_s = model.embeddings(packed.input_ids, packed.token_type_ids, packed.cu_seqlens)
+        chunks.append(_Chunk(packed.cu_seqlens, packed.max_seqlen, x_t, x_s))
+    head_scales, ffn_scales, infos = [], [], []
+    bar = tqdm(total=cfg.num_layers * len(chunks) * 3, desc="tune", unit="batch", disable=not progress)
+    for l, (t_layer, layer) in enumerate(zip(teacher.layers, model.layers)):
+        hk, fk = head_keep[l].bool(), ffn_keep[l].bool()
+        info: dict = {"heads_kept": int(hk.sum()), "ffn_kept": int(fk.sum())}
+        # -- attention: accumulate the normal equations, solve, then move both models past LN1
+        targets = []
+        gram, rhs = torch.zeros(int(hk.sum()), int(hk.sum()), dtype=torch.float64), torch.zeros(int(hk.sum()),
+                                                                                               dtype=torch.float64)
+        for c in chunks:
+            g, r, z = attention_system(t_layer, layer, c, hk)
+            gram, rhs = gram + g.double(), rhs + r.double()
+            targets.append(z)
+            bar.update(1)
+        hm = _scales(hk, done[l][0] if l < len(done) else solve_scales(gram, rhs), info, "heads")
+        for c, z in zip(chunks, targets):
+            c.teacher = t_layer.ln1(z)
+            c.student = _after_attention(layer, c, hm, hk)
+        del targets
+        # -- FFN: same, then move both models past LN2
+        targets = []
+        gram, rhs = torch.zeros(int(fk.sum()), int(fk.sum()), dtype=torch.float64), torch.zeros(int(fk.sum()),
+                                                                                               dtype=torch.float64)
+        for c in chunks:
+            g, r, z = ffn_system(t_layer, layer, c.teacher, c.student, fk)
+            gram, rhs = gram + g.double(), rhs + r.double()
+            targets.append(z)
+            bar.update(1)
+        w2 = layer.ffn_out.weight[:, fk].double()
+        fm = _scales(fk, done[l][1] if l < len(done) else solve_scales(gram * (w2.t() @ w2), rhs), info, "ffn")
+        for c, z in zip(chunks, targets):
+            c.teacher = t_layer.ln2(z)
+            c.student = layer.ln2(c.student + _ffn_out(layer, c.student, fm))
+            bar.update(1)
+        head_scales.append(hm)
+        ffn_scales.append(fm)
+        infos.append(info)
+        if on_layer is not None and l >= len(done):
+            on_layer(l, hm, fm, info)
+    bar.close()
+    return head_scales, ffn_scales, infos
+
+
+def _scales(keep: torch.Tensor, solved: torch.Tensor | None, info: dict, kind: str) -> torch.Tensor:
+    """Full-length scales: solved values at kept positions (1 if the solve was rejected), 0 elsewhere."""
+    if solved is not None and solved.numel() == keep.numel():  # already full-length (resumed)
+        return solved.float()
+    out = torch.zeros(keep.numel())
+    if solved is None:
+        out[keep] = 1.0
+        info[f"{kind}_rejected"] = True
+    else:
+        out[keep] = solved.float()
+    return out
+
+
+def _after_attention(layer: Layer, c: _Chunk, scales: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Student hidden state after the attention sublayer and LN1, with head scales `[h]` (kept heads' context from
+    `attention_system`)."""
+    ctx, c.ctx = c.ctx, None
+    if ctx is None:
+        return layer.ln1(c.student + layer.o.bias)
+    cols = keep.repeat_interleave(layer.head_dim)
+    ctx = ctx * scales[keep].repeat_interleave(layer.head_dim)
+    return layer.ln1(c.student + torch.addmm(layer.o.bias, ctx, layer.o.weight[:, cols].t()))
+
+
+def _ffn_out(layer: Layer, h: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """FFN sublayer output (bias included) with unit scales `[f]`; only units with a nonzero scale are computed."""
+    keep = scales.ne(0)
+    if not bool(keep.any()):
+        return layer.ffn_out.bias
+    a = layer.act(torch.addmm(layer.ffn_in.bias[keep], h, layer.ffn_in.weight[keep].t())) * scales[keep]
+    return torch.addmm(layer.ffn_out.bias, a, layer.ffn_out.weight[:, keep].t())
+
