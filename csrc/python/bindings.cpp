@@ -7,6 +7,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "../src/cpu/kernels.h"
+#include "../src/cpu/pool.h"
 #include "../src/linear.h"
 #include "qaengine/aten.h"
 #include "qaengine/engine.h"
@@ -310,6 +311,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("device") = "cpu",
       "Artifact kernels (docs/ARTIFACT.md) this build runs on `device`: int8_gemm_per_token and int8_gemm_static on "
       "the CPU when torch's oneDNN int8 linear works; none on CUDA.");
+  m.def("set_release_caller_team", &qaengine::cpu::set_release_caller_team, py::arg("on"),
+        "Whether a multi-threaded CPU forward first ends the spinning of the calling thread's OpenMP team (torch's "
+        "intra-op threads); engine.openmp sets it.");
+  m.def("release_caller_team", &qaengine::cpu::release_caller_team);
   m.def("int8_linear", &int8_linear, py::arg("x"), py::arg("qweight"), py::arg("weight_scale"), py::arg("bias"),
         py::arg("input_scale") = py::none(), py::arg("activation") = py::none(),
         "One int8 Linear of the engine (tests): fp32 x [T, in], int8 qweight [out, in], fp32 weight_scale [out], "
