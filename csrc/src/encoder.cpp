@@ -89,15 +89,6 @@ void check_int8_values(std::map<std::string, at::Tensor>& t, const EncoderConfig
   }
 }
 
-cpu::Act to_act(Activation a) {
-  switch (a) {
-    case Activation::Gelu: return cpu::Act::Gelu;
-    case Activation::GeluTanh: return cpu::Act::GeluTanh;
-    case Activation::Relu: return cpu::Act::Relu;
-  }
-  return cpu::Act::Gelu;
-}
-
 }  // namespace
 
 std::vector<std::pair<std::string, std::vector<int64_t>>> expected_shapes(const EncoderConfig& c,
@@ -251,7 +242,7 @@ Encoder::Encoder(const EncoderConfig& cfg, const SafetensorsFile& file, const st
     t.erase(p + "weight");  // the Linear keeps its own (prepacked) copy: at most one extra copy alive during the load
     return lin;
   };
-  const cpu::Act act = to_act(cfg.activation);
+  const cpu::Act act = cfg.activation;
   for (int64_t l = 0; l < cfg.num_layers(); ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
     LayerWeights L;

@@ -13,10 +13,14 @@
 #include <string>
 #include <vector>
 
+#include "qaengine/config.h"
+
 namespace qaengine::cpu {
 
+using qaengine::Activation;
+
 enum class Isa { Base, Avx2, Avx512 };
-enum class Act { Gelu, GeluTanh, Relu };
+using Act = Activation;  // the manifest's activation (qaengine/config.h): one enum from engine.json to the kernels
 
 /// Packed varlen attention. `qkv` `[T, ld_qkv]` holds Q | K | V blocks of width heads*head_dim each (head j at
 /// columns j*head_dim within a block); `bias` `[3*heads*head_dim]`, when not null, is added inside the kernel.
