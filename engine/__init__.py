@@ -1,5 +1,6 @@
 """SparseQA: structured pruning and a ragged inference engine for BERT/RoBERTa extractive QA."""
 
+from engine import openmp  # noqa: F401  (first: bounds OpenMP spinning before anything loads torch)
 from engine.config import Architecture, EncoderConfig
 
 __all__ = ["Architecture", "EncoderConfig", "QAEngine", "Answer"]

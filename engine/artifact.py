@@ -96,8 +96,15 @@ class Artifact:
     tokenizer: TokenizerSpec
     null_threshold: float
     source: dict[str, Any]
-    state: dict[str, torch.Tensor] = field(repr=False)
+    _state: dict[str, torch.Tensor] | None = field(repr=False)  # None: not read yet (load_artifact(weights=False))
     quantization: Quantization | None = None  # int8 artifacts only
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """The tensors by name; read and value-checked on first use when the artifact was loaded with weights=False."""
+        if self._state is None:
+            self._state = _load_weights(self.path / WEIGHTS, self.cfg, self.dtype, self.quantization)
+        return self._state
 
     @property
     def kernels(self) -> tuple[str, ...]:
@@ -245,8 +252,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return m
 
 
-def load_artifact(path: str | Path) -> Artifact:
-    """Load and fully validate an artifact: manifest, tokenizer files, tensor names, shapes and dtypes."""
+def load_artifact(path: str | Path, weights: bool = True) -> Artifact:
+    """Load and fully validate an artifact: manifest, tokenizer files, tensor names, shapes, dtypes and values.
+
+    With `weights=False` the tensor values are neither read nor checked until `Artifact.state` is first used (names,
+    shapes and dtypes still are): for backends that read the weights file themselves (the cpp backend)."""
     root = Path(path)
     m = read_manifest(root)
     try:
@@ -262,9 +272,7 @@ def load_artifact(path: str | Path) -> Artifact:
     for f in t["files"]:
         _require((root / f).is_file(), f"tokenizer file {root / f} listed in {MANIFEST} is missing")
     quant = parse_quantization(m["quantization"]) if "quantization" in m else None
-    state = _load_weights(root / WEIGHTS, cfg, m["dtype"], quant)
-    if quant is not None:
-        _check_int8_values(state, cfg)
+    state = _load_weights(root / WEIGHTS, cfg, m["dtype"], quant, read=weights)
     tok = TokenizerSpec(settings, bool(t["do_lower_case"]), bool(t["strip_accents"]), list(t["files"]))
     return Artifact(root, cfg, m["dtype"], tok, float(m["null_threshold"]), m["source"], state, quant)
 
@@ -331,8 +339,9 @@ def _check_int8_values(state: dict[str, torch.Tensor], cfg: EncoderConfig) -> No
                     _require(ok, f"{WEIGHTS}: tensor {p + s!r} must be positive and finite (min {v.min().item():g})")
 
 
-def _load_weights(path: Path, cfg: EncoderConfig, dtype: str, quant: Quantization | None = None
-                  ) -> dict[str, torch.Tensor]:
+def _load_weights(path: Path, cfg: EncoderConfig, dtype: str, quant: Quantization | None = None, read: bool = True
+                  ) -> dict[str, torch.Tensor] | None:
+    """Checks the tensor header (names, shapes, dtypes); with `read`, reads the tensors and checks their values."""
     _require(path.is_file(), f"weights file {path} is missing")
     want = artifact_shapes(cfg, quant)
     try:
@@ -354,12 +363,17 @@ def _load_weights(path: Path, cfg: EncoderConfig, dtype: str, quant: Quantizatio
                 expect = tensor_dtype(k, dtype)
                 _require(got_dtype == expect,
                          f"{WEIGHTS}: tensor {k!r} has dtype {got_dtype}, expected {expect} (manifest dtype {dtype})")
-                state[k] = f.get_tensor(k)
+                if read:
+                    state[k] = f.get_tensor(k)
     except ArtifactError:
         raise
     except Exception as e:  # safetensors raises several types on truncated or corrupt files
         raise ArtifactError(f"{path} is not a readable safetensors file ({e})") from None
+    if not read:
+        return None
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ArtifactError(f"{WEIGHTS}: tensor {bad[0]!r} contains NaN or inf")
+    if quant is not None:
+        _check_int8_values(state, cfg)
     return state

@@ -47,7 +47,7 @@ class QAEngine:
     def load(cls, path: str | Path, device: str = "cpu", backend: str = "auto", threads: int | None = None
              ) -> QAEngine:
         """Load and validate an artifact and start a backend (`auto`: triton on CUDA, else cpp if built, else torch)."""
-        artifact = load_artifact(path)
+        artifact = load_artifact(path, weights=False)  # read once: by the backend (the cpp one reads the file itself)
         return cls(artifact, create_backend(backend, artifact, device, threads))
 
     @property

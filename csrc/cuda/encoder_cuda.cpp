@@ -20,8 +20,7 @@ std::pair<at::Tensor, at::Tensor> Encoder::forward_cuda(const at::Tensor& ids, c
   const auto on_device = at::TensorOptions().device(device_);
   if (T == 0) return {at::empty({0}, on_device.dtype(at::kFloat)), at::empty({0}, on_device.dtype(at::kFloat))};
   std::vector<int64_t> pos(T);
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t t = c[b]; t < c[b + 1]; ++t) pos[t] = cfg_.position_offset + t - c[b];
+  packed_position_ids(c, batch, cfg_.position_offset, 0, T, pos.data());
   const at::Tensor pos_d = at::from_blob(pos.data(), {T}, at::kLong).to(device_);
   const at::Tensor ids_d = ids.to(device_), types_d = types.to(device_), cu_d = cu.to(device_);
 

@@ -89,15 +89,6 @@ void check_int8_values(std::map<std::string, at::Tensor>& t, const EncoderConfig
   }
 }
 
-cpu::Act to_act(Activation a) {
-  switch (a) {
-    case Activation::Gelu: return cpu::Act::Gelu;
-    case Activation::GeluTanh: return cpu::Act::GeluTanh;
-    case Activation::Relu: return cpu::Act::Relu;
-  }
-  return cpu::Act::Gelu;
-}
-
 }  // namespace
 
 std::vector<std::pair<std::string, std::vector<int64_t>>> expected_shapes(const EncoderConfig& c,
@@ -143,25 +134,26 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> expected_shapes(const 
   return s;
 }
 
-Encoder::Encoder(const EncoderConfig& cfg, const SafetensorsFile& file, const std::string& dtype, c10::Device device,
-                 GemmBackend gemm, const std::optional<Quantization>& quant)
-    : cfg_(cfg), device_(device) {
-  const bool int8 = quant.has_value();
-  const bool is_static = int8 && quant->activations == ActivationQuant::StaticPerInputChannel;
-  if (int8) {  // refuse before reading any weight: the kernels this build runs on `device`
-    const auto have = supported_kernels(device);
-    std::vector<std::string> missing_k;
-    for (const auto& k : quant->kernels)
-      if (std::find(have.begin(), have.end(), k) == have.end()) missing_k.push_back(k);
-    QAENGINE_CHECK(missing_k.empty(),
-                   "engine.json: this int8 artifact needs kernel(s) " + names_str(missing_k) +
-                       ", which libqaengine does not provide on " + device.str() +
-                       (device.is_cpu() ? ": this torch build has no working oneDNN int8 linear "
-                                          "(onednn::qlinear_pointwise); use a torch with mkldnn enabled"
-                                        : ": its int8 GEMMs run on the CPU only (load the artifact on 'cpu', or "
-                                          "build a float artifact for CUDA)"));
-  }
-  const auto want = expected_shapes(cfg, quant);
+namespace {
+
+// Refuses an int8 artifact before any weight is read when this build lacks one of its kernels on `device`.
+void require_kernels(const Quantization& quant, c10::Device device) {
+  const auto have = supported_kernels(device);
+  std::vector<std::string> missing;
+  for (const auto& k : quant.kernels)
+    if (std::find(have.begin(), have.end(), k) == have.end()) missing.push_back(k);
+  QAENGINE_CHECK(missing.empty(),
+                 "engine.json: this int8 artifact needs kernel(s) " + names_str(missing) +
+                     ", which libqaengine does not provide on " + device.str() +
+                     (device.is_cpu() ? ": this torch build has no working oneDNN int8 linear "
+                                        "(onednn::qlinear_pointwise); use a torch with mkldnn enabled"
+                                      : ": its int8 GEMMs run on the CPU only (load the artifact on 'cpu', or "
+                                        "build a float artifact for CUDA)"));
+}
+
+// The weights file holds exactly the tensors `want` names (none missing, none extra).
+void check_names(const SafetensorsFile& file, const std::vector<std::pair<std::string, std::vector<int64_t>>>& want,
+                 bool int8) {
   const auto& have = file.tensors();
   std::vector<std::string> missing;
   std::set<std::string> wanted;
@@ -176,52 +168,81 @@ Encoder::Encoder(const EncoderConfig& cfg, const SafetensorsFile& file, const st
                                                "' (not in the manifest's config" + (int8 ? " and quantization" : "") +
                                                ")");
   }
-  std::map<std::string, at::Tensor> t;
-  for (const auto& [name, shape] : want) {
-    const TensorEntry& e = have.at(name);
-    QAENGINE_CHECK(e.shape == shape, std::string(kWeights) + ": tensor '" + name + "' has shape " + shape_str(e.shape) +
-                                         ", expected " + shape_str(shape) + " from engine.json (heads=" +
-                                         list_str(cfg.heads) + ", ffn=" + list_str(cfg.ffn) + ")");
-    const std::string want_dtype = int8 ? (is_quantized_weight(name) ? "I8" : "F32") : safetensors_dtype(dtype);
-    QAENGINE_CHECK(e.dtype == want_dtype, std::string(kWeights) + ": tensor '" + name + "' has dtype " + e.dtype +
-                                              ", expected " + want_dtype + " (manifest dtype " + dtype + ")");
-    if (want_dtype == "I8") {
-      at::Tensor v = at::empty(shape, at::kChar);
-      if (v.numel()) std::memcpy(v.data_ptr<int8_t>(), file.int8_data(name), static_cast<size_t>(v.numel()));
-      t[name] = v;
-      continue;
-    }
-    at::Tensor v = at::empty(shape, at::kFloat);
-    file.to_float32(name, v.data_ptr<float>());
-    const float* p = v.data_ptr<float>();
-    for (int64_t i = 0, n = v.numel(); i < n; ++i) {
-      QAENGINE_CHECK(std::isfinite(p[i]), std::string(kWeights) + ": tensor '" + name + "' contains NaN or inf");
-    }
-    t[name] = v;
-  }
-  if (int8) check_int8_values(t, cfg);
+}
 
-  auto dev = [&](const at::Tensor& x) { return x.to(device_).contiguous(); };
-  word_ = dev(t["embeddings.word.weight"]);
-  position_ = dev(t["embeddings.position.weight"]);
-  token_type_ = dev(t["embeddings.token_type.weight"]);
-  emb_ln_w_ = dev(t["embeddings.ln.weight"]);
-  emb_ln_b_ = dev(t["embeddings.ln.bias"]);
-  qa_ = Linear(t["qa.weight"], t["qa.bias"], std::nullopt, gemm, device_);
+// One tensor with its shape and dtype checked: int8 as stored, every float dtype as fp32 (finite checked).
+at::Tensor read_tensor(const SafetensorsFile& file, const std::string& name, const std::vector<int64_t>& shape,
+                       const EncoderConfig& cfg, const std::string& dtype, bool int8) {
+  const TensorEntry& e = file.tensors().at(name);
+  QAENGINE_CHECK(e.shape == shape, std::string(kWeights) + ": tensor '" + name + "' has shape " + shape_str(e.shape) +
+                                       ", expected " + shape_str(shape) + " from engine.json (heads=" +
+                                       list_str(cfg.heads) + ", ffn=" + list_str(cfg.ffn) + ")");
+  const std::string want_dtype = int8 ? (is_quantized_weight(name) ? "I8" : "F32") : safetensors_dtype(dtype);
+  QAENGINE_CHECK(e.dtype == want_dtype, std::string(kWeights) + ": tensor '" + name + "' has dtype " + e.dtype +
+                                            ", expected " + want_dtype + " (manifest dtype " + dtype + ")");
+  if (want_dtype == "I8") {
+    at::Tensor v = at::empty(shape, at::kChar);
+    if (v.numel()) std::memcpy(v.data_ptr<int8_t>(), file.int8_data(name), static_cast<size_t>(v.numel()));
+    return v;
+  }
+  at::Tensor v = at::empty(shape, at::kFloat);
+  file.to_float32(name, v.data_ptr<float>());
+  const float* p = v.data_ptr<float>();
+  for (int64_t i = 0, n = v.numel(); i < n; ++i) {
+    QAENGINE_CHECK(std::isfinite(p[i]), std::string(kWeights) + ": tensor '" + name + "' contains NaN or inf");
+  }
+  return v;
+}
+
+// Every tensor of the artifact, validated like engine/artifact.py (errors name the tensor).
+std::map<std::string, at::Tensor> read_weights(const SafetensorsFile& file, const EncoderConfig& cfg,
+                                               const std::string& dtype, const std::optional<Quantization>& quant) {
+  const auto want = expected_shapes(cfg, quant);
+  check_names(file, want, quant.has_value());
+  std::map<std::string, at::Tensor> t;
+  for (const auto& [name, shape] : want) t[name] = read_tensor(file, name, shape, cfg, dtype, quant.has_value());
+  if (quant) check_int8_values(t, cfg);
+  return t;
+}
+
+}  // namespace
+
+Encoder::Encoder(const EncoderConfig& cfg, const SafetensorsFile& file, const std::string& dtype, c10::Device device,
+                 GemmBackend gemm, const std::optional<Quantization>& quant)
+    : cfg_(cfg), device_(device) {
+  if (quant) require_kernels(*quant, device);
+  std::map<std::string, at::Tensor> t = read_weights(file, cfg, dtype, quant);
+  auto dev = [&](const std::string& name) { return t.at(name).to(device_).contiguous(); };
+  word_ = dev("embeddings.word.weight");
+  position_ = dev("embeddings.position.weight");
+  token_type_ = dev("embeddings.token_type.weight");
+  emb_ln_w_ = dev("embeddings.ln.weight");
+  emb_ln_b_ = dev("embeddings.ln.bias");
+  qa_ = Linear(t.at("qa.weight"), t.at("qa.bias"), std::nullopt, gemm, device_);
   // The encoder Linears' precision: int8 as stored, bf16 compute for bf16 artifacts on the CPU, else fp32.
-  const bool bf16 = dtype == "bfloat16" && device_.is_cpu();
-  precision_ = int8   ? (is_static ? LinearPrecision::Int8Static : LinearPrecision::Int8Dynamic)
-               : bf16 ? LinearPrecision::BFloat16
-                      : LinearPrecision::Float32;
-  auto linear = [&](const std::string& p, std::optional<cpu::Act> a) {
-    if (int8) {
-      return Linear::int8(t[p + "weight"], t[p + "weight_scale"], t[p + "bias"],
-                          is_static ? t[p + "input_scale"] : at::Tensor(), a);
+  const bool is_static = quant && quant->activations == ActivationQuant::StaticPerInputChannel;
+  if (quant) {
+    precision_ = is_static ? LinearPrecision::Int8Static : LinearPrecision::Int8Dynamic;
+  } else if (dtype == "bfloat16" && device_.is_cpu()) {
+    precision_ = LinearPrecision::BFloat16;
+  }
+  auto make_linear = [&](const std::string& p, std::optional<cpu::Act> a) {
+    switch (precision_) {
+      case LinearPrecision::Int8Static:
+      case LinearPrecision::Int8Dynamic:
+        return Linear::int8(t.at(p + "weight"), t.at(p + "weight_scale"), t.at(p + "bias"),
+                            is_static ? t.at(p + "input_scale") : at::Tensor(), a);
+      case LinearPrecision::BFloat16: return Linear::bf16(t.at(p + "weight"), t.at(p + "bias"), a, gemm);
+      case LinearPrecision::Float32: break;
     }
-    if (bf16) return Linear::bf16(t[p + "weight"], t[p + "bias"], a, gemm);
-    return Linear(t[p + "weight"], t[p + "bias"], a, gemm, device_);
+    return Linear(t.at(p + "weight"), t.at(p + "bias"), a, gemm, device_);
   };
-  const cpu::Act act = to_act(cfg.activation);
+  auto linear = [&](const std::string& p, std::optional<cpu::Act> a) {
+    Linear lin = make_linear(p, a);
+    t.erase(p + "weight");  // the Linear keeps its own (prepacked) copy: at most one extra copy alive during the load
+    return lin;
+  };
+  const cpu::Act act = cfg.activation;
   for (int64_t l = 0; l < cfg.num_layers(); ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
     LayerWeights L;
@@ -236,15 +257,21 @@ Encoder::Encoder(const EncoderConfig& cfg, const SafetensorsFile& file, const st
       L.ffn_in = linear(p + "ffn_in.", act);
       L.ffn_out = linear(p + "ffn_out.", std::nullopt);
     }
-    L.qkv_b = dev(t[p + "qkv.bias"]);
-    L.o_b = dev(t[p + "o.bias"]);
-    L.out_b = dev(t[p + "ffn_out.bias"]);
-    L.ln1_w = dev(t[p + "ln1.weight"]);
-    L.ln1_b = dev(t[p + "ln1.bias"]);
-    L.ln2_w = dev(t[p + "ln2.weight"]);
-    L.ln2_b = dev(t[p + "ln2.bias"]);
+    L.qkv_b = dev(p + "qkv.bias");
+    L.o_b = dev(p + "o.bias");
+    L.out_b = dev(p + "ffn_out.bias");
+    L.ln1_w = dev(p + "ln1.weight");
+    L.ln1_b = dev(p + "ln1.bias");
+    L.ln2_w = dev(p + "ln2.weight");
+    L.ln2_b = dev(p + "ln2.bias");
     layers_.push_back(std::move(L));
   }
+}
+
+void packed_position_ids(const int32_t* cu, int64_t batch, int64_t offset, int64_t r0, int64_t r1, int64_t* out) {
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t t = std::max<int64_t>(cu[b], r0); t < std::min<int64_t>(cu[b + 1], r1); ++t)
+      out[t - r0] = offset + t - cu[b];
 }
 
 std::pair<at::Tensor, at::Tensor> Encoder::forward(const at::Tensor& ids, const at::Tensor& types,
@@ -265,6 +292,7 @@ std::pair<at::Tensor, at::Tensor> Encoder::forward(const at::Tensor& ids, const 
   QAENGINE_CHECK(types.size(0) == total, "token_type_ids has " + std::to_string(types.size(0)) +
                                              " tokens but input_ids has " + std::to_string(total));
   QAENGINE_CHECK(cu_seqlens.size(0) >= 1, "cu_seqlens must have batch + 1 >= 1 entries");
+  QAENGINE_CHECK(max_seqlen >= 0, "max_seqlen must be >= 0, got " + std::to_string(max_seqlen));
   const at::Tensor cu = cu_seqlens.device().is_cpu() ? cu_seqlens : cu_seqlens.cpu();
   const int32_t* c = cu.data_ptr<int32_t>();
   const int64_t batch = cu.size(0) - 1;

@@ -49,6 +49,7 @@ class Encoder {
   /// The layer stack on one packed batch, writing logits into start/end `[T]`; `threads` > 1 splits the rows.
   void forward_cpu_batch(const int64_t* ids, const int64_t* types, const int32_t* cu_seqlens, int64_t batch,
                          int64_t max_seqlen, float* start, float* end, int threads) const;
+  class CpuBatch;  // encoder_cpu.cpp: the buffers and steps of one packed batch on the CPU
   std::pair<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& ids, const at::Tensor& types,
                                                  const at::Tensor& cu_seqlens, int64_t max_seqlen) const;
 
@@ -59,6 +60,10 @@ class Encoder {
   Linear qa_;
   std::vector<LayerWeights> layers_;
 };
+
+/// Position ids of packed rows [r0, r1) into `out` `[r1 - r0]`: `offset` + each row's index within its sequence
+/// (cu_seqlens `cu` `[batch + 1]`).
+void packed_position_ids(const int32_t* cu, int64_t batch, int64_t offset, int64_t r0, int64_t r1, int64_t* out);
 
 /// Name -> shape of every tensor the artifact must hold (engine.model.expected_shapes; with `quant`, also the int8
 /// scales of engine.artifact.artifact_shapes).

@@ -26,15 +26,17 @@ namespace {
 constexpr int64_t kGroupTokens = 512;  // tokens per independent sequence group
 constexpr int64_t kWorkspaceFloats = int64_t{1} << 22;  // per-thread workspace cap: 16 MB
 constexpr int64_t kChunkRows = 64;     // minimum rows per row chunk: oneDNN runs M=32 about 12% slower than M=64
+// At most this many row chunks per thread, so a thread that falls behind (descheduled on a shared machine) is covered
+// by the others.
+constexpr int64_t kRowChunksPerThread = 4;
 
-// Per-thread scratch, grown on demand: Slot 0 for the attention kernel, 1 for the FFN's hidden rows, 2 for logits.
+// Per-thread scratch, grown on demand: slot 1 for the FFN's hidden rows, 2 for logits.
 template <int Slot>
 float* thread_scratch(size_t floats) {
   thread_local std::vector<float> buf;
   if (buf.size() < floats) buf.resize(floats);
   return buf.data();
 }
-float* attention_scratch(size_t floats) { return thread_scratch<0>(floats); }
 
 }  // namespace
 
@@ -72,142 +74,164 @@ std::pair<at::Tensor, at::Tensor> Encoder::forward_cpu(const at::Tensor& ids, co
   return {start, end};
 }
 
-void Encoder::forward_cpu_batch(const int64_t* ids, const int64_t* types, const int32_t* cu, int64_t batch,
-                                int64_t max_seqlen, float* start, float* end, int threads) const {
-  const auto& k = cpu::best_kernels();
-  const int64_t T = cu[batch], d = cfg_.hidden, dh = cfg_.head_dim;
-  const float eps = static_cast<float>(cfg_.layer_norm_eps);
-  if (T == 0) return;
-  const bool fused_attention = k.attention_supports(dh);
-
-  // Row chunks: about two per thread, so a thread that falls behind can be covered by the others.
-  const int64_t chunks = threads <= 1 ? 1 : std::clamp<int64_t>(T / kChunkRows, 1, 4 * threads);
-  auto rows = [&](int64_t c) { return std::pair<int64_t, int64_t>{T * c / chunks, T * (c + 1) / chunks}; };
-
-  int64_t max_width = 0;
-  for (const LayerWeights& L : layers_) max_width = std::max(max_width, L.width);
-  // (T, d) hidden state (in place), (T, 3w) QKV and (T, w) attention output per layer: in the calling thread's
-  // workspace, which outlives the call (fresh allocations per forward can be mapped and faulted in anew by glibc
-  // when they exceed its mmap threshold); huge batches allocate instead.
-  const int64_t wmax = std::max<int64_t>(max_width, 1);
-  const int64_t floats = T * (d + 4 * wmax);
-  at::Tensor x, qkv_buf, ctx_buf;
-  if (floats <= kWorkspaceFloats) {
-    thread_local std::vector<float> workspace;
-    if (static_cast<int64_t>(workspace.size()) < floats) workspace.resize(static_cast<size_t>(floats));
-    const auto opts = at::TensorOptions().dtype(at::kFloat);
-    x = at::from_blob(workspace.data(), {T, d}, opts);
-    qkv_buf = at::from_blob(workspace.data() + T * d, {T * 3 * wmax}, opts);
-    ctx_buf = at::from_blob(workspace.data() + T * (d + 3 * wmax), {T * wmax}, opts);
-  } else {
-    x = at::empty({T, d}, at::kFloat);
-    qkv_buf = at::empty({T * 3 * wmax}, at::kFloat);
-    ctx_buf = at::empty({T * wmax}, at::kFloat);
+// One packed batch through the layer stack on `threads` threads: the buffers of one forward and its steps.
+class Encoder::CpuBatch {
+ public:
+  CpuBatch(const Encoder& e, const int64_t* ids, const int64_t* types, const int32_t* cu, int64_t batch,
+           int64_t max_seqlen, int threads)
+      : e_(e), k_(cpu::best_kernels()), ids_(ids), types_(types), cu_(cu), batch_(batch), max_seqlen_(max_seqlen),
+        T_(cu[batch]), d_(e.cfg_.hidden), threads_(threads), eps_(static_cast<float>(e.cfg_.layer_norm_eps)) {
+    chunks_ = threads <= 1 ? 1 : std::clamp<int64_t>(T_ / kChunkRows, 1, kRowChunksPerThread * threads);
+    allocate();
   }
-  float* xp = x.data_ptr<float>();
 
-  // QKV projection of layer l for rows [r0, r1), into the layer's (T, 3w) buffer.
-  auto project_qkv = [&](size_t l, int64_t r0, int64_t r1) {
-    const LayerWeights& L = layers_[l];
+  void run(float* start, float* end) {
+    each_chunk([&](int64_t r0, int64_t r1) {
+      embed(r0, r1);
+      project_qkv(0, r0, r1);
+    });
+    for (size_t l = 0; l < e_.layers_.size(); ++l) {
+      attention(l);
+      const bool last = l + 1 == e_.layers_.size();
+      each_chunk([&](int64_t r0, int64_t r1) {
+        finish_layer(l, r0, r1);
+        if (last) {
+          qa_head(r0, r1, start, end);
+        } else {
+          project_qkv(l + 1, r0, r1);
+        }
+      });
+    }
+  }
+
+ private:
+  // Row chunk c of `chunks_` (rows [T c / chunks, T (c + 1) / chunks)), all of them in parallel.
+  template <class Fn>
+  void each_chunk(Fn fn) {
+    cpu::run_items(chunks_, threads_, [&](int64_t c) { fn(T_ * c / chunks_, T_ * (c + 1) / chunks_); });
+  }
+
+  // (T, d) hidden state (updated in place), (T, 3w) QKV and (T, w) attention output per layer: in the calling
+  // thread's workspace, which outlives the call (fresh allocations per forward can be mapped and faulted in anew by
+  // glibc when they exceed its mmap threshold); huge batches allocate instead.
+  void allocate() {
+    int64_t wmax = 1;
+    for (const LayerWeights& L : e_.layers_) wmax = std::max(wmax, L.width);
+    const int64_t floats = T_ * (d_ + 4 * wmax);
+    const auto opts = at::TensorOptions().dtype(at::kFloat);
+    if (floats <= kWorkspaceFloats) {
+      thread_local std::vector<float> workspace;
+      if (static_cast<int64_t>(workspace.size()) < floats) workspace.resize(static_cast<size_t>(floats));
+      x_ = at::from_blob(workspace.data(), {T_, d_}, opts);
+      qkv_ = at::from_blob(workspace.data() + T_ * d_, {T_ * 3 * wmax}, opts);
+      ctx_ = at::from_blob(workspace.data() + T_ * (d_ + 3 * wmax), {T_ * wmax}, opts);
+    } else {
+      x_ = at::empty({T_, d_}, opts);
+      qkv_ = at::empty({T_ * 3 * wmax}, opts);
+      ctx_ = at::empty({T_ * wmax}, opts);
+    }
+    xp_ = x_.data_ptr<float>();
+  }
+
+  // Embeddings + LayerNorm of rows [r0, r1).
+  void embed(int64_t r0, int64_t r1) {
+    std::vector<int64_t> pos(r1 - r0);
+    packed_position_ids(cu_, batch_, e_.cfg_.position_offset, r0, r1, pos.data());
+    cpu::embed(xp_ + r0 * d_, e_.word_.data_ptr<float>(), e_.position_.data_ptr<float>(),
+               e_.token_type_.data_ptr<float>(), ids_ + r0, pos.data(), types_ + r0, r1 - r0, d_, k_);
+    layernorm(r0, r1, nullptr, e_.emb_ln_w_, e_.emb_ln_b_);
+  }
+
+  // x[r0:r1] = LN(x[r0:r1] + bias) in place; `bias` may be null.
+  void layernorm(int64_t r0, int64_t r1, const float* bias, const at::Tensor& gamma, const at::Tensor& beta) {
+    cpu::add_layernorm(xp_ + r0 * d_, d_, nullptr, 0, bias, gamma.data_ptr<float>(), beta.data_ptr<float>(), r1 - r0,
+                       d_, eps_, k_);
+  }
+
+  // QKV projection of layer l for rows [r0, r1), into the layer's (T, 3w) buffer (bias included).
+  void project_qkv(size_t l, int64_t r0, int64_t r1) {
+    const LayerWeights& L = e_.layers_[l];
+    if (L.heads > 0) L.qkv.run_into(xp_ + r0 * d_, r1 - r0, qkv_.data_ptr<float>() + r0 * 3 * L.width, false);
+  }
+
+  // Attention of layer l over the whole batch: the fused kernel, or ATen SDPA per sequence for head dims it lacks.
+  void attention(size_t l) {
+    const LayerWeights& L = e_.layers_[l];
     if (L.heads == 0) return;
-    L.qkv.run_into(xp + r0 * d, r1 - r0, qkv_buf.data_ptr<float>() + r0 * 3 * L.width, false);  // bias included
-  };
+    const int64_t dh = e_.cfg_.head_dim;
+    if (!k_.attention_supports(dh)) {
+      const at::Tensor qkv = qkv_.narrow(0, 0, T_ * 3 * L.width).view({T_, 3, L.heads, dh});
+      const at::Tensor ctx = ctx_.narrow(0, 0, T_ * L.width).view({T_, L.width});
+      for (int64_t b = 0; b < batch_; ++b) {
+        const int64_t n = cu_[b + 1] - cu_[b];
+        if (n == 0) continue;
+        auto parts = qkv.narrow(0, cu_[b], n).permute({1, 2, 0, 3}).unbind(0);  // (h, s, dh)
+        const at::Tensor o = at::scaled_dot_product_attention(parts[0], parts[1], parts[2]);
+        ctx.narrow(0, cu_[b], n).copy_(o.transpose(0, 1).reshape({n, L.width}));
+      }
+      return;
+    }
+    cpu::AttentionParams p;
+    p.qkv = qkv_.data_ptr<float>();
+    p.out = ctx_.data_ptr<float>();
+    p.cu_seqlens = cu_;
+    p.batch = batch_;
+    p.heads = L.heads;
+    p.head_dim = dh;
+    p.ld_qkv = 3 * L.width;
+    p.ld_out = L.width;
+    p.max_seqlen = max_seqlen_;
+    cpu::varlen_attention(p, k_, threads_);
+  }
+
   // Everything of layer l after attention, for rows [r0, r1).
-  auto finish_layer = [&](size_t l, int64_t r0, int64_t r1) {
-    const LayerWeights& L = layers_[l];
+  void finish_layer(size_t l, int64_t r0, int64_t r1) {
+    const LayerWeights& L = e_.layers_[l];
     const int64_t n = r1 - r0;
-    float* xr = xp + r0 * d;
+    float* xr = xp_ + r0 * d_;
     if (L.heads > 0) {  // x += ctx W_Oᵀ + b_O, then LN in place
-      L.o.run_into(ctx_buf.data_ptr<float>() + r0 * L.width, n, xr, true);
-      cpu::add_layernorm(xr, d, nullptr, 0, nullptr, L.ln1_w.data_ptr<float>(), L.ln1_b.data_ptr<float>(), n, d, eps,
-                         k);
+      L.o.run_into(ctx_.data_ptr<float>() + r0 * L.width, n, xr, true);
+      layernorm(r0, r1, nullptr, L.ln1_w, L.ln1_b);
     } else {  // 0 heads: LN(x + b_O), not an identity
-      cpu::add_layernorm(xr, d, nullptr, 0, L.o_b.data_ptr<float>(), L.ln1_w.data_ptr<float>(),
-                         L.ln1_b.data_ptr<float>(), n, d, eps, k);
+      layernorm(r0, r1, L.o_b.data_ptr<float>(), L.ln1_w, L.ln1_b);
     }
     if (L.ffn > 0) {  // x += act(x W_inᵀ + b_in) W_outᵀ + b_2, then LN in place
       float* h = thread_scratch<1>(static_cast<size_t>(n * L.ffn));
       L.ffn_in.run_into(xr, n, h, false);
       L.ffn_out.run_into(h, n, xr, true);
-      cpu::add_layernorm(xr, d, nullptr, 0, nullptr, L.ln2_w.data_ptr<float>(), L.ln2_b.data_ptr<float>(), n, d, eps,
-                         k);
+      layernorm(r0, r1, nullptr, L.ln2_w, L.ln2_b);
     } else {  // 0 FFN units: LN(h + b_2)
-      cpu::add_layernorm(xr, d, nullptr, 0, L.out_b.data_ptr<float>(), L.ln2_w.data_ptr<float>(),
-                         L.ln2_b.data_ptr<float>(), n, d, eps, k);
+      layernorm(r0, r1, L.out_b.data_ptr<float>(), L.ln2_w, L.ln2_b);
     }
-  };
-
-  // Embeddings + LN, then layer 0's QKV.
-  cpu::run_items(chunks, threads, [&](int64_t c) {
-    const auto [r0, r1] = rows(c);
-    std::vector<int64_t> pos(r1 - r0);
-    for (int64_t b = 0; b < batch; ++b)
-      for (int64_t t = std::max<int64_t>(cu[b], r0); t < std::min<int64_t>(cu[b + 1], r1); ++t)
-        pos[t - r0] = cfg_.position_offset + t - cu[b];
-    cpu::embed(xp + r0 * d, word_.data_ptr<float>(), position_.data_ptr<float>(), token_type_.data_ptr<float>(),
-               ids + r0, pos.data(), types + r0, r1 - r0, d, k);
-    cpu::add_layernorm(xp + r0 * d, d, nullptr, 0, nullptr, emb_ln_w_.data_ptr<float>(), emb_ln_b_.data_ptr<float>(),
-                       r1 - r0, d, eps, k);
-    project_qkv(0, r0, r1);
-  });
-
-  for (size_t l = 0; l < layers_.size(); ++l) {
-    const LayerWeights& L = layers_[l];
-    if (L.heads > 0 && fused_attention) {
-      cpu::AttentionParams p;
-      p.qkv = qkv_buf.data_ptr<float>();
-      p.out = ctx_buf.data_ptr<float>();
-      p.cu_seqlens = cu;
-      p.batch = batch;
-      p.heads = L.heads;
-      p.head_dim = dh;
-      p.ld_qkv = 3 * L.width;
-      p.ld_out = L.width;
-      p.max_seqlen = max_seqlen;
-      // Items: (sequence, head, query chunk). Each item packs its head's K and V again, so queries are split only
-      // as far as the threads need: until the items divide evenly among them (or there are 4 per thread).
-      const int64_t pairs = batch * L.heads;
-      int64_t split = 1;
-      while ((pairs * split) % threads != 0 && pairs * split < 4 * threads) ++split;
-      int64_t qchunk = std::max<int64_t>(max_seqlen, 1);
-      if (split > 1) {  // a multiple of 24 rows: whole query tiles of every ISA (8 or 12 rows)
-        qchunk = std::max<int64_t>(24, (qchunk + split - 1) / split);
-        qchunk = (qchunk + 23) / 24 * 24;
-      }
-      const int64_t per_pair = (std::max<int64_t>(max_seqlen, 1) + qchunk - 1) / qchunk;
-      const size_t scratch = k.attention_scratch(dh, max_seqlen);
-      cpu::run_items(pairs * per_pair, threads, [&](int64_t item) {
-        const int64_t b = item / (L.heads * per_pair), h = (item / per_pair) % L.heads;
-        const int64_t q0 = (item % per_pair) * qchunk, len = cu[b + 1] - cu[b];
-        if (q0 < len) k.attention(p, b, h, q0, std::min(len, q0 + qchunk), attention_scratch(scratch));
-      });
-    } else if (L.heads > 0) {  // head dims the fused kernel does not cover: ATen SDPA per sequence
-      const at::Tensor qkv = qkv_buf.narrow(0, 0, T * 3 * L.width).view({T, 3, L.heads, dh});
-      const at::Tensor ctx = ctx_buf.narrow(0, 0, T * L.width).view({T, L.width});
-      for (int64_t b = 0; b < batch; ++b) {
-        const int64_t n = cu[b + 1] - cu[b];
-        if (n == 0) continue;
-        auto parts = qkv.narrow(0, cu[b], n).permute({1, 2, 0, 3}).unbind(0);  // (h, s, dh)
-        const at::Tensor o = at::scaled_dot_product_attention(parts[0], parts[1], parts[2]);
-        ctx.narrow(0, cu[b], n).copy_(o.transpose(0, 1).reshape({n, L.width}));
-      }
-    }
-    const bool last = l + 1 == layers_.size();
-    cpu::run_items(chunks, threads, [&](int64_t c) {
-      const auto [r0, r1] = rows(c);
-      finish_layer(l, r0, r1);
-      if (!last) {
-        project_qkv(l + 1, r0, r1);
-        return;
-      }
-      float* lp = thread_scratch<2>(static_cast<size_t>(2 * (r1 - r0)));  // (n, 2) logits
-      qa_.run_into(xp + r0 * d, r1 - r0, lp, false);
-      for (int64_t t = r0; t < r1; ++t) {
-        start[t] = lp[2 * (t - r0)];
-        end[t] = lp[2 * (t - r0) + 1];
-      }
-    });
   }
+
+  // Start and end logits of rows [r0, r1).
+  void qa_head(int64_t r0, int64_t r1, float* start, float* end) {
+    float* lp = thread_scratch<2>(static_cast<size_t>(2 * (r1 - r0)));  // (n, 2) logits
+    e_.qa_.run_into(xp_ + r0 * d_, r1 - r0, lp, false);
+    for (int64_t t = r0; t < r1; ++t) {
+      start[t] = lp[2 * (t - r0)];
+      end[t] = lp[2 * (t - r0) + 1];
+    }
+  }
+
+  const Encoder& e_;
+  const cpu::KernelTable& k_;
+  const int64_t* ids_;
+  const int64_t* types_;
+  const int32_t* cu_;
+  const int64_t batch_, max_seqlen_, T_, d_;
+  const int threads_;
+  const float eps_;
+  int64_t chunks_ = 1;
+  at::Tensor x_, qkv_, ctx_;
+  float* xp_ = nullptr;
+};
+
+void Encoder::forward_cpu_batch(const int64_t* ids, const int64_t* types, const int32_t* cu, int64_t batch,
+                                int64_t max_seqlen, float* start, float* end, int threads) const {
+  if (cu[batch] == 0) return;
+  CpuBatch(*this, ids, types, cu, batch, max_seqlen, threads).run(start, end);
 }
 
 }  // namespace qaengine

@@ -100,10 +100,14 @@ Engine Engine::load(const std::string& dir, const std::string& device, const Loa
   return Engine(std::move(impl));
 }
 
+struct EngineAccess {
+  static const Encoder& encoder(const Engine& engine) { return *engine.impl_->encoder; }
+};
+
 std::pair<at::Tensor, at::Tensor> forward_packed(const Engine& engine, const at::Tensor& input_ids,
                                                  const at::Tensor& token_type_ids, const at::Tensor& cu_seqlens,
                                                  int64_t max_seqlen) {
-  return engine.impl().encoder->forward(input_ids, token_type_ids, cu_seqlens, max_seqlen);
+  return EngineAccess::encoder(engine).forward(input_ids, token_type_ids, cu_seqlens, max_seqlen);
 }
 
 Logits Engine::forward_packed(const int64_t* input_ids, const int64_t* token_type_ids, int64_t total,

@@ -142,25 +142,25 @@ Linear::Linear(const at::Tensor& weight, const at::Tensor& bias, std::optional<c
     : act_(act), out_(weight.size(0)), in_(weight.size(1)) {
   if (backend == GemmBackend::Auto) {
     backend = !device.is_cpu() || weight.numel() == 0 ? GemmBackend::Aten
-              : dnnl_available()                     ? GemmBackend::Dnnl
-              : onednn_available()                   ? GemmBackend::OneDnn
+              : dnnl_available()                     ? GemmBackend::OneDnnDirect
+              : onednn_available()                   ? GemmBackend::TorchOneDnn
                                                      : GemmBackend::Aten;
   }
-  if (backend == GemmBackend::OneDnn && (!device.is_cpu() || !onednn_available())) {
+  if (backend == GemmBackend::TorchOneDnn && (!device.is_cpu() || !onednn_available())) {
     throw Error("the oneDNN GEMM backend needs a CPU device and a torch build with oneDNN (mkldnn)");
   }
-  if (backend == GemmBackend::Dnnl && (!device.is_cpu() || !dnnl_available())) {
+  if (backend == GemmBackend::OneDnnDirect && (!device.is_cpu() || !dnnl_available())) {
     throw Error(
         "the dnnl GEMM backend needs a CPU device and libqaengine built with oneDNN's library (requirements.txt "
         "installs it; see docs/CPP.md); use gemm='onednn' or 'aten'");
   }
-  if (backend == GemmBackend::Dnnl && weight.numel() == 0) backend = GemmBackend::Aten;  // nothing to multiply
+  if (backend == GemmBackend::OneDnnDirect && weight.numel() == 0) backend = GemmBackend::Aten;  // nothing to multiply
   backend_ = backend;
   bias_ = bias.contiguous().to(device);
-  if (backend_ == GemmBackend::Dnnl) {
+  if (backend_ == GemmBackend::OneDnnDirect) {
     const at::Tensor w = weight.to(at::kFloat).contiguous(), b = bias.to(at::kFloat).contiguous();
     dnnl_ = std::make_shared<const DnnlGemm>(w.data_ptr<float>(), b.data_ptr<float>(), out_, in_, act);
-  } else if (backend_ == GemmBackend::OneDnn) {
+  } else if (backend_ == GemmBackend::TorchOneDnn) {
     weight_ = reorder_weight(weight);
   } else {
     weight_ = weight.t().contiguous().to(device);
@@ -172,14 +172,14 @@ Linear Linear::bf16(const at::Tensor& weight, const at::Tensor& bias, std::optio
   if (weight.numel() == 0) {  // nothing to multiply: act(b), in fp32 (as engine.quant.bf16_model leaves it)
     return Linear(weight.to(at::kFloat), bias.to(at::kFloat), act, GemmBackend::Aten, c10::Device(c10::kCPU));
   }
-  if (backend != GemmBackend::Aten) {  // Auto, OneDnn, Dnnl: bf16 runs torch's oneDNN op
+  if (backend != GemmBackend::Aten) {  // Auto, TorchOneDnn, OneDnnDirect: bf16 runs torch's oneDNN op
     if (!onednn_bf16_available()) {
       throw Error(
           "this bf16 artifact needs bf16 GEMMs, which oneDNN cannot run with this torch build on this CPU (it "
           "needs torch with mkldnn and a CPU with AVX-512 BF16 or AVX512BW/VL/DQ); load it with gemm='aten' "
           "(ATen's bf16 addmm, slower) or build a float32 artifact");
     }
-    backend = GemmBackend::OneDnn;
+    backend = GemmBackend::TorchOneDnn;
   }
   Linear l;
   l.precision_ = LinearPrecision::BFloat16;
@@ -190,7 +190,7 @@ Linear Linear::bf16(const at::Tensor& weight, const at::Tensor& bias, std::optio
   const at::Tensor w = weight.to(at::kBFloat16).contiguous();
   l.bias_ = bias.to(at::kBFloat16).contiguous();
   l.bias_f32_ = bias.to(at::kFloat).contiguous();
-  l.weight_ = backend == GemmBackend::OneDnn ? reorder_weight(w) : w.t().contiguous();
+  l.weight_ = backend == GemmBackend::TorchOneDnn ? reorder_weight(w) : w.t().contiguous();
   return l;
 }
 
@@ -198,7 +198,7 @@ Linear Linear::int8(const at::Tensor& qweight, const at::Tensor& weight_scale, c
                     const at::Tensor& input_scale, std::optional<cpu::Act> act) {
   Linear l;
   l.precision_ = input_scale.defined() ? LinearPrecision::Int8Static : LinearPrecision::Int8Dynamic;
-  l.backend_ = GemmBackend::OneDnn;
+  l.backend_ = GemmBackend::TorchOneDnn;
   l.act_ = act;
   l.out_ = qweight.size(0);
   l.in_ = qweight.size(1);
@@ -237,7 +237,7 @@ at::Tensor Linear::forward_bf16(const at::Tensor& x) const {
   const int64_t n = x.size(0);
   if (n == 0) return at::empty({0, out_}, at::kFloat);
   const at::Tensor xb = x.to(at::kBFloat16);  // round to nearest even, as torch's .to(bfloat16)
-  at::Tensor yb = backend_ == GemmBackend::OneDnn ? onednn_linear(xb, weight_, bias_, "none", std::nullopt)
+  at::Tensor yb = backend_ == GemmBackend::TorchOneDnn ? onednn_linear(xb, weight_, bias_, "none", std::nullopt)
                                                   : at::addmm(bias_, xb, weight_);
   yb = yb.contiguous();
   at::Tensor y = at::empty({n, out_}, at::kFloat);
@@ -300,7 +300,7 @@ at::Tensor Linear::operator()(const at::Tensor& x) const {
     dnnl_->run(xc.data_ptr<float>(), xc.size(0), y.data_ptr<float>(), false);
     return y;
   }
-  if (backend_ == GemmBackend::OneDnn) {
+  if (backend_ == GemmBackend::TorchOneDnn) {
     std::string attr = "none";
     std::optional<std::string> algorithm;
     if (act_) {

@@ -1,10 +1,11 @@
 // Linear layers y = x Wᵀ + b (+ activation) through ATen, in one of four precisions (docs/PRECISION.md).
 //
 // Float32. CPU: oneDNN's matmul with weights prepacked at load, bias and activation fused as post-ops: called
-// directly through libdnnl (GemmBackend::Dnnl, dnnl_gemm.h: no dispatcher, output written in place), or through
-// torch's mkldnn::_linear_pointwise (GemmBackend::OneDnn, the op torch.compile's CPU backend emits). On this project's AMD CPUs it runs about
-// 2x faster than at::addmm, whose MKL takes AVX2 paths on non-Intel CPUs. Where torch was built without oneDNN, or
-// when asked, at::addmm plus the fused activation kernel. CUDA: at::addmm (cuBLAS) plus ATen activations.
+// directly through libdnnl (GemmBackend::OneDnnDirect, dnnl_gemm.h: no dispatcher, output written in place), or
+// through torch's mkldnn::_linear_pointwise (GemmBackend::TorchOneDnn, the op torch.compile's CPU backend emits). On
+// this project's AMD CPUs it runs about 2x faster than at::addmm, whose MKL takes AVX2 paths on non-Intel CPUs.
+// Where torch was built without oneDNN, or when asked, at::addmm plus the fused activation kernel. CUDA: at::addmm
+// (cuBLAS) plus ATen activations.
 //
 // BFloat16 (CPU). bf16 weight and bias; the fp32 input is rounded to bf16, oneDNN multiplies with fp32 accumulation
 // and rounds the output to bf16, which one fused pass widens to fp32 (applying the activation in fp32), exactly as
@@ -16,8 +17,9 @@
 // the bias and the activation (dynamic), or the activation alone (static: oneDNN adds the bias). The numerics are
 // engine.quant.Int8LinearDynamic / Int8LinearStatic.
 //
-// Every call runs single-threaded when the caller is inside a cpu::run_items item (encoder_cpu.cpp), and returns a
-// fresh fp32 `[T, out]` tensor with bias and activation applied, whatever the precision.
+// Every call runs single-threaded when the caller is inside a cpu::run_items item (encoder_cpu.cpp). The encoder calls
+// run_into(), which writes fp32 `[T, out]` rows (bias and activation applied, optionally accumulated) into the
+// caller's buffers: in place through libdnnl, else through operator() (a new tensor) and a copy or add.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -34,7 +36,7 @@
 
 namespace qaengine {
 
-/// Whether this torch build registers the oneDNN ops the OneDnn backend needs.
+/// Whether this torch build registers the oneDNN ops the TorchOneDnn backend needs.
 bool onednn_available();
 /// Whether oneDNN can run bf16 GEMMs here (the torch build and this CPU); probed once with a tiny GEMM.
 bool onednn_bf16_available();
@@ -66,8 +68,8 @@ class Linear {
   /// `x` `[T, in]` contiguous fp32 -> fp32 `[T, out]`.
   at::Tensor operator()(const at::Tensor& x) const;
 
-  /// Whether run_into() writes caller memory directly (fp32 through libdnnl, GemmBackend::Dnnl); otherwise it runs
-  /// operator() and copies or adds the result.
+  /// Whether run_into() writes caller memory directly (fp32 through libdnnl, GemmBackend::OneDnnDirect); otherwise it
+  /// runs operator() and copies or adds the result.
   bool writes_in_place() const { return dnnl_ != nullptr; }
   /// y = act(x Wᵀ + b) (+ y when `accumulate`) for `rows` contiguous rows of fp32 CPU memory (`x` `[rows, in]`,
   /// `y` `[rows, out]`), any precision and backend.

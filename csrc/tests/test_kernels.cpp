@@ -57,6 +57,7 @@ TEST(Kernels, AttentionMatchesReferenceOnEveryIsa) {
         // Large logits (scale 2 on q and k) exercise the running-max rescaling across key blocks.
         const auto qkv = randn(total * 3 * heads * dh, 7 + dh, 2.f);
         const auto bias = randn(3 * heads * dh, 11, 0.5f);
+        for (int threads : {1, 3}) {  // 3: query chunks split across the pool's threads
         std::vector<float> out(total * heads * dh, -1.f);
         cpu::AttentionParams p;
         p.qkv = qkv.data();
@@ -69,11 +70,12 @@ TEST(Kernels, AttentionMatchesReferenceOnEveryIsa) {
         p.ld_qkv = 3 * heads * dh;
         p.ld_out = heads * dh;
         p.max_seqlen = longest;
-        cpu::varlen_attention(p, *k);
+        cpu::varlen_attention(p, *k, threads);
         const auto ref = attention_ref(qkv, bias, cu, heads, dh);
         float err = 0;
         for (size_t i = 0; i < ref.size(); ++i) err = std::max(err, std::abs(out[i] - ref[i]));
-        EXPECT_LT(err, 2e-5f) << k->name << " dh=" << dh << " total=" << total;
+        EXPECT_LT(err, 2e-5f) << k->name << " dh=" << dh << " total=" << total << " threads=" << threads;
+        }
       }
     }
   }

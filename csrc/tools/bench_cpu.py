@@ -28,7 +28,7 @@ from engine.flops import encoder_flops  # noqa: E402
 
 
 def attention(threads: int, reps: int) -> None:
-    """GFLOP/s (4 S^2 h d_h per sequence) of engine._C.cpu_attention against torch SDPA, MiniLM's 12 heads."""
+    """GFLOP/s (4 S^2 h d_h per sequence) of engine._C.testing.cpu_attention against torch SDPA, MiniLM's 12 heads."""
     import torch.nn.functional as F
 
     from engine import _C
@@ -42,7 +42,7 @@ def attention(threads: int, reps: int) -> None:
             bias = 0.1 * torch.randn(3 * heads * head_dim)
             cu = torch.arange(0, total + 1, s, dtype=torch.int32)
             q, k, v = (qkv + bias).view(b, s, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            fns = {"fused": lambda: _C.cpu_attention(qkv, bias, cu, heads, s),
+            fns = {"fused": lambda: _C.testing.cpu_attention(qkv, bias, cu, heads, s),
                    "sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
             best = {n: float("inf") for n in fns}
             for _ in range(reps):
@@ -94,7 +94,7 @@ def breakdown(models: list[str], shapes: list[tuple[int, int]], reps: int) -> No
                     gemm += best(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""))
                 if heads:
                     qkv = torch.randn(total_tokens, 3 * w)
-                    attn += best(lambda: _C.cpu_attention(qkv, torch.zeros(3 * w), cu, heads, s))
+                    attn += best(lambda: _C.testing.cpu_attention(qkv, torch.zeros(3 * w), cu, heads, s))
             rest = fwd - gemm - attn
             print(f"{m.name:<12} {b:>3}x{s:<4} forward {fwd * 1e3:7.2f}  gemm {gemm * 1e3:7.2f} ({gemm / fwd:4.0%})  "
                   f"attention {attn * 1e3:6.2f} ({attn / fwd:4.0%})  rest {rest * 1e3:6.2f} ({rest / fwd:4.0%})",

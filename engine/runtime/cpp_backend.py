@@ -3,8 +3,10 @@ build).
 
 The C++ engine reads the artifact directory itself (engine.json, weights.safetensors, tokenizer.json) and validates
 it with the same rules as engine.artifact. Its CPU path runs padding-free packed batches with fused kernels:
-varlen attention with an online softmax, bias + GELU, residual + bias + LayerNorm; GEMMs go through ATen (oneDNN).
-Intra-op threads are ATen's, shared with torch in this process.
+varlen attention with an online softmax, bias + GELU, residual + bias + LayerNorm; fp32 GEMMs call oneDNN's library
+(libdnnl) directly when the build found it, else torch's oneDNN ops. Threads: the engine's own pool (csrc/src/cpu/
+pool.h), as many as torch.get_num_threads(), each running its items single-threaded; it leaves torch's OpenMP team
+alone, and engine.openmp keeps that team from spinning on the pool's cores (docs/CPP.md "Threads").
 
 Compute by artifact dtype (docs/PRECISION.md, docs/CPP.md); attention, LayerNorm, GELU, embeddings and the QA head
 are fp32 in every mode:
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from engine import openmp
 from engine.artifact import Artifact
 
 try:
@@ -71,7 +74,9 @@ class CppBackend:
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
-            torch.set_num_threads(threads)  # ATen's intra-op pool, which libqaengine's kernels use
+            torch.set_num_threads(threads)  # the engine's pool takes its size from ATen's thread count
+        # libgomp started with its long default spin (torch imported before engine): release the caller's team
+        _C.set_release_caller_team(openmp.STATE == "late")
         self.device = torch.device(device)
         self.engine = _C.Engine.load(str(artifact_dir), str(self.device))
 

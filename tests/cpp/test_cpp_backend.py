@@ -87,7 +87,7 @@ def test_minilm_logits_match_reference(minilm, spec, tmp_path):
     _assert_parity(art, [384, 100, 7, 1], 1e-4)
 
 
-GEMMS = ["dnnl", "onednn", "aten"] if _C.dnnl_available() else ["onednn", "aten"]
+GEMMS = ["dnnl", "onednn", "aten"] if _C.testing.dnnl_available() else ["onednn", "aten"]
 
 
 @pytest.mark.parametrize("gemm", GEMMS)
@@ -118,12 +118,12 @@ def test_single_thread_batches_past_the_workspace_cap(minilm, tmp_path):
 
 def test_auto_gemm_prefers_the_direct_onednn_library(tiny_bert, tmp_path):
     art = build(tiny_bert, tmp_path / "a", settings=SMALL)
-    assert _C.Engine.load(str(art)).gemm == ("dnnl" if _C.dnnl_available() else "onednn")
+    assert _C.Engine.load(str(art)).gemm == ("dnnl" if _C.testing.dnnl_available() else "onednn")
     with pytest.raises(_C.Error, match="gemm must be"):
         _C.Engine.load(str(art), "cpu", "mkl")
 
 
-@pytest.mark.skipif(not _C.dnnl_available(), reason="engine._C was built without oneDNN's library (libdnnl)")
+@pytest.mark.skipif(not _C.testing.dnnl_available(), reason="engine._C was built without oneDNN's library (libdnnl)")
 @pytest.mark.parametrize("rows,cols_in,cols_out", [(1, 1, 1), (3, 7, 5), (64, 384, 1152), (65, 33, 2), (129, 600, 17)])
 @pytest.mark.parametrize("activation", [None, "gelu", "gelu_new", "relu"])
 def test_dnnl_linear_matches_torch(rows, cols_in, cols_out, activation):
@@ -135,11 +135,11 @@ def test_dnnl_linear_matches_torch(rows, cols_in, cols_out, activation):
     want = {None: want, "relu": F.relu(want), "gelu": F.gelu(want),
             "gelu_new": F.gelu(want, approximate="tanh")}[activation].float()
     tol = 1e-5 * (1 + cols_in ** 0.5 * 4)
-    torch.testing.assert_close(_C.fp32_linear(x, w, b, activation, "dnnl"), want, atol=tol, rtol=1e-5)
-    torch.testing.assert_close(_C.fp32_linear(x, w, b, activation, "dnnl", residual), want + residual, atol=tol,
+    torch.testing.assert_close(_C.testing.fp32_linear(x, w, b, activation, "dnnl"), want, atol=tol, rtol=1e-5)
+    torch.testing.assert_close(_C.testing.fp32_linear(x, w, b, activation, "dnnl", residual), want + residual, atol=tol,
                                rtol=1e-5)
     with pytest.raises(ValueError, match="residual needs gemm='dnnl'"):
-        _C.fp32_linear(x, w, b, activation, "aten", residual)
+        _C.testing.fp32_linear(x, w, b, activation, "aten", residual)
 
 
 def _check_varlen_attention(attention, head_dim: int) -> None:
@@ -162,9 +162,9 @@ def _check_varlen_attention(attention, head_dim: int) -> None:
 
 
 @pytest.mark.parametrize("head_dim", [32, 64])
-@pytest.mark.parametrize("isa", _C.cpu_kernels())
+@pytest.mark.parametrize("isa", _C.testing.cpu_kernels())
 def test_fused_attention_matches_sdpa(isa, head_dim):
-    _check_varlen_attention(lambda qkv, bias, cu, heads, max_len: _C.cpu_attention(qkv, bias, cu, heads, max_len, isa),
+    _check_varlen_attention(lambda qkv, bias, cu, heads, max_len: _C.testing.cpu_attention(qkv, bias, cu, heads, max_len, isa),
                             head_dim)
 
 
@@ -237,9 +237,8 @@ def test_tokenize_matches_hf(minilm_artifact, engines):
     eng = engines[1]
     for text in CONTEXTS:
         enc = hf.encode(text, add_special_tokens=False)
-        ids, offsets = eng.tokenize(text)
+        ids, offsets, byte_offsets = eng.tokenize(text)
         assert ids == enc.ids and offsets == [tuple(o) for o in enc.offsets]
-        _, byte_offsets = eng.tokenize_bytes(text)
         assert [text.encode()[a:b].decode() for a, b in byte_offsets] == [text[a:b] for a, b in offsets]
 
 
@@ -251,7 +250,7 @@ def test_input_checks(engines):
     eng.forward_packed(ids, types, cu, 6)
     bad = [
         ((ids.int(), types, cu, 6), "input_ids must be"),
-        ((ids.view(2, 5), types, cu, 6), "input_ids must have 1 dims"),
+        ((ids.view(2, 5), types, cu, 6), "input_ids must be 1-D"),
         ((ids.repeat(2)[::2], types, cu, 6), "input_ids must be contiguous"),
         ((ids, types[:9], cu, 6), "token_type_ids has 9 tokens"),
         ((ids, types, cu.long(), 6), "cu_seqlens must be"),
@@ -329,10 +328,10 @@ def _require_cuda_build() -> None:
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 def test_cuda_attention_matches_sdpa(head_dim):
     _require_cuda_build()
-    _check_varlen_attention(lambda qkv, bias, cu, heads, max_len: _C.cuda_varlen_attention(
+    _check_varlen_attention(lambda qkv, bias, cu, heads, max_len: _C.testing.cuda_varlen_attention(
         qkv.cuda(), bias.cuda(), cu.cuda(), heads, max_len).cpu(), head_dim)
     with pytest.raises(ValueError, match="head_dim"):
-        _C.cuda_varlen_attention(torch.zeros(4, 3 * 48, device="cuda"), None, torch.tensor([0, 4], dtype=torch.int32),
+        _C.testing.cuda_varlen_attention(torch.zeros(4, 3 * 48, device="cuda"), None, torch.tensor([0, 4], dtype=torch.int32),
                                  1, 4)
 
 
@@ -343,5 +342,5 @@ def test_cuda_add_layernorm_matches_torch(cols):
     x, y = (torch.randn(19, cols, generator=gen) for _ in range(2))
     b, g, beta = (torch.randn(cols, generator=gen) for _ in range(3))
     want = F.layer_norm(x + y + b, (cols,), g, beta, 1e-5)
-    got = _C.cuda_add_layernorm_(x.cuda(), y.cuda(), b.cuda(), g.cuda(), beta.cuda(), 1e-5).cpu()
+    got = _C.testing.cuda_add_layernorm_(x.cuda(), y.cuda(), b.cuda(), g.cuda(), beta.cuda(), 1e-5).cpu()
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)

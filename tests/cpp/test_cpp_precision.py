@@ -162,7 +162,7 @@ def test_int8_linears_match_torch_and_integer_product(artifacts, arch, kind):
     for name, (mod, x) in seen.items():
         Q, s_w, bias = (art.state[name + s] for s in (".weight", ".weight_scale", ".bias"))
         c = art.state.get(name + ".input_scale")
-        got = _C.int8_linear(x, Q, s_w, bias, c)
+        got = _C.testing.int8_linear(x, Q, s_w, bias, c)
         want = mod(x)
         Qd, sd, bd = Q.double(), s_w.double(), bias.double()
         if c is None:
@@ -183,7 +183,7 @@ def test_int8_linears_match_torch_and_integer_product(artifacts, arch, kind):
         assert ((got.double() - exact).abs() <= bound * (1 + 1e-5) + 1e-5 * mag).all(), name
         if name.endswith("ffn_in"):
             act = _act_name(art.cfg)
-            fused = _C.int8_linear(x, Q, s_w, bias, c, act)
+            fused = _C.testing.int8_linear(x, Q, s_w, bias, c, act)
             torch.testing.assert_close(fused, _torch_act(got, act), atol=2e-6, rtol=2e-6)
 
 
@@ -207,7 +207,7 @@ def test_bf16_linears_match_torch(artifacts, arch):
     for name, (mod, x) in seen.items():
         w, b = art.state[name + ".weight"].float(), art.state[name + ".bias"].float()
         for gemm in ("auto", "aten"):
-            got = _C.bf16_linear(x, w, b, None, gemm)
+            got = _C.testing.bf16_linear(x, w, b, None, gemm)
             want = mod(x)
             assert torch.equal(got, got.bfloat16().float()), name
             big = torch.maximum(got.abs(), want.abs())
@@ -215,7 +215,7 @@ def test_bf16_linears_match_torch(artifacts, arch):
             assert ((got - want).abs() <= ulp).all(), (name, gemm)
         if name.endswith("ffn_in"):
             act = _act_name(art.cfg)
-            torch.testing.assert_close(_C.bf16_linear(x, w, b, act), _torch_act(got, act), atol=2e-6, rtol=2e-6)
+            torch.testing.assert_close(_C.testing.bf16_linear(x, w, b, act), _torch_act(got, act), atol=2e-6, rtol=2e-6)
 
 
 def test_zero_width_linears():
@@ -225,16 +225,16 @@ def test_zero_width_linears():
     x0, x5 = torch.zeros(4, 0), torch.randn(4, 5, generator=g)
     b = torch.randn(6, generator=g)
     for c in (None, torch.ones(0)):
-        y = _C.int8_linear(x0, torch.zeros(6, 0, dtype=torch.int8), torch.ones(6), b, c)
+        y = _C.testing.int8_linear(x0, torch.zeros(6, 0, dtype=torch.int8), torch.ones(6), b, c)
         assert torch.equal(y, b.expand(4, 6))
-        y = _C.int8_linear(x0, torch.zeros(6, 0, dtype=torch.int8), torch.ones(6), b, c, "relu")
+        y = _C.testing.int8_linear(x0, torch.zeros(6, 0, dtype=torch.int8), torch.ones(6), b, c, "relu")
         assert torch.equal(y, F.relu(b).expand(4, 6))
     for c in (None, torch.ones(5)):
-        assert _C.int8_linear(x5, torch.zeros(0, 5, dtype=torch.int8), torch.ones(0), torch.ones(0), c).shape == (4, 0)
-        assert _C.int8_linear(torch.zeros(0, 5), torch.ones(3, 5, dtype=torch.int8), torch.ones(3), torch.ones(3),
+        assert _C.testing.int8_linear(x5, torch.zeros(0, 5, dtype=torch.int8), torch.ones(0), torch.ones(0), c).shape == (4, 0)
+        assert _C.testing.int8_linear(torch.zeros(0, 5), torch.ones(3, 5, dtype=torch.int8), torch.ones(3), torch.ones(3),
                               c).shape == (0, 3)
-    assert torch.equal(_C.bf16_linear(x0, torch.zeros(6, 0), b), b.expand(4, 6))
-    assert _C.bf16_linear(x5, torch.zeros(0, 5), torch.zeros(0)).shape == (4, 0)
+    assert torch.equal(_C.testing.bf16_linear(x0, torch.zeros(6, 0), b), b.expand(4, 6))
+    assert _C.testing.bf16_linear(x5, torch.zeros(0, 5), torch.zeros(0)).shape == (4, 0)
 
 
 # ---- whole model -----------------------------------------------------------------------------------------------------

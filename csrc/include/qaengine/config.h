@@ -11,11 +11,12 @@ namespace qaengine {
 enum class Architecture { Bert, Roberta };
 enum class Activation { Gelu, GeluTanh, Relu };  // "gelu" (erf), "gelu_new" (tanh), "relu"
 
-/// How the CPU path runs its fp32 GEMMs: Dnnl, oneDNN's own library (libdnnl) called directly, writing into the
-/// encoder's buffers (Auto picks it when libqaengine was built with it); OneDnn, oneDNN inside torch through the
-/// ATen dispatcher (mkldnn::_linear_pointwise; Auto's second choice); Aten, at::addmm (MKL). bf16 and int8 always
-/// use torch's oneDNN ops (Aten: at::addmm for bf16). CUDA always uses at::addmm (cuBLAS).
-enum class GemmBackend { Auto, OneDnn, Aten, Dnnl };
+/// How the CPU path runs its fp32 GEMMs: OneDnnDirect ("dnnl" in Python), oneDNN's own library (libdnnl) called
+/// directly, writing into the encoder's buffers (Auto picks it when libqaengine was built with it); TorchOneDnn
+/// ("onednn"), the oneDNN inside torch through the ATen dispatcher (mkldnn::_linear_pointwise; Auto's second choice);
+/// Aten ("aten"), at::addmm (MKL). bf16 and int8 always use torch's oneDNN ops (Aten: at::addmm for bf16). CUDA
+/// always uses at::addmm (cuBLAS).
+enum class GemmBackend { Auto, TorchOneDnn, Aten, OneDnnDirect };
 
 /// Encoder shape: layer l keeps heads[l] heads of head_dim and ffn[l] FFN units (0 allowed for both).
 struct EncoderConfig {

@@ -21,6 +21,8 @@
 
 namespace qaengine {
 
+struct EngineAccess;
+
 /// One answer. Offsets index the context: `start`/`end` in code points (Python str indices), `start_byte`/
 /// `end_byte` in UTF-8 bytes, both half-open. When `no_answer` is set, `text` is empty, the offsets are 0 and
 /// `score` is the null score (as engine.qa.Answer).
@@ -80,10 +82,9 @@ class Engine {
   Answer answer(std::string_view question, std::string_view context, int64_t max_answer_length = 30,
                 std::optional<double> null_threshold = std::nullopt) const;
 
-  struct Impl;
-  const Impl& impl() const { return *impl_; }
-
  private:
+  friend struct EngineAccess;  // engine.cpp: lets the ATen entry point (qaengine/aten.h) reach the encoder
+  struct Impl;
   explicit Engine(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };

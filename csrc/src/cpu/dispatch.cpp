@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "pool.h"
 #include "qaengine/error.h"
 
 namespace qaengine::cpu {
@@ -57,33 +58,45 @@ int64_t row_grain(int64_t cols) {
 }
 }  // namespace
 
-void varlen_attention(const AttentionParams& p, const KernelTable& k) {
+namespace {
+// Attention query chunks are whole multiples of this many rows: a multiple of every ISA's query tile (8 rows on AVX2,
+// 12 on AVX-512), so only a sequence's last chunk can end in a partial tile.
+constexpr int64_t kQueryTileRows = 24;
+// Query splitting stops at this many items per thread: each item packs its head's K and V again (O(S d_h) against
+// O(S² d_h) of work), so splitting further costs more than the balance gains.
+constexpr int64_t kMaxAttentionItemsPerThread = 4;
+}  // namespace
+
+AttentionSchedule AttentionSchedule::make(int64_t batch, int64_t heads, int64_t max_seqlen, int threads) {
+  AttentionSchedule s;
+  s.heads = heads;
+  const int64_t pairs = batch * heads, longest = std::max<int64_t>(max_seqlen, 1);
+  int64_t split = 1;  // until the items divide evenly among the threads, or there are enough of them
+  while ((pairs * split) % threads != 0 && pairs * split < kMaxAttentionItemsPerThread * threads) ++split;
+  s.query_chunk = longest;
+  if (split > 1) {
+    s.query_chunk = std::max<int64_t>(kQueryTileRows, (longest + split - 1) / split);
+    s.query_chunk = (s.query_chunk + kQueryTileRows - 1) / kQueryTileRows * kQueryTileRows;
+  }
+  s.chunks_per_pair = (longest + s.query_chunk - 1) / s.query_chunk;
+  s.items = pairs * s.chunks_per_pair;
+  return s;
+}
+
+void varlen_attention(const AttentionParams& p, const KernelTable& k, int threads) {
   if (!k.attention_supports(p.head_dim)) {
     throw Error(std::string("fused CPU attention (") + k.name + ") does not support head_dim " +
                 std::to_string(p.head_dim));
   }
   if (p.batch <= 0 || p.heads <= 0) return;
-  // Work items are (sequence, head, query chunk). Split queries only when (sequence, head) pairs are too few to
-  // keep every thread busy; each chunk re-packs Kᵀ, which costs O(S d_h) against O(S² d_h) of work.
-  const int64_t threads = at::get_num_threads();
-  const int64_t pairs = p.batch * p.heads;
-  int64_t chunk = std::max<int64_t>(p.max_seqlen, 1);
-  if (pairs < 4 * threads) {
-    const int64_t splits = (4 * threads + pairs - 1) / pairs;
-    chunk = std::max<int64_t>(32, (chunk + splits - 1) / splits);
-  }
-  chunk = (chunk + 7) / 8 * 8;
-  const int64_t chunks = (std::max<int64_t>(p.max_seqlen, 1) + chunk - 1) / chunk;
+  const AttentionSchedule s = AttentionSchedule::make(p.batch, p.heads, p.max_seqlen, std::max(threads, 1));
   const size_t scratch = k.attention_scratch(p.head_dim, p.max_seqlen);
-  at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(scratch);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / (p.heads * chunks);
-      const int64_t h = (item / chunks) % p.heads;
-      const int64_t q0 = (item % chunks) * chunk;
-      const int64_t len = p.cu_seqlens[b + 1] - p.cu_seqlens[b];
-      if (q0 < len) k.attention(p, b, h, q0, std::min(len, q0 + chunk), buf.data());
-    }
+  run_items(s.items, threads, [&](int64_t item) {
+    const int64_t b = item / (p.heads * s.chunks_per_pair), h = (item / s.chunks_per_pair) % p.heads;
+    const int64_t q0 = (item % s.chunks_per_pair) * s.query_chunk, len = p.cu_seqlens[b + 1] - p.cu_seqlens[b];
+    thread_local std::vector<float> buf;
+    if (buf.size() < scratch) buf.resize(scratch);
+    if (q0 < len) k.attention(p, b, h, q0, std::min(len, q0 + s.query_chunk), buf.data());
   });
 }
 

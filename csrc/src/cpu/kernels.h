@@ -4,8 +4,8 @@
 // - attention: head_dim a multiple of the ISA's vector width (16 floats on AVX-512, 8 on AVX2, 4 otherwise) and at
 //   most 256; other head dims take the ATen fallback in encoder.cpp. fp32 only.
 // - every pointer is to dense row-major fp32 data with the given leading dimension; no alignment required.
-// The per-ISA functions work on a range of rows / items and are single-threaded; dispatch.cpp parallelises them
-// with at::parallel_for.
+// The per-ISA functions work on a range of rows / items and are single-threaded; dispatch.cpp runs attention on the
+// engine's pool (pool.h) and the row-wise kernels with at::parallel_for.
 #pragma once
 
 #include <cstddef>
@@ -13,10 +13,14 @@
 #include <string>
 #include <vector>
 
+#include "qaengine/config.h"
+
 namespace qaengine::cpu {
 
+using qaengine::Activation;
+
 enum class Isa { Base, Avx2, Avx512 };
-enum class Act { Gelu, GeluTanh, Relu };
+using Act = Activation;  // the manifest's activation (qaengine/config.h): one enum from engine.json to the kernels
 
 /// Packed varlen attention. `qkv` `[T, ld_qkv]` holds Q | K | V blocks of width heads*head_dim each (head j at
 /// columns j*head_dim within a block); `bias` `[3*heads*head_dim]`, when not null, is added inside the kernel.
@@ -60,8 +64,17 @@ const KernelTable& best_kernels();
 /// Tables this CPU runs (for tests).
 std::vector<const KernelTable*> available_kernels();
 
-// Multi-threaded launchers over ATen's intra-op thread pool. `k` defaults to best_kernels().
-void varlen_attention(const AttentionParams& p, const KernelTable& k);
+/// How varlen attention splits into work items (sequence, head, query chunk): queries are split only as far as the
+/// threads need, until the items divide evenly among them or there are a few per thread.
+struct AttentionSchedule {
+  int64_t heads = 0, query_chunk = 1, chunks_per_pair = 1, items = 0;
+  static AttentionSchedule make(int64_t batch, int64_t heads, int64_t max_seqlen, int threads);
+};
+
+/// The encoder's attention: AttentionSchedule's items on `threads` threads of the engine's pool (pool.h).
+void varlen_attention(const AttentionParams& p, const KernelTable& k, int threads);
+
+// Multi-threaded launchers of the row-wise kernels over ATen's intra-op threads (single-threaded inside a pool item).
 void bias_act(float* x, int64_t ld, const float* bias, int64_t rows, int64_t cols, Act act, const KernelTable& k);
 void add_layernorm(float* x, int64_t ldx, const float* y, int64_t ldy, const float* bias, const float* gamma,
                    const float* beta, int64_t rows, int64_t cols, float eps, const KernelTable& k);

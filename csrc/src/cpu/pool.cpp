@@ -39,6 +39,13 @@ bool spin_until(Pred pred) {
   }
 }
 
+std::atomic<bool> g_release_caller_team{false};
+
+// Ends the spinning of the calling thread's idle OpenMP team (a no-op when it has none, e.g. after the last call).
+void release_openmp_team() {
+  omp_pause_resource(omp_pause_soft, omp_get_initial_device());
+}
+
 // One batch of items in flight.
 struct Job {
   const std::function<void(int64_t)>* fn = nullptr;
@@ -85,6 +92,7 @@ class Pool {
   }
 
   void run(int64_t n, int threads, const std::function<void(int64_t)>& fn) {
+    if (g_release_caller_team.load(std::memory_order_relaxed)) release_openmp_team();
     std::lock_guard<std::mutex> one_job(run_mutex_);  // concurrent callers take turns
     ensure_workers(threads - 1);
     auto job = std::make_shared<Job>();
@@ -155,6 +163,14 @@ class Pool {
 };
 
 }  // namespace
+
+void set_release_caller_team(bool on) {
+  g_release_caller_team.store(on, std::memory_order_relaxed);
+}
+
+bool release_caller_team() {
+  return g_release_caller_team.load(std::memory_order_relaxed);
+}
 
 void run_items(int64_t n, int threads, const std::function<void(int64_t)>& fn) {
   if (n <= 0) return;

@@ -16,4 +16,12 @@ namespace qaengine::cpu {
 /// all are done. Rethrows the first exception an item threw.
 void run_items(int64_t n, int threads, const std::function<void(int64_t)>& fn);
 
+/// With `on`, every multi-threaded run_items first releases the calling thread's own OpenMP team (torch's intra-op
+/// threads when the caller ran torch ops): libgomp keeps those threads spinning for GOMP_SPINCOUNT iterations after
+/// each parallel region (by default about 8 ms of CPU here), on the cores the pool is about to use. The team is
+/// rebuilt by its next parallel region (one thread start). Off by default; engine.openmp turns it on for processes
+/// whose libgomp started before a bounded spin count could be set (docs/CPP.md "Threads").
+void set_release_caller_team(bool on);
+bool release_caller_team();
+
 }  // namespace qaengine::cpu
