@@ -186,10 +186,27 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   return lin(x);
 }
 
+/// A tokenizer's `encode` as (ids, code-point offsets, UTF-8 byte offsets), tokenizing without the GIL.
+template <typename Tokenizer>
+py::tuple encoding_tuple(const Tokenizer& t, const std::string& text) {
+  qaengine::Encoding enc;
+  {
+    py::gil_scoped_release release;
+    enc = t.encode(text);
+  }
+  std::vector<std::pair<int64_t, int64_t>> chars(enc.size()), bytes(enc.size());
+  for (size_t i = 0; i < enc.size(); ++i) {
+    chars[i] = {enc.starts[i], enc.ends[i]};
+    bytes[i] = {enc.byte_starts[i], enc.byte_ends[i]};
+  }
+  return py::make_tuple(enc.ids, chars, bytes);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "SparseQA's C++ engine (libqaengine): packed encoder forward, WordPiece tokenizer, SQuAD 2.0 answers";
+  m.doc() = "SparseQA's C++ engine (libqaengine): packed encoder forward, WordPiece and byte-level BPE "
+            "tokenizers, SQuAD 2.0 answers";
   py::register_exception<qaengine::Error>(m, "Error", PyExc_ValueError);
 
   py::class_<qaengine::Answer>(m, "Answer")
@@ -296,6 +313,20 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("text"), "(ids, code-point offsets, UTF-8 byte offsets), without special tokens.")
       .def("token_to_id", &qaengine::WordPieceTokenizer::token_to_id, py::arg("token"));
+
+  py::class_<qaengine::ByteLevelBPETokenizer>(m, "ByteLevelBPETokenizer")
+      .def(py::init([](const std::string& path) {
+             return std::make_unique<qaengine::ByteLevelBPETokenizer>(
+                 qaengine::ByteLevelBPETokenizer::from_json_file(path));
+           }),
+           py::arg("tokenizer_json"), "Byte-level BPE tokenizer (RoBERTa, GPT-2) from an HF tokenizer.json.")
+      .def("encode", &encoding_tuple<qaengine::ByteLevelBPETokenizer>, py::arg("text"),
+           "(ids, code-point offsets, UTF-8 byte offsets), without special tokens.")
+      .def("token_to_id", &qaengine::ByteLevelBPETokenizer::token_to_id, py::arg("token"))
+      .def_property_readonly("add_prefix_space",
+                             [](const qaengine::ByteLevelBPETokenizer& t) { return t.options().add_prefix_space; })
+      .def_property_readonly("trim_offsets",
+                             [](const qaengine::ByteLevelBPETokenizer& t) { return t.options().trim_offsets; });
 
   m.def(
       "cpu_kernels",
