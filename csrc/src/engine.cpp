@@ -28,9 +28,45 @@ struct Engine::Impl {
   std::unique_ptr<WordPieceTokenizer> tokenizer;  // tokenizer.json's model is WordPiece (BERT), or
   std::unique_ptr<ByteLevelBPETokenizer> bpe;     // BPE (RoBERTa)
   int64_t cls_id = 0, sep_id = 0;                 // [CLS]/[SEP] or <s>/</s>
+  std::string tokenizer_error;  // RoBERTa artifacts whose tokenizer C++ cannot run still serve forward_packed
 
-  Encoding encode(std::string_view text) const { return tokenizer ? tokenizer->encode(text) : bpe->encode(text); }
+  Encoding encode(std::string_view text) const {
+    if (tokenizer) return tokenizer->encode(text);
+    if (bpe) return bpe->encode(text);
+    throw Error(tokenizer_error + "; text input is not available for this artifact (forward_packed with ids is)");
+  }
 };
+
+namespace {
+
+/// The tokenizer tokenizer.json names and the window's [CLS]/[SEP] (BERT) or <s>/</s> (RoBERTa) ids.
+void load_tokenizer(Engine::Impl& impl, const std::string& dir) {
+  const Manifest& m = impl.manifest;
+  const std::string tok_file = dir + "/tokenizer.json";
+  const std::string type = read_json_file(tok_file).value("model", nlohmann::json::object()).value("type", "");
+  if (type == "BPE") {
+    impl.bpe = std::make_unique<ByteLevelBPETokenizer>(ByteLevelBPETokenizer::from_json_file(tok_file));
+  } else if (type == "WordPiece") {
+    impl.tokenizer = std::make_unique<WordPieceTokenizer>(
+        WordPieceTokenizer::from_json_file(tok_file, m.do_lower_case, m.strip_accents));
+  } else {
+    throw Error(tok_file + ": model type '" + type + "' is not supported by libqaengine (WordPiece, byte-level BPE)");
+  }
+  const bool bert = m.config.architecture == Architecture::Bert;
+  const std::string cls_name = bert ? "[CLS]" : "<s>", sep_name = bert ? "[SEP]" : "</s>";
+  const auto cls = impl.bpe ? impl.bpe->token_to_id(cls_name) : impl.tokenizer->token_to_id(cls_name);
+  const auto sep = impl.bpe ? impl.bpe->token_to_id(sep_name) : impl.tokenizer->token_to_id(sep_name);
+  if (!cls || !sep) {
+    impl.tokenizer.reset();
+    impl.bpe.reset();
+    throw Error(tok_file + ": the vocabulary lacks " + cls_name + " or " + sep_name + ", which " +
+                (bert ? "BERT" : "RoBERTa") + " windows need");
+  }
+  impl.cls_id = *cls;
+  impl.sep_id = *sep;
+}
+
+}  // namespace
 
 Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Engine::~Engine() = default;
@@ -80,26 +116,14 @@ Engine Engine::load(const std::string& dir, const std::string& device, const Loa
   impl->device = dev.str();
   impl->manifest = read_manifest(dir);
   const Manifest& m = impl->manifest;
-  // The tokenizer is whatever tokenizer.json holds (as engine.features.load_tokenizer); the window layout and its
-  // special tokens follow the architecture.
-  const std::string tok_file = dir + "/tokenizer.json";
-  const std::string model_type = read_json_file(tok_file).value("model", nlohmann::json::object()).value("type", "");
-  if (model_type == "BPE") {
-    impl->bpe = std::make_unique<ByteLevelBPETokenizer>(ByteLevelBPETokenizer::from_json_file(tok_file));
-  } else {
-    impl->tokenizer = std::make_unique<WordPieceTokenizer>(
-        WordPieceTokenizer::from_json_file(tok_file, m.do_lower_case, m.strip_accents));
+  // The tokenizer is whatever tokenizer.json holds (as engine.features.load_tokenizer). BERT artifacts must have a
+  // usable one; RoBERTa artifacts load without (ids only, as before libqaengine had a BPE) and say why on text input.
+  try {
+    load_tokenizer(*impl, dir);
+  } catch (const Error& e) {
+    if (m.config.architecture == Architecture::Bert) throw;
+    impl->tokenizer_error = e.what();
   }
-  const bool bert = m.config.architecture == Architecture::Bert;
-  const std::string cls_name = bert ? "[CLS]" : "<s>", sep_name = bert ? "[SEP]" : "</s>";
-  const auto cls = impl->bpe ? impl->bpe->token_to_id(cls_name) : impl->tokenizer->token_to_id(cls_name);
-  const auto sep = impl->bpe ? impl->bpe->token_to_id(sep_name) : impl->tokenizer->token_to_id(sep_name);
-  if (!cls || !sep) {
-    throw Error(tok_file + ": the vocabulary lacks " + cls_name + " or " + sep_name + ", which " +
-                (bert ? "BERT" : "RoBERTa") + " windows need");
-  }
-  impl->cls_id = *cls;
-  impl->sep_id = *sep;
   const SafetensorsFile weights = SafetensorsFile::read(dir + "/weights.safetensors", "weights.safetensors");
   impl->encoder = std::make_unique<Encoder>(m.config, weights, m.dtype, dev, options.gemm, m.quantization);
   return Engine(std::move(impl));

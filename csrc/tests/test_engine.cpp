@@ -200,6 +200,19 @@ TEST(Engine, RobertaTokenizesTextAndRunsIds) {
   EXPECT_EQ(engine.forward_packed(ids.data(), types.data(), 4, cu.data(), 1, 4).start.size(), 4u);
 }
 
+TEST(Engine, RobertaWithoutUsableTokenizerStillRunsIds) {
+  REQUIRE_ARTIFACT(art, "tiny_roberta");
+  TempDir dir;
+  copy_dir(art, dir.path() / "a");
+  fs::copy_file(artifacts_dir() + "/tokenizer/tokenizer.json", dir.path() / "a" / "tokenizer.json",
+                fs::copy_options::overwrite_existing);  // WordPiece, without <s> / </s>
+  const Engine engine = Engine::load((dir.path() / "a").string());
+  const std::vector<int64_t> ids{0, 5, 6, 2}, types(4, 0);
+  const std::vector<int32_t> cu{0, 4};
+  EXPECT_EQ(engine.forward_packed(ids.data(), types.data(), 4, cu.data(), 1, 4).start.size(), 4u);
+  expect_error([&] { engine.answer("who?", "someone"); }, {"lacks <s> or </s>", "forward_packed"});
+}
+
 TEST(Engine, BadInputsRaise) {
   REQUIRE_ARTIFACT(art, "tiny_bert");
   const Engine engine = Engine::load(art);
