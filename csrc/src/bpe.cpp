@@ -328,7 +328,7 @@ Encoding ByteLevelBPETokenizer::encode(std::string_view text) const {
 
 // Added tokens of `pass` split chars [a, b): matches become tokens, the text between goes to the next pass (or to
 // pre-tokenization). As HF: leftmost-longest; lstrip takes the whitespace before the match (not past the previous
-// match), rstrip the whitespace after it.
+// match), rstrip the whitespace after it (a following match may still start inside it, and then overlaps).
 void ByteLevelBPETokenizer::Impl::split_added(std::string_view text, const std::vector<int64_t>& byte_of,
                                               const std::vector<char32_t>& cps, int64_t a, int64_t b, int pass,
                                               Tokens& out) const {
@@ -358,19 +358,20 @@ void ByteLevelBPETokenizer::Impl::split_added(std::string_view text, const std::
       ++i;
       continue;
     }
-    int64_t stop = i;
-    while (byte_of[stop] < static_cast<int64_t>(bi + hit->content.size())) ++stop;
-    int64_t start = i;
+    int64_t end = i;
+    while (byte_of[end] < static_cast<int64_t>(bi + hit->content.size())) ++end;
+    int64_t start = i, stop = end;
     if (hit->lstrip)
       while (start > seg && unicode::is_whitespace(cps[start - 1])) --start;
     if (hit->rstrip)
       while (stop < b && unicode::is_whitespace(cps[stop])) ++stop;
-    rest(seg, start);
+    rest(seg, start);  // nothing when this match starts inside the whitespace the previous one took
     out.ids.push_back(hit->id);
     out.starts.push_back(start);
     out.ends.push_back(stop);
     out.spaces.push_back(space_runs(cps.data() + start, cps.data() + stop));  // HF's token string: the matched text
-    i = seg = stop;
+    seg = stop;
+    i = end;  // as HF's matcher: the search goes on after the match itself, not after what rstrip took
   }
   rest(seg, b);
 }
