@@ -66,4 +66,5 @@ def minilm_roberta_artifact(tokenizer_dir: Path, out: Path, settings: WindowSett
     pos = state["embeddings.position.weight"]  # [512, hidden] -> [514, hidden]: row p + 2 holds BERT's row p
     state["embeddings.position.weight"] = torch.cat([torch.zeros(offset, pos.shape[1]), pos])
     state["embeddings.token_type.weight"] = state["embeddings.token_type.weight"][:1]
-    return save_artifact(out, cfg, state, tokenizer_dir, settings or WindowSettings(), source={"model": "all-MiniLM-L6-v2 as RoBERTa"})
+    return save_artifact(out, cfg, state, tokenizer_dir, settings or WindowSettings(),
+                         source={"model": "all-MiniLM-L6-v2 as RoBERTa"})

@@ -281,7 +281,8 @@ ByteLevelBPETokenizer ByteLevelBPETokenizer::from_json_file(const std::string& p
   }
   std::vector<AddedToken> added;
   for (const json& t : j.value("added_tokens", json::array())) {
-    if (!t.is_object() || !t.contains("content") || !t.contains("id")) throw fail("added_tokens entries need content and id");
+    if (!t.is_object() || !t.contains("content") || !t.contains("id"))
+      throw fail("added_tokens entries need content and id");
     const std::string w = path + ": added token " + t["content"].dump();
     if (flag(t, "single_word", false, w)) throw fail("added token " + t["content"].dump() + " sets single_word, "
                                                      "which is not supported");

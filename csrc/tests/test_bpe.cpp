@@ -75,8 +75,9 @@ TEST(BPE, RegexSplitsContractionsLettersNumbersAndSpaces) {
   // 's is its own piece; digits split from letters; "  x": a lone space piece, then " x".
   const Encoding e = tok.encode("it's 42a  x");
   // trim_offsets: the space before "42" and " x" are trimmed away; the lone space piece becomes empty.
-  EXPECT_EQ(offsets(e), (std::vector<std::pair<int64_t, int64_t>>{
-                            {0, 1}, {1, 2}, {2, 3}, {3, 4}, {5, 5}, {5, 6}, {6, 7}, {7, 8}, {9, 9}, {10, 10}, {10, 11}}));
+  const std::vector<std::pair<int64_t, int64_t>> want{{0, 1}, {1, 2}, {2, 3}, {3, 4},  {5, 5},   {5, 6},
+                                                      {6, 7}, {7, 8}, {9, 9}, {10, 10}, {10, 11}};
+  EXPECT_EQ(offsets(e), want);
 }
 
 TEST(BPE, AddedTokensSplitTheTextAndRstripTakesWhitespace) {
