@@ -1,4 +1,5 @@
-// qaengine_demo: answer one question from the command line and print the answer as JSON.
+// qaengine_demo: answer one question from the command line and print the answer as JSON. BERT (WordPiece) and
+// RoBERTa (byte-level BPE) artifacts alike.
 //
 //   qaengine_demo ARTIFACT_DIR --question "Who ...?" --context-file context.txt [--device cpu] [--threads N]
 //                 [--max-answer-length 30] [--null-threshold X]
@@ -17,7 +18,8 @@ namespace {
 int usage(const char* argv0) {
   std::cerr << "usage: " << argv0
             << " ARTIFACT_DIR --question Q (--context-file F | --context C) [--device cpu] [--threads N]"
-               " [--max-answer-length 30] [--null-threshold X]\n";
+               " [--max-answer-length 30] [--null-threshold X]\n"
+               "  ARTIFACT_DIR: a BERT (WordPiece) or RoBERTa (byte-level BPE) artifact from python -m engine.build_model\n";
   return 2;
 }
 

@@ -67,7 +67,8 @@ py::tuple forward_packed(const Engine& e, const at::Tensor& ids, const std::opti
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "SparseQA's C++ engine (libqaengine): packed encoder forward, WordPiece tokenizer, SQuAD 2.0 answers";
+  m.doc() = "SparseQA's C++ engine (libqaengine): packed encoder forward, WordPiece and byte-level BPE "
+            "tokenizers, SQuAD 2.0 answers";
   py::register_exception<qaengine::Error>(m, "Error", PyExc_ValueError);
 
   py::class_<qaengine::Answer>(m, "Answer")
@@ -137,6 +138,25 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("text"), "(ids, code-point offsets, UTF-8 byte offsets), without special tokens.")
       .def("token_to_id", &qaengine::WordPieceTokenizer::token_to_id, py::arg("token"));
+
+  py::class_<qaengine::ByteLevelBPETokenizer>(m, "ByteLevelBPETokenizer")
+      .def(py::init([](const std::string& path) {
+             return std::make_unique<qaengine::ByteLevelBPETokenizer>(
+                 qaengine::ByteLevelBPETokenizer::from_json_file(path));
+           }),
+           py::arg("tokenizer_json"), "Byte-level BPE tokenizer (RoBERTa, GPT-2) from an HF tokenizer.json.")
+      .def(
+          "encode",
+          [](const qaengine::ByteLevelBPETokenizer& t, const std::string& text) {
+            return encoding_tuple([&] { return t.encode(text); });
+          },
+          py::arg("text"),
+           "(ids, code-point offsets, UTF-8 byte offsets), without special tokens.")
+      .def("token_to_id", &qaengine::ByteLevelBPETokenizer::token_to_id, py::arg("token"))
+      .def_property_readonly("add_prefix_space",
+                             [](const qaengine::ByteLevelBPETokenizer& t) { return t.options().add_prefix_space; })
+      .def_property_readonly("trim_offsets",
+                             [](const qaengine::ByteLevelBPETokenizer& t) { return t.options().trim_offsets; });
 
   m.def(
       "supported_kernels", [](const std::string& device) { return qaengine::supported_kernels(device); },

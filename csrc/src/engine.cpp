@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "encoder.h"
+#include "json_file.h"
 #include "qaengine/aten.h"
 #include "safetensors.h"
 #include "unicode.h"
@@ -24,18 +25,48 @@ struct Engine::Impl {
   Manifest manifest;
   std::string device;
   std::unique_ptr<Encoder> encoder;
-  std::unique_ptr<WordPieceTokenizer> tokenizer;  // null for RoBERTa artifacts
-  int64_t cls_id = 0, sep_id = 0;
+  std::unique_ptr<WordPieceTokenizer> tokenizer;  // tokenizer.json's model is WordPiece (BERT), or
+  std::unique_ptr<ByteLevelBPETokenizer> bpe;     // BPE (RoBERTa)
+  int64_t cls_id = 0, sep_id = 0;                 // [CLS]/[SEP] or <s>/</s>
+  std::string tokenizer_error;  // RoBERTa artifacts whose tokenizer C++ cannot run still serve forward_packed
 
-  const WordPieceTokenizer& require_tokenizer() const {
-    if (!tokenizer) {
-      throw Error(
-          "this is a RoBERTa artifact: libqaengine has no byte-level BPE tokenizer, so text input is not "
-          "supported; tokenize in Python and call forward_packed with token ids");
-    }
-    return *tokenizer;
+  Encoding encode(std::string_view text) const {
+    if (tokenizer) return tokenizer->encode(text);
+    if (bpe) return bpe->encode(text);
+    throw Error(tokenizer_error + "; text input is not available for this artifact (forward_packed with ids is)");
   }
 };
+
+namespace {
+
+/// The tokenizer tokenizer.json names and the window's [CLS]/[SEP] (BERT) or <s>/</s> (RoBERTa) ids.
+void load_tokenizer(Engine::Impl& impl, const std::string& dir) {
+  const Manifest& m = impl.manifest;
+  const std::string tok_file = dir + "/tokenizer.json";
+  const std::string type = read_json_file(tok_file).value("model", nlohmann::json::object()).value("type", "");
+  if (type == "BPE") {
+    impl.bpe = std::make_unique<ByteLevelBPETokenizer>(ByteLevelBPETokenizer::from_json_file(tok_file));
+  } else if (type == "WordPiece") {
+    impl.tokenizer = std::make_unique<WordPieceTokenizer>(
+        WordPieceTokenizer::from_json_file(tok_file, m.do_lower_case, m.strip_accents));
+  } else {
+    throw Error(tok_file + ": model type '" + type + "' is not supported by libqaengine (WordPiece, byte-level BPE)");
+  }
+  const bool bert = m.config.architecture == Architecture::Bert;
+  const std::string cls_name = bert ? "[CLS]" : "<s>", sep_name = bert ? "[SEP]" : "</s>";
+  const auto cls = impl.bpe ? impl.bpe->token_to_id(cls_name) : impl.tokenizer->token_to_id(cls_name);
+  const auto sep = impl.bpe ? impl.bpe->token_to_id(sep_name) : impl.tokenizer->token_to_id(sep_name);
+  if (!cls || !sep) {
+    impl.tokenizer.reset();
+    impl.bpe.reset();
+    throw Error(tok_file + ": the vocabulary lacks " + cls_name + " or " + sep_name + ", which " +
+                (bert ? "BERT" : "RoBERTa") + " windows need");
+  }
+  impl.cls_id = *cls;
+  impl.sep_id = *sep;
+}
+
+}  // namespace
 
 Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Engine::~Engine() = default;
@@ -85,15 +116,13 @@ Engine Engine::load(const std::string& dir, const std::string& device, const Loa
   impl->device = dev.str();
   impl->manifest = read_manifest(dir);
   const Manifest& m = impl->manifest;
-  if (m.config.architecture == Architecture::Bert) {
-    impl->tokenizer = std::make_unique<WordPieceTokenizer>(
-        WordPieceTokenizer::from_json_file(dir + "/tokenizer.json", m.do_lower_case, m.strip_accents));
-    const auto cls = impl->tokenizer->token_to_id("[CLS]");
-    const auto sep = impl->tokenizer->token_to_id("[SEP]");
-    if (!cls || !sep)
-      throw Error(dir + "/tokenizer.json: the vocabulary lacks [CLS] or [SEP], which BERT windows need");
-    impl->cls_id = *cls;
-    impl->sep_id = *sep;
+  // The tokenizer is whatever tokenizer.json holds (as engine.features.load_tokenizer). BERT artifacts must have a
+  // usable one; RoBERTa artifacts load without (ids only, as before libqaengine had a BPE) and say why on text input.
+  try {
+    load_tokenizer(*impl, dir);
+  } catch (const Error& e) {
+    if (m.config.architecture == Architecture::Bert) throw;
+    impl->tokenizer_error = e.what();
   }
   const SafetensorsFile weights = SafetensorsFile::read(dir + "/weights.safetensors", "weights.safetensors");
   impl->encoder = std::make_unique<Encoder>(m.config, weights, m.dtype, dev, options.gemm, m.quantization);
@@ -129,7 +158,7 @@ Logits Engine::forward_packed(const int64_t* input_ids, const int64_t* token_typ
 }
 
 Encoding Engine::tokenize(std::string_view text) const {
-  return impl_->require_tokenizer().encode(text);
+  return impl_->encode(text);
 }
 
 namespace {
@@ -147,16 +176,15 @@ void check_text(std::string_view text, const char* name) {
 
 Answer Engine::answer(std::string_view question, std::string_view context, int64_t max_answer_length,
                       std::optional<double> null_threshold) const {
-  const WordPieceTokenizer& tok = impl_->require_tokenizer();
   if (max_answer_length < 1) throw Error("max_answer_length must be >= 1, got " + std::to_string(max_answer_length));
   if (null_threshold && !std::isfinite(*null_threshold)) throw Error("null_threshold must be a finite number");
   check_text(question, "question");
   check_text(context, "context");
   const Manifest& m = impl_->manifest;
-  Encoding q = tok.encode(question);
+  Encoding q = impl_->encode(question);
   if (static_cast<int64_t>(q.ids.size()) > m.windows.max_query_length) q.ids.resize(m.windows.max_query_length);
   if (q.ids.empty()) throw Error("question has no tokens after tokenization");
-  const Encoding c = tok.encode(context);
+  const Encoding c = impl_->encode(context);
   if (c.ids.empty()) throw Error("context has no tokens after tokenization");
 
   const auto windows = make_windows(q.ids, c.ids, m.windows, m.config.architecture, impl_->cls_id, impl_->sep_id);

@@ -6,11 +6,9 @@
 #include "qaengine/tokenizer.h"
 
 #include <algorithm>
-#include <fstream>
-#include <nlohmann/json.hpp>
-#include <sstream>
 #include <unordered_map>
 
+#include "json_file.h"
 #include "qaengine/error.h"
 #include "unicode.h"
 
@@ -69,24 +67,15 @@ std::optional<int64_t> WordPieceTokenizer::token_to_id(const std::string& token)
 
 WordPieceTokenizer WordPieceTokenizer::from_json_file(const std::string& path, std::optional<bool> lowercase,
                                                       std::optional<bool> strip_accents) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error("tokenizer file " + path + " is missing");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  json j;
-  try {
-    j = json::parse(ss.str());
-  } catch (const json::exception& e) {
-    throw Error(path + " is not valid JSON (" + e.what() + ")");
-  }
+  const json j = read_json_file(path);
   auto fail = [&](const std::string& msg) { return Error(path + ": " + msg); };
   if (!j.is_object() || !j.contains("model") || !j["model"].is_object()) throw fail("missing the 'model' object");
   const json& model = j["model"];
   const std::string type = model.value("type", "");
   if (type != "WordPiece") {
     throw fail("model type '" + type +
-               "' is not supported by the C++ tokenizer (WordPiece only; for RoBERTa's "
-               "byte-level BPE pass token ids to forward_packed)");
+               "' is not supported by the C++ tokenizer (WordPiece only; RoBERTa's "
+               "byte-level BPE is ByteLevelBPETokenizer, qaengine/bpe.h)");
   }
   WordPieceOptions opt;
   if (model.contains("unk_token") && model["unk_token"].is_string()) opt.unk_token = model["unk_token"];

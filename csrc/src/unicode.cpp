@@ -11,8 +11,8 @@ struct CodeRange {
   char32_t first, last;
 };
 
-// kControl, kPunct, kNonspacingMark: the classes HF tokenizers applies (its Unicode tables are older than
-// utf8proc's), probed from the pinned tokenizers package by csrc/tools/gen_unicode_tables.py.
+// kControl, kPunct, kNonspacingMark, kLetter, kNumber, kSpace: the classes HF tokenizers applies (its Unicode tables
+// are older than utf8proc's), probed from the pinned tokenizers package by csrc/tools/gen_unicode_tables.py.
 #include "unicode_tables.inc"
 
 template <size_t N>
@@ -121,6 +121,19 @@ int to_lower(char32_t c, char32_t* out) {
   }
   out[0] = static_cast<char32_t>(utf8proc_tolower(static_cast<utf8proc_int32_t>(c)));
   return 1;
+}
+
+RegexClass regex_class(char32_t c) {
+  if (c < 0x80) {  // the common case: no table search
+    if ((c | 0x20) >= 'a' && (c | 0x20) <= 'z') return RegexClass::Letter;
+    if (c >= '0' && c <= '9') return RegexClass::Number;
+    if (c == ' ' || (c >= 0x09 && c <= 0x0D)) return RegexClass::Space;
+    return RegexClass::Other;
+  }
+  if (in_table(kLetter, c)) return RegexClass::Letter;
+  if (in_table(kNumber, c)) return RegexClass::Number;
+  if (in_table(kSpace, c)) return RegexClass::Space;
+  return RegexClass::Other;
 }
 
 }  // namespace qaengine::unicode

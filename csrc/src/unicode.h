@@ -1,4 +1,5 @@
-// UTF-8 decoding and the character classes of HF tokenizers' BertNormalizer / BertPreTokenizer (via utf8proc).
+// UTF-8 decoding and the character classes of HF tokenizers' BertNormalizer / BertPreTokenizer (via utf8proc) and
+// of its ByteLevel pre-tokenizer's regex.
 #pragma once
 
 #include <cstdint>
@@ -29,5 +30,9 @@ int decompose(char32_t c, char32_t* out, int capacity);
 int combining_class(char32_t c);
 /// Full lower-case mapping of one code point (Rust char::to_lowercase); returns the count written (1..3).
 int to_lower(char32_t c, char32_t* out);
+
+/// Class of a code point in the GPT-2 pre-tokenization regex: \p{L}, \p{N}, \s or none of them (HF's tables).
+enum class RegexClass : uint8_t { Letter, Number, Space, Other };
+RegexClass regex_class(char32_t c);
 
 }  // namespace qaengine::unicode

@@ -10,12 +10,13 @@ Writes, under OUT_DIR:
   tiny_bert_int8/, tiny_bert_int8s/  tiny_bert_bf16's weights quantized to int8: dynamic per-token / static
                              scales (calibrated on random token batches)
   tiny_hd24/                 head_dim 24 (fused-kernel fallback on AVX-512), gelu_new
-  tiny_roberta/              RoBERTa conventions (position offset 2, one token type), relu
+  tiny_roberta/              RoBERTa conventions (position offset 2, one token type), relu, with a byte-level BPE
+                             tokenizer trained here (bench/roberta.py)
   */reference.safetensors    packed inputs and the reference logits `start`/`end` of the torch backend's numerics
                              (fp32 engine.model.RaggedQAModel; bf16 and int8: engine.quant's bf16 / int8 modules),
                              plus for bf16 and int8 `start_fp32`/`end_fp32` of the fp32 model they approximate and
                              `noise_floor` (see noise_floor)
-  tiny_bert/answers.json     questions with the Python QAEngine's (torch backend) answers
+  tiny_bert/answers.json, tiny_roberta/answers.json  questions with the Python QAEngine's (torch backend) answers
   minilm/                    the packaged all-MiniLM-L6-v2 (random QA head), if that package is installed
   tiny_bert_truncated/       tiny_bert with its weights file cut in half
   context.txt                a context for the demo
@@ -30,8 +31,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `engine`
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `engine` and `bench`
 
+from bench.roberta import train_bpe  # noqa: E402
 from engine.artifact import load_artifact, save_artifact  # noqa: E402
 from engine.config import EncoderConfig  # noqa: E402
 from engine.features import WindowSettings  # noqa: E402
@@ -172,6 +174,21 @@ def int8_artifacts(out: Path, cfg: EncoderConfig, state: dict[str, torch.Tensor]
     write_reference(out / "tiny_bert_int8s", lengths, 1, fp32_state=state)
 
 
+def write_answers(art: Path) -> None:
+    """answers.json: the Python QAEngine's (torch backend) answers to QUESTIONS about CONTEXT, at three thresholds."""
+    from engine.qa import QAEngine
+
+    eng = QAEngine.load(art, backend="torch")
+    answers = []
+    for q in QUESTIONS:
+        for threshold in (None, -1e9, 1e9):
+            a = eng.answer(q, CONTEXT, max_answer_length=8, null_threshold=threshold)
+            answers.append({"question": q, "null_threshold": threshold, "text": a.text, "start": a.start,
+                            "end": a.end, "score": a.score, "no_answer": a.no_answer,
+                            "null_score_diff": a.null_score_diff})
+    (art / "answers.json").write_text(json.dumps({"context": CONTEXT, "answers": answers}, indent=1))
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
@@ -193,23 +210,15 @@ def main() -> None:
                              "activation": "gelu_new"})
     save_artifact(out / "tiny_hd24", cfg24, random_state(cfg24, 2), tok, settings)
     write_reference(out / "tiny_hd24", lengths, 3)
+    bpe = train_bpe([CONTEXT, *QUESTIONS, " ".join(WORDS)] * 10, out / "bpe_tokenizer", vocab_size=400)
+    bpe_vocab = len(json.loads((bpe / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"])
     cfg_rb = EncoderConfig(**{**base, "architecture": "roberta", "heads": (0, 2, 3), "ffn": (0, 40, 33),
                               "activation": "relu", "type_vocab_size": 1, "pad_token_id": 1, "position_offset": 2,
-                              "max_position_embeddings": 302 + 2})
-    save_artifact(out / "tiny_roberta", cfg_rb, random_state(cfg_rb, 4), tok, settings)
+                              "max_position_embeddings": 302 + 2, "vocab_size": max(vocab, bpe_vocab)})
+    save_artifact(out / "tiny_roberta", cfg_rb, random_state(cfg_rb, 4), bpe, settings)
     write_reference(out / "tiny_roberta", lengths, 5)
-
-    from engine.qa import QAEngine
-
-    eng = QAEngine.load(out / "tiny_bert", backend="torch")
-    answers = []
-    for q in QUESTIONS:
-        for threshold in (None, -1e9, 1e9):
-            a = eng.answer(q, CONTEXT, max_answer_length=8, null_threshold=threshold)
-            answers.append({"question": q, "null_threshold": threshold, "text": a.text, "start": a.start,
-                            "end": a.end, "score": a.score, "no_answer": a.no_answer,
-                            "null_score_diff": a.null_score_diff})
-    (out / "tiny_bert" / "answers.json").write_text(json.dumps({"context": CONTEXT, "answers": answers}, indent=1))
+    for name in ("tiny_bert", "tiny_roberta"):
+        write_answers(out / name)
     (out / "context.txt").write_text(CONTEXT + "\n", encoding="utf-8")
     # A corrupt artifact: weights cut in half (the demo must report it, not crash).
     bad = out / "tiny_bert_truncated"

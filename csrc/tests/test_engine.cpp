@@ -143,8 +143,10 @@ TEST(Engine, Int8AnswersEndToEnd) {
   EXPECT_EQ(context.substr(a.start_byte, a.end_byte - a.start_byte), a.text);
 }
 
-TEST(Engine, AnswersMatchPythonQAEngine) {
-  REQUIRE_ARTIFACT(art, "tiny_bert");
+class AnswersMatchPythonQAEngine : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(AnswersMatchPythonQAEngine, OnEveryQuestionAndThreshold) {
+  REQUIRE_ARTIFACT(art, GetParam());
   const Engine engine = Engine::load(art);
   const auto j = nlohmann::json::parse(read_file(fs::path(art) / "answers.json"));
   const std::string context = j["context"];
@@ -161,6 +163,9 @@ TEST(Engine, AnswersMatchPythonQAEngine) {
     if (!a.no_answer) EXPECT_EQ(context.substr(a.start_byte, a.end_byte - a.start_byte), a.text);
   }
 }
+
+// BERT (WordPiece) and RoBERTa (byte-level BPE, <s> q </s></s> c </s>, position offset 2).
+INSTANTIATE_TEST_SUITE_P(Engine, AnswersMatchPythonQAEngine, ::testing::Values("tiny_bert", "tiny_roberta"));
 
 TEST(Engine, AnswerOffsetsOnNonAsciiContext) {
   REQUIRE_ARTIFACT(art, "tiny_bert");
@@ -183,14 +188,29 @@ TEST(Engine, LongContextMakesSeveralWindows) {
   EXPECT_EQ(context.substr(a.start_byte, a.end_byte - a.start_byte), a.text);
 }
 
-TEST(Engine, RobertaRejectsTextButRunsIds) {
+TEST(Engine, RobertaTokenizesTextAndRunsIds) {
   REQUIRE_ARTIFACT(art, "tiny_roberta");
   const Engine engine = Engine::load(art);
-  expect_error([&] { engine.answer("who?", "someone"); }, {"RoBERTa", "forward_packed"});
-  expect_error([&] { engine.tokenize("text"); }, {"RoBERTa"});
+  const Encoding enc = engine.tokenize("Paris is the capital.");
+  ASSERT_FALSE(enc.ids.empty());
+  EXPECT_EQ(enc.starts.front(), 0);
+  EXPECT_EQ(enc.ends.back(), 21);
   const std::vector<int64_t> ids{0, 5, 6, 2}, types(4, 0);
   const std::vector<int32_t> cu{0, 4};
   EXPECT_EQ(engine.forward_packed(ids.data(), types.data(), 4, cu.data(), 1, 4).start.size(), 4u);
+}
+
+TEST(Engine, RobertaWithoutUsableTokenizerStillRunsIds) {
+  REQUIRE_ARTIFACT(art, "tiny_roberta");
+  TempDir dir;
+  copy_dir(art, dir.path() / "a");
+  fs::copy_file(artifacts_dir() + "/tokenizer/tokenizer.json", dir.path() / "a" / "tokenizer.json",
+                fs::copy_options::overwrite_existing);  // WordPiece, without <s> / </s>
+  const Engine engine = Engine::load((dir.path() / "a").string());
+  const std::vector<int64_t> ids{0, 5, 6, 2}, types(4, 0);
+  const std::vector<int32_t> cu{0, 4};
+  EXPECT_EQ(engine.forward_packed(ids.data(), types.data(), 4, cu.data(), 1, 4).start.size(), 4u);
+  expect_error([&] { engine.answer("who?", "someone"); }, {"lacks <s> or </s>", "forward_packed"});
 }
 
 TEST(Engine, BadInputsRaise) {

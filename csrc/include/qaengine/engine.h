@@ -15,6 +15,7 @@
 #include <string_view>
 #include <vector>
 
+#include "qaengine/bpe.h"
 #include "qaengine/config.h"
 #include "qaengine/error.h"
 #include "qaengine/tokenizer.h"
@@ -74,11 +75,11 @@ class Engine {
   Logits forward_packed(const int64_t* input_ids, const int64_t* token_type_ids, int64_t total,
                         const int32_t* cu_seqlens, int64_t batch, int64_t max_seqlen) const;
 
-  /// Tokenizes with the artifact's WordPiece tokenizer (no special tokens). BERT artifacts only.
+  /// Tokenizes with the artifact's tokenizer (no special tokens): WordPiece for BERT, byte-level BPE for RoBERTa.
   Encoding tokenize(std::string_view text) const;
 
-  /// Extractive QA with SQuAD 2.0 semantics. `null_threshold` defaults to the manifest's. BERT artifacts only
-  /// (RoBERTa byte-level BPE is not implemented: use forward_packed with token ids).
+  /// Extractive QA with SQuAD 2.0 semantics. `null_threshold` defaults to the manifest's. Windows as
+  /// engine/features.py: [CLS] q [SEP] c [SEP] (BERT) or <s> q </s></s> c </s> (RoBERTa, token types all 0).
   Answer answer(std::string_view question, std::string_view context, int64_t max_answer_length = 30,
                 std::optional<double> null_threshold = std::nullopt) const;
 
