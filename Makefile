@@ -53,6 +53,7 @@ bench: install
 	SPARSEQA_WORKLOAD_LIMIT=$${SPARSEQA_WORKLOAD_LIMIT:-400} $(PY) -m pytest bench/test_workload.py -q \
 		--benchmark-json=bench/results/workload.json -p no:cacheprovider
 	$(PY) -m pytest bench/test_coexist.py -q --benchmark-json=bench/results/coexist.json -p no:cacheprovider
+	$(PY) -m pytest bench/test_train_throughput.py -q --benchmark-json=bench/results/train.json -p no:cacheprovider
 	$(PY) -m pytest bench/test_tokenizer_speed.py -q --benchmark-json=bench/results/tokenizer.json -p no:cacheprovider
 
 bench-full: install

@@ -16,7 +16,8 @@ from engine.model import RaggedQAModel
 from engine.prune_fast.masked import fisher, fold_masks, mask_gradients, masked_forward
 from engine.prune_fast.search import flops_cost, pruned_objective, rearrange, search
 from engine.prune_fast.tune import solve_scales, tune_masks
-from engine.training import collate, span_loss
+from engine.train.batching import collate
+from engine.train.losses import span_loss
 
 CFG = EncoderConfig(architecture="bert", vocab_size=50, hidden=16, head_dim=4, heads=(4, 4, 4), ffn=(7, 9, 5),
                     max_position_embeddings=64, type_vocab_size=2, layer_norm_eps=1e-12, activation="gelu",

@@ -35,38 +35,36 @@ struct Engine::Impl {
     if (bpe) return bpe->encode(text);
     throw Error(tokenizer_error + "; text input is not available for this artifact (forward_packed with ids is)");
   }
+
+  /// The tokenizer tokenizer.json names and the window's [CLS]/[SEP] (BERT) or <s>/</s> (RoBERTa) ids.
+  void load_tokenizer(const std::string& dir) {
+    Impl& impl = *this;
+    const Manifest& m = impl.manifest;
+    const std::string tok_file = dir + "/tokenizer.json";
+    const std::string type = read_json_file(tok_file).value("model", nlohmann::json::object()).value("type", "");
+    if (type == "BPE") {
+      impl.bpe = std::make_unique<ByteLevelBPETokenizer>(ByteLevelBPETokenizer::from_json_file(tok_file));
+    } else if (type == "WordPiece") {
+      impl.tokenizer = std::make_unique<WordPieceTokenizer>(
+          WordPieceTokenizer::from_json_file(tok_file, m.do_lower_case, m.strip_accents));
+    } else {
+      throw Error(tok_file + ": model type '" + type + "' is not supported by libqaengine (WordPiece, byte-level BPE)");
+    }
+    const bool bert = m.config.architecture == Architecture::Bert;
+    const std::string cls_name = bert ? "[CLS]" : "<s>", sep_name = bert ? "[SEP]" : "</s>";
+    const auto cls = impl.bpe ? impl.bpe->token_to_id(cls_name) : impl.tokenizer->token_to_id(cls_name);
+    const auto sep = impl.bpe ? impl.bpe->token_to_id(sep_name) : impl.tokenizer->token_to_id(sep_name);
+    if (!cls || !sep) {
+      impl.tokenizer.reset();
+      impl.bpe.reset();
+      throw Error(tok_file + ": the vocabulary lacks " + cls_name + " or " + sep_name + ", which " +
+                  (bert ? "BERT" : "RoBERTa") + " windows need");
+    }
+    impl.cls_id = *cls;
+    impl.sep_id = *sep;
+  }
 };
 
-namespace {
-
-/// The tokenizer tokenizer.json names and the window's [CLS]/[SEP] (BERT) or <s>/</s> (RoBERTa) ids.
-void load_tokenizer(Engine::Impl& impl, const std::string& dir) {
-  const Manifest& m = impl.manifest;
-  const std::string tok_file = dir + "/tokenizer.json";
-  const std::string type = read_json_file(tok_file).value("model", nlohmann::json::object()).value("type", "");
-  if (type == "BPE") {
-    impl.bpe = std::make_unique<ByteLevelBPETokenizer>(ByteLevelBPETokenizer::from_json_file(tok_file));
-  } else if (type == "WordPiece") {
-    impl.tokenizer = std::make_unique<WordPieceTokenizer>(
-        WordPieceTokenizer::from_json_file(tok_file, m.do_lower_case, m.strip_accents));
-  } else {
-    throw Error(tok_file + ": model type '" + type + "' is not supported by libqaengine (WordPiece, byte-level BPE)");
-  }
-  const bool bert = m.config.architecture == Architecture::Bert;
-  const std::string cls_name = bert ? "[CLS]" : "<s>", sep_name = bert ? "[SEP]" : "</s>";
-  const auto cls = impl.bpe ? impl.bpe->token_to_id(cls_name) : impl.tokenizer->token_to_id(cls_name);
-  const auto sep = impl.bpe ? impl.bpe->token_to_id(sep_name) : impl.tokenizer->token_to_id(sep_name);
-  if (!cls || !sep) {
-    impl.tokenizer.reset();
-    impl.bpe.reset();
-    throw Error(tok_file + ": the vocabulary lacks " + cls_name + " or " + sep_name + ", which " +
-                (bert ? "BERT" : "RoBERTa") + " windows need");
-  }
-  impl.cls_id = *cls;
-  impl.sep_id = *sep;
-}
-
-}  // namespace
 
 Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Engine::~Engine() = default;
@@ -119,7 +117,7 @@ Engine Engine::load(const std::string& dir, const std::string& device, const Loa
   // The tokenizer is whatever tokenizer.json holds (as engine.features.load_tokenizer). BERT artifacts must have a
   // usable one; RoBERTa artifacts load without (ids only, as before libqaengine had a BPE) and say why on text input.
   try {
-    load_tokenizer(*impl, dir);
+    impl->load_tokenizer(dir);
   } catch (const Error& e) {
     if (m.config.architecture == Architecture::Bert) throw;
     impl->tokenizer_error = e.what();

@@ -351,8 +351,8 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from engine.finetune import prepare_data
-    from engine.prune.train import _metrics_row
-    from engine.training import evaluate_model
+    from engine.prune.train import metrics_row
+    from engine.data.predict import evaluate_model
 
     t_start = time.monotonic()
     progress = not args.no_progress
@@ -404,7 +404,7 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
         "achieved_flop_sparsity": flop_sparsity(cfg, dense, args.flops_seq_len),
         "achieved_param_sparsity": 1.0 - encoder_params(cfg) / encoder_params(dense),
         "heads": list(cfg.heads), "ffn": list(cfg.ffn), "dense_heads": list(dense.heads), "dense_ffn": list(dense.ffn),
-        "teacher": _metrics_row(res_t) if res_t else None, "student": _metrics_row(res_s),
+        "teacher": metrics_row(res_t) if res_t else None, "student": metrics_row(res_s),
         "f1_loss": res_t["at_zero"]["f1"] - res_s["at_zero"]["f1"] if res_t else None,
         "stages": stages, "prune_time_s": prune_time, "prune_cpu_s": prune_cpu, "distillation": False, "data": data_info,
     }

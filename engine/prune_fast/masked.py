@@ -16,7 +16,8 @@ from engine.config import EncoderConfig
 from engine.data.squad import TrainFeature
 from engine.model import Layer, RaggedQAModel, attention_packed
 from engine.spec import LayerKeep, PruneSpec, apply_spec
-from engine.training import collate, span_loss
+from engine.train.batching import collate
+from engine.train.losses import span_loss
 
 
 def head_context(layer: Layer, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,

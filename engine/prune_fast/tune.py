@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from engine.data.squad import TrainFeature
 from engine.model import Layer, RaggedQAModel
 from engine.prune_fast.masked import head_context
-from engine.training import collate
+from engine.train.batching import collate
 
 MAX_SCALE = 10.0  # as Kwon et al.: a solution with a larger |scale| is ill-conditioned; keep the binary mask
 

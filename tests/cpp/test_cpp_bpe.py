@@ -226,7 +226,7 @@ def test_engine_answer_equals_python_qaengine(roberta_artifact, squad_dev, quest
     pairs = pairs[:: len(pairs) // questions][:questions]
     assert len(pairs) == questions
     py = QAEngine.load(roberta_artifact, backend="torch")
-    cpp = _C.Engine(str(roberta_artifact))
+    cpp = _C.Engine.load(str(roberta_artifact))
     assert cpp.architecture == "roberta"
     want = py.answer_batch(pairs, batch_size=16, null_threshold=1e9)  # always a span: compares the span choice
     near_ties = []

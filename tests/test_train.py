@@ -1,0 +1,152 @@
+"""The unified trainer: SIGKILL resume, the teacher-logit cache (equal to live, stale ones refused), one cost model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.checkpoint import load_checkpoint
+from engine.data.squad import load_squad, train_features
+from engine.features import WindowMaker, WindowSettings, load_tokenizer
+from engine.flops import encoder_flops, exact_flops, expected_flops
+from engine.model import RaggedQAModel
+from engine.prune.gated import GatedQAModel, export_ragged
+from engine.train.batching import collate, epoch_order
+from engine.train.teacher import CachedTeacher, CacheKey, LiveTeacher, StaleTeacherCacheError, cached_teacher
+from tests.conftest import make_checkpoint
+from tests.test_finetune import _args, squad_files, tiny_model  # noqa: F401  (fixtures)
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = WindowSettings(64, 16, 16)
+
+
+def _finetune_cmd(model: Path, train: Path, dev: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "engine.finetune", *_args(model, train, out, "--eval", str(dev), "--max-steps",
+                                                            "150", "--checkpoint-every", "3", "--lr", "1e-3",
+                                                            "--log-every", "0", *extra)]
+
+
+def test_resume_after_sigkill_ends_where_uninterrupted_ends(tiny_model, squad_files, tmp_path):  # noqa: F811
+    train, dev = squad_files
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    full = tmp_path / "full"
+    subprocess.run(_finetune_cmd(tiny_model, train, dev, full), env=env, check=True, capture_output=True, cwd=ROOT)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(_finetune_cmd(tiny_model, train, dev, cut), env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list((cut / "checkpoints").glob("step-*/trainer.json")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted((cut / "checkpoints").glob("step-*/trainer.json"))
+    assert done and done[-1].parent.name != "step-00000150", "the run finished before it could be killed"
+    subprocess.run(_finetune_cmd(tiny_model, train, dev, cut, "--resume"), env=env, check=True, capture_output=True,
+                   cwd=ROOT)
+    a = load_file(str(full / "checkpoints" / "step-00000150" / "model.safetensors"))
+    b = load_file(str(cut / "checkpoints" / "step-00000150" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+
+
+def test_length_grouped_order_is_a_seeded_permutation_of_similar_lengths():
+    lengths = [int(x) for x in torch.randint(5, 200, (1000,), generator=torch.Generator().manual_seed(0))]
+    a = epoch_order(lengths, 16, 3, 1, True)
+    assert sorted(a.tolist()) == list(range(1000))
+    assert (a == epoch_order(lengths, 16, 3, 1, True)).all() and not (a == epoch_order(lengths, 16, 3, 2, True)).all()
+    spread = [max(lengths[k] for k in a[i:i + 16]) - min(lengths[k] for k in a[i:i + 16]) for i in range(0, 992, 16)]
+    uniform = epoch_order(lengths, 16, 3, 1, False)
+    spread_u = [max(lengths[k] for k in uniform[i:i + 16]) - min(lengths[k] for k in uniform[i:i + 16])
+                for i in range(0, 992, 16)]
+    assert sum(spread) < 0.2 * sum(spread_u)
+
+
+# ------------------------------------------------------------------------------------------- teacher cache
+
+
+@pytest.fixture(scope="module")
+def teacher_windows(tmp_path_factory, squad_files):  # noqa: F811
+    root = tmp_path_factory.mktemp("teachers")
+    teacher = make_checkpoint(root / "t", "bert", layers=2, heads=4, head_dim=8, ffn=37, seed=3)
+    maker = WindowMaker(load_tokenizer(teacher), load_checkpoint(teacher).cfg.architecture, SETTINGS)
+    feats = train_features(load_squad(squad_files[0]), maker)
+    return teacher, feats
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_cached_teacher_logits_equal_live(teacher_windows, tmp_path, backend):
+    from engine.runtime import available_backends
+
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} is not available here: {available_backends('cpu')}")
+    teacher, feats = teacher_windows
+    cache = cached_teacher(teacher, SETTINGS, feats, tmp_path, "float32", backend=backend, progress=False)
+    ck = load_checkpoint(teacher)
+    live = RaggedQAModel(ck.cfg)
+    live.load_state_dict(ck.state)
+    live = LiveTeacher(live)
+    idx = [0, 5, 3, len(feats) - 1, 7]
+    batch = collate([feats[k] for k in idx])[0]
+    got, want = cache.logits(idx, batch, False), live.logits(idx, batch, False)
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=0)
+    # The second student of this teacher reuses the file (no recomputation: same path, same contents).
+    again = cached_teacher(teacher, SETTINGS, feats, tmp_path, "float32", backend=backend, progress=False)
+    assert again.path == cache.path and len(list(tmp_path.glob("*.safetensors"))) == 1
+
+
+def test_stale_teacher_cache_is_refused(teacher_windows, tmp_path):
+    teacher, feats = teacher_windows
+    cache = cached_teacher(teacher, SETTINGS, feats, tmp_path / "c", "float32", backend="torch", progress=False)
+    other = make_checkpoint(tmp_path / "other", "bert", layers=2, heads=4, head_dim=8, ffn=37, seed=4)
+    with pytest.raises(StaleTeacherCacheError, match="teacher_sha"):
+        CachedTeacher(cache.path, CacheKey.of(other, SETTINGS, feats, "float32"))
+    with pytest.raises(StaleTeacherCacheError, match="settings"):
+        CachedTeacher(cache.path, CacheKey.of(teacher, WindowSettings(64, 32, 16), feats, "float32"))
+    with pytest.raises(StaleTeacherCacheError, match="windows_sha"):
+        CachedTeacher(cache.path, CacheKey.of(teacher, SETTINGS, feats[1:] + feats[:1], "float32"))
+    with pytest.raises(StaleTeacherCacheError, match="precision"):
+        CachedTeacher(cache.path, CacheKey.of(teacher, SETTINGS, feats, "int8"))
+    tok = tmp_path / "tok"
+    import shutil
+
+    shutil.copytree(teacher, tok)
+    (tok / "tokenizer_config.json").write_text((tok / "tokenizer_config.json").read_text().replace("}", ', "x": 1}', 1))
+    with pytest.raises(StaleTeacherCacheError, match="tokenizer_sha"):
+        CachedTeacher(cache.path, CacheKey.of(tok, SETTINGS, feats, "float32"))
+    with pytest.raises(StaleTeacherCacheError, match="live"):  # the message names the fixes
+        cached_teacher(other, SETTINGS, feats, cache.path, "float32", backend="torch", progress=False)
+
+
+# ------------------------------------------------------------------------------------------- one cost model
+
+
+@pytest.mark.parametrize("seq", [17, 384])
+def test_expected_flops_at_closed_open_gates_equal_exported_count(tmp_path, seq):
+    ck = load_checkpoint(make_checkpoint(tmp_path / "m", "bert", layers=3, heads=4, head_dim=8, ffn=29, seed=1))
+    base = RaggedQAModel(ck.cfg)
+    base.load_state_dict(ck.state)
+    gated = GatedQAModel(base)
+    g = torch.Generator().manual_seed(seq)
+    with torch.no_grad():
+        for gate in [*gated.head_gates, *gated.ffn_gates]:
+            open_ = torch.rand(gate.log_alpha.shape, generator=g) < 0.5
+            gate.log_alpha.copy_(torch.where(open_, torch.tensor(float("inf")), torch.tensor(float("-inf"))))
+        gated.head_gates[1].log_alpha.fill_(float("-inf"))  # a 0-head layer
+    ph, pf, _, _ = gated._probs()
+    expected = expected_flops(ph, pf, ck.cfg.hidden, ck.cfg.head_dim, seq).detach()
+    cfg, _ = export_ragged(gated)
+    assert cfg.heads[1] == 0
+    assert float(expected) == exact_flops(cfg.heads, cfg.ffn, cfg.hidden, cfg.head_dim, seq)
+    assert float(expected) * seq == encoder_flops(cfg, 1, seq)
+    dense = encoder_flops(ck.cfg, 1, seq)
+    assert float(gated.expected_sparsity(ck.cfg, seq)) == pytest.approx(1 - encoder_flops(cfg, 1, seq) / dense, abs=1e-6)
