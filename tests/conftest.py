@@ -104,3 +104,26 @@ def squad_dev() -> Path:
     if path is None or not path.is_file():
         pytest.skip("real SQuAD 2.0 dev set not found (set SPARSEQA_DATA or provide ../shared/data)")
     return path
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (from /proc/cpuinfo; empty where that is unavailable)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# The engine's bf16 GEMMs need native bf16 in oneDNN (AVX512-BF16 or AVX-512 BW/VL/DQ); its int8 GEMMs are exact
+# integer products only with VNNI (AVX2 oneDNN multiplies through saturating 16-bit sums). Elsewhere these
+# precision tests cannot pass by design and are skipped with the reason.
+NO_BF16_GEMM = not {"avx512_bf16"} <= cpu_flags() and not {"avx512bw", "avx512vl", "avx512dq"} <= cpu_flags()
+NO_EXACT_INT8 = not ({"avx512_vnni"} & cpu_flags() or {"avx_vnni"} & cpu_flags())
+needs_bf16_gemm = pytest.mark.skipif(NO_BF16_GEMM, reason="this CPU has no AVX512-BF16 or AVX-512 BW/VL/DQ: oneDNN "
+                                                         "cannot run the engine's bf16 GEMMs here")
+needs_exact_int8 = pytest.mark.skipif(NO_EXACT_INT8, reason="this CPU has no VNNI: oneDNN's int8 GEMM saturates "
+                                                           "16-bit partial sums here, so int8 is not an exact "
+                                                           "integer product")

@@ -18,6 +18,7 @@ from engine.artifact import ArtifactError, load_artifact
 from engine.build_model import build, main
 from engine.features import WindowSettings
 from engine.model import RaggedQAModel
+from tests.conftest import needs_exact_int8
 from engine.packing import cu_seqlens_from_lengths
 from engine.qa import QAEngine
 from engine.quant import (
@@ -154,6 +155,7 @@ def _capture_inputs(model: torch.nn.Module, run) -> dict[str, tuple[torch.nn.Mod
     return seen
 
 
+@needs_exact_int8
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 @pytest.mark.parametrize("kind", ["int8", "int8s"])
 def test_int8_linears_match_integer_product_and_scheme_bound(artifacts, arch, kind):

@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = ap.add_mutually_exclusive_group(required=True)
     ev.add_argument("--eval", type=Path, help="held-out SQuAD file for metrics and null-threshold tuning")
     ev.add_argument("--eval-fraction", type=float, help="hold out this fraction of train articles instead")
+    ev.add_argument("--eval-titles", nargs="+", help="hold out these train articles (by title) instead")
     ap.add_argument("--out", required=True, type=Path)
     tgt = ap.add_mutually_exclusive_group(required=True)
     tgt.add_argument("--target-sparsity", type=float, help="fraction of encoder FLOPs to remove (at --flops-seq-len)")

@@ -25,6 +25,7 @@ _C = pytest.importorskip("engine._C", reason="engine._C is not built (C++ toolch
 from engine.artifact import KNOWN_KERNELS, load_artifact  # noqa: E402
 from engine.build_model import build  # noqa: E402
 from engine.qa import QAEngine  # noqa: E402
+from tests.conftest import NO_BF16_GEMM, needs_bf16_gemm, needs_exact_int8  # noqa: E402
 from engine.quant import QMAX, int8_kernels_available, quantize_per_token  # noqa: E402
 from engine.runtime import REGISTRY, _missing_kernels, create_backend  # noqa: E402
 from engine.runtime import cpp_backend  # noqa: E402
@@ -96,6 +97,7 @@ def _noise_floor(torch_backend, ids, types, cu, ms, trials: int = 3) -> float:
 
 # ---- kernels, precision, registry ------------------------------------------------------------------------------------
 
+@needs_bf16_gemm
 def test_kernels_and_precision(artifacts):
     assert set(_C.supported_kernels()) == set(KNOWN_KERNELS) == set(_C.supported_kernels("cpu"))
     assert _C.supported_kernels("cuda") == []
@@ -108,6 +110,8 @@ def test_kernels_and_precision(artifacts):
 @pytest.mark.parametrize("kind", ["bfloat16", "int8", "int8s"])
 def test_auto_picks_cpp_and_answers(artifacts, kind):
     """On CPU, `auto` runs int8 (and bf16) artifacts on the cpp backend once it declares the kernels."""
+    if kind == "bfloat16" and NO_BF16_GEMM:
+        pytest.skip(needs_bf16_gemm.kwargs["reason"])
     eng = QAEngine.load(artifacts["bert", kind], backend="auto")
     assert eng.backend_name == "cpp"
     q, c = "when was england conquered?", "the normans conquered england in 1066 after the battle of hastings."
@@ -115,6 +119,7 @@ def test_auto_picks_cpp_and_answers(artifacts, kind):
     assert c[a.start:a.end] == a.text and math.isfinite(a.score)
 
 
+@needs_bf16_gemm
 def test_refused_without_kernels_or_on_cuda(artifacts, monkeypatch):
     art = load_artifact(artifacts["bert", "int8"])
     cpp = next(e for e in REGISTRY if e.name == "cpp")
@@ -145,6 +150,7 @@ def _torch_act(y: torch.Tensor, name: str) -> torch.Tensor:
     return F.relu(y) if name == "relu" else F.gelu(y, approximate="tanh" if name == "gelu_new" else "none")
 
 
+@needs_exact_int8
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 @pytest.mark.parametrize("kind", ["int8", "int8s"])
 def test_int8_linears_match_torch_and_integer_product(artifacts, arch, kind):
@@ -187,6 +193,7 @@ def test_int8_linears_match_torch_and_integer_product(artifacts, arch, kind):
             torch.testing.assert_close(fused, _torch_act(got, act), atol=2e-6, rtol=2e-6)
 
 
+@needs_bf16_gemm
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 def test_bf16_linears_match_torch(artifacts, arch):
     """Every bf16 Linear of the engine, on the torch model's inputs, gives a bf16 number (the GEMM really ran in bf16)
@@ -245,6 +252,8 @@ def test_zero_width_linears():
 def test_logits_match_torch_backend(artifacts, arch, kind, threads):
     """The same artifact on the cpp and torch backends: within twice the noise floor (see _noise_floor) plus fp32
     noise (1e-6 of the logits), and far closer to each other than either is to the fp32 model."""
+    if kind == "bfloat16" and NO_BF16_GEMM:
+        pytest.skip(needs_bf16_gemm.kwargs["reason"])
     art = load_artifact(artifacts[arch, kind])
     ids, types, cu, ms = _packed(art.cfg, LENGTHS)
     tb = create_backend("torch", art, "cpu")
@@ -257,6 +266,7 @@ def test_logits_match_torch_backend(artifacts, arch, kind, threads):
     assert dist <= 0.1 * own, (dist, floor, own)  # here the floor is tiny against the precision's own error
 
 
+@needs_bf16_gemm
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 def test_logits_within_scheme_bounds_of_fp32(artifacts, arch):
     """cpp logits against the fp32 model, within the bounds tests/test_quant.py derives for the scheme (relative L2):
@@ -277,6 +287,8 @@ def test_minilm_half_matches_torch_backend(minilm, dtype, tmp_path):
     """The real MiniLM pruned by specs/minilm-half.json at full window length: here the noise floor is about half the
     precision's own error (flips cascade over 384 tokens and 6 layers), so this checks the engine at realistic sizes
     and shapes (K = 384 and 768) rather than sharply; the sharp checks are the per-Linear ones above."""
+    if dtype == "bfloat16" and NO_BF16_GEMM:
+        pytest.skip(needs_bf16_gemm.kwargs["reason"])
     from pathlib import Path
 
     spec = Path(__file__).resolve().parents[2] / "specs" / "minilm-half.json"
