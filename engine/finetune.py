@@ -35,11 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     ap = argparse.ArgumentParser(prog="python -m engine.finetune", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, type=Path, help="HF checkpoint dir (QA model or bare encoder)")
-    ap.add_argument("--train", required=True, nargs="+", type=Path, help="SQuAD 1.1/2.0 train file(s), .json[.gz]")
-    ev = ap.add_mutually_exclusive_group(required=True)
-    ev.add_argument("--eval", type=Path, help="SQuAD file used for model selection and threshold tuning")
-    ev.add_argument("--eval-fraction", type=float, help="hold out this fraction of train articles (by title) instead")
-    ev.add_argument("--eval-titles", nargs="+", help="hold out these train articles (by title) instead")
+    add_data_args(ap)
     ap.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
     ap.add_argument("--negatives-ratio", type=float, default=0.0,
                     help="unanswerable train examples per answerable one (real ones first, then harder ones)")
@@ -71,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_speed_args(ap)
     ap.add_argument("--no-progress", action="store_true", help="disable progress bars")
     return ap
+
+
+def add_data_args(ap: argparse.ArgumentParser) -> None:
+    """--train and the held-out data (--eval | --eval-fraction | --eval-titles), shared by every trainer CLI."""
+    ap.add_argument("--train", required=True, nargs="+", type=Path, help="SQuAD 1.1/2.0 train file(s), .json[.gz]")
+    ev = ap.add_mutually_exclusive_group(required=True)
+    ev.add_argument("--eval", type=Path, help="held-out SQuAD file for model selection and null-threshold tuning")
+    ev.add_argument("--eval-fraction", type=float, help="hold out this fraction of train articles (by title) instead")
+    ev.add_argument("--eval-titles", nargs="+", help="hold out these train articles (by title) instead")
 
 
 def add_speed_args(ap: argparse.ArgumentParser) -> None:

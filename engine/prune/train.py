@@ -27,7 +27,7 @@ from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.data.squad import train_features
 from engine.features import WindowMaker, WindowSettings, load_tokenizer
 from engine.data.predict import evaluate_model
-from engine.finetune import add_speed_args, cli_args, prepare_data, setup_threads, train_config
+from engine.finetune import add_data_args, add_speed_args, cli_args, prepare_data, setup_threads, train_config
 from engine.model import RaggedQAModel
 from engine.prune.distributed import Dist
 from engine.prune.export import achieved_sparsity, calibrate
@@ -44,11 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m engine.prune", description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", required=True, type=Path, help="fine-tuned QA checkpoint (BERT or RoBERTa)")
     ap.add_argument("--student-init", type=Path, help="initialise the student from this checkpoint (default: teacher)")
-    ap.add_argument("--train", required=True, nargs="+", type=Path, help="SQuAD 1.1/2.0 train file(s)")
-    ev = ap.add_mutually_exclusive_group(required=True)
-    ev.add_argument("--eval", type=Path, help="held-out SQuAD file for metrics and threshold tuning")
-    ev.add_argument("--eval-fraction", type=float, help="hold out this fraction of train articles instead")
-    ev.add_argument("--eval-titles", nargs="+", help="hold out these train articles (by title) instead")
+    add_data_args(ap)
     ap.add_argument("--out", required=True, type=Path)
     tgt = ap.add_mutually_exclusive_group(required=True)
     tgt.add_argument("--target-sparsity", type=float, help="fraction of encoder FLOPs to remove (at --flops-seq-len)")

@@ -38,6 +38,7 @@ from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.config import EncoderConfig
 from engine.data.squad import Example, TrainFeature, train_features
 from engine.features import WindowMaker, WindowSettings, load_tokenizer
+from engine.finetune import add_data_args
 from engine.flops import encoder_params, flop_sparsity
 from engine.model import RaggedQAModel
 from engine.prune_fast.masked import fisher, fold_masks, mask_gradients
@@ -55,11 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 2)[2])
     ap.add_argument("--teacher", required=True, type=Path, help="fine-tuned QA checkpoint (BERT or RoBERTa)")
-    ap.add_argument("--train", required=True, nargs="+", type=Path, help="SQuAD 1.1/2.0 train file(s)")
-    ev = ap.add_mutually_exclusive_group(required=True)
-    ev.add_argument("--eval", type=Path, help="held-out SQuAD file for metrics and null-threshold tuning")
-    ev.add_argument("--eval-fraction", type=float, help="hold out this fraction of train articles instead")
-    ev.add_argument("--eval-titles", nargs="+", help="hold out these train articles (by title) instead")
+    add_data_args(ap)
     ap.add_argument("--out", required=True, type=Path)
     tgt = ap.add_mutually_exclusive_group(required=True)
     tgt.add_argument("--target-sparsity", type=float, help="fraction of encoder FLOPs to remove (at --flops-seq-len)")
