@@ -69,10 +69,10 @@ def test_table_predicts_held_out_configurations():
 
 def test_expected_latency_is_differentiable_and_matches_predict():
     table = build_table(CFG, KEY, _fake_measure, n_validation=0)
-    heads = [torch.tensor(float(h), requires_grad=True) for h in (4, 0, 3)]
+    heads = [torch.tensor(float(h), requires_grad=True) for h in (4, 0, 4)]
     ffn = [torch.tensor(float(f), requires_grad=True) for f in (40, 13, 0)]
     ms = expected_latency(table, heads, ffn)
-    assert float(ms.detach()) == pytest.approx(table.predict([4, 0, 3], [40, 13, 0]))
+    assert float(ms.detach()) == pytest.approx(table.predict([4, 0, 4], [40, 13, 0]))
     ms.backward()
     grads = [float(t.grad) for t in heads + ffn]
     assert all(g > 0 for g in grads), grads  # including from 0 (linear ramp to 1 unit)
