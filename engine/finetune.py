@@ -206,7 +206,8 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
 
             tokenizer = AutoTokenizer.from_pretrained(str(args.model))
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        save_checkpoint(out, src.cfg, state, src.hf_config, tokenizer=tokenizer, null_threshold=result["null_threshold"])
+        save_checkpoint(out, src.cfg, state, src.hf_config, tokenizer=tokenizer,
+                        null_threshold=result["null_threshold"])
         _write_json(out / "eval-predictions.json", result["predictions"])
         _write_json(out / "eval-null-score-diff.json", result["null_score_diff"])
 
@@ -220,7 +221,8 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
                "steps_per_epoch": meta["steps_per_epoch"], "epochs_done": step / meta["steps_per_epoch"],
                "stopped_by": meta["stopped_by"], "train_time_s": meta["elapsed_s"],
                "wall_time_s": time.monotonic() - t_start, "history": meta["history"],
-               "throughput": {"windows": meta["windows"], "windows_per_s": meta["windows"] / max(meta["elapsed_s"], 1e-9),
+               "throughput": {"windows": meta["windows"],
+                              "windows_per_s": meta["windows"] / max(meta["elapsed_s"], 1e-9),
                               "precision": cfg.precision.value, "threads": threads},
                "loss": {"first": meta["losses"][:10], "last": meta["losses"][-10:]}, "data": data_info,
                "args": cli_args(args)}

@@ -116,7 +116,7 @@ def train(module: nn.Module, features: Sequence[TrainFeature], cfg: TrainConfig,
         opt.step()
         step += 1
         meta["elapsed_s"] = before + time.monotonic() - t_start
-        meta["windows"] = int(meta.get("windows", 0)) + len(idx)
+        meta["windows"] += len(idx)
         meta["losses"].append(round(step_loss, 5))
         loss_log.append(step_loss)
         bar.update(1)

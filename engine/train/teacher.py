@@ -178,7 +178,10 @@ class CachedTeacher(TeacherSource):
 def compute_teacher_logits(teacher_dir: Path, settings: WindowSettings, features: Sequence[TrainFeature],
                            precision: str, backend: str = "auto", threads: int | None = None,
                            tokens_per_batch: int = 8192, progress: bool = True) -> tuple[dict[str, torch.Tensor], str]:
-    """Run the teacher, built as an engine artifact in `precision`, over every window; ({start, end, offsets}, backend)."""
+    """Run the teacher, built as an engine artifact in `precision`, over every window.
+
+    Returns ({start, end, offsets}, the backend that ran it).
+    """
     from engine.artifact import load_artifact
     from engine.build_model import build
     from engine.runtime import create_backend
