@@ -17,11 +17,16 @@ from engine.flops import encoder_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 QUOTED = [
-    {"name": "always no answer (floor)", "note": "5,945 of the 11,873 dev questions are unanswerable (official metric)",
-     "quoted": {"exact": 50.07, "f1": 50.07, "HasAns_f1": 0.0, "NoAns_f1": 100.0, "flops": "-"}},
-    {"name": "McCarley et al. 2019 (paper claim)",
-     "note": "about 2x faster at under 1.5 F1 lost, BERT-large on NQ/SQuAD",
-     "quoted": {"f1": "teacher - <1.5", "flops": "~0.5"}},
+    {
+        "name": "always no answer (floor)",
+        "note": "5,945 of the 11,873 dev questions are unanswerable (official metric)",
+        "quoted": {"exact": 50.07, "f1": 50.07, "HasAns_f1": 0.0, "NoAns_f1": 100.0, "flops": "-"},
+    },
+    {
+        "name": "McCarley et al. 2019 (paper claim)",
+        "note": "about 2x faster at under 1.5 F1 lost, BERT-large on NQ/SQuAD",
+        "quoted": {"f1": "teacher - <1.5", "flops": "~0.5"},
+    },
 ]
 
 
@@ -61,9 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     dense_flops = encoder_flops(cfg_of[teacher], 1, 384)
     for p in evals:
         name = p.stem.removeprefix("eval-")
-        rows.append({"name": name, "eval": str(p.relative_to(ROOT)), "artifact_flops": encoder_flops(cfg_of[p], 1, 384),
-                     "dense_flops": dense_flops,
-                     "command": f"scripts/reproduce_squad.sh (run {name}); python -m engine.evaluate ... --data dev"})
+        rows.append(
+            {
+                "name": name,
+                "eval": str(p.relative_to(ROOT)),
+                "artifact_flops": encoder_flops(cfg_of[p], 1, 384),
+                "dense_flops": dense_flops,
+                "command": f"scripts/reproduce_squad.sh (run {name}); python -m engine.evaluate ... --data dev",
+            }
+        )
     _join_latency(rows, teacher.stem.removeprefix("eval-"))
     (ROOT / "bench" / "results" / "accuracy.json").write_text(json.dumps(rows + QUOTED, indent=1) + "\n")
     print(f"{len(rows)} measured rows + {len(QUOTED)} quoted")

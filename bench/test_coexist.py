@@ -61,13 +61,20 @@ def _environment() -> dict:
     from engine.runtime import cpp_backend
 
     release = cpp_backend.is_available() and cpp_backend._C.release_caller_team()
-    return {"openmp_state": openmp.STATE, "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "release_caller_team": bool(release),
-            "threads": torch.get_num_threads(), "device": cpu_name(), "loadavg_1min_start": os.getloadavg()[0]}
+    return {
+        "openmp_state": openmp.STATE,
+        "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "release_caller_team": bool(release),
+        "threads": torch.get_num_threads(),
+        "device": cpu_name(),
+        "loadavg_1min_start": os.getloadavg()[0],
+    }
 
 
-def _interleaved(benchmark, before: dict[str, Callable[[], object]], run: Callable[[], object], rounds: int
-                 ) -> dict[str, list[float]]:
+def _interleaved(
+    benchmark, before: dict[str, Callable[[], object]], run: Callable[[], object], rounds: int
+) -> dict[str, list[float]]:
     """Times `run` right after each `before` action; the actions take turns round by round."""
     times: dict[str, list[float]] = {k: [] for k in before}
     order = itertools.cycle(before)
@@ -104,10 +111,16 @@ def test_forward_after_other_work(benchmark, questions, backend, batch, seq):  #
     alone = stats["alone"]["p50_ms"]
     benchmark.group = f"coexist {batch}x{seq}"
     benchmark.extra_info.update(
-        env, backend=backend, model="minilm-half", batch=batch, seq=seq, conditions=stats,
+        env,
+        backend=backend,
+        model="minilm-half",
+        batch=batch,
+        seq=seq,
+        conditions=stats,
         p50_ratio_vs_alone={k: s["p50_ms"] / alone for k, s in stats.items()},
         p99_over_p50={k: s["p99_ms"] / s["p50_ms"] for k, s in stats.items()},
-        loadavg_1min_end=os.getloadavg()[0])
+        loadavg_1min_end=os.getloadavg()[0],
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -142,11 +155,20 @@ def test_answer_end_to_end(benchmark, questions, backend):  # noqa: F811
         env = _environment()
         benchmark.pedantic(timed, setup=setup, rounds=len(pairs), iterations=1)
     parts = np.asarray(tok_s) + np.asarray(fwd_s)
-    stats = {"answer": _stats(answer_s), "tokenize": _stats(tok_s), "forward": _stats(fwd_s),
-             "tokenize_plus_forward": _stats(list(parts))}
+    stats = {
+        "answer": _stats(answer_s),
+        "tokenize": _stats(tok_s),
+        "forward": _stats(fwd_s),
+        "tokenize_plus_forward": _stats(list(parts)),
+    }
     benchmark.group = "coexist answer"
     benchmark.extra_info.update(
-        env, backend=backend, model="minilm-half", pairs=len(pairs), conditions=stats,
+        env,
+        backend=backend,
+        model="minilm-half",
+        pairs=len(pairs),
+        conditions=stats,
         answer_over_parts_p50=float(np.median(np.asarray(answer_s) / parts)),
         p99_over_p50={k: s["p99_ms"] / s["p50_ms"] for k, s in stats.items()},
-        loadavg_1min_end=os.getloadavg()[0])
+        loadavg_1min_end=os.getloadavg()[0],
+    )

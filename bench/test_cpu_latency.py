@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.common import configs, SHAPES, THREADS, inputs, minilm, record
+from bench.common import SHAPES, THREADS, configs, inputs, minilm, record
 from bench.providers import PROVIDERS, available
 
 
@@ -27,7 +27,6 @@ def _forward(provider: str, kind: str):
         _FWD_CACHE.clear()  # keep one provider's model in memory at a time
         _FWD_CACHE[key] = PROVIDERS[provider](minilm(kind))
     return _FWD_CACHE[key]
-
 
 
 @pytest.mark.parametrize("batch, seq", SHAPES, ids=[f"{b}x{s}" for b, s in SHAPES])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.common import configs, THREADS, inputs, minilm, record
+from bench.common import THREADS, configs, inputs, minilm, record
 from bench.providers import engine_provider, hf_masked_provider
 
 SHAPES = [(1, 384), (8, 384)]
@@ -18,7 +18,6 @@ DTYPES = ["float32", "bfloat16", "int8"]
 @pytest.fixture(scope="module", autouse=True)
 def _threads():
     torch.set_num_threads(THREADS)
-
 
 
 def _run(benchmark, fwd, kind, batch, seq, provider, model, dtype):
@@ -32,8 +31,16 @@ def _run(benchmark, fwd, kind, batch, seq, provider, model, dtype):
 
 @pytest.mark.parametrize("batch, seq", SHAPES, ids=[f"{b}x{s}" for b, s in SHAPES])
 def test_hf_eager_dense_fp32(benchmark, batch, seq):
-    _run(benchmark, hf_masked_provider(minilm("dense"), "eager"), "dense", batch, seq, "hf-eager", "minilm-dense",
-         "float32")
+    _run(
+        benchmark,
+        hf_masked_provider(minilm("dense"), "eager"),
+        "dense",
+        batch,
+        seq,
+        "hf-eager",
+        "minilm-dense",
+        "float32",
+    )
 
 
 @pytest.mark.parametrize("batch, seq", SHAPES, ids=[f"{b}x{s}" for b, s in SHAPES])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -59,6 +60,7 @@ def _same(a: dict, ref: dict) -> bool:
 
 # ----------------------------------------------------------------------------------------------- load test
 
+
 def naive_app(engine):
     """The baseline: one `QAEngine.answer` per request in FastAPI's thread pool, no batching."""
     from fastapi import FastAPI
@@ -67,8 +69,9 @@ def naive_app(engine):
 
     @app.post("/v1/answer")
     def answer(body: AnswerRequest):
-        return engine.answer(body.question, body.context, body.top_k, body.max_answer_length,
-                             body.null_threshold).to_dict()
+        return engine.answer(
+            body.question, body.context, body.top_k, body.max_answer_length, body.null_threshold
+        ).to_dict()
 
     @app.get("/healthz")
     def healthz():
@@ -83,8 +86,9 @@ class Server:
     def __init__(self, args: list[str]):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, *args, "--port", str(self.port), "--log-level", "warning"],
-                                     env=_env(), cwd=ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, *args, "--port", str(self.port), "--log-level", "warning"], env=_env(), cwd=ROOT
+        )
         import httpx
 
         deadline = time.time() + 120
@@ -170,19 +174,40 @@ def test_serve_load():
                 srv.stop()
             wrong = sum(o is not None and not _same(o, r) for o, r in zip(out, ref))
             lost = sum(o is None for o in out)
-            rows.append({"server": name, "clients": clients, "questions": len(items), "qps": len(items) / secs,
-                         "p50_ms": 1000 * float(np.percentile(lat, 50)), "p99_ms": 1000 * float(np.percentile(lat, 99)),
-                         "server_cpu_s": cpu, "q_per_cpu_s": len(items) / cpu, "load_average_1m": os.getloadavg()[0],
-                         "errors": errors, "lost": lost, "mismatched": wrong})
+            rows.append(
+                {
+                    "server": name,
+                    "clients": clients,
+                    "questions": len(items),
+                    "qps": len(items) / secs,
+                    "p50_ms": 1000 * float(np.percentile(lat, 50)),
+                    "p99_ms": 1000 * float(np.percentile(lat, 99)),
+                    "server_cpu_s": cpu,
+                    "q_per_cpu_s": len(items) / cpu,
+                    "load_average_1m": os.getloadavg()[0],
+                    "errors": errors,
+                    "lost": lost,
+                    "mismatched": wrong,
+                }
+            )
             print(rows[-1], flush=True)
     by = {(r["server"], r["clients"]): r for r in rows}
     result = {
-        "model": "minilm-half", "dtype": "float32", "backend": "cpp", "threads": THREADS, "device": cpu_name(),
-        "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
+        "model": "minilm-half",
+        "dtype": "float32",
+        "backend": "cpp",
+        "threads": THREADS,
+        "device": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m": os.getloadavg()[0],
         "note": "shared 2-core machine under other users' load; one run; client, server and others compete",
-        "engine_answer_batch_qps": engine_qps, "engine_answer_batch_q_per_cpu_s": engine_q_per_cpu_s, "rows": rows,
+        "engine_answer_batch_qps": engine_qps,
+        "engine_answer_batch_q_per_cpu_s": engine_q_per_cpu_s,
+        "rows": rows,
         "speedup_vs_naive": {c: by["batched", c]["qps"] / by["naive", c]["qps"] for c in CLIENTS},
-        "cpu_efficiency_vs_naive": {c: by["batched", c]["q_per_cpu_s"] / by["naive", c]["q_per_cpu_s"] for c in CLIENTS},
+        "cpu_efficiency_vs_naive": {
+            c: by["batched", c]["q_per_cpu_s"] / by["naive", c]["q_per_cpu_s"] for c in CLIENTS
+        },
         "served_vs_answer_batch": {c: by["batched", c]["qps"] / engine_qps for c in CLIENTS},
         "served_vs_answer_batch_per_cpu_s": {c: by["batched", c]["q_per_cpu_s"] / engine_q_per_cpu_s for c in CLIENTS},
     }
@@ -193,23 +218,36 @@ def test_serve_load():
 
 # ----------------------------------------------------------------------------------------------- batch QA
 
+
 def _write_pairs(path: Path, ex: list) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"id": e.qid, "question": e.question, "context": e.context}, ensure_ascii=False) + "\n"
-                     for e in ex)
+        f.writelines(
+            json.dumps({"id": e.qid, "question": e.question, "context": e.context}, ensure_ascii=False) + "\n"
+            for e in ex
+        )
 
 
 def _batch_qa(args: list[str], **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "engine.batch_qa", *args], env=_env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "engine.batch_qa", *args],
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        **kw,
+    )
 
 
 def _check_output(path: Path, ref: dict[str, dict]) -> dict:
     """Counts of the output against the reference answers by id."""
     lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
     ids = [x["id"] for x in lines]
-    return {"lines": len(lines), "unique_ids": len(set(ids)), "missing": len(set(ref) - set(ids)),
-            "mismatched": sum(not _same(x, ref[x["id"]]) for x in lines if x["id"] in ref)}
+    return {
+        "lines": len(lines),
+        "unique_ids": len(set(ids)),
+        "missing": len(set(ref) - set(ids)),
+        "mismatched": sum(not _same(x, ref[x["id"]]) for x in lines if x["id"] in ref),
+    }
 
 
 def _record(key: str, value: dict) -> None:
@@ -237,21 +275,32 @@ def test_batch_qa_dev(tmp_path):
     pairs = tmp_path / "dev.jsonl"
     _write_pairs(pairs, ex)
     runs = {"local": ["--threads", str(THREADS)], "ray": ["--ray", "--workers", "2", "--threads", "1"]}
-    out = {"questions": len(ex), "model": "minilm-half", "backend": "cpp", "device": cpu_name(),
-           "note": "shared 2-core machine under other users' load; seconds include engine load and Ray start"}
+    out = {
+        "questions": len(ex),
+        "model": "minilm-half",
+        "backend": "cpp",
+        "device": cpu_name(),
+        "note": "shared 2-core machine under other users' load; seconds include engine load and Ray start",
+    }
     ref: dict[str, dict] = {}
     for name, extra in runs.items():
         dest = tmp_path / f"{name}.jsonl"
         t0 = time.perf_counter()
         load0 = os.getloadavg()[0]
-        rc = _batch_qa(["--artifact", str(art), "--input", str(pairs), "--output", str(dest), "--backend", "cpp",
-                        *extra]).wait()
+        rc = _batch_qa(
+            ["--artifact", str(art), "--input", str(pairs), "--output", str(dest), "--backend", "cpp", *extra]
+        ).wait()
         secs = time.perf_counter() - t0
         assert rc == 0, name
         if not ref:  # the local run is answer_batch's output: the reference for the others
             ref = {x["id"]: x for x in map(json.loads, dest.read_text(encoding="utf-8").splitlines())}
-        out[name] = {"args": extra, "seconds": secs, "qps": len(ex) / secs, "load_average_1m": [load0,
-                     os.getloadavg()[0]], **_check_output(dest, ref)}
+        out[name] = {
+            "args": extra,
+            "seconds": secs,
+            "qps": len(ex) / secs,
+            "load_average_1m": [load0, os.getloadavg()[0]],
+            **_check_output(dest, ref),
+        }
         print(name, out[name], flush=True)
         _record("dev", out)
     for name in runs:
@@ -291,11 +340,29 @@ def test_batch_qa_ray_kill_and_resume(tmp_path):
     pairs, dest = tmp_path / "dev.jsonl", tmp_path / "out.jsonl"
     _write_pairs(pairs, ex)
     ref, _ = _reference(art, ex)
-    args = ["--artifact", str(art), "--input", str(pairs), "--output", str(dest), "--backend", "cpp", "--ray",
-            "--workers", "2", "--threads", "1", "--shard-size", "128"]
+    args = [
+        "--artifact",
+        str(art),
+        "--input",
+        str(pairs),
+        "--output",
+        str(dest),
+        "--backend",
+        "cpp",
+        "--ray",
+        "--workers",
+        "2",
+        "--threads",
+        "1",
+        "--shard-size",
+        "128",
+    ]
     shards = dest.with_name(dest.name + ".shards")
     job = _batch_qa(args, start_new_session=True)
-    done = lambda: len(list(shards.glob("0*[0-9].jsonl"))) if shards.is_dir() else 0
+
+    def done():
+        return len(list(shards.glob("0*[0-9].jsonl"))) if shards.is_dir() else 0
+
     killed_actor = None
     try:
         while done() < 2 and job.poll() is None:
@@ -313,17 +380,21 @@ def test_batch_qa_ray_kill_and_resume(tmp_path):
         os.killpg(job.pid, signal.SIGKILL)  # the driver's own session: the job dies mid-flight
         job.wait()
         for p in family:  # Ray daemons that left the session
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     t0 = time.perf_counter()
     assert _batch_qa([*args, "--resume"]).wait() == 0
     check = _check_output(dest, ref)
-    res = {"questions": len(ex), "shard_size": 128, "killed_actor": killed_actor,
-           "shards_written_at_actor_kill": shards_at_actor_kill,
-           "shards_written_before_job_killed": shards_at_crash, "shards_total": (len(ex) + 127) // 128,
-           "resume_seconds": time.perf_counter() - t0, **check}
+    res = {
+        "questions": len(ex),
+        "shard_size": 128,
+        "killed_actor": killed_actor,
+        "shards_written_at_actor_kill": shards_at_actor_kill,
+        "shards_written_before_job_killed": shards_at_crash,
+        "shards_total": (len(ex) + 127) // 128,
+        "resume_seconds": time.perf_counter() - t0,
+        **check,
+    }
     print(res, flush=True)
     _record("ray_kill_and_resume", res)
     assert check["lines"] == check["unique_ids"] == len(ex) and check["missing"] == 0 and check["mismatched"] == 0
@@ -344,8 +415,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.qa import QAEngine
 
-    uvicorn.run(naive_app(QAEngine.load(a.artifact, backend=a.backend, threads=a.threads)), host=a.host,
-                port=a.port, log_level=a.log_level)
+    uvicorn.run(
+        naive_app(QAEngine.load(a.artifact, backend=a.backend, threads=a.threads)),
+        host=a.host,
+        port=a.port,
+        log_level=a.log_level,
+    )
     return 0
 
 

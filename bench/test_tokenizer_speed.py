@@ -85,10 +85,21 @@ def test_bpe_speed_vs_hf_tokenizers(benchmark, contexts, tokenizer_json):
     hf_s, cpp_s = statistics.median(times["hf"][1:]), statistics.median(times["cpp"][1:])  # [0]: warm-up round
     chars = sum(len(c) for c in contexts)
     benchmark.extra_info.update(
-        work="SQuAD 2.0 dev contexts", texts=len(contexts), chars=chars, tokens=tokens["cpp"], threads=1,
-        device=cpu_name(), hf_median_s=hf_s, cpp_median_s=cpp_s, hf_chars_per_s=chars / hf_s,
-        cpp_chars_per_s=chars / cpp_s, speed_vs_hf=hf_s / cpp_s, rounds=ROUNDS,
+        work="SQuAD 2.0 dev contexts",
+        texts=len(contexts),
+        chars=chars,
+        tokens=tokens["cpp"],
+        threads=1,
+        device=cpu_name(),
+        hf_median_s=hf_s,
+        cpp_median_s=cpp_s,
+        hf_chars_per_s=chars / hf_s,
+        cpp_chars_per_s=chars / cpp_s,
+        speed_vs_hf=hf_s / cpp_s,
+        rounds=ROUNDS,
         note="benchmark stats time one round = one HF pass + one C++ pass, interleaved",
     )
-    print(f"\nHF tokenizers {hf_s * 1e3:.1f} ms, C++ {cpp_s * 1e3:.1f} ms per pass over {len(contexts)} contexts "
-          f"({chars} chars): C++ runs at {hf_s / cpp_s:.2f}x HF's speed")
+    print(
+        f"\nHF tokenizers {hf_s * 1e3:.1f} ms, C++ {cpp_s * 1e3:.1f} ms per pass over {len(contexts)} contexts "
+        f"({chars} chars): C++ runs at {hf_s / cpp_s:.2f}x HF's speed"
+    )

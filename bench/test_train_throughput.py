@@ -61,7 +61,7 @@ def measured():
     torch.set_num_threads(THREADS)
     src, ck, feats = _windows(BATCH * ROUNDS * 4)
     order = epoch_order([len(f.input_ids) for f in feats], BATCH, 0, 0, True)
-    batches = [[feats[k] for k in order[i * BATCH:(i + 1) * BATCH]] for i in range(ROUNDS)]
+    batches = [[feats[k] for k in order[i * BATCH : (i + 1) * BATCH]] for i in range(ROUNDS)]
     student = RaggedQAModel(ck.cfg, dropout=0.1)
     student.load_state_dict(ck.state)
     student.train()
@@ -81,8 +81,16 @@ def measured():
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             s, e = student(packed.input_ids, packed.token_type_ids, packed.cu_seqlens, packed.max_seqlen)
-        loss = task_and_distill(s.float(), e.float(), packed.cu_seqlens, packed.max_seqlen, sp, ep, teacher=t,
-                                cfg=DistillConfig() if t is not None else None)
+        loss = task_and_distill(
+            s.float(),
+            e.float(),
+            packed.cu_seqlens,
+            packed.max_seqlen,
+            sp,
+            ep,
+            teacher=t,
+            cfg=DistillConfig() if t is not None else None,
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
@@ -94,17 +102,30 @@ def measured():
             n = len(f.input_ids)
             ids[i, :n], types[i, :n], mask[i, :n] = torch.tensor(f.input_ids), torch.tensor(f.token_type_ids), 1
         hf_opt.zero_grad(set_to_none=True)
-        out = hf(input_ids=ids, token_type_ids=types, attention_mask=mask,
-                 start_positions=torch.tensor([f.start for f in batch]), end_positions=torch.tensor([f.end for f in batch]))
+        out = hf(
+            input_ids=ids,
+            token_type_ids=types,
+            attention_mask=mask,
+            start_positions=torch.tensor([f.start for f in batch]),
+            end_positions=torch.tensor([f.end for f in batch]),
+        )
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         hf_opt.step()
 
     cache = {id(b): teacher.logits(range(len(b)), collate(b)[0], False)[:2] for b in batches}
-    steps = {"hf-padded": baseline, "ours-fp32": ours, "ours-bf16": lambda b: ours(b, bf16=True),
-             "distill-cached": lambda b: ours(b, distill="cached"), "distill-live": lambda b: ours(b, distill="live")}
-    skipped = {} if bf16_native(torch.device("cpu")) else {"ours-bf16": "this CPU has no native bf16 GEMMs "
-                                                                        "(no AVX512-BF16/AMX)"}
+    steps = {
+        "hf-padded": baseline,
+        "ours-fp32": ours,
+        "ours-bf16": lambda b: ours(b, bf16=True),
+        "distill-cached": lambda b: ours(b, distill="cached"),
+        "distill-live": lambda b: ours(b, distill="live"),
+    }
+    skipped = (
+        {}
+        if bf16_native(torch.device("cpu"))
+        else {"ours-bf16": "this CPU has no native bf16 GEMMs (no AVX512-BF16/AMX)"}
+    )
     times: dict[str, list[float]] = {p: [] for p in PROVIDERS if p not in skipped}
     for p in times:
         steps[p](batches[0])  # warm-up
@@ -117,8 +138,14 @@ def measured():
     peaks = {"fp32": gemm_peak_gflops(THREADS)}
     if not skipped:
         peaks["bf16"] = gemm_peak_gflops(THREADS, torch.bfloat16)
-    return {"times": times, "steps": steps, "batches": batches, "flops": statistics.mean(flops), "peaks": peaks,
-            "skipped": skipped}
+    return {
+        "times": times,
+        "steps": steps,
+        "batches": batches,
+        "flops": statistics.mean(flops),
+        "peaks": peaks,
+        "skipped": skipped,
+    }
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -129,10 +156,22 @@ def test_train_throughput(benchmark, measured, provider):
     base = statistics.median(measured["times"]["hf-padded"])
     gflops = measured["flops"] / med / 1e9
     peak = measured["peaks"]["bf16" if provider == "ours-bf16" else "fp32"]
-    benchmark.extra_info.update({
-        "provider": provider, "model": "minilm-dense", "batch": BATCH, "seq": SEQ, "threads": THREADS,
-        "cpu": cpu_name(), "interleaved_median_s": med, "windows_per_s": BATCH / med, "vs_hf_padded": base / med,
-        "train_gflops": gflops, "gemm_peak_gflops": measured["peaks"], "pct_of_peak": 100 * gflops / peak,
-        "rounds": len(measured["times"][provider])})
+    benchmark.extra_info.update(
+        {
+            "provider": provider,
+            "model": "minilm-dense",
+            "batch": BATCH,
+            "seq": SEQ,
+            "threads": THREADS,
+            "cpu": cpu_name(),
+            "interleaved_median_s": med,
+            "windows_per_s": BATCH / med,
+            "vs_hf_padded": base / med,
+            "train_gflops": gflops,
+            "gemm_peak_gflops": measured["peaks"],
+            "pct_of_peak": 100 * gflops / peak,
+            "rounds": len(measured["times"][provider]),
+        }
+    )
     batch = measured["batches"][0]
     benchmark.pedantic(measured["steps"][provider], args=(batch,), rounds=2, iterations=1)

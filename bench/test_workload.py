@@ -31,7 +31,8 @@ MAX_ANSWER_LENGTH = 30
 def _dev_path() -> Path | None:
     env = os.environ.get("SPARSEQA_DATA")
     for cand in ([Path(env), Path(env) / "squad2" / "dev-v2.0.json.gz"] if env else []) + [
-            ROOT.parent / "shared" / "data" / "squad2" / "dev-v2.0.json.gz"]:
+        ROOT.parent / "shared" / "data" / "squad2" / "dev-v2.0.json.gz"
+    ]:
         if cand.is_file():
             return cand
     return None
@@ -67,10 +68,17 @@ class HFPipelineQA:
 
     def answer_batch(self, pairs: list[tuple[str, str]], batch_size: int) -> list[str]:
         """Answer texts ("" = no answer), in input order."""
-        enc = self.tok([q for q, _ in pairs], [c for _, c in pairs], truncation="only_second",
-                       max_length=self.settings.max_seq_length, stride=self.settings.doc_stride,
-                       return_overflowing_tokens=True, return_offsets_mapping=True, padding="longest",
-                       return_tensors="pt")
+        enc = self.tok(
+            [q for q, _ in pairs],
+            [c for _, c in pairs],
+            truncation="only_second",
+            max_length=self.settings.max_seq_length,
+            stride=self.settings.doc_stride,
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+            padding="longest",
+            return_tensors="pt",
+        )
         owner = enc["overflow_to_sample_mapping"].tolist()
         feed = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
         starts, ends = [], []
@@ -96,8 +104,10 @@ class HFPipelineQA:
             if scores[a, b] > best[ex][0]:
                 offsets = enc["offset_mapping"][w]
                 best[ex] = (float(scores[a, b]), int(offsets[a][0]), int(offsets[b][1]))
-        return ["" if nl - sc > self.null_threshold else pairs[x][1][st:en]
-                for x, ((sc, st, en), nl) in enumerate(zip(best, null))]
+        return [
+            "" if nl - sc > self.null_threshold else pairs[x][1][st:en]
+            for x, ((sc, st, en), nl) in enumerate(zip(best, null))
+        ]
 
 
 _RUNNERS: dict = {}
@@ -114,8 +124,10 @@ def _runner(provider: str, kind: str):
         m = minilm(kind)
         if provider == "engine":
             eng = QAEngine.load(m.artifact, threads=THREADS)
-            _RUNNERS[key] = (lambda p, b: eng.answer_batch(p, batch_size=b, max_answer_length=MAX_ANSWER_LENGTH),
-                             eng.backend_name)
+            _RUNNERS[key] = (
+                lambda p, b: eng.answer_batch(p, batch_size=b, max_answer_length=MAX_ANSWER_LENGTH),
+                eng.backend_name,
+            )
         else:
             art = load_artifact(m.artifact)  # the same window settings and null threshold as the engine
             hf = HFPipelineQA(m, art.tokenizer.settings, art.null_threshold)
@@ -146,10 +158,18 @@ def test_squad_dev_workload(benchmark, questions, provider, kind, batch):
     texts = [a if isinstance(a, str) else a.text for a in answers]
     lat_ms = np.array(latencies) * 1e3
     benchmark.extra_info.update(
-        provider=provider, backend=backend, model=f"minilm-{kind}", batch=batch, questions=len(questions),
-        calls=len(latencies), questions_per_s=len(questions) / float(np.sum(latencies)),
-        p50_ms=float(np.percentile(lat_ms, 50)), p99_ms=float(np.percentile(lat_ms, 99)),
+        provider=provider,
+        backend=backend,
+        model=f"minilm-{kind}",
+        batch=batch,
+        questions=len(questions),
+        calls=len(latencies),
+        questions_per_s=len(questions) / float(np.sum(latencies)),
+        p50_ms=float(np.percentile(lat_ms, 50)),
+        p99_ms=float(np.percentile(lat_ms, 99)),
         latency_unit="per question" if batch == 1 else f"per call of {batch} questions",
-        no_answer_rate=sum(1 for t in texts if not t) / len(texts), device=cpu_name(), threads=THREADS,
+        no_answer_rate=sum(1 for t in texts if not t) / len(texts),
+        device=cpu_name(),
+        threads=THREADS,
         dtype="float32",
     )

@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         context = a.context if a.context is not None else Path(a.context_file).read_text(encoding="utf-8")
         eng = QAEngine.load(a.artifact, device=a.device, backend=a.backend, threads=a.threads)
-        res = eng.answer(a.question, context, top_k=a.top_k, max_answer_length=a.max_answer_length,
-                         null_threshold=a.null_threshold)
+        res = eng.answer(
+            a.question, context, top_k=a.top_k, max_answer_length=a.max_answer_length, null_threshold=a.null_threshold
+        )
     except (ValueError, TypeError, OSError, RuntimeError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

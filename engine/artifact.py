@@ -82,8 +82,14 @@ class Quantization:
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest block."""
-        return {"weights": WEIGHT_SCHEME, "activations": self.activations.value, "linears": list(QUANTIZED_LINEARS),
-                "float_dtype": "float32", "kernels": list(self.kernels), "calibration": self.calibration}
+        return {
+            "weights": WEIGHT_SCHEME,
+            "activations": self.activations.value,
+            "linears": list(QUANTIZED_LINEARS),
+            "float_dtype": "float32",
+            "kernels": list(self.kernels),
+            "calibration": self.calibration,
+        }
 
 
 @dataclass
@@ -151,9 +157,17 @@ def normalizer_flags(tokenizer_json: dict[str, Any]) -> tuple[bool, bool]:
     return lower, strip
 
 
-def save_artifact(out: Path, cfg: EncoderConfig, state: dict[str, torch.Tensor], tokenizer_dir: Path,
-                  settings: WindowSettings, dtype: str = "float32", null_threshold: float = 0.0,
-                  source: dict[str, Any] | None = None, quantization: Quantization | None = None) -> Path:
+def save_artifact(
+    out: Path,
+    cfg: EncoderConfig,
+    state: dict[str, torch.Tensor],
+    tokenizer_dir: Path,
+    settings: WindowSettings,
+    dtype: str = "float32",
+    null_threshold: float = 0.0,
+    source: dict[str, Any] | None = None,
+    quantization: Quantization | None = None,
+) -> Path:
     """Write an artifact directory from our state dict and a directory holding the source tokenizer.
 
     Float dtypes cast every tensor; `int8` takes an already quantized state (engine.quant.quantize_state) and
@@ -185,9 +199,14 @@ def save_artifact(out: Path, cfg: EncoderConfig, state: dict[str, torch.Tensor],
         "config": cfg.to_dict(),
         "dtype": dtype,
         "weights": WEIGHTS,
-        "tokenizer": {"max_seq_length": settings.max_seq_length, "doc_stride": settings.doc_stride,
-                      "max_query_length": settings.max_query_length, "do_lower_case": lower, "strip_accents": strip,
-                      "files": files},
+        "tokenizer": {
+            "max_seq_length": settings.max_seq_length,
+            "doc_stride": settings.doc_stride,
+            "max_query_length": settings.max_query_length,
+            "do_lower_case": lower,
+            "strip_accents": strip,
+            "files": files,
+        },
         "null_threshold": float(null_threshold),
         "source": source or {},
     }
@@ -211,7 +230,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     root = Path(path)
     _require(root.is_dir(), f"artifact directory {root} does not exist")
     mpath = root / MANIFEST
-    _require(mpath.is_file(), f"{mpath} is missing: not an engine artifact (build one with python -m engine.build_model)")
+    _require(
+        mpath.is_file(), f"{mpath} is missing: not an engine artifact (build one with python -m engine.build_model)"
+    )
     try:
         m = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -220,34 +241,51 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     _require(m.get("format") == FORMAT, f"{MANIFEST}: field 'format' must be {FORMAT!r}, got {m.get('format')!r}")
     ver = m.get("format_version")
     _require(_is_int(ver), f"{MANIFEST}: field 'format_version' must be an integer")
-    _require(ver <= FORMAT_VERSION, f"{MANIFEST}: format_version {ver} was written by a newer SparseQA "
-                                    f"(this one reads up to {FORMAT_VERSION}); upgrade SparseQA")
+    _require(
+        ver <= FORMAT_VERSION,
+        f"{MANIFEST}: format_version {ver} was written by a newer SparseQA "
+        f"(this one reads up to {FORMAT_VERSION}); upgrade SparseQA",
+    )
     _require(ver in (FLOAT_FORMAT_VERSION, INT8_FORMAT_VERSION), f"{MANIFEST}: format_version {ver} is not supported")
     dtype = m.get("dtype")
     if ver == FLOAT_FORMAT_VERSION:
-        _require(dtype != INT8, f"{MANIFEST}: dtype 'int8' needs format_version {INT8_FORMAT_VERSION} and a "
-                                f"'quantization' block, got format_version {ver}")
+        _require(
+            dtype != INT8,
+            f"{MANIFEST}: dtype 'int8' needs format_version {INT8_FORMAT_VERSION} and a "
+            f"'quantization' block, got format_version {ver}",
+        )
     elif "dtype" in m:
-        _require(dtype == INT8, f"{MANIFEST}: format_version {ver} is for int8 artifacts, but dtype is {dtype!r} "
-                                f"(float artifacts use format_version {FLOAT_FORMAT_VERSION})")
+        _require(
+            dtype == INT8,
+            f"{MANIFEST}: format_version {ver} is for int8 artifacts, but dtype is {dtype!r} "
+            f"(float artifacts use format_version {FLOAT_FORMAT_VERSION})",
+        )
     keys = _TOP_KEYS | {"quantization"} if ver == INT8_FORMAT_VERSION else _TOP_KEYS
     missing, unknown = keys - set(m), set(m) - keys
     _require(not missing, f"{MANIFEST}: missing field(s) {sorted(missing)}")
     _require(not unknown, f"{MANIFEST}: unknown field(s) {sorted(unknown)}")
-    _require(isinstance(dtype, str) and dtype in ARTIFACT_DTYPES,
-             f"{MANIFEST}: field 'dtype' is {dtype!r}, expected one of {sorted(ARTIFACT_DTYPES)}")
+    _require(
+        isinstance(dtype, str) and dtype in ARTIFACT_DTYPES,
+        f"{MANIFEST}: field 'dtype' is {dtype!r}, expected one of {sorted(ARTIFACT_DTYPES)}",
+    )
     if ver == INT8_FORMAT_VERSION:
         parse_quantization(m["quantization"])
     _require(m["weights"] == WEIGHTS, f"{MANIFEST}: field 'weights' must be {WEIGHTS!r}")
     t = m["tokenizer"]
-    _require(isinstance(t, dict) and set(t) == _TOK_KEYS, f"{MANIFEST}: field 'tokenizer' must have keys {sorted(_TOK_KEYS)}")
+    _require(
+        isinstance(t, dict) and set(t) == _TOK_KEYS, f"{MANIFEST}: field 'tokenizer' must have keys {sorted(_TOK_KEYS)}"
+    )
     for k in ("max_seq_length", "doc_stride", "max_query_length"):
         _require(_is_int(t[k]), f"{MANIFEST}: tokenizer.{k} must be an integer, got {t[k]!r}")
-    _require(isinstance(t["files"], list) and "tokenizer.json" in t["files"],
-             f"{MANIFEST}: tokenizer.files must list the tokenizer files, including tokenizer.json")
+    _require(
+        isinstance(t["files"], list) and "tokenizer.json" in t["files"],
+        f"{MANIFEST}: tokenizer.files must list the tokenizer files, including tokenizer.json",
+    )
     nt = m["null_threshold"]
-    _require(isinstance(nt, (int, float)) and not isinstance(nt, bool) and math.isfinite(nt),
-             f"{MANIFEST}: null_threshold must be a finite number, got {nt!r}")
+    _require(
+        isinstance(nt, (int, float)) and not isinstance(nt, bool) and math.isfinite(nt),
+        f"{MANIFEST}: null_threshold must be a finite number, got {nt!r}",
+    )
     _require(isinstance(m["source"], dict), f"{MANIFEST}: field 'source' must be an object")
     return m
 
@@ -284,22 +322,33 @@ def parse_quantization(q: Any) -> Quantization:
     missing, unknown = _QUANT_KEYS - set(q), set(q) - _QUANT_KEYS
     _require(not missing, f"{where}: missing key(s) {sorted(missing)}")
     _require(not unknown, f"{where}: unknown key(s) {sorted(unknown)}")
-    _require(q["weights"] == WEIGHT_SCHEME, f"{where}: weights is {q['weights']!r}, this SparseQA reads only "
-                                            f"{WEIGHT_SCHEME!r}")
+    _require(
+        q["weights"] == WEIGHT_SCHEME,
+        f"{where}: weights is {q['weights']!r}, this SparseQA reads only {WEIGHT_SCHEME!r}",
+    )
     modes = [a.value for a in ActivationQuant]
     _require(q["activations"] in modes, f"{where}: activations is {q['activations']!r}, expected one of {modes}")
     act = ActivationQuant(q["activations"])
-    _require(q["linears"] == list(QUANTIZED_LINEARS), f"{where}: linears must be {list(QUANTIZED_LINEARS)}, "
-                                                      f"got {q['linears']!r}")
+    _require(
+        q["linears"] == list(QUANTIZED_LINEARS),
+        f"{where}: linears must be {list(QUANTIZED_LINEARS)}, got {q['linears']!r}",
+    )
     _require(q["float_dtype"] == "float32", f"{where}: float_dtype must be 'float32', got {q['float_dtype']!r}")
     kernels = q["kernels"]
-    _require(isinstance(kernels, list) and all(isinstance(k, str) for k in kernels),
-             f"{where}: kernels must be a list of kernel names")
+    _require(
+        isinstance(kernels, list) and all(isinstance(k, str) for k in kernels),
+        f"{where}: kernels must be a list of kernel names",
+    )
     unknown_k = sorted(set(kernels) - KNOWN_KERNELS)
-    _require(not unknown_k, f"{where}: requires kernel(s) {unknown_k} that this SparseQA does not know "
-                            f"(known: {sorted(KNOWN_KERNELS)}); upgrade SparseQA")
-    _require(tuple(kernels) == KERNELS[act], f"{where}: activations {act.value!r} need kernels "
-                                             f"{list(KERNELS[act])}, but the manifest lists {kernels}")
+    _require(
+        not unknown_k,
+        f"{where}: requires kernel(s) {unknown_k} that this SparseQA does not know "
+        f"(known: {sorted(KNOWN_KERNELS)}); upgrade SparseQA",
+    )
+    _require(
+        tuple(kernels) == KERNELS[act],
+        f"{where}: activations {act.value!r} need kernels {list(KERNELS[act])}, but the manifest lists {kernels}",
+    )
     cal = q["calibration"]
     if act is ActivationQuant.STATIC:
         _require(isinstance(cal, dict), f"{where}: static activation scales need a 'calibration' object")
@@ -330,8 +379,10 @@ def _check_int8_values(state: dict[str, torch.Tensor], cfg: EncoderConfig) -> No
         for lin in QUANTIZED_LINEARS:
             p = f"layers.{i}.{lin}."
             w = state[p + "weight"]
-            _require(not (w == -128).any(), f"{WEIGHTS}: tensor {p + 'weight'!r} holds -128; the symmetric int8 "
-                                            f"scheme uses [-127, 127]")
+            _require(
+                not (w == -128).any(),
+                f"{WEIGHTS}: tensor {p + 'weight'!r} holds -128; the symmetric int8 scheme uses [-127, 127]",
+            )
             for s in ("weight_scale", "input_scale"):
                 v = state.get(p + s)
                 if v is not None and v.numel():
@@ -339,8 +390,9 @@ def _check_int8_values(state: dict[str, torch.Tensor], cfg: EncoderConfig) -> No
                     _require(ok, f"{WEIGHTS}: tensor {p + s!r} must be positive and finite (min {v.min().item():g})")
 
 
-def _load_weights(path: Path, cfg: EncoderConfig, dtype: str, quant: Quantization | None = None, read: bool = True
-                  ) -> dict[str, torch.Tensor] | None:
+def _load_weights(
+    path: Path, cfg: EncoderConfig, dtype: str, quant: Quantization | None = None, read: bool = True
+) -> dict[str, torch.Tensor] | None:
     """Checks the tensor header (names, shapes, dtypes); with `read`, reads the tensors and checks their values."""
     _require(path.is_file(), f"weights file {path} is missing")
     want = artifact_shapes(cfg, quant)
@@ -352,17 +404,24 @@ def _load_weights(path: Path, cfg: EncoderConfig, dtype: str, quant: Quantizatio
                 raise ArtifactError(f"{WEIGHTS}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
             extra = sorted(names - set(want))
             if extra:
-                raise ArtifactError(f"{WEIGHTS}: unexpected tensor {extra[0]!r} (not in the manifest's config"
-                                    f"{' and quantization' if quant else ''})")
+                raise ArtifactError(
+                    f"{WEIGHTS}: unexpected tensor {extra[0]!r} (not in the manifest's config"
+                    f"{' and quantization' if quant else ''})"
+                )
             state = {}
             for k, shape in want.items():
                 sl = f.get_slice(k)
                 got_shape, got_dtype = tuple(sl.get_shape()), sl.get_dtype()
-                _require(got_shape == shape, f"{WEIGHTS}: tensor {k!r} has shape {got_shape}, expected {shape} "
-                                             f"from {MANIFEST} (heads={list(cfg.heads)}, ffn={list(cfg.ffn)})")
+                _require(
+                    got_shape == shape,
+                    f"{WEIGHTS}: tensor {k!r} has shape {got_shape}, expected {shape} "
+                    f"from {MANIFEST} (heads={list(cfg.heads)}, ffn={list(cfg.ffn)})",
+                )
                 expect = tensor_dtype(k, dtype)
-                _require(got_dtype == expect,
-                         f"{WEIGHTS}: tensor {k!r} has dtype {got_dtype}, expected {expect} (manifest dtype {dtype})")
+                _require(
+                    got_dtype == expect,
+                    f"{WEIGHTS}: tensor {k!r} has dtype {got_dtype}, expected {expect} (manifest dtype {dtype})",
+                )
                 if read:
                     state[k] = f.get_tensor(k)
     except ArtifactError:

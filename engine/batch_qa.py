@@ -118,8 +118,9 @@ class ShardStore:
         if resume and mpath.is_file():
             old = json.loads(mpath.read_text())
             if old != manifest:
-                raise ValueError(f"{mpath} was made for other input or --shard-size ({old}); delete {self.dir} "
-                                 "to start over")
+                raise ValueError(
+                    f"{mpath} was made for other input or --shard-size ({old}); delete {self.dir} to start over"
+                )
         self.dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(mpath, [json.dumps(manifest)])
 
@@ -173,8 +174,9 @@ def run_local(rows: list[Row], store: ShardStore, config: JobConfig) -> None:
 
     engine = QAEngine.load(config.artifact, backend=config.backend, threads=config.threads)
     pending = store.pending()
-    with tqdm(total=sum(min(store.shard_size, len(rows) - s * store.shard_size) for s in pending), unit="q",
-              desc="batch_qa") as bar:
+    with tqdm(
+        total=sum(min(store.shard_size, len(rows) - s * store.shard_size) for s in pending), unit="q", desc="batch_qa"
+    ) as bar:
         for s, shard in _shard_rows(rows, store):
             for i in range(0, len(shard), config.batch_size):
                 part = answer_rows(engine, shard[i : i + config.batch_size], config)
@@ -211,21 +213,31 @@ def run_ray(rows: list[Row], store: ShardStore, config: JobConfig, address: str 
     started = not ray.is_initialized()
     if started:
         # A new local cluster is sized to the actors; an existing one keeps its own resources and settings.
-        local = {"num_cpus": workers * threads, "include_dashboard": False,
-                 "runtime_env": {"env_vars": {"PYTHONPATH": _pythonpath()}}}
+        local = {
+            "num_cpus": workers * threads,
+            "include_dashboard": False,
+            "runtime_env": {"env_vars": {"PYTHONPATH": _pythonpath()}},
+        }
         ray.init(address=address, log_to_driver=False, **({} if address else local))
     try:
-        items = [{"shard": s, "row": json.dumps(r, ensure_ascii=False)} for s, shard in _shard_rows(rows, store)
-                 for r in shard]
+        items = [
+            {"shard": s, "row": json.dumps(r, ensure_ascii=False)}
+            for s, shard in _shard_rows(rows, store)
+            for r in shard
+        ]
         expected: dict[int, int] = {}
         for it in items:
             expected[it["shard"]] = expected.get(it["shard"], 0) + 1
         if not items:
             return
         ds = ray.data.from_items(items).map_batches(
-            _RayAnswerer, fn_constructor_kwargs={"config": replace(config, threads=threads)},
-            batch_size=config.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=threads)
+            _RayAnswerer,
+            fn_constructor_kwargs={"config": replace(config, threads=threads)},
+            batch_size=config.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=threads,
+        )
         done: dict[int, list[dict]] = {}
         with tqdm(total=len(items), unit="q", desc="batch_qa[ray]") as bar:
             for rec in ds.iter_rows():
@@ -247,14 +259,21 @@ def _pythonpath() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    p = argparse.ArgumentParser(prog="python -m engine.batch_qa", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m engine.batch_qa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--artifact", required=True, help="engine artifact directory")
     p.add_argument("--input", required=True, type=Path, help="JSONL of {id, question, context}")
     p.add_argument("--output", required=True, type=Path, help="JSONL of answers, one per valid input id")
     p.add_argument("--rejects", type=Path, help="JSONL of {line, error} (default OUTPUT.rejects.jsonl)")
-    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="run on Ray Data: a new local cluster without ADDRESS, else the cluster at ADDRESS")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray Data: a new local cluster without ADDRESS, else the cluster at ADDRESS",
+    )
     p.add_argument("--workers", type=int, default=2, help="Ray actors (default %(default)s)")
     p.add_argument("--threads", type=int, help="engine threads per process / per Ray actor (Ray default 1)")
     p.add_argument("--batch-size", type=int, default=32, help="questions per answer_batch call (default %(default)s)")

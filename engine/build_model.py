@@ -18,14 +18,20 @@ from engine.flops import encoder_flops
 from engine.model import RaggedQAModel
 from engine.spec import SpecError, apply_spec, parse_spec
 
-
 DEFAULT_CALIB_SAMPLES = 256
 
 
-def build(model: str | Path, out: str | Path, spec: str | Path | None = None, dtype: str = "float32",
-          settings: WindowSettings = WindowSettings(), force: bool = False,
-          null_threshold: float | None = None, calibrate: str | Path | None = None,
-          calib_samples: int | None = None) -> Path:
+def build(
+    model: str | Path,
+    out: str | Path,
+    spec: str | Path | None = None,
+    dtype: str = "float32",
+    settings: WindowSettings = WindowSettings(),
+    force: bool = False,
+    null_threshold: float | None = None,
+    calibrate: str | Path | None = None,
+    calib_samples: int | None = None,
+) -> Path:
     """Build an artifact in `out`; returns its path. Raises ValueError/FileNotFoundError on bad input.
 
     `dtype="int8"` quantizes the encoder Linears: dynamic per-token activation scales, or static per-input-channel
@@ -52,8 +58,12 @@ def build(model: str | Path, out: str | Path, spec: str | Path | None = None, dt
     if spec is not None:
         cfg, state = apply_spec(state, cfg, parse_spec(spec, cfg))
     threshold = null_threshold if null_threshold is not None else (ck.null_threshold or 0.0)
-    source = {"model": str(Path(model).resolve()), "spec": str(Path(spec).resolve()) if spec else None,
-              "ragged_checkpoint": ck.is_ragged, "qa_head_initialised": ck.qa_head_initialised}
+    source = {
+        "model": str(Path(model).resolve()),
+        "spec": str(Path(spec).resolve()) if spec else None,
+        "ragged_checkpoint": ck.is_ragged,
+        "qa_head_initialised": ck.qa_head_initialised,
+    }
     quant = None
     if dtype == INT8:  # before --out is cleared: bad calibration data must not cost the old artifact
         state, quant = _quantize(cfg, state, Path(model), settings, calibrate, calib_samples)
@@ -62,8 +72,14 @@ def build(model: str | Path, out: str | Path, spec: str | Path | None = None, dt
     return save_artifact(out, cfg, state, Path(model), settings, dtype, threshold, source, quant)
 
 
-def _quantize(cfg: EncoderConfig, state: dict[str, torch.Tensor], model_dir: Path, settings: WindowSettings,
-              calibrate: str | Path | None, calib_samples: int | None) -> tuple[dict[str, torch.Tensor], Quantization]:
+def _quantize(
+    cfg: EncoderConfig,
+    state: dict[str, torch.Tensor],
+    model_dir: Path,
+    settings: WindowSettings,
+    calibrate: str | Path | None,
+    calib_samples: int | None,
+) -> tuple[dict[str, torch.Tensor], Quantization]:
     """The int8 state and its manifest block; static scales come from the fp32 model run over real examples."""
     from engine import quant
 
@@ -75,8 +91,13 @@ def _quantize(cfg: EncoderConfig, state: dict[str, torch.Tensor], model_dir: Pat
     ref = RaggedQAModel(cfg).eval()
     ref.load_state_dict({k: v.float() for k, v in state.items()})
     absmax = quant.calibrate(ref, batches)
-    info = {"file": str(Path(calibrate).resolve()), "samples_requested": samples, **counts,
-            "statistic": "absmax_per_input_channel", "smoothing_alpha": quant.SMOOTHING_ALPHA}
+    info = {
+        "file": str(Path(calibrate).resolve()),
+        "samples_requested": samples,
+        **counts,
+        "statistic": "absmax_per_input_channel",
+        "smoothing_alpha": quant.SMOOTHING_ALPHA,
+    }
     return quant.quantize_state(cfg, state, absmax), Quantization(ActivationQuant.STATIC, info)
 
 
@@ -94,10 +115,10 @@ def verify(model: str | Path, out: str | Path, spec: str | Path | None, seed: in
     batch, seq = 2, min(64, eng.artifact.tokenizer.settings.max_seq_length)
     ids = torch.randint(5, cfg.vocab_size, (batch, seq), generator=gen)
     mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[1, seq // 2:] = 0
+    mask[1, seq // 2 :] = 0
     types = torch.zeros(batch, seq, dtype=torch.long)
     if cfg.type_vocab_size > 1:
-        types[:, seq // 3:] = 1
+        types[:, seq // 3 :] = 1
     ck = load_checkpoint(model)
     with torch.no_grad():
         if ck.is_ragged:
@@ -129,15 +150,29 @@ VERIFY_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.25, "int8": 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     p = argparse.ArgumentParser(prog="python -m engine.build_model", description=__doc__)
-    p.add_argument("--model", required=True, help="HF checkpoint dir (BERT/RoBERTa QA or bare encoder) or ragged checkpoint")
+    p.add_argument(
+        "--model", required=True, help="HF checkpoint dir (BERT/RoBERTa QA or bare encoder) or ragged checkpoint"
+    )
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.add_argument("--spec", help="pruning spec JSON (kept head/unit indices per layer)")
-    p.add_argument("--dtype", default="float32", choices=list(ARTIFACT_DTYPES),
-                   help="weight dtype (default float32); int8 quantizes the encoder Linears (docs/PRECISION.md)")
-    p.add_argument("--calibrate", metavar="FILE", help="int8: SQuAD json/json.gz of real examples for static "
-                                                       "activation scales (default: dynamic per-token scales)")
-    p.add_argument("--calib-samples", type=int, metavar="N",
-                   help=f"int8: examples of --calibrate to run (default {DEFAULT_CALIB_SAMPLES})")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=list(ARTIFACT_DTYPES),
+        help="weight dtype (default float32); int8 quantizes the encoder Linears (docs/PRECISION.md)",
+    )
+    p.add_argument(
+        "--calibrate",
+        metavar="FILE",
+        help="int8: SQuAD json/json.gz of real examples for static "
+        "activation scales (default: dynamic per-token scales)",
+    )
+    p.add_argument(
+        "--calib-samples",
+        type=int,
+        metavar="N",
+        help=f"int8: examples of --calibrate to run (default {DEFAULT_CALIB_SAMPLES})",
+    )
     p.add_argument("--max-seq-length", type=int, default=384, help="tokens per window (default 384)")
     p.add_argument("--doc-stride", type=int, default=128, help="tokens shared by consecutive windows (default 128)")
     p.add_argument("--max-query-length", type=int, default=64, help="question tokens kept (default 64)")
@@ -153,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         art = load_artifact(out)
         flops = encoder_flops(art.cfg, 1, settings.max_seq_length)
         precision = art.dtype + (f" ({art.quantization.activations.value} activations)" if art.quantization else "")
-        print(f"wrote {out}: {art.cfg.architecture.value}, heads {list(art.cfg.heads)}, ffn {list(art.cfg.ffn)}, "
-              f"{precision}, {flops / 1e9:.2f} GFLOP per {settings.max_seq_length}-token window")
+        print(
+            f"wrote {out}: {art.cfg.architecture.value}, heads {list(art.cfg.heads)}, ffn {list(art.cfg.ffn)}, "
+            f"{precision}, {flops / 1e9:.2f} GFLOP per {settings.max_seq_length}-token window"
+        )
         if art.source.get("qa_head_initialised"):
             print("note: the source has no QA head; a random one was initialised, so answers are meaningless")
         if a.verify:

@@ -77,13 +77,17 @@ def ragged_shape(hf_config: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int,
     if not isinstance(block, dict) or set(block) != {"format_version", "heads", "ffn"}:
         raise ValueError(f"config.json: {RAGGED_KEY!r} must be an object with keys format_version, heads, ffn")
     if block["format_version"] != RAGGED_FORMAT_VERSION:
-        raise ValueError(f"config.json: ragged format_version {block['format_version']} is not supported "
-                         f"(this SparseQA reads {RAGGED_FORMAT_VERSION})")
+        raise ValueError(
+            f"config.json: ragged format_version {block['format_version']} is not supported "
+            f"(this SparseQA reads {RAGGED_FORMAT_VERSION})"
+        )
     heads, ffn = block["heads"], block["ffn"]
     n = int(hf_config["num_hidden_layers"])
     if len(heads) != n or len(ffn) != n:
-        raise ValueError(f"config.json: {RAGGED_KEY} lists {len(heads)} head counts and {len(ffn)} FFN widths "
-                         f"but num_hidden_layers is {n}")
+        raise ValueError(
+            f"config.json: {RAGGED_KEY} lists {len(heads)} head counts and {len(ffn)} FFN widths "
+            f"but num_hidden_layers is {n}"
+        )
     return tuple(heads), tuple(ffn)
 
 
@@ -102,12 +106,19 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise FileNotFoundError(f"{weights} does not exist{hint}")
     state, initialised = hf_to_ours(load_safetensors(weights, "model weights"), cfg)
     threshold = hf_config.get(THRESHOLD_KEY)
-    return Checkpoint(cfg, state, root, hf_config, shape is not None, initialised,
-                      float(threshold) if threshold is not None else None)
+    return Checkpoint(
+        cfg, state, root, hf_config, shape is not None, initialised, float(threshold) if threshold is not None else None
+    )
 
 
-def save_checkpoint(out: str | Path, cfg: EncoderConfig, state: dict[str, torch.Tensor], base_hf_config: dict[str, Any],
-                    tokenizer: Any = None, null_threshold: float | None = None) -> Path:
+def save_checkpoint(
+    out: str | Path,
+    cfg: EncoderConfig,
+    state: dict[str, torch.Tensor],
+    base_hf_config: dict[str, Any],
+    tokenizer: Any = None,
+    null_threshold: float | None = None,
+) -> Path:
     """Write a dense HF checkpoint when `cfg` is dense, else a ragged checkpoint; returns the directory."""
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -115,8 +126,11 @@ def save_checkpoint(out: str | Path, cfg: EncoderConfig, state: dict[str, torch.
     arch = cfg.architecture.value
     hf_config.update(model_type=arch, architectures=[_HF_CLASSES[arch]], num_hidden_layers=cfg.num_layers)
     if not is_hf_dense(cfg, hf_config):
-        hf_config[RAGGED_KEY] = {"format_version": RAGGED_FORMAT_VERSION, "heads": list(cfg.heads),
-                                 "ffn": list(cfg.ffn)}
+        hf_config[RAGGED_KEY] = {
+            "format_version": RAGGED_FORMAT_VERSION,
+            "heads": list(cfg.heads),
+            "ffn": list(cfg.ffn),
+        }
     else:
         hf_config["intermediate_size"] = cfg.ffn[0]
     if null_threshold is not None:

@@ -104,8 +104,9 @@ class EncoderConfig:
             raise ValueError(f"invalid config: {e}") from None
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], heads: tuple[int, ...] | None = None,
-                ffn: tuple[int, ...] | None = None) -> EncoderConfig:
+    def from_hf(
+        cls, hf: dict[str, Any], heads: tuple[int, ...] | None = None, ffn: tuple[int, ...] | None = None
+    ) -> EncoderConfig:
         """Build from an HF `config.json` dict; `heads`/`ffn` override the uniform per-layer shape."""
         model_type = hf.get("model_type")
         if model_type not in ("bert", "roberta"):

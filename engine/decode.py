@@ -18,8 +18,9 @@ class Span:
     end: int
 
 
-def window_spans(start_logits: np.ndarray, end_logits: np.ndarray, window: Window, max_answer_length: int,
-                 top_k: int) -> list[Span]:
+def window_spans(
+    start_logits: np.ndarray, end_logits: np.ndarray, window: Window, max_answer_length: int, top_k: int
+) -> list[Span]:
     """The `top_k` best context spans of one window (end >= start, at most `max_answer_length` tokens)."""
     ctx = [i for i, off in enumerate(window.offsets) if off is not None]
     if not ctx:
@@ -41,8 +42,9 @@ def window_spans(start_logits: np.ndarray, end_logits: np.ndarray, window: Windo
     return out
 
 
-def decode(windows: list[Window], starts: list[np.ndarray], ends: list[np.ndarray], max_answer_length: int = 30,
-           top_k: int = 1) -> tuple[list[Span], float]:
+def decode(
+    windows: list[Window], starts: list[np.ndarray], ends: list[np.ndarray], max_answer_length: int = 30, top_k: int = 1
+) -> tuple[list[Span], float]:
     """Best `top_k` distinct spans over all windows of one example, and the null score (min CLS score)."""
     null = min(float(s[0]) + float(e[0]) for s, e in zip(starts, ends))
     best: dict[tuple[int, int], Span] = {}

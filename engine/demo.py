@@ -19,14 +19,17 @@ from engine.reference import hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = [
-    ("When did the Normans conquer England?",
-     "The Normans were a people who in the 10th and 11th centuries gave their name to Normandy, a region in "
-     "France. Led by William the Conqueror, the Normans conquered England in 1066 after the Battle of Hastings."),
-    ("What is the capital of France?",
-     "Paris is the capital and most populous city of France. It has been one of the world's major centres of "
-     "finance, diplomacy, commerce, fashion and science since the 17th century."),
-    ("How many moons does Mars have?",
-     "Paris is the capital and most populous city of France."),
+    (
+        "When did the Normans conquer England?",
+        "The Normans were a people who in the 10th and 11th centuries gave their name to Normandy, a region in "
+        "France. Led by William the Conqueror, the Normans conquered England in 1066 after the Battle of Hastings.",
+    ),
+    (
+        "What is the capital of France?",
+        "Paris is the capital and most populous city of France. It has been one of the world's major centres of "
+        "finance, diplomacy, commerce, fashion and science since the 17th century.",
+    ),
+    ("How many moons does Mars have?", "Paris is the capital and most populous city of France."),
 ]
 
 
@@ -44,7 +47,7 @@ def _inputs(batch: int, seq: int, vocab: int) -> tuple[torch.Tensor, torch.Tenso
     g = torch.Generator().manual_seed(batch * 1000 + seq)
     ids = torch.randint(1000, vocab, (batch, seq), generator=g)
     types = torch.zeros_like(ids)
-    types[:, seq // 4:] = 1
+    types[:, seq // 4 :] = 1
     return ids, torch.ones_like(ids), types
 
 
@@ -64,11 +67,15 @@ def minilm_table(out_dir: Path, threads: int) -> None:
     hf = hf_model(src, "eager")
     print("\nNOTE: the packaged MiniLM is a bare encoder; its QA head is freshly initialised and UNTRAINED,")
     print("so answers from these engines mean nothing. Run `make run MODEL=<QA checkpoint dir>` for a real model.\n")
-    print(f"max |logit diff| vs transformers: dense {diffs['dense']:.2e}, pruned {diffs['half']:.2e} "
-          f"(pruned compared with the masked-HF reference)")
+    print(
+        f"max |logit diff| vs transformers: dense {diffs['dense']:.2e}, pruned {diffs['half']:.2e} "
+        f"(pruned compared with the masked-HF reference)"
+    )
     print(f"engine backend: {dense.backend_name}, threads: {torch.get_num_threads()}, dtype float32, CPU\n")
-    hdr = f"{'shape':>9} | {'GFLOP dense':>11} | {'GFLOP pruned':>12} | {'HF eager ms':>11} | {'engine dense ms':>15} | " \
-          f"{'engine pruned ms':>16} | {'pruned vs HF':>12} | {'realized/FLOP red.':>18}"
+    hdr = (
+        f"{'shape':>9} | {'GFLOP dense':>11} | {'GFLOP pruned':>12} | {'HF eager ms':>11} | {'engine dense ms':>15} | "
+        f"{'engine pruned ms':>16} | {'pruned vs HF':>12} | {'realized/FLOP red.':>18}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for batch, seq in [(1, 384), (8, 384)]:
@@ -80,8 +87,10 @@ def minilm_table(out_dir: Path, threads: int) -> None:
             t_p = _median_ms(lambda: half.forward(ids, mask, types), reps)
         f_d, f_p = encoder_flops(dense.cfg, batch, seq), encoder_flops(half.cfg, batch, seq)
         ratio = (t_d / t_p) / (f_d / f_p)
-        print(f"{f'({batch},{seq})':>9} | {f_d / 1e9:>11.2f} | {f_p / 1e9:>12.2f} | {t_hf:>11.1f} | {t_d:>15.1f} | "
-              f"{t_p:>16.1f} | {t_hf / t_p:>11.2f}x | {ratio:>18.2f}")
+        print(
+            f"{f'({batch},{seq})':>9} | {f_d / 1e9:>11.2f} | {f_p / 1e9:>12.2f} | {t_hf:>11.1f} | {t_d:>15.1f} | "
+            f"{t_p:>16.1f} | {t_hf / t_p:>11.2f}x | {ratio:>18.2f}"
+        )
     print("\nrealized/FLOP red. = (engine dense ms / engine pruned ms) / (dense FLOPs / pruned FLOPs)")
 
 
@@ -90,8 +99,10 @@ def answer_samples(model: Path, out_dir: Path) -> None:
     art = out_dir / "user-model"
     build(model, art, force=True)
     eng = QAEngine.load(art)
-    print(f"engine built in {art} (backend {eng.backend_name}); max |logit diff| vs source: "
-          f"{verify(model, art, None):.2e}\n")
+    print(
+        f"engine built in {art} (backend {eng.backend_name}); max |logit diff| vs source: "
+        f"{verify(model, art, None):.2e}\n"
+    )
     for q, c in SAMPLES:
         a = eng.answer(q, c)
         shown = "(no answer)" if a.no_answer else repr(a.text)

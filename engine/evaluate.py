@@ -16,12 +16,19 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from engine.data.squad import auc, evaluate, load_squad, read_squad_json
 from engine.data.predict import predictions_at
+from engine.data.squad import auc, evaluate, load_squad, read_squad_json
 
 
-def evaluate_artifact(artifact: str | Path, data: str | Path, backend: str = "auto", threads: int | None = None,
-                      batch_size: int = 64, limit: int | None = None, progress: bool = True) -> dict[str, Any]:
+def evaluate_artifact(
+    artifact: str | Path,
+    data: str | Path,
+    backend: str = "auto",
+    threads: int | None = None,
+    batch_size: int = 64,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run an artifact over a SQuAD file; returns metrics at threshold 0 and at the stored threshold."""
     from engine.qa import QAEngine
 
@@ -30,15 +37,20 @@ def evaluate_artifact(artifact: str | Path, data: str | Path, backend: str = "au
     examples = load_squad(dataset)[:limit]
     if limit is not None:
         keep = {e.qid for e in examples}
-        dataset = {"data": [{**a, "paragraphs": [{**p, "qas": [q for q in p["qas"] if q["id"] in keep]}
-                                                 for p in a["paragraphs"]]} for a in dataset["data"]]}
+        dataset = {
+            "data": [
+                {**a, "paragraphs": [{**p, "qas": [q for q in p["qas"] if q["id"] in keep]} for p in a["paragraphs"]]}
+                for a in dataset["data"]
+            ]
+        }
     text, diff = {}, {}
     t0 = time.perf_counter()
     chunk = 256
     for i in tqdm(range(0, len(examples), chunk), desc="evaluate", unit="chunk", disable=not progress):
-        part = examples[i: i + chunk]
-        answers = eng.answer_batch([(e.question, e.context) for e in part], batch_size=batch_size,
-                                   null_threshold=float("inf"))
+        part = examples[i : i + chunk]
+        answers = eng.answer_batch(
+            [(e.question, e.context) for e in part], batch_size=batch_size, null_threshold=float("inf")
+        )
         for e, a in zip(part, answers):
             text[e.qid], diff[e.qid] = a.text, a.null_score_diff
     seconds = time.perf_counter() - t0
@@ -47,11 +59,20 @@ def evaluate_artifact(artifact: str | Path, data: str | Path, backend: str = "au
     def at(t: float) -> dict[str, Any]:
         return evaluate(dataset, predictions_at(text, diff, t), na_probs=diff, na_prob_thresh=t)
 
-    return {"artifact": str(artifact), "data": str(data), "backend": eng.backend_name, "questions": len(examples),
-            "seconds": seconds, "questions_per_s": len(examples) / seconds, "at_zero": at(0.0),
-            "stored_threshold": threshold, "at_stored_threshold": at(threshold),
-            "auc": auc(diff, dataset) if any(e.is_impossible for e in examples) and
-            not all(e.is_impossible for e in examples) else None}
+    return {
+        "artifact": str(artifact),
+        "data": str(data),
+        "backend": eng.backend_name,
+        "questions": len(examples),
+        "seconds": seconds,
+        "questions_per_s": len(examples) / seconds,
+        "at_zero": at(0.0),
+        "stored_threshold": threshold,
+        "at_stored_threshold": at(threshold),
+        "auc": auc(diff, dataset)
+        if any(e.is_impossible for e in examples) and not all(e.is_impossible for e in examples)
+        else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,8 +33,15 @@ from engine.config import Activation, EncoderConfig
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUTS = ("start_logits", "end_logits")
-FUSED_OPS = ("EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "LayerNormalization", "BiasGelu",
-             "Gelu", "FastGelu")
+FUSED_OPS = (
+    "EmbedLayerNormalization",
+    "Attention",
+    "SkipLayerNormalization",
+    "LayerNormalization",
+    "BiasGelu",
+    "Gelu",
+    "FastGelu",
+)
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
@@ -67,8 +74,8 @@ class _PaddedLayer(nn.Module):
         if self.heads:
             # Three projections, not one fused [3w, d] GEMM: ORT's attention fusion matches three MatMuls.
             self.q = _linear(qkv_w[:w], qkv_b[:w])
-            self.k = _linear(qkv_w[w:2 * w], qkv_b[w:2 * w])
-            self.v = _linear(qkv_w[2 * w:], qkv_b[2 * w:])
+            self.k = _linear(qkv_w[w : 2 * w], qkv_b[w : 2 * w])
+            self.v = _linear(qkv_w[2 * w :], qkv_b[2 * w :])
             self.o = _linear(state[p + "o.weight"], state[p + "o.bias"])
         else:
             self.register_buffer("o_bias", state[p + "o.bias"].float().clone())
@@ -121,7 +128,7 @@ class PaddedQAModel(nn.Module):
         eps = cfg.layer_norm_eps
         self.word = nn.Embedding.from_pretrained(state["embeddings.word.weight"].float(), freeze=True)
         # Rows from position_offset on: position i of every sequence reads row i (RoBERTa's offset folded in).
-        table = state["embeddings.position.weight"][cfg.position_offset:].float()
+        table = state["embeddings.position.weight"][cfg.position_offset :].float()
         self.position = nn.Embedding.from_pretrained(table.clone(), freeze=True)
         self.register_buffer("position_ids", torch.arange(table.shape[0])[None, :], persistent=False)  # (1, P)
         self.token_type = nn.Embedding.from_pretrained(state["embeddings.token_type.weight"].float(), freeze=True)
@@ -137,8 +144,9 @@ class PaddedQAModel(nn.Module):
         """Build from a loaded artifact (any storage dtype; computes in fp32)."""
         return cls(artifact.cfg, artifact.state)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded `[B, S]` ids, 0/1 mask, token types -> start and end logits `[B, S]`, -inf at padding."""
         seq = input_ids.shape[1]
         pos = self.position_ids[:, :seq]  # (1, S)
@@ -157,7 +165,7 @@ def _dummy_inputs(cfg: EncoderConfig, batch: int = 2, seq: int = 16) -> tuple[to
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[-1, seq // 2:] = 0
+    mask[-1, seq // 2 :] = 0
     return ids, mask, torch.zeros_like(ids)
 
 
@@ -170,9 +178,17 @@ def export(artifact: str | Path | Artifact, out: str | Path, opset: int = 17) ->
     axes = {name: {0: "batch", 1: "seq"} for name in INPUTS + OUTPUTS}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings about shape-derived Python ints and deprecation notices
-        torch.onnx.export(model, _dummy_inputs(art.cfg), str(out), input_names=list(INPUTS),
-                          output_names=list(OUTPUTS), dynamic_axes=axes, opset_version=opset, dynamo=False,
-                          do_constant_folding=True)
+        torch.onnx.export(
+            model,
+            _dummy_inputs(art.cfg),
+            str(out),
+            input_names=list(INPUTS),
+            output_names=list(OUTPUTS),
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
     return out
 
 
@@ -230,8 +246,9 @@ def ort_session(onnx_path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
 
 
-def check(artifact: str | Path | Artifact, onnx_paths: list[Path], seed: int = 0, batch: int = 3, seq: int = 48
-          ) -> dict[Path, float]:
+def check(
+    artifact: str | Path | Artifact, onnx_paths: list[Path], seed: int = 0, batch: int = 3, seq: int = 48
+) -> dict[Path, float]:
     """Max |logit difference| of each ONNX file (run in ORT) against QAEngine's torch backend, on padded input."""
     from engine.qa import QAEngine
     from engine.runtime import create_backend
@@ -245,7 +262,7 @@ def check(artifact: str | Path | Artifact, onnx_paths: list[Path], seed: int = 0
     mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
     types = torch.zeros_like(ids)
     if cfg.type_vocab_size > 1:
-        types[:, seq // 3:] = 1
+        types[:, seq // 3 :] = 1
     eng = QAEngine(art, create_backend("torch", art))
     want = eng.forward(ids, mask, types)
     keep = mask.bool().numpy()
@@ -285,27 +302,36 @@ def main(argv: list[str] | None = None) -> int:
         if a.optimize:
             fused, counts = optimize(out)
             want = sum(1 for h in cfg.heads if h)
-            print(f"wrote {fused}: " + ", ".join(f"{op} {n}" for op, n in counts.items() if n)
-                  + f" (layers with heads: {want})")
+            print(
+                f"wrote {fused}: "
+                + ", ".join(f"{op} {n}" for op, n in counts.items() if n)
+                + f" (layers with heads: {want})"
+            )
             if counts["Attention"] < want:
-                print(f"warning: ORT fused attention in {counts['Attention']} of {want} layers with heads",
-                      file=sys.stderr)
+                print(
+                    f"warning: ORT fused attention in {counts['Attention']} of {want} layers with heads",
+                    file=sys.stderr,
+                )
             paths.append(fused)
         if a.check:
             failed = False
             for path, diff in check(art, paths).items():
                 ok = diff <= a.tolerance
                 failed |= not ok
-                print(f"check {path.name}: max |logit difference| vs engine = {diff:.3g} "
-                      f"({'ok' if ok else 'FAILED'}, tolerance {a.tolerance:g})")
+                print(
+                    f"check {path.name}: max |logit difference| vs engine = {diff:.3g} "
+                    f"({'ok' if ok else 'FAILED'}, tolerance {a.tolerance:g})"
+                )
             if failed:
                 return 1
     except (ArtifactError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:
-        print(f"error: {e}; install the bench extra (pip install 'sparseqa[bench]') for onnx and onnxruntime",
-              file=sys.stderr)
+        print(
+            f"error: {e}; install the bench extra (pip install 'sparseqa[bench]') for onnx and onnxruntime",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

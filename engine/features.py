@@ -38,8 +38,10 @@ class WindowSettings:
             raise ValueError("max_query_length must be >= 1 and doc_stride >= 0")
         room = self.max_seq_length - self.max_query_length - specials
         if room <= self.doc_stride:
-            raise ValueError(f"max_seq_length {self.max_seq_length} leaves {room} context tokens per window after a "
-                             f"{self.max_query_length}-token question, which must exceed doc_stride {self.doc_stride}")
+            raise ValueError(
+                f"max_seq_length {self.max_seq_length} leaves {room} context tokens per window after a "
+                f"{self.max_query_length}-token question, which must exceed doc_stride {self.doc_stride}"
+            )
 
 
 @dataclass(frozen=True)
@@ -161,8 +163,9 @@ class PackedBatch:
 
     def to(self, device: torch.device | str) -> PackedBatch:
         """The same batch on `device`."""
-        return PackedBatch(self.input_ids.to(device), self.token_type_ids.to(device), self.cu_seqlens.to(device),
-                           self.max_seqlen)
+        return PackedBatch(
+            self.input_ids.to(device), self.token_type_ids.to(device), self.cu_seqlens.to(device), self.max_seqlen
+        )
 
 
 def pack_windows(windows: Sequence[Window]) -> PackedBatch:

@@ -37,13 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", required=True, type=Path, help="HF checkpoint dir (QA model or bare encoder)")
     add_data_args(ap)
     ap.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
-    ap.add_argument("--negatives-ratio", type=float, default=0.0,
-                    help="unanswerable train examples per answerable one (real ones first, then harder ones)")
+    ap.add_argument(
+        "--negatives-ratio",
+        type=float,
+        default=0.0,
+        help="unanswerable train examples per answerable one (real ones first, then harder ones)",
+    )
     ap.add_argument("--real-negatives-factor", type=int, default=2, help="how often each real unanswerable is used")
-    ap.add_argument("--other-paragraph-share", type=float, default=0.0,
-                    help="share of generated negatives that pair the question with another paragraph")
-    ap.add_argument("--eval-negatives-ratio", type=float, default=1.0,
-                    help="with --eval-fraction: negatives per answerable question added to the held-out slice")
+    ap.add_argument(
+        "--other-paragraph-share",
+        type=float,
+        default=0.0,
+        help="share of generated negatives that pair the question with another paragraph",
+    )
+    ap.add_argument(
+        "--eval-negatives-ratio",
+        type=float,
+        default=1.0,
+        help="with --eval-fraction: negatives per answerable question added to the held-out slice",
+    )
     length = ap.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, default=None, help="training length in epochs (default 2)")
     length.add_argument("--max-steps", type=int, default=None, help="training length in optimizer steps")
@@ -57,8 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-seq-length", type=int, default=256)
     ap.add_argument("--doc-stride", type=int, default=128)
     ap.add_argument("--max-query-length", type=int, default=64)
-    ap.add_argument("--time-budget-min", type=float, default=None,
-                    help="stop training (and save) once this many minutes of training have passed, resumes included")
+    ap.add_argument(
+        "--time-budget-min",
+        type=float,
+        default=None,
+        help="stop training (and save) once this many minutes of training have passed, resumes included",
+    )
     ap.add_argument("--checkpoint-every", type=int, default=200, help="save resumable state every N steps (0: never)")
     ap.add_argument("--keep-checkpoints", type=int, default=2, help="how many resumable states to keep")
     ap.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: at epoch ends only)")
@@ -81,11 +97,19 @@ def add_data_args(ap: argparse.ArgumentParser) -> None:
 def add_speed_args(ap: argparse.ArgumentParser) -> None:
     """--threads, --precision and --no-group-by-length, shared by engine.finetune and engine.prune."""
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
-    ap.add_argument("--precision", choices=[p.value for p in Precision], default=Precision.AUTO.value,
-                    help="compute precision; weights and optimizer state stay fp32. auto: bf16 where the CPU has "
-                         "AVX512-BF16/AMX (or on CUDA), else fp32")
-    ap.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
-                    help="draw batches uniformly instead of grouping windows of similar length (less padding)")
+    ap.add_argument(
+        "--precision",
+        choices=[p.value for p in Precision],
+        default=Precision.AUTO.value,
+        help="compute precision; weights and optimizer state stay fp32. auto: bf16 where the CPU has "
+        "AVX512-BF16/AMX (or on CUDA), else fp32",
+    )
+    ap.add_argument(
+        "--no-group-by-length",
+        dest="group_by_length",
+        action="store_false",
+        help="draw batches uniformly instead of grouping windows of similar length (less padding)",
+    )
 
 
 def setup_threads(threads: int | None) -> int:
@@ -128,15 +152,18 @@ def prepare_data(args: argparse.Namespace) -> tuple[list[Example], list[Example]
         eval_source = f"{how} train articles: {sorted({e.title for e in held})}"
     raw_train = len(train)
     if args.negatives_ratio > 0:
-        train = with_negatives(train, args.negatives_ratio, args.seed, args.real_negatives_factor,
-                               args.other_paragraph_share)
+        train = with_negatives(
+            train, args.negatives_ratio, args.seed, args.real_negatives_factor, args.other_paragraph_share
+        )
 
     def counts(xs: list[Example]) -> dict[str, int]:
         n_neg = sum(e.is_impossible for e in xs)
         return {"examples": len(xs), "answerable": len(xs) - n_neg, "unanswerable": n_neg}
 
-    info = {"train": {**counts(train), "source_questions": raw_train, "files": [str(p) for p in args.train]},
-            "eval": {**counts(evals), "source": eval_source}}
+    info = {
+        "train": {**counts(train), "source_questions": raw_train, "files": [str(p) for p in args.train]},
+        "eval": {**counts(evals), "source": eval_source},
+    }
     return train, evals, info
 
 
@@ -146,21 +173,41 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
-def train_config(args: argparse.Namespace, name: str, epochs: float, max_steps: int | None,
-                 device: torch.device = torch.device("cpu")) -> TrainConfig:
+def train_config(
+    args: argparse.Namespace,
+    name: str,
+    epochs: float,
+    max_steps: int | None,
+    device: torch.device = torch.device("cpu"),
+) -> TrainConfig:
     """The trainer's config for one phase from the shared CLI flags."""
-    return TrainConfig(name=name, epochs=epochs, max_steps=max_steps, batch=args.batch, grad_accum=args.grad_accum,
-                       warmup=args.warmup, max_grad_norm=args.max_grad_norm, seed=args.seed,
-                       precision=resolve_precision(args.precision, device), group_by_length=args.group_by_length,
-                       checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-                       log_every=args.log_every, eval_every=args.eval_every, time_budget_min=args.time_budget_min,
-                       resume=args.resume, progress=not args.no_progress)
+    return TrainConfig(
+        name=name,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch=args.batch,
+        grad_accum=args.grad_accum,
+        warmup=args.warmup,
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+        precision=resolve_precision(args.precision, device),
+        group_by_length=args.group_by_length,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+        log_every=args.log_every,
+        eval_every=args.eval_every,
+        time_budget_min=args.time_budget_min,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
 
 
 def cli_args(args: argparse.Namespace) -> dict[str, Any]:
     """The parsed flags as JSON values (for metrics.json)."""
-    return {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
-            for k, v in vars(args).items()}
+    return {
+        k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
+        for k, v in vars(args).items()
+    }
 
 
 def finetune(args: argparse.Namespace) -> dict[str, Any]:
@@ -192,40 +239,69 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         """Held-out metrics; the best step so far (by best-threshold F1) becomes OUT's checkpoint."""
         nonlocal tokenizer
         result = evaluate_model(model, evals, maker, progress=not args.no_progress)
-        row = {"step": step, "f1": result["at_zero"]["f1"], "best_f1": result["at_zero"]["best_f1"],
-               "HasAns_f1": result["at_best"].get("HasAns_f1"), "NoAns_f1": result["at_best"].get("NoAns_f1"),
-               "null_threshold": result["null_threshold"], "auc": result["auc"]}
+        row = {
+            "step": step,
+            "f1": result["at_zero"]["f1"],
+            "best_f1": result["at_zero"]["best_f1"],
+            "HasAns_f1": result["at_best"].get("HasAns_f1"),
+            "NoAns_f1": result["at_best"].get("NoAns_f1"),
+            "null_threshold": result["null_threshold"],
+            "auc": result["auc"],
+        }
         meta["history"].append(row)
         print(f"eval @ step {step}: {json.dumps(row)}", file=sys.stderr)
         if meta["best"] is not None and row["best_f1"] <= meta["best"]["eval_at_zero"]["best_f1"]:
             return
-        meta["best"] = {"step": step, "eval_at_zero": result["at_zero"], "eval_at_best": result["at_best"],
-                        "null_threshold": result["null_threshold"], "auc": result["auc"]}
+        meta["best"] = {
+            "step": step,
+            "eval_at_zero": result["at_zero"],
+            "eval_at_best": result["at_best"],
+            "null_threshold": result["null_threshold"],
+            "auc": result["auc"],
+        }
         if tokenizer is None:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(args.model))
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        save_checkpoint(out, src.cfg, state, src.hf_config, tokenizer=tokenizer,
-                        null_threshold=result["null_threshold"])
+        save_checkpoint(
+            out, src.cfg, state, src.hf_config, tokenizer=tokenizer, null_threshold=result["null_threshold"]
+        )
         _write_json(out / "eval-predictions.json", result["predictions"])
         _write_json(out / "eval-null-score-diff.json", result["null_score_diff"])
 
-    meta = train(model, features, cfg, weight_groups(model, args.lr, args.weight_decay), out / "checkpoints",
-                 hooks=Hooks(evaluate=evaluate))
+    meta = train(
+        model,
+        features,
+        cfg,
+        weight_groups(model, args.lr, args.weight_decay),
+        out / "checkpoints",
+        hooks=Hooks(evaluate=evaluate),
+    )
     step = meta["steps"]
     if meta["best"] is None or not meta["history"] or meta["history"][-1]["step"] != step:
         model.eval()
         evaluate(step, meta)  # e.g. resumed a finished run whose last eval was lost
-    metrics = {**meta["best"], "steps": step, "total_steps": meta["total_steps"],
-               "steps_per_epoch": meta["steps_per_epoch"], "epochs_done": step / meta["steps_per_epoch"],
-               "stopped_by": meta["stopped_by"], "train_time_s": meta["elapsed_s"],
-               "wall_time_s": time.monotonic() - t_start, "history": meta["history"],
-               "throughput": {"windows": meta["windows"],
-                              "windows_per_s": meta["windows"] / max(meta["elapsed_s"], 1e-9),
-                              "precision": cfg.precision.value, "threads": threads},
-               "loss": {"first": meta["losses"][:10], "last": meta["losses"][-10:]}, "data": data_info,
-               "args": cli_args(args)}
+    metrics = {
+        **meta["best"],
+        "steps": step,
+        "total_steps": meta["total_steps"],
+        "steps_per_epoch": meta["steps_per_epoch"],
+        "epochs_done": step / meta["steps_per_epoch"],
+        "stopped_by": meta["stopped_by"],
+        "train_time_s": meta["elapsed_s"],
+        "wall_time_s": time.monotonic() - t_start,
+        "history": meta["history"],
+        "throughput": {
+            "windows": meta["windows"],
+            "windows_per_s": meta["windows"] / max(meta["elapsed_s"], 1e-9),
+            "precision": cfg.precision.value,
+            "threads": threads,
+        },
+        "loss": {"first": meta["losses"][:10], "last": meta["losses"][-10:]},
+        "data": data_info,
+        "args": cli_args(args),
+    }
     _write_json(out / "metrics.json", metrics)
     return metrics
 

@@ -76,8 +76,9 @@ def exact_params(heads: Sequence[int], ffn: Sequence[int], hidden: int, head_dim
 # ------------------------------------------------------------------------------------------- expected (L0)
 
 
-def expected_counts(p_heads: Sequence[Tensor], p_ffn: Sequence[Tensor], p_mha: Tensor | None = None,
-                    p_ffnlayer: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
+def expected_counts(
+    p_heads: Sequence[Tensor], p_ffn: Sequence[Tensor], p_mha: Tensor | None = None, p_ffnlayer: Tensor | None = None
+) -> list[tuple[Tensor, Tensor]]:
     """Per-layer expected (heads, units): sum of P(open), times the layer's sublayer P(open) if given."""
     _check_layers(len(p_heads), len(p_ffn))
     n = len(p_heads)
@@ -96,15 +97,28 @@ def expected_counts(p_heads: Sequence[Tensor], p_ffn: Sequence[Tensor], p_mha: T
     return counts
 
 
-def expected_flops(p_heads: Sequence[Tensor], p_ffn: Sequence[Tensor], hidden: int, head_dim: int, seq: int,
-                   p_mha: Tensor | None = None, p_ffnlayer: Tensor | None = None) -> Tensor:
+def expected_flops(
+    p_heads: Sequence[Tensor],
+    p_ffn: Sequence[Tensor],
+    hidden: int,
+    head_dim: int,
+    seq: int,
+    p_mha: Tensor | None = None,
+    p_ffnlayer: Tensor | None = None,
+) -> Tensor:
     """Expected encoder FLOPs per token (differentiable scalar); p_heads[l] (H_l,), p_ffn[l] (F_l,)."""
     counts = expected_counts(p_heads, p_ffn, p_mha, p_ffnlayer)
     return torch.stack([token_flops(h, f, hidden, head_dim, seq) for h, f in counts]).sum()
 
 
-def expected_params(p_heads: Sequence[Tensor], p_ffn: Sequence[Tensor], hidden: int, head_dim: int,
-                    p_mha: Tensor | None = None, p_ffnlayer: Tensor | None = None) -> Tensor:
+def expected_params(
+    p_heads: Sequence[Tensor],
+    p_ffn: Sequence[Tensor],
+    hidden: int,
+    head_dim: int,
+    p_mha: Tensor | None = None,
+    p_ffnlayer: Tensor | None = None,
+) -> Tensor:
     """Expected prunable encoder parameters (differentiable scalar); arguments as `expected_flops`."""
     counts = expected_counts(p_heads, p_ffn, p_mha, p_ffnlayer)
     return torch.stack([layer_params(h, f, hidden, head_dim) for h, f in counts]).sum()
@@ -138,8 +152,12 @@ class LayerFlops:
 def layer_flops(hidden: int, heads: int, head_dim: int, ffn: int, batch: int, seq: int) -> LayerFlops:
     """FLOPs of one layer keeping `heads` heads and `ffn` units, for `batch` sequences of `seq` tokens, by part."""
     tokens, width = batch * seq, heads * head_dim
-    return LayerFlops(qkv=tokens * 2 * hidden * 3 * width, attention=tokens * 2 * 2 * seq * width,
-                      out_proj=tokens * 2 * width * hidden, ffn=tokens * 2 * 2 * hidden * ffn)
+    return LayerFlops(
+        qkv=tokens * 2 * hidden * 3 * width,
+        attention=tokens * 2 * 2 * seq * width,
+        out_proj=tokens * 2 * width * hidden,
+        ffn=tokens * 2 * 2 * hidden * ffn,
+    )
 
 
 def encoder_flops_by_layer(cfg: EncoderConfig, batch: int, seq: int) -> list[LayerFlops]:

@@ -37,15 +37,16 @@ def _strip_prefix(hf_state: dict[str, torch.Tensor], arch: str) -> tuple[dict[st
     prefix = arch + "."
     out: dict[str, torch.Tensor] = {}
     for k, v in hf_state.items():
-        key = k[len(prefix):] if k.startswith(prefix) else k
+        key = k[len(prefix) :] if k.startswith(prefix) else k
         if key.endswith(_IGNORED_SUFFIXES) or key.startswith(_IGNORED_PREFIXES):
             continue
         out[key] = v
     return out, "qa_outputs.weight" in out
 
 
-def hf_to_ours(hf_state: dict[str, torch.Tensor], cfg: EncoderConfig, init_qa_head_seed: int | None = 0
-               ) -> tuple[dict[str, torch.Tensor], bool]:
+def hf_to_ours(
+    hf_state: dict[str, torch.Tensor], cfg: EncoderConfig, init_qa_head_seed: int | None = 0
+) -> tuple[dict[str, torch.Tensor], bool]:
     """Map an HF state dict (QA model or bare encoder) to ours; returns (state, qa_head_was_initialised).
 
     Key and shape parity is checked against `cfg`; a missing QA head is initialised N(0, 0.02) with a fixed seed.
@@ -75,8 +76,10 @@ def hf_to_ours(hf_state: dict[str, torch.Tensor], cfg: EncoderConfig, init_qa_he
         ours["qa.bias"] = torch.zeros(2)
     extra = sorted(k for k in src if k not in used and k.startswith(("encoder.layer.", "embeddings.")))
     if extra:
-        raise KeyError(f"checkpoint has tensors the config does not account for, e.g. {extra[:3]} "
-                       f"(config has {cfg.num_layers} layers)")
+        raise KeyError(
+            f"checkpoint has tensors the config does not account for, e.g. {extra[:3]} "
+            f"(config has {cfg.num_layers} layers)"
+        )
     check_shapes(ours, cfg, source="checkpoint")
     return {k: v.contiguous() for k, v in ours.items()}, not has_head
 
@@ -88,7 +91,9 @@ def ours_to_hf(state: dict[str, torch.Tensor], cfg: EncoderConfig) -> dict[str, 
     hf: dict[str, torch.Tensor] = {f"{arch}.{v}": state[k] for k, v in _EMB.items()}
     for i in range(cfg.num_layers):
         p = f"{arch}.encoder.layer.{i}."
-        for n, w, b in zip(_QKV, state[f"layers.{i}.qkv.weight"].chunk(3, 0), state[f"layers.{i}.qkv.bias"].chunk(3, 0)):
+        for n, w, b in zip(
+            _QKV, state[f"layers.{i}.qkv.weight"].chunk(3, 0), state[f"layers.{i}.qkv.bias"].chunk(3, 0)
+        ):
             hf[p + f"attention.self.{n}.weight"] = w.contiguous()
             hf[p + f"attention.self.{n}.bias"] = b.contiguous()
         for mine, theirs in _LAYER.items():
@@ -109,5 +114,7 @@ def check_shapes(state: dict[str, torch.Tensor], cfg: EncoderConfig, source: str
         raise ValueError(f"{source}: unexpected tensor {unknown[0]!r}")
     for k, shape in want.items():
         if tuple(state[k].shape) != shape:
-            raise ValueError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, expected {shape} "
-                             f"from the config (heads={list(cfg.heads)}, ffn={list(cfg.ffn)})")
+            raise ValueError(
+                f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, expected {shape} "
+                f"from the config (heads={list(cfg.heads)}, ffn={list(cfg.ffn)})"
+            )

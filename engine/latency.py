@@ -11,9 +11,10 @@ A model's predicted latency is
 
 where `base` is the measured latency of the model with every head and unit removed (embeddings, the bias +
 LayerNorm that empty sublayers still apply, the QA head) and `scale` calibrates the sum of isolated layer costs
-to measured full models (dense, and every layer at 3/4, 1/2 and 1/4: the mean ratio). Each point is measured on the real engine (an artifact written with random weights
-of that ragged shape, run through `engine.runtime`'s backend): layer l at (h, 0) or (0, f), every other layer
-empty, minus `base`. The fit follows Kwon et al. (2022): `f(0) = 0`, and for n >= 1 a continuous two-segment
+to measured full models (dense, and every layer at 3/4, 1/2 and 1/4: the mean ratio). Each point is measured on
+the real engine (an artifact written with random weights of that ragged shape, run through `engine.runtime`'s
+backend): layer l at (h, 0) or (0, f), every other layer empty, minus `base`. The fit follows Kwon et al.
+(2022): `f(0) = 0`, and for n >= 1 a continuous two-segment
 line `b + a1*n + a2*max(0, n - knot)` (a flat first segment is their "constant below a threshold" regime);
 between 0 and 1 it interpolates linearly, so `expected_latency` is differentiable in expected counts.
 
@@ -201,17 +202,31 @@ class LatencyTable:
         """Raise LatencyTableError naming every field in which this table's key differs from `key`."""
         if self.key == key:
             return
-        diffs = [f"{k}: table {v!r}, this run {getattr(key, k)!r}" for k, v in asdict(self.key).items()
-                 if getattr(key, k) != v]
-        raise LatencyTableError(f"latency table {source} was measured for another setting ({'; '.join(diffs)}); "
-                                f"re-measure it here (python -m engine.latency, or drop the explicit table path)")
+        diffs = [
+            f"{k}: table {v!r}, this run {getattr(key, k)!r}"
+            for k, v in asdict(self.key).items()
+            if getattr(key, k) != v
+        ]
+        raise LatencyTableError(
+            f"latency table {source} was measured for another setting ({'; '.join(diffs)}); "
+            f"re-measure it here (python -m engine.latency, or drop the explicit table path)"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {"version": TABLE_VERSION, "key": asdict(self.key), "dense_heads": list(self.dense_heads),
-                "dense_ffn": list(self.dense_ffn), "base_ms": self.base_ms, "scale": self.scale,
-                "attn": [asdict(f) for f in self.attn], "ffn": [asdict(f) for f in self.ffn],
-                "points": self.points, "validation": list(self.validation), "measure_time_s": self.measure_time_s}
+        return {
+            "version": TABLE_VERSION,
+            "key": asdict(self.key),
+            "dense_heads": list(self.dense_heads),
+            "dense_ffn": list(self.dense_ffn),
+            "base_ms": self.base_ms,
+            "scale": self.scale,
+            "attn": [asdict(f) for f in self.attn],
+            "ffn": [asdict(f) for f in self.ffn],
+            "points": self.points,
+            "validation": list(self.validation),
+            "measure_time_s": self.measure_time_s,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LatencyTable:
@@ -219,10 +234,18 @@ class LatencyTable:
         if d.get("version") != TABLE_VERSION:
             raise LatencyTableError(f"latency table version {d.get('version')!r} is not {TABLE_VERSION}; re-measure")
         try:
-            return cls(LatencyKey(**d["key"]), tuple(d["dense_heads"]), tuple(d["dense_ffn"]), float(d["base_ms"]),
-                       float(d["scale"]), tuple(PiecewiseLinear(**f) for f in d["attn"]),
-                       tuple(PiecewiseLinear(**f) for f in d["ffn"]), d.get("points", {}),
-                       tuple(d.get("validation", ())), float(d.get("measure_time_s", 0.0)))
+            return cls(
+                LatencyKey(**d["key"]),
+                tuple(d["dense_heads"]),
+                tuple(d["dense_ffn"]),
+                float(d["base_ms"]),
+                float(d["scale"]),
+                tuple(PiecewiseLinear(**f) for f in d["attn"]),
+                tuple(PiecewiseLinear(**f) for f in d["ffn"]),
+                d.get("points", {}),
+                tuple(d.get("validation", ())),
+                float(d.get("measure_time_s", 0.0)),
+            )
         except (KeyError, TypeError) as e:
             raise LatencyTableError(f"malformed latency table ({e}); re-measure it") from None
 
@@ -274,13 +297,17 @@ def latency_budget(table: LatencyTable, target_ms: float | None = None, speedup:
     floor = table.base_ms
     if budget <= floor * 1.02:
         want = f"{target_ms} ms" if target_ms is not None else f"speedup {speedup} ({budget:.1f} ms)"
-        raise ValueError(f"latency target {want} is not achievable: the model with every head and FFN unit removed "
-                         f"still takes {floor:.1f} ms at batch {table.key.batch}, seq {table.key.seq} on "
-                         f"{table.key.backend} (dense {table.dense_ms():.1f} ms); ask for at least "
-                         f"{floor * 1.05:.1f} ms or at most {table.dense_ms() / (floor * 1.05):.2f}x")
+        raise ValueError(
+            f"latency target {want} is not achievable: the model with every head and FFN unit removed "
+            f"still takes {floor:.1f} ms at batch {table.key.batch}, seq {table.key.seq} on "
+            f"{table.key.backend} (dense {table.dense_ms():.1f} ms); ask for at least "
+            f"{floor * 1.05:.1f} ms or at most {table.dense_ms() / (floor * 1.05):.2f}x"
+        )
     if budget >= table.dense_ms():
-        raise ValueError(f"latency target {budget:.1f} ms is not below the dense model's {table.dense_ms():.1f} ms "
-                         f"on {table.key.backend}; nothing needs pruning")
+        raise ValueError(
+            f"latency target {budget:.1f} ms is not below the dense model's {table.dense_ms():.1f} ms "
+            f"on {table.key.backend}; nothing needs pruning"
+        )
     return budget
 
 
@@ -298,9 +325,20 @@ def _latency_state(cfg: EncoderConfig, seed: int = 0) -> dict[str, torch.Tensor]
 class EngineTimer:
     """Times `forward_packed` of ragged models on one backend: writes an artifact per shape and runs it."""
 
-    def __init__(self, dense: EncoderConfig, tokenizer_dir: Path, backend: str, dtype: str, batch: int, seq: int,
-                 threads: int, reps: int = 3, workdir: Path | None = None, progress: bool = True,
-                 min_time_s: float = MIN_TIME_S):
+    def __init__(
+        self,
+        dense: EncoderConfig,
+        tokenizer_dir: Path,
+        backend: str,
+        dtype: str,
+        batch: int,
+        seq: int,
+        threads: int,
+        reps: int = 3,
+        workdir: Path | None = None,
+        progress: bool = True,
+        min_time_s: float = MIN_TIME_S,
+    ):
         from engine.features import WindowSettings
 
         max_seq = dense.max_position_embeddings - dense.position_offset
@@ -421,36 +459,48 @@ def default_grid(n: int, points: int = 9) -> list[int]:
 
 def _single_layer(n_layers: int, layer: int, heads: int, ffn: int) -> Shape:
     """A shape whose only non-empty layer is `layer`, keeping `heads` heads and `ffn` units."""
-    return (tuple(heads if i == layer else 0 for i in range(n_layers)),
-            tuple(ffn if i == layer else 0 for i in range(n_layers)))
+    return (
+        tuple(heads if i == layer else 0 for i in range(n_layers)),
+        tuple(ffn if i == layer else 0 for i in range(n_layers)),
+    )
 
 
-def build_table(dense: EncoderConfig, key: LatencyKey, measure: MeasureFn, head_grid: Sequence[int] | None = None,
-                ffn_grid: Sequence[int] | None = None, n_validation: int = 3, seed: int = 0) -> LatencyTable:
+def build_table(
+    dense: EncoderConfig,
+    key: LatencyKey,
+    measure: MeasureFn,
+    head_grid: Sequence[int] | None = None,
+    ffn_grid: Sequence[int] | None = None,
+    n_validation: int = 3,
+    seed: int = 0,
+) -> LatencyTable:
     """Measure every layer position over the grids (one `measure` call for all shapes), fit, calibrate on the
     dense model, and compare `n_validation` random full shapes (held out of the fit) with their prediction."""
     t0 = time.monotonic()
     n_layers = dense.num_layers
     empty: Shape = ((0,) * n_layers, (0,) * n_layers)
-    hg = [[h for h in (head_grid or default_grid(dense.heads[l])) if 0 < h <= dense.heads[l]]
-          for l in range(n_layers)]
+    hg = [[h for h in (head_grid or default_grid(dense.heads[l])) if 0 < h <= dense.heads[l]] for l in range(n_layers)]
     fg = [[f for f in (ffn_grid or default_grid(dense.ffn[l])) if 0 < f <= dense.ffn[l]] for l in range(n_layers)]
     rng = random.Random(seed)
-    held_out = [(tuple(rng.randint(0, h) for h in dense.heads), tuple(rng.randint(0, f) for f in dense.ffn))
-                for _ in range(n_validation)]
+    held_out = [
+        (tuple(rng.randint(0, h) for h in dense.heads), tuple(rng.randint(0, f) for f in dense.ffn))
+        for _ in range(n_validation)
+    ]
     # Full models on which the sum of isolated layer costs is calibrated: dense, and every layer at 3/4, 1/2, 1/4.
-    calib = [(tuple(round(h * k / 4) for h in dense.heads), tuple(round(f * k / 4) for f in dense.ffn))
-             for k in (4, 3, 2, 1)]
+    calib = [
+        (tuple(round(h * k / 4) for h in dense.heads), tuple(round(f * k / 4) for f in dense.ffn)) for k in (4, 3, 2, 1)
+    ]
     shapes = [empty, *calib, *held_out]
     for l in range(n_layers):
         shapes += [_single_layer(n_layers, l, h, 0) for h in hg[l]] + [_single_layer(n_layers, l, 0, f) for f in fg[l]]
     ms = dict(zip(shapes, measure(shapes)))
     base = ms[empty]
-    points: dict[str, Any] = {"attn": [[[h, ms[_single_layer(n_layers, l, h, 0)] - base] for h in hg[l]]
-                                       for l in range(n_layers)],
-                              "ffn": [[[f, ms[_single_layer(n_layers, l, 0, f)] - base] for f in fg[l]]
-                                      for l in range(n_layers)],
-                              "base_ms": base, "calibration": [[list(h), list(f), ms[(h, f)]] for h, f in calib]}
+    points: dict[str, Any] = {
+        "attn": [[[h, ms[_single_layer(n_layers, l, h, 0)] - base] for h in hg[l]] for l in range(n_layers)],
+        "ffn": [[[f, ms[_single_layer(n_layers, l, 0, f)] - base] for f in fg[l]] for l in range(n_layers)],
+        "base_ms": base,
+        "calibration": [[list(h), list(f), ms[(h, f)]] for h, f in calib],
+    }
 
     def fit(pts: list[list[float]]) -> PiecewiseLinear:
         return fit_piecewise([p[0] for p in pts], [p[1] for p in pts]) if pts else PiecewiseLinear(0, 0, 0, 1)
@@ -463,16 +513,27 @@ def build_table(dense: EncoderConfig, key: LatencyKey, measure: MeasureFn, head_
     num = sum(m / p for m, p in zip(measured, parts) if p > 0)
     scale = num / sum(1 for p in parts if p > 0) if any(p > 0 for p in parts) else 1.0
     table = LatencyTable(key, dense.heads, dense.ffn, base, scale, attn, ffn, points)
-    validation = tuple({"heads": list(h), "ffn": list(f), "measured_ms": ms[(h, f)],
-                        "predicted_ms": table.predict(h, f)} for h, f in held_out)
-    return LatencyTable(key, dense.heads, dense.ffn, base, scale, attn, ffn, points, validation,
-                        time.monotonic() - t0)
+    validation = tuple(
+        {"heads": list(h), "ffn": list(f), "measured_ms": ms[(h, f)], "predicted_ms": table.predict(h, f)}
+        for h, f in held_out
+    )
+    return LatencyTable(key, dense.heads, dense.ffn, base, scale, attn, ffn, points, validation, time.monotonic() - t0)
 
 
-def load_or_measure(model_dir: str | Path, batch: int, seq: int, backend: str = "cpp", threads: int = 2,
-                    dtype: str = "float32", table_path: str | Path | None = None, cache_dir: str | Path | None = None,
-                    remeasure: bool = False, reps: int = 3, progress: bool = True,
-                    min_time_s: float = MIN_TIME_S) -> LatencyTable:
+def load_or_measure(
+    model_dir: str | Path,
+    batch: int,
+    seq: int,
+    backend: str = "cpp",
+    threads: int = 2,
+    dtype: str = "float32",
+    table_path: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    remeasure: bool = False,
+    reps: int = 3,
+    progress: bool = True,
+    min_time_s: float = MIN_TIME_S,
+) -> LatencyTable:
     """The latency table for `model_dir`'s dense shape on this machine: from `table_path` (refused unless its key
     matches), from the cache (re-measured if its key does not match), or measured now and cached."""
     from engine.checkpoint import load_checkpoint
@@ -492,8 +553,9 @@ def load_or_measure(model_dir: str | Path, batch: int, seq: int, backend: str = 
         except LatencyTableError as e:
             print(f"re-measuring the latency table: {e}", file=sys.stderr)
     torch.set_num_threads(threads)
-    timer = EngineTimer(dense, Path(model_dir), backend, dtype, batch, seq, threads, reps, progress=progress,
-                        min_time_s=min_time_s)
+    timer = EngineTimer(
+        dense, Path(model_dir), backend, dtype, batch, seq, threads, reps, progress=progress, min_time_s=min_time_s
+    )
     try:
         table = build_table(dense, key, timer)
     finally:
@@ -502,9 +564,17 @@ def load_or_measure(model_dir: str | Path, batch: int, seq: int, backend: str = 
     return table
 
 
-def measure_speedup(model_dir: str | Path, dense_dir: str | Path, batch: int, seq: int, backend: str = "cpp",
-                    threads: int = 2, dtype: str = "float32", rounds: int = 7, progress: bool = False
-                    ) -> dict[str, float]:
+def measure_speedup(
+    model_dir: str | Path,
+    dense_dir: str | Path,
+    batch: int,
+    seq: int,
+    backend: str = "cpp",
+    threads: int = 2,
+    dtype: str = "float32",
+    rounds: int = 7,
+    progress: bool = False,
+) -> dict[str, float]:
     """The benchmark of a pruned checkpoint against its dense teacher on one engine: both are built with
     engine.build_model (real weights), then timed round-robin in one process (fastest of `rounds` rounds each).
     Returns `{"ms", "dense_ms"}` (fastest runs), `speedup` (median of per-round paired ratios) and `speedup_min`
@@ -512,11 +582,13 @@ def measure_speedup(model_dir: str | Path, dense_dir: str | Path, batch: int, se
     from engine.checkpoint import load_checkpoint
 
     torch.set_num_threads(threads)
-    timer = EngineTimer(load_checkpoint(dense_dir).cfg, Path(dense_dir), backend, dtype, batch, seq, threads, rounds,
-                        progress=progress)
+    timer = EngineTimer(
+        load_checkpoint(dense_dir).cfg, Path(dense_dir), backend, dtype, batch, seq, threads, rounds, progress=progress
+    )
     try:
-        ms, dense_ms = timer.time_models([lambda: timer.load_checkpoint(Path(model_dir)),
-                                          lambda: timer.load_checkpoint(Path(dense_dir))])
+        ms, dense_ms = timer.time_models(
+            [lambda: timer.load_checkpoint(Path(model_dir)), lambda: timer.load_checkpoint(Path(dense_dir))]
+        )
         paired = timer.paired_speedup()
     finally:
         timer.close()
@@ -543,29 +615,65 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="round-robin timing rounds (the fastest run counts)")
     ap.add_argument("--out", type=Path, help="write the table here (default: the cache)")
     ap.add_argument("--remeasure", action="store_true", help="measure even if a cached table exists")
-    ap.add_argument("--check", type=Path, help="instead: build this pruned checkpoint and --model with real weights "
-                    "and print their measured latencies and speedup (interleaved, fastest of --rounds rounds)")
+    ap.add_argument(
+        "--check",
+        type=Path,
+        help="instead: build this pruned checkpoint and --model with real weights "
+        "and print their measured latencies and speedup (interleaved, fastest of --rounds rounds)",
+    )
     ap.add_argument("--rounds", type=int, default=7, help="timing rounds of --check")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     try:
         batch, seq = parse_shape(a.shape)
         if a.check is not None:
-            r = measure_speedup(a.check, a.model, batch, seq, a.backend, a.threads, a.dtype, a.rounds,
-                                progress=not a.no_progress)
-            print(json.dumps({"model": str(a.check), "dense": str(a.model), "shape": [batch, seq],
-                              "backend": a.backend, "threads": a.threads, **r}, indent=2))
+            r = measure_speedup(
+                a.check, a.model, batch, seq, a.backend, a.threads, a.dtype, a.rounds, progress=not a.no_progress
+            )
+            print(
+                json.dumps(
+                    {
+                        "model": str(a.check),
+                        "dense": str(a.model),
+                        "shape": [batch, seq],
+                        "backend": a.backend,
+                        "threads": a.threads,
+                        **r,
+                    },
+                    indent=2,
+                )
+            )
             return 0
-        table = load_or_measure(a.model, batch, seq, a.backend, a.threads, a.dtype, table_path=a.out,
-                                remeasure=a.remeasure or a.out is not None, reps=a.reps, progress=not a.no_progress)
+        table = load_or_measure(
+            a.model,
+            batch,
+            seq,
+            a.backend,
+            a.threads,
+            a.dtype,
+            table_path=a.out,
+            remeasure=a.remeasure or a.out is not None,
+            reps=a.reps,
+            progress=not a.no_progress,
+        )
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     errs = [abs(v["predicted_ms"] / v["measured_ms"] - 1) for v in table.validation]
-    print(json.dumps({"key": asdict(table.key), "base_ms": round(table.base_ms, 3), "dense_ms": round(table.dense_ms(), 3),
-                      "scale": round(table.scale, 4), "measure_time_s": round(table.measure_time_s, 1),
-                      "validation_max_rel_err": round(max(errs), 4) if errs else None,
-                      "validation_mean_rel_err": round(sum(errs) / len(errs), 4) if errs else None}, indent=2))
+    print(
+        json.dumps(
+            {
+                "key": asdict(table.key),
+                "base_ms": round(table.base_ms, 3),
+                "dense_ms": round(table.dense_ms(), 3),
+                "scale": round(table.scale, 4),
+                "measure_time_s": round(table.measure_time_s, 1),
+                "validation_max_rel_err": round(max(errs), 4) if errs else None,
+                "validation_mean_rel_err": round(sum(errs) / len(errs), 4) if errs else None,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -38,8 +38,14 @@ class _Ones(nn.Module):
         return self.mask
 
 
-def importance_scores(model_dir: Path, data: list[Path], max_windows: int = 2048, batch: int = 16,
-                      max_seq_length: int = 256, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def importance_scores(
+    model_dir: Path,
+    data: list[Path],
+    max_windows: int = 2048,
+    batch: int = 16,
+    max_seq_length: int = 256,
+    seed: int = 0,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per-layer head and FFN-unit importance (Michel et al.), accumulated over up to `max_windows` train windows."""
     from engine.data.squad import load_squad, train_features
     from engine.features import WindowMaker, WindowSettings, load_tokenizer
@@ -56,13 +62,13 @@ def importance_scores(model_dir: Path, data: list[Path], max_windows: int = 2048
     maker = WindowMaker(load_tokenizer(model_dir), ck.cfg.architecture, WindowSettings(max_seq_length, 128, 64))
     examples = [e for p in data for e in load_squad(p)]
     random.Random(seed).shuffle(examples)
-    feats = train_features(examples[: max_windows], maker)[:max_windows]
+    feats = train_features(examples[:max_windows], maker)[:max_windows]
     acc_h = [torch.zeros(h) for h in ck.cfg.heads]
     acc_f = [torch.zeros(f) for f in ck.cfg.ffn]
     from tqdm.auto import tqdm
 
     for i in tqdm(range(0, len(feats), batch), desc="importance", unit="batch"):
-        b, sp, ep = collate(feats[i: i + batch])
+        b, sp, ep = collate(feats[i : i + batch])
         gated.zero_grad(set_to_none=True)
         s, e = gated(b.input_ids, b.token_type_ids, b.cu_seqlens, b.max_seqlen)
         span_loss(s, e, b.cu_seqlens, b.max_seqlen, sp, ep).backward()
@@ -75,8 +81,13 @@ def importance_scores(model_dir: Path, data: list[Path], max_windows: int = 2048
     return [norm(t) for t in acc_h], [norm(t) for t in acc_f]
 
 
-def select(cfg: EncoderConfig, target: float, head_scores: list[torch.Tensor], ffn_scores: list[torch.Tensor],
-           seq_len: int = 384) -> PruneSpec:
+def select(
+    cfg: EncoderConfig,
+    target: float,
+    head_scores: list[torch.Tensor],
+    ffn_scores: list[torch.Tensor],
+    seq_len: int = 384,
+) -> PruneSpec:
     """Remove the lowest-scoring heads (ranked across all layers) until the heads have lost `target` of their FLOPs,
     and likewise the FFN units, so the encoder loses `target` of its FLOPs with both kinds cut alike.
 
@@ -86,8 +97,10 @@ def select(cfg: EncoderConfig, target: float, head_scores: list[torch.Tensor], f
     head_cost, unit_cost = unit_flops(cfg.hidden, cfg.head_dim, seq_len)
     keep_h = [set(range(h)) for h in cfg.heads]
     keep_f = [set(range(f)) for f in cfg.ffn]
-    for scores, counts, cost, keep in ((head_scores, cfg.heads, head_cost, keep_h),
-                                       (ffn_scores, cfg.ffn, unit_cost, keep_f)):
+    for scores, counts, cost, keep in (
+        (head_scores, cfg.heads, head_cost, keep_h),
+        (ffn_scores, cfg.ffn, unit_cost, keep_f),
+    ):
         budget, removed = target * cost * sum(counts), 0.0
         for _, l, j in sorted((float(scores[i][j]), i, j) for i in range(cfg.num_layers) for j in range(counts[i])):
             if removed >= budget:
@@ -128,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     spec.save(a.out)
     shape = cfg.with_shape(tuple(len(k.heads) for k in spec.layers), tuple(len(k.ffn) for k in spec.layers))
-    print(f"wrote {a.out}: heads {list(shape.heads)}, ffn {list(shape.ffn)}, "
-          f"FLOP sparsity {flop_sparsity(shape, cfg, a.seq_len):.3f} at seq {a.seq_len}")
+    print(
+        f"wrote {a.out}: heads {list(shape.heads)}, ffn {list(shape.ffn)}, "
+        f"FLOP sparsity {flop_sparsity(shape, cfg, a.seq_len):.3f} at seq {a.seq_len}"
+    )
     return 0
 
 

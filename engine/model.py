@@ -156,14 +156,22 @@ def expected_shapes(cfg: EncoderConfig) -> dict[str, tuple[int, ...]]:
     }
     for i, (h, f) in enumerate(zip(cfg.heads, cfg.ffn)):
         w, p = h * cfg.head_dim, f"layers.{i}."
-        shapes.update({
-            p + "qkv.weight": (3 * w, d), p + "qkv.bias": (3 * w,),
-            p + "o.weight": (d, w), p + "o.bias": (d,),
-            p + "ln1.weight": (d,), p + "ln1.bias": (d,),
-            p + "ffn_in.weight": (f, d), p + "ffn_in.bias": (f,),
-            p + "ffn_out.weight": (d, f), p + "ffn_out.bias": (d,),
-            p + "ln2.weight": (d,), p + "ln2.bias": (d,),
-        })
+        shapes.update(
+            {
+                p + "qkv.weight": (3 * w, d),
+                p + "qkv.bias": (3 * w,),
+                p + "o.weight": (d, w),
+                p + "o.bias": (d,),
+                p + "ln1.weight": (d,),
+                p + "ln1.bias": (d,),
+                p + "ffn_in.weight": (f, d),
+                p + "ffn_in.bias": (f,),
+                p + "ffn_out.weight": (d, f),
+                p + "ffn_out.bias": (d,),
+                p + "ln2.weight": (d,),
+                p + "ln2.bias": (d,),
+            }
+        )
     shapes["qa.weight"] = (2, d)
     shapes["qa.bias"] = (2,)
     return shapes

@@ -40,12 +40,12 @@ class QAEngine:
         self.artifact = artifact
         self.backend = backend
         self.cfg = artifact.cfg
-        self.windows = WindowMaker(load_tokenizer(artifact.path), artifact.cfg.architecture,
-                                   artifact.tokenizer.settings)
+        self.windows = WindowMaker(
+            load_tokenizer(artifact.path), artifact.cfg.architecture, artifact.tokenizer.settings
+        )
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", backend: str = "auto", threads: int | None = None
-             ) -> QAEngine:
+    def load(cls, path: str | Path, device: str = "cpu", backend: str = "auto", threads: int | None = None) -> QAEngine:
         """Load and validate an artifact and start a backend (`auto`: triton on CUDA, else cpp if built, else torch)."""
         artifact = load_artifact(path, weights=False)  # read once: by the backend (the cpp one reads the file itself)
         return cls(artifact, create_backend(backend, artifact, device, threads))
@@ -55,8 +55,9 @@ class QAEngine:
         """Name of the running backend."""
         return self.backend.name
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded `[B, S]` in -> start and end logits `[B, S]` (fp32); padding positions hold -inf."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids must be a [batch, seq] tensor")
@@ -96,8 +97,9 @@ class QAEngine:
         fill = float("-inf")
         return unpack(start.cpu(), cu, seq, fill), unpack(end.cpu(), cu, seq, fill)
 
-    def run_windows(self, windows: Sequence[Window], batch_size: int = 32, max_tokens: int | None = None
-                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def run_windows(
+        self, windows: Sequence[Window], batch_size: int = 32, max_tokens: int | None = None
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Start and end logits `[len(window)]` of every window, in order; packed forwards of at most `batch_size`
         windows and (when given) `max_tokens` tokens (a single longer window runs alone)."""
         starts: list[np.ndarray] = []
@@ -111,21 +113,34 @@ class QAEngine:
             ends += [e[a:z] for a, z in pairwise(bounds)]
         return starts, ends
 
-    def decode_answers(self, context: str, windows: Sequence[Window], starts: Sequence[np.ndarray],
-                       ends: Sequence[np.ndarray], top_k: int = 1, max_answer_length: int = 30,
-                       null_threshold: float | None = None) -> Answer | list[Answer]:
+    def decode_answers(
+        self,
+        context: str,
+        windows: Sequence[Window],
+        starts: Sequence[np.ndarray],
+        ends: Sequence[np.ndarray],
+        top_k: int = 1,
+        max_answer_length: int = 30,
+        null_threshold: float | None = None,
+    ) -> Answer | list[Answer]:
         """One example's answer (or `top_k` answers) from the logits of its windows (see `run_windows`)."""
         threshold = self.artifact.null_threshold if null_threshold is None else float(null_threshold)
         spans, null = decode(list(windows), list(starts), list(ends), max_answer_length, top_k)
         best = spans[0].score if spans else float("-inf")
         diff = null - best
-        out = [Answer(context[sp.start:sp.end], sp.start, sp.end, sp.score, False, null - sp.score) for sp in spans]
+        out = [Answer(context[sp.start : sp.end], sp.start, sp.end, sp.score, False, null - sp.score) for sp in spans]
         if diff > threshold:
             out = [Answer("", 0, 0, null, True, diff)] + out[: top_k - 1]
         return out[:top_k] if top_k > 1 else out[0]
 
-    def answer_batch(self, pairs: Sequence[tuple[str, str]], batch_size: int = 32, top_k: int = 1,
-                     max_answer_length: int = 30, null_threshold: float | None = None) -> list:
+    def answer_batch(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        batch_size: int = 32,
+        top_k: int = 1,
+        max_answer_length: int = 30,
+        null_threshold: float | None = None,
+    ) -> list:
         """Answer many (question, context) pairs, in input order; windows run `batch_size` at a time, packed."""
         if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
             raise TypeError("pairs must be a sequence of (question, context) tuples")
@@ -140,13 +155,22 @@ class QAEngine:
         results, k = [], 0
         for (_, context), ws in zip(pairs, per_pair):
             n = len(ws)
-            results.append(self.decode_answers(context, ws, starts[k : k + n], ends[k : k + n], top_k,
-                                               max_answer_length, null_threshold))
+            results.append(
+                self.decode_answers(
+                    context, ws, starts[k : k + n], ends[k : k + n], top_k, max_answer_length, null_threshold
+                )
+            )
             k += n
         return results
 
-    def answer(self, question: str, context: str, top_k: int = 1, max_answer_length: int = 30,
-               null_threshold: float | None = None) -> Answer | list[Answer]:
+    def answer(
+        self,
+        question: str,
+        context: str,
+        top_k: int = 1,
+        max_answer_length: int = 30,
+        null_threshold: float | None = None,
+    ) -> Answer | list[Answer]:
         """Best answer (or the `top_k` best as a list) to `question` in `context`."""
         return self.answer_batch([(question, context)], 32, top_k, max_answer_length, null_threshold)[0]
 

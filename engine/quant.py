@@ -41,6 +41,7 @@ SMOOTHING_ALPHA = 1.0  # static scales: share of each input channel's range move
 
 # ---- quantize / dequantize ----------------------------------------------------------------------------------------
 
+
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`[out, in]` float -> (int8 `[out, in]`, fp32 scale `[out]`), symmetric per output row; |w - deq| <= scale/2."""
     w = w.detach().float()
@@ -83,8 +84,8 @@ def dequantize_per_token(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 # ---- static scales and the quantized state dict ---------------------------------------------------------------------
 
-def static_input_scale(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float = SMOOTHING_ALPHA
-                       ) -> torch.Tensor:
+
+def static_input_scale(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float = SMOOTHING_ALPHA) -> torch.Tensor:
     """Per-input-channel activation scale `[in]` from calibrated `max |x[:, k]|` `[in]` and `weight` `[out, in]`.
 
     SmoothQuant: divide channel k by m[k] = a[k]^alpha / w[k]^(1-alpha) (w[k] = max_j |W[j, k]|), which evens out
@@ -98,9 +99,12 @@ def static_input_scale(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: fl
     return m * (a / m).max() / QMAX
 
 
-def quantize_state(cfg: EncoderConfig, state: dict[str, torch.Tensor],
-                   input_absmax: dict[str, torch.Tensor] | None = None, alpha: float = SMOOTHING_ALPHA
-                   ) -> dict[str, torch.Tensor]:
+def quantize_state(
+    cfg: EncoderConfig,
+    state: dict[str, torch.Tensor],
+    input_absmax: dict[str, torch.Tensor] | None = None,
+    alpha: float = SMOOTHING_ALPHA,
+) -> dict[str, torch.Tensor]:
     """A new int8 artifact state from an fp32 one (docs/ARTIFACT.md): I8 encoder Linear weights + fp32 scales.
 
     `input_absmax` (from `calibrate`, keyed `layers.{l}.{linear}`) selects static scales; None means dynamic.
@@ -121,10 +125,12 @@ def quantize_state(cfg: EncoderConfig, state: dict[str, torch.Tensor],
 
 # ---- runtime modules ----------------------------------------------------------------------------------------------
 
+
 def int8_kernels_available(device: torch.device) -> bool:
     """Whether this torch build can run the int8 Linears on `device` (oneDNN, CPU only)."""
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn,
-                                                                                        "qlinear_prepack")
+    return (
+        device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
+    )
 
 
 class _Int8Linear(nn.Module):
@@ -140,8 +146,21 @@ class _Int8Linear(nn.Module):
 
     def _gemm(self, xu8: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """uint8 `[T, in]` (value + 128) -> fp32 `[T, out]` = (q Qᵀ) · s_w (+ bias)."""
-        return torch.ops.onednn.qlinear_pointwise(xu8, 1.0, _ZERO_POINT, self.packed, self.weight_scale,
-                                                  self.zero_points, bias, 1.0, 0, torch.float32, "none", [], "")
+        return torch.ops.onednn.qlinear_pointwise(
+            xu8,
+            1.0,
+            _ZERO_POINT,
+            self.packed,
+            self.weight_scale,
+            self.zero_points,
+            bias,
+            1.0,
+            0,
+            torch.float32,
+            "none",
+            [],
+            "",
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -160,8 +179,9 @@ class Int8LinearDynamic(_Int8Linear):
 class Int8LinearStatic(_Int8Linear):
     """y = (q Qᵀ) · s_w + b with calibrated per-input-channel scales (folded into the weight at build time)."""
 
-    def __init__(self, qweight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor,
-                 input_scale: torch.Tensor):
+    def __init__(
+        self, qweight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor, input_scale: torch.Tensor
+    ):
         super().__init__(qweight, weight_scale, bias)
         self.register_buffer("inv_input_scale", (1.0 / input_scale.float()).contiguous())
 
@@ -186,6 +206,7 @@ class BF16Linear(nn.Module):
 
 # ---- model surgery --------------------------------------------------------------------------------------------------
 
+
 def _float_model(cfg: EncoderConfig, state: dict[str, torch.Tensor]) -> RaggedQAModel:
     model = RaggedQAModel(cfg).eval()
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
@@ -195,11 +216,16 @@ def _float_model(cfg: EncoderConfig, state: dict[str, torch.Tensor]) -> RaggedQA
 def int8_model(cfg: EncoderConfig, state: dict[str, torch.Tensor], quant: Quantization) -> RaggedQAModel:
     """A new CPU model from an int8 artifact state: every non-empty encoder Linear becomes an int8 module."""
     if not int8_kernels_available(torch.device("cpu")):
-        raise RuntimeError("this torch build has no oneDNN int8 linear (torch.ops.onednn.qlinear_pointwise); "
-                           "int8 artifacts need a torch with mkldnn enabled")
+        raise RuntimeError(
+            "this torch build has no oneDNN int8 linear (torch.ops.onednn.qlinear_pointwise); "
+            "int8 artifacts need a torch with mkldnn enabled"
+        )
     # fp32 parts as stored; int8 weights get placeholders, replaced by int8 modules below.
-    fp = {k: (torch.zeros(v.shape) if v.dtype == torch.int8 else v) for k, v in state.items()
-          if not k.endswith((".weight_scale", ".input_scale"))}
+    fp = {
+        k: (torch.zeros(v.shape) if v.dtype == torch.int8 else v)
+        for k, v in state.items()
+        if not k.endswith((".weight_scale", ".input_scale"))
+    }
     model = _float_model(cfg, fp)
     for i, layer in enumerate(model.layers):
         for lin in QUANTIZED_LINEARS:
@@ -228,6 +254,7 @@ def bf16_model(cfg: EncoderConfig, state: dict[str, torch.Tensor]) -> RaggedQAMo
 
 # ---- calibration ----------------------------------------------------------------------------------------------------
 
+
 def calibrate(model: RaggedQAModel, batches: Iterable[PackedBatch]) -> dict[str, torch.Tensor]:
     """Run the fp32 `model` over `batches`; returns `max |input|` per input channel `[in]` of every encoder Linear,
     keyed `layers.{l}.{linear}` (zero-width Linears, which never run, are absent)."""
@@ -238,6 +265,7 @@ def calibrate(model: RaggedQAModel, batches: Iterable[PackedBatch]) -> dict[str,
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             m = args[0].detach().abs().amax(dim=0).float()
             absmax[name] = torch.maximum(absmax[name], m) if name in absmax else m
+
         return hook
 
     for i, layer in enumerate(model.layers):
@@ -253,8 +281,14 @@ def calibrate(model: RaggedQAModel, batches: Iterable[PackedBatch]) -> dict[str,
     return absmax
 
 
-def calibration_batches(path: str | Path, tokenizer_dir: str | Path, cfg: EncoderConfig, settings: WindowSettings,
-                        samples: int, batch_size: int = 16) -> tuple[list[PackedBatch], dict[str, int]]:
+def calibration_batches(
+    path: str | Path,
+    tokenizer_dir: str | Path,
+    cfg: EncoderConfig,
+    settings: WindowSettings,
+    samples: int,
+    batch_size: int = 16,
+) -> tuple[list[PackedBatch], dict[str, int]]:
     """Windows of `samples` real SQuAD examples (evenly spread over the file), packed `batch_size` windows a batch.
 
     Raises ValueError naming the problem for a file that is not SQuAD JSON, holds no usable examples, or for
@@ -268,10 +302,15 @@ def calibration_batches(path: str | Path, tokenizer_dir: str | Path, cfg: Encode
     try:
         examples = load_squad(read_squad_json(path))
     except (KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"calibration file {path} does not follow the SQuAD schema "
-                         f"(data[].paragraphs[].context/qas[].question): missing or bad {e}") from None
-    examples = [e for e in examples if isinstance(e.question, str) and isinstance(e.context, str)
-                and e.question.strip() and e.context.strip()]
+        raise ValueError(
+            f"calibration file {path} does not follow the SQuAD schema "
+            f"(data[].paragraphs[].context/qas[].question): missing or bad {e}"
+        ) from None
+    examples = [
+        e
+        for e in examples
+        if isinstance(e.question, str) and isinstance(e.context, str) and e.question.strip() and e.context.strip()
+    ]
     if not examples:
         raise ValueError(f"calibration file {path} holds no examples (no question with a non-empty context)")
     picked = [examples[i * len(examples) // min(samples, len(examples))] for i in range(min(samples, len(examples)))]
@@ -284,6 +323,6 @@ def calibration_batches(path: str | Path, tokenizer_dir: str | Path, cfg: Encode
             continue
     if not windows:
         raise ValueError(f"calibration file {path}: none of its {len(picked)} examples tokenizes to a window")
-    batches = [pack_windows(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
+    batches = [pack_windows(windows[i : i + batch_size]) for i in range(0, len(windows), batch_size)]
     counts = {"examples": len(picked), "windows": len(windows), "tokens": sum(len(w.input_ids) for w in windows)}
     return batches, counts

@@ -84,8 +84,9 @@ def parse_spec(data: dict[str, Any] | str | Path, cfg: EncoderConfig) -> PruneSp
     return PruneSpec(tuple(layers))
 
 
-def apply_spec(state: dict[str, torch.Tensor], cfg: EncoderConfig, spec: PruneSpec
-               ) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
+def apply_spec(
+    state: dict[str, torch.Tensor], cfg: EncoderConfig, spec: PruneSpec
+) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
     """Slice a state dict by `spec`; returns the ragged config and a new state dict (biases all kept)."""
     out = dict(state)
     dh = cfg.head_dim

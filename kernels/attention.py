@@ -114,9 +114,7 @@ def _check_cu_seqlens_on_host(cu: torch.Tensor, total_tokens: int, max_seqlen: i
     if cu[-1].item() > total_tokens:
         raise ValueError(f"`cu_seqlens[-1]` must be <= total_tokens ({total_tokens}), got {cu[-1].item()}")
     if lengths.numel() and lengths.max().item() > max_seqlen:
-        raise ValueError(
-            f"`max_seqlen` must be >= the longest sequence ({lengths.max().item()}), got {max_seqlen}"
-        )
+        raise ValueError(f"`max_seqlen` must be >= the longest sequence ({lengths.max().item()}), got {max_seqlen}")
 
 
 def _launch_varlen_attention(

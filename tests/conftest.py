@@ -13,10 +13,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ("the a an of in on to and is was by for with from as at who what when where which how many year city "
-         "river king queen war music song book film team game school water energy light sound paris london "
-         "france england normans william conquered battle hastings capital population people born died "
-         "café naïve über 東 京 😀").split()
+WORDS = (
+    "the a an of in on to and is was by for with from as at who what when where which how many year city "
+    "river king queen war music song book film team game school water energy light sound paris london "
+    "france england normans william conquered battle hastings capital population people born died "
+    "café naïve über 東 京 😀"
+).split()
 
 
 def _bert_tokenizer(dirpath: Path):
@@ -37,27 +39,43 @@ def _roberta_tokenizer(dirpath: Path):
 
     bpe = ByteLevelBPETokenizer()
     corpus = [" ".join(WORDS)] * 20 + ["The Normans conquered England in 1066 after the Battle of Hastings."] * 5
-    bpe.train_from_iterator(corpus, vocab_size=400, min_frequency=1,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.train_from_iterator(
+        corpus, vocab_size=400, min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    )
     dirpath.mkdir(parents=True, exist_ok=True)
     bpe.save_model(str(dirpath))
     return RobertaTokenizerFast(vocab=str(dirpath / "vocab.json"), merges=str(dirpath / "merges.txt"))
 
 
-def make_checkpoint(path: Path, arch: str = "bert", layers: int = 3, heads: int = 4, head_dim: int = 8,
-                    ffn: int = 37, seed: int = 0, act: str = "gelu") -> Path:
+def make_checkpoint(
+    path: Path,
+    arch: str = "bert",
+    layers: int = 3,
+    heads: int = 4,
+    head_dim: int = 8,
+    ffn: int = 37,
+    seed: int = 0,
+    act: str = "gelu",
+) -> Path:
     """Write a tiny random `*ForQuestionAnswering` checkpoint with a working fast tokenizer into `path`."""
     from transformers import BertConfig, BertForQuestionAnswering, RobertaConfig, RobertaForQuestionAnswering
 
     torch.manual_seed(seed)
     tok = _bert_tokenizer(path) if arch == "bert" else _roberta_tokenizer(path)
-    common = dict(vocab_size=len(tok), hidden_size=heads * head_dim, num_hidden_layers=layers,
-                  num_attention_heads=heads, intermediate_size=ffn, hidden_act=act)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=heads * head_dim,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
+        hidden_act=act,
+    )
     if arch == "bert":
         model = BertForQuestionAnswering(BertConfig(max_position_embeddings=128, **common))
     else:
-        model = RobertaForQuestionAnswering(RobertaConfig(max_position_embeddings=130, pad_token_id=1,
-                                                          type_vocab_size=1, **common))
+        model = RobertaForQuestionAnswering(
+            RobertaConfig(max_position_embeddings=130, pad_token_id=1, type_vocab_size=1, **common)
+        )
     # Random init keeps LayerNorms at identity; perturb them so parity tests exercise every parameter.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -122,8 +140,13 @@ def cpu_flags() -> set[str]:
 # precision tests cannot pass by design and are skipped with the reason.
 NO_BF16_GEMM = not {"avx512_bf16"} <= cpu_flags() and not {"avx512bw", "avx512vl", "avx512dq"} <= cpu_flags()
 NO_EXACT_INT8 = not ({"avx512_vnni"} & cpu_flags() or {"avx_vnni"} & cpu_flags())
-needs_bf16_gemm = pytest.mark.skipif(NO_BF16_GEMM, reason="this CPU has no AVX512-BF16 or AVX-512 BW/VL/DQ: oneDNN "
-                                                         "cannot run the engine's bf16 GEMMs here")
-needs_exact_int8 = pytest.mark.skipif(NO_EXACT_INT8, reason="this CPU has no VNNI: oneDNN's int8 GEMM saturates "
-                                                           "16-bit partial sums here, so int8 is not an exact "
-                                                           "integer product")
+needs_bf16_gemm = pytest.mark.skipif(
+    NO_BF16_GEMM,
+    reason="this CPU has no AVX512-BF16 or AVX-512 BW/VL/DQ: oneDNN cannot run the engine's bf16 GEMMs here",
+)
+needs_exact_int8 = pytest.mark.skipif(
+    NO_EXACT_INT8,
+    reason="this CPU has no VNNI: oneDNN's int8 GEMM saturates "
+    "16-bit partial sums here, so int8 is not an exact "
+    "integer product",
+)

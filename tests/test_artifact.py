@@ -19,8 +19,12 @@ SMALL = WindowSettings(96, 16, 24)
 
 @pytest.fixture(scope="module")
 def artifact(tiny_bert, tmp_path_factory):
-    return build(tiny_bert, tmp_path_factory.mktemp("art") / "a", settings=SMALL,
-                 spec=_spec_file(tmp_path_factory.mktemp("spec")))
+    return build(
+        tiny_bert,
+        tmp_path_factory.mktemp("art") / "a",
+        settings=SMALL,
+        spec=_spec_file(tmp_path_factory.mktemp("spec")),
+    )
 
 
 def _spec_dict():
@@ -63,27 +67,30 @@ def _edit_manifest(path, **changes):
     (path / "engine.json").write_text(json.dumps(m))
 
 
-@pytest.mark.parametrize("case, expect", [
-    ("no_manifest", "engine.json is missing"),
-    ("bad_json", "not valid JSON"),
-    ("wrong_format", "field 'format'"),
-    ("newer_version", "newer SparseQA"),
-    ("missing_field", "missing field(s) ['dtype']"),
-    ("unknown_field", "unknown field(s) ['extra']"),
-    ("bad_dtype", "field 'dtype'"),
-    ("bad_config", "field 'config'"),
-    ("heads_mismatch", "has shape"),
-    ("missing_tokenizer", "tokenizer file"),
-    ("missing_weights", "weights file"),
-    ("truncated_weights", "not a readable safetensors file"),
-    ("garbage_weights", "not a readable safetensors file"),
-    ("missing_tensor", "tensor 'qa.bias' is missing"),
-    ("extra_tensor", "unexpected tensor 'bogus'"),
-    ("wrong_shape", "'layers.0.o.weight' has shape"),
-    ("wrong_dtype", "dtype F16, expected F32"),
-    ("nan_weight", "NaN or inf"),
-    ("bad_window", "tokenizer settings"),
-])
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("no_manifest", "engine.json is missing"),
+        ("bad_json", "not valid JSON"),
+        ("wrong_format", "field 'format'"),
+        ("newer_version", "newer SparseQA"),
+        ("missing_field", "missing field(s) ['dtype']"),
+        ("unknown_field", "unknown field(s) ['extra']"),
+        ("bad_dtype", "field 'dtype'"),
+        ("bad_config", "field 'config'"),
+        ("heads_mismatch", "has shape"),
+        ("missing_tokenizer", "tokenizer file"),
+        ("missing_weights", "weights file"),
+        ("truncated_weights", "not a readable safetensors file"),
+        ("garbage_weights", "not a readable safetensors file"),
+        ("missing_tensor", "tensor 'qa.bias' is missing"),
+        ("extra_tensor", "unexpected tensor 'bogus'"),
+        ("wrong_shape", "'layers.0.o.weight' has shape"),
+        ("wrong_dtype", "dtype F16, expected F32"),
+        ("nan_weight", "NaN or inf"),
+        ("bad_window", "tokenizer settings"),
+    ],
+)
 def test_malformed_artifacts(artifact, tmp_path, case, expect):
     a = _copy(artifact, tmp_path)
     w = a / "weights.safetensors"
@@ -130,8 +137,9 @@ def test_malformed_artifacts(artifact, tmp_path, case, expect):
         elif case == "nan_weight":
             t["layers.2.ffn_in.weight"][0, 0] = float("nan")
         elif case == "bad_window":
-            _edit_manifest(a, tokenizer={**json.loads((a / "engine.json").read_text())["tokenizer"],
-                                         "max_seq_length": 4096})
+            _edit_manifest(
+                a, tokenizer={**json.loads((a / "engine.json").read_text())["tokenizer"], "max_seq_length": 4096}
+            )
         save_file(t, str(w))
     with pytest.raises(ArtifactError) as ei:
         load_artifact(a)
@@ -169,8 +177,20 @@ def test_cli_bad_inputs(tiny_bert, tmp_path, capsys):
     ]
     for spec, msg in cases:
         bad.write_text(json.dumps(spec))
-        code, err = _cli(capsys, "--model", tiny_bert, "--out", out, "--spec", bad, "--max-seq-length", 96,
-                         "--doc-stride", 16, "--force")
+        code, err = _cli(
+            capsys,
+            "--model",
+            tiny_bert,
+            "--out",
+            out,
+            "--spec",
+            bad,
+            "--max-seq-length",
+            96,
+            "--doc-stride",
+            16,
+            "--force",
+        )
         assert code == 2 and msg in err and err.count("\n") == 0, (spec, err)
     code, err = _cli(capsys, "--model", tmp_path / "nope", "--out", out)
     assert code == 2 and "does not exist" in err
@@ -194,8 +214,20 @@ def test_cli_refuses_non_empty_out_and_verifies(tiny_bert, tmp_path, capsys):
     (out / "keep.txt").write_text("precious")
     code, err = _cli(capsys, "--model", tiny_bert, "--out", out, "--max-seq-length", 96, "--doc-stride", 16)
     assert code == 2 and "--force" in err and (out / "keep.txt").exists()
-    code = main(["--model", str(tiny_bert), "--out", str(out), "--max-seq-length", "96", "--doc-stride", "16",
-                 "--force", "--verify"])
+    code = main(
+        [
+            "--model",
+            str(tiny_bert),
+            "--out",
+            str(out),
+            "--max-seq-length",
+            "96",
+            "--doc-stride",
+            "16",
+            "--force",
+            "--verify",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0 and "verify: max |logit difference|" in printed
     assert float(printed.split("= ")[1].split()[0]) < 1e-4

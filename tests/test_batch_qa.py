@@ -13,7 +13,25 @@ from engine.features import WindowSettings
 from engine.qa import QAEngine
 
 SETTINGS = WindowSettings(max_seq_length=64, doc_stride=16, max_query_length=16)
-WORDS = ["the", "king", "of", "england", "was", "william", "who", "conquered", "the", "normans", "in", "the", "battle", "of", "hastings", "near", "london"]
+WORDS = [
+    "the",
+    "king",
+    "of",
+    "england",
+    "was",
+    "william",
+    "who",
+    "conquered",
+    "the",
+    "normans",
+    "in",
+    "the",
+    "battle",
+    "of",
+    "hastings",
+    "near",
+    "london",
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +40,13 @@ def artifact(tiny_bert, tmp_path_factory) -> Path:
 
 
 def _pairs(n: int) -> list[tuple[str, str]]:
-    return [(f"who was {WORDS[i % len(WORDS)]} {i}?",
-             " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(10 + 7 * (i % 6))) + f" {i}.") for i in range(n)]
+    return [
+        (
+            f"who was {WORDS[i % len(WORDS)]} {i}?",
+            " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(10 + 7 * (i % 6))) + f" {i}.",
+        )
+        for i in range(n)
+    ]
 
 
 BAD = [  # (line text, what the rejects file must say)
@@ -58,15 +81,30 @@ def _check_against_engine(out: Path, good: list[tuple], artifact: Path) -> None:
     assert [g["id"] for g in got] == [i for i, _, _ in good]  # one line per id, input order, ids keep their type
     for g, a in zip(got, ref):
         assert {k: g[k] for k in ("text", "start", "end", "no_answer")} == {
-            k: getattr(a, k) for k in ("text", "start", "end", "no_answer")}
+            k: getattr(a, k) for k in ("text", "start", "end", "no_answer")
+        }
         assert abs(g["score"] - a.score) < 1e-4 and abs(g["null_score_diff"] - a.null_score_diff) < 1e-4
 
 
 def test_local_mode_and_bad_lines(artifact, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     good = _write_input(inp, 23)
-    rc = batch_qa.main(["--artifact", str(artifact), "--input", str(inp), "--output", str(out), "--backend", "torch",
-                        "--batch-size", "4", "--shard-size", "5"])
+    rc = batch_qa.main(
+        [
+            "--artifact",
+            str(artifact),
+            "--input",
+            str(inp),
+            "--output",
+            str(out),
+            "--backend",
+            "torch",
+            "--batch-size",
+            "4",
+            "--shard-size",
+            "5",
+        ]
+    )
     assert rc == 0
     _check_against_engine(out, good, artifact)
     rejects = _read(tmp_path / "out.jsonl.rejects.jsonl")
@@ -79,8 +117,20 @@ def test_local_mode_and_bad_lines(artifact, tmp_path):
 def test_resume_after_crash(artifact, tmp_path, monkeypatch):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     good = _write_input(inp, 30)
-    args = ["--artifact", str(artifact), "--input", str(inp), "--output", str(out), "--backend", "torch",
-            "--batch-size", "4", "--shard-size", "7"]
+    args = [
+        "--artifact",
+        str(artifact),
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--backend",
+        "torch",
+        "--batch-size",
+        "4",
+        "--shard-size",
+        "7",
+    ]
 
     class Crash(BaseException):
         pass
@@ -105,8 +155,9 @@ def test_resume_after_crash(artifact, tmp_path, monkeypatch):
     assert batch_qa.main(args) == 2  # an earlier run's shards without --resume: refuse, name the fix
     assert batch_qa.main([*args[:-1], "9", "--resume"]) == 2  # other shard size: refuse
 
-    monkeypatch.setattr(batch_qa, "answer_rows", lambda eng, rows, cfg: answered.extend([1] * len(rows)) or
-                        real_rows(eng, rows, cfg))
+    monkeypatch.setattr(
+        batch_qa, "answer_rows", lambda eng, rows, cfg: answered.extend([1] * len(rows)) or real_rows(eng, rows, cfg)
+    )
     assert batch_qa.main([*args, "--resume"]) == 0
     assert len(answered) == len(good) - 2 * 7  # the two finished shards were skipped
     _check_against_engine(out, good, artifact)
@@ -116,16 +167,38 @@ def test_ray_local_cluster(artifact, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'ray[data]')")
     pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'ray[data]')")
     try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": batch_qa._pythonpath()}})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": batch_qa._pythonpath()}},
+        )
     except Exception as e:  # noqa: BLE001 - any failure to start a local cluster is a reason to skip
         pytest.skip(f"a local Ray cluster could not start here: {e}")
     try:
         inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
         good = _write_input(inp, 20)
-        rc = batch_qa.main(["--artifact", str(artifact), "--input", str(inp), "--output", str(out), "--backend",
-                            "torch", "--ray", "--workers", "2", "--threads", "1", "--batch-size", "4",
-                            "--shard-size", "6"])
+        rc = batch_qa.main(
+            [
+                "--artifact",
+                str(artifact),
+                "--input",
+                str(inp),
+                "--output",
+                str(out),
+                "--backend",
+                "torch",
+                "--ray",
+                "--workers",
+                "2",
+                "--threads",
+                "1",
+                "--batch-size",
+                "4",
+                "--shard-size",
+                "6",
+            ]
+        )
         assert rc == 0
         _check_against_engine(out, good, artifact)
         assert len(_read(tmp_path / "out.jsonl.rejects.jsonl")) == len(BAD)

@@ -21,8 +21,12 @@ def test_evaluate_artifact_matches_engine_answers(tiny_bert, tmp_path, capsys):
     eng = QAEngine.load(art, backend="torch")
     qas = [(q["id"], q["question"], p["context"]) for a in data["data"] for p in a["paragraphs"] for q in p["qas"]]
     answers = {qid: eng.answer(q, c, null_threshold=0.25) for qid, q, c in qas}
-    want = evaluate(data, {k: a.text for k, a in answers.items()},
-                    na_probs={k: a.null_score_diff for k, a in answers.items()}, na_prob_thresh=0.25)
+    want = evaluate(
+        data,
+        {k: a.text for k, a in answers.items()},
+        na_probs={k: a.null_score_diff for k, a in answers.items()},
+        na_prob_thresh=0.25,
+    )
     assert m["questions"] == len(qas) and m["stored_threshold"] == 0.25
     assert m["at_stored_threshold"] == want
     assert {"HasAns_f1", "NoAns_f1", "best_f1", "best_f1_thresh"} <= set(m["at_zero"])

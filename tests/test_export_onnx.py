@@ -19,8 +19,16 @@ from engine import export_onnx as ex  # noqa: E402  (needs torch.onnx, which is 
 ATOL = 1e-4
 SMALL = WindowSettings(96, 16, 24)  # tiny models have 128 positions
 # Six layers: dense; 0 heads; 0 FFN; both empty; 1 head + some units; 1 head, 0 FFN.
-RAGGED = {"layers": [{}, {"heads": []}, {"ffn": []}, {"heads": [], "ffn": []}, {"heads": [2], "ffn": [1, 5, 7, 20]},
-                     {"heads": [0], "ffn": []}]}
+RAGGED = {
+    "layers": [
+        {},
+        {"heads": []},
+        {"ffn": []},
+        {"heads": [], "ffn": []},
+        {"heads": [2], "ffn": [1, 5, 7, 20]},
+        {"heads": [0], "ffn": []},
+    ]
+}
 SHAPES = [(3, 48), (1, 5)]  # (batch, seq): neither is the traced (2, 16); the first has padded rows
 
 

@@ -18,8 +18,9 @@ from engine.train.state import NonFiniteLossError, check_finite, load_training_s
 
 _NAMES = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
 _THINGS = ["river", "castle", "bridge", "market", "tower", "garden"]
-_WORDS = ("the of is a what which who in near built by was called and it . ? , "
-          "capital city north south old new").split()
+_WORDS = (
+    "the of is a what which who in near built by was called and it . ? , capital city north south old new"
+).split()
 
 
 def _squad(seed: int, n_articles: int) -> dict:
@@ -34,10 +35,17 @@ def _squad(seed: int, n_articles: int) -> dict:
             qas = []
             for k, (t, n, o) in enumerate(facts):
                 start = context.index(f"The {t} of {n} is {o}.") + len(f"The {t} of {n} is ")
-                qas.append({"id": f"q{a}_{p}_{k}", "question": f"What is the {t} of {n}?", "is_impossible": False,
-                            "answers": [{"text": o, "answer_start": start}]})
-            qas.append({"id": f"q{a}_{p}_x", "question": "Who built the old tower?", "is_impossible": True,
-                        "answers": []})
+                qas.append(
+                    {
+                        "id": f"q{a}_{p}_{k}",
+                        "question": f"What is the {t} of {n}?",
+                        "is_impossible": False,
+                        "answers": [{"text": o, "answer_start": start}],
+                    }
+                )
+            qas.append(
+                {"id": f"q{a}_{p}_x", "question": "Who built the old tower?", "is_impossible": True, "answers": []}
+            )
             paragraphs.append({"context": context, "qas": qas})
         data.append({"title": f"Article_{a}", "paragraphs": paragraphs})
     return {"version": "v2.0", "data": data}
@@ -53,8 +61,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True).save_pretrained(str(root))
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertForQuestionAnswering(cfg).save_pretrained(str(root))
     return root
 
@@ -71,8 +85,26 @@ def squad_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _args(model: Path, train: Path, out: Path, *extra: str) -> list[str]:
-    return ["--model", str(model), "--train", str(train), "--out", str(out), "--batch", "4", "--max-seq-length",
-            "64", "--doc-stride", "16", "--max-query-length", "16", "--no-progress", "--threads", "1", *extra]
+    return [
+        "--model",
+        str(model),
+        "--train",
+        str(train),
+        "--out",
+        str(out),
+        "--batch",
+        "4",
+        "--max-seq-length",
+        "64",
+        "--doc-stride",
+        "16",
+        "--max-query-length",
+        "16",
+        "--no-progress",
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 def _run(argv: list[str]) -> dict:
@@ -82,13 +114,45 @@ def _run(argv: list[str]) -> dict:
 def test_finetune_learns_and_writes_checkpoint(tiny_model: Path, squad_files: tuple[Path, Path], tmp_path: Path):
     train, dev = squad_files
     out = tmp_path / "run"
-    metrics = _run(_args(tiny_model, train, out, "--eval", str(dev), "--max-steps", "40", "--lr", "3e-3",
-                         "--negatives-ratio", "0.5", "--eval-every", "20", "--checkpoint-every", "20"))
+    metrics = _run(
+        _args(
+            tiny_model,
+            train,
+            out,
+            "--eval",
+            str(dev),
+            "--max-steps",
+            "40",
+            "--lr",
+            "3e-3",
+            "--negatives-ratio",
+            "0.5",
+            "--eval-every",
+            "20",
+            "--checkpoint-every",
+            "20",
+        )
+    )
     first, last = metrics["loss"]["first"], metrics["loss"]["last"]
     assert sum(last) / len(last) < 0.8 * sum(first) / len(first), (first, last)
-    for key in ("step", "eval_at_zero", "eval_at_best", "null_threshold", "auc", "steps", "total_steps",
-                "steps_per_epoch", "epochs_done", "stopped_by", "train_time_s", "wall_time_s", "history", "loss",
-                "data", "args"):
+    for key in (
+        "step",
+        "eval_at_zero",
+        "eval_at_best",
+        "null_threshold",
+        "auc",
+        "steps",
+        "total_steps",
+        "steps_per_epoch",
+        "epochs_done",
+        "stopped_by",
+        "train_time_s",
+        "wall_time_s",
+        "history",
+        "loss",
+        "data",
+        "args",
+    ):
         assert key in metrics, key
     for key in ("exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1", "best_f1_thresh"):
         assert key in metrics["eval_at_zero"], key
@@ -110,8 +174,22 @@ def test_finetune_learns_and_writes_checkpoint(tiny_model: Path, squad_files: tu
 
 def test_resume_matches_uninterrupted(tiny_model: Path, squad_files: tuple[Path, Path], tmp_path: Path):
     train, _ = squad_files
-    common = ("--eval-fraction", "0.34", "--negatives-ratio", "0.5", "--max-steps", "12", "--checkpoint-every", "5",
-              "--lr", "1e-3", "--eval-every", "4", "--keep-checkpoints", "5")
+    common = (
+        "--eval-fraction",
+        "0.34",
+        "--negatives-ratio",
+        "0.5",
+        "--max-steps",
+        "12",
+        "--checkpoint-every",
+        "5",
+        "--lr",
+        "1e-3",
+        "--eval-every",
+        "4",
+        "--keep-checkpoints",
+        "5",
+    )
     full = tmp_path / "full"
     _run(_args(tiny_model, train, full, *common))
     # Simulate a run killed right after step 5: keep only that state, then resume to step 12.
@@ -148,8 +226,9 @@ def test_nan_guard_names_step(tiny_model: Path, squad_files: tuple[Path, Path], 
 def test_time_budget_stops_and_saves(tiny_model: Path, squad_files: tuple[Path, Path], tmp_path: Path):
     train, dev = squad_files
     out = tmp_path / "budget"
-    metrics = _run(_args(tiny_model, train, out, "--eval", str(dev), "--max-steps", "1000",
-                         "--time-budget-min", "1e-9"))
+    metrics = _run(
+        _args(tiny_model, train, out, "--eval", str(dev), "--max-steps", "1000", "--time-budget-min", "1e-9")
+    )
     assert metrics["stopped_by"] == "time_budget" and metrics["steps"] == 1
     assert (out / "checkpoints" / "step-00000001" / "trainer.json").is_file()
     assert load_checkpoint(out).null_threshold is not None
@@ -179,7 +258,7 @@ def test_span_loss_matches_per_window_cross_entropy():
     sp, ep = torch.tensor([1, 0, 6]), torch.tensor([2, 0, 6])
     ref = 0.0
     for b, n in enumerate(lengths):
-        s, e = start[cu[b]: cu[b] + n], end[cu[b]: cu[b] + n]
+        s, e = start[cu[b] : cu[b] + n], end[cu[b] : cu[b] + n]
         ref += 0.5 * (torch.log_softmax(s, 0)[sp[b]].neg() + torch.log_softmax(e, 0)[ep[b]].neg()) / len(lengths)
     torch.testing.assert_close(span_loss(start, end, cu, 7, sp, ep), ref)
 

@@ -11,9 +11,13 @@ from engine.reference import masked_hf_model
 from engine.spec import parse_spec
 
 # tiny_bert / tiny_roberta: 3 layers, 4 heads of 8, FFN 37.
-SPEC = {"layers": [{"heads": [3, 0], "ffn": list(range(36, 7, -1))},  # 2 heads, 29 units, out of order
-                   {"heads": [], "ffn": [5]},  # no heads, 1 unit
-                   {"heads": [2], "ffn": []}]}  # 1 head, no FFN
+SPEC = {
+    "layers": [
+        {"heads": [3, 0], "ffn": list(range(36, 7, -1))},  # 2 heads, 29 units, out of order
+        {"heads": [], "ffn": [5]},  # no heads, 1 unit
+        {"heads": [2], "ffn": []},
+    ]
+}  # 1 head, no FFN
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

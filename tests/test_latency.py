@@ -24,9 +24,19 @@ from engine.latency import (
     load_or_measure,
 )
 
-CFG = EncoderConfig(architecture="bert", vocab_size=50, hidden=32, head_dim=8, heads=(4, 4, 4), ffn=(40, 40, 40),
-                    max_position_embeddings=64, type_vocab_size=2, layer_norm_eps=1e-12, activation="gelu",
-                    pad_token_id=0)
+CFG = EncoderConfig(
+    architecture="bert",
+    vocab_size=50,
+    hidden=32,
+    head_dim=8,
+    heads=(4, 4, 4),
+    ffn=(40, 40, 40),
+    max_position_embeddings=64,
+    type_vocab_size=2,
+    layer_norm_eps=1e-12,
+    activation="gelu",
+    pad_token_id=0,
+)
 KEY = LatencyKey("test-cpu x2", "cpp", "float32", 8, 32, 2, lat.dims_hash(CFG))
 
 
@@ -116,8 +126,16 @@ def test_measured_on_the_engine_and_cached(tiny_bert, tmp_path, monkeypatch):
     from engine.runtime import available_backends
 
     backend = "cpp" if "cpp" in available_backends("cpu") else "torch"
-    kw = {"batch": 2, "seq": 16, "backend": backend, "threads": 1, "cache_dir": tmp_path / "cache", "reps": 1,
-          "progress": False, "min_time_s": 0.0}
+    kw = {
+        "batch": 2,
+        "seq": 16,
+        "backend": backend,
+        "threads": 1,
+        "cache_dir": tmp_path / "cache",
+        "reps": 1,
+        "progress": False,
+        "min_time_s": 0.0,
+    }
     table = load_or_measure(tiny_bert, **kw)
     dense = load_checkpoint(tiny_bert).cfg
     assert table.key.backend == backend and table.key.seq == 16 and table.dense_heads == dense.heads
@@ -151,8 +169,26 @@ def test_check_benchmark_runs_real_weights(tiny_bert, capsys):
     from engine.runtime import available_backends
 
     backend = "cpp" if "cpp" in available_backends("cpu") else "torch"
-    assert lat.main(["--model", str(tiny_bert), "--check", str(tiny_bert), "--shape", "2,16", "--backend", backend,
-                     "--threads", "1", "--rounds", "2", "--no-progress"]) == 0
+    assert (
+        lat.main(
+            [
+                "--model",
+                str(tiny_bert),
+                "--check",
+                str(tiny_bert),
+                "--shape",
+                "2,16",
+                "--backend",
+                backend,
+                "--threads",
+                "1",
+                "--rounds",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out)
     assert r["ms"] > 0 and r["dense_ms"] > 0 and r["speedup"] > 0 and r["shape"] == [2, 16]
     assert lat.main(["--model", str(tiny_bert), "--shape", "8x384"]) == 2

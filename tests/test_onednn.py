@@ -21,4 +21,4 @@ def test_onednn_linear_matches_f_linear(tokens, k, n):
     got = OneDNNLinear(lin)(x)
     assert got.dtype == torch.float32 and got.shape == (tokens, n)
     # fp32 accumulation over k terms of size ~1: error grows like sqrt(k) * 2^-24 * |terms|
-    assert (got.double() - want).abs().max() < 1e-5 * k ** 0.5 * 4
+    assert (got.double() - want).abs().max() < 1e-5 * k**0.5 * 4

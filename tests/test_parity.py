@@ -23,7 +23,7 @@ def _batch(vocab: int, type_vocab: int, lengths: list[int], seed: int):
     mask = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
     types = torch.zeros_like(ids)
     if type_vocab > 1:
-        types[:, seq // 3:] = 1
+        types[:, seq // 3 :] = 1
     return ids, mask, types
 
 
@@ -55,8 +55,16 @@ def _ragged_spec(cfg, rng: torch.Generator) -> dict:
     h, f = cfg.heads[0], cfg.ffn[0]
     one = [int(torch.randint(h, (1,), generator=rng))]
     odd = torch.randperm(f, generator=rng)[: f // 2 + 1].tolist()
-    return {"layers": [{}, {"heads": []}, {"ffn": []}, {"heads": [], "ffn": []}, {"heads": one, "ffn": odd},
-                       {"heads": one, "ffn": []}]}
+    return {
+        "layers": [
+            {},
+            {"heads": []},
+            {"ffn": []},
+            {"heads": [], "ffn": []},
+            {"heads": one, "ffn": odd},
+            {"heads": one, "ffn": []},
+        ]
+    }
 
 
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
@@ -104,8 +112,9 @@ def test_checkpoint_round_trips(arch, tmp_path):
 
     src = make_checkpoint(tmp_path / "src", arch, layers=3, heads=2, head_dim=8, ffn=21, seed=7)
     ck = load_checkpoint(src)
-    dense_dir = save_checkpoint(tmp_path / "dense", ck.cfg, ck.state, ck.hf_config, AutoTokenizer.from_pretrained(src),
-                                null_threshold=-1.5)
+    dense_dir = save_checkpoint(
+        tmp_path / "dense", ck.cfg, ck.state, ck.hf_config, AutoTokenizer.from_pretrained(src), null_threshold=-1.5
+    )
     assert "sparseqa_ragged" not in (dense_dir / "config.json").read_text()
     hf = AutoModelForQuestionAnswering.from_pretrained(str(dense_dir)).eval()
     eng = QAEngine.load(build(dense_dir, tmp_path / "a_dense", settings=SMALL), backend="torch")

@@ -19,9 +19,19 @@ from engine.prune_fast.tune import solve_scales, tune_masks
 from engine.train.batching import collate
 from engine.train.losses import span_loss
 
-CFG = EncoderConfig(architecture="bert", vocab_size=50, hidden=16, head_dim=4, heads=(4, 4, 4), ffn=(7, 9, 5),
-                    max_position_embeddings=64, type_vocab_size=2, layer_norm_eps=1e-12, activation="gelu",
-                    pad_token_id=0)
+CFG = EncoderConfig(
+    architecture="bert",
+    vocab_size=50,
+    hidden=16,
+    head_dim=4,
+    heads=(4, 4, 4),
+    ffn=(7, 9, 5),
+    max_position_embeddings=64,
+    type_vocab_size=2,
+    layer_norm_eps=1e-12,
+    activation="gelu",
+    pad_token_id=0,
+)
 
 
 def _model(seed: int = 0, dtype: torch.dtype = torch.float32) -> RaggedQAModel:
@@ -60,16 +70,19 @@ def test_mask_gradients_match_finite_differences():
     packed, sp, ep = collate(feats)
 
     def loss(hm, fm):
-        s, e = masked_forward(model, hm, fm, packed.input_ids, packed.token_type_ids, packed.cu_seqlens,
-                              packed.max_seqlen)
+        s, e = masked_forward(
+            model, hm, fm, packed.input_ids, packed.token_type_ids, packed.cu_seqlens, packed.max_seqlen
+        )
         return float(span_loss(s.double(), e.double(), packed.cu_seqlens, packed.max_seqlen, sp, ep))
 
     eps = 1e-3
     for kind, grads in (("head", hg), ("ffn", fg)):
         for layer in range(CFG.num_layers):
             for j in range(grads[layer].shape[1]):
-                ones = [[torch.ones(h, dtype=torch.float64) for h in CFG.heads],
-                        [torch.ones(f, dtype=torch.float64) for f in CFG.ffn]]
+                ones = [
+                    [torch.ones(h, dtype=torch.float64) for h in CFG.heads],
+                    [torch.ones(f, dtype=torch.float64) for f in CFG.ffn],
+                ]
                 idx = 0 if kind == "head" else 1
                 plus, minus = [[m.clone() for m in ms] for ms in ones], [[m.clone() for m in ms] for ms in ones]
                 plus[idx][layer][j] += eps
@@ -199,9 +212,32 @@ def test_tuning_reduces_reconstruction_error():
 
 
 def _cli_args(teacher: Path, train: Path, out: Path, *extra: str) -> list[str]:
-    return ["--teacher", str(teacher), "--train", str(train), "--eval-fraction", "0.05", "--out", str(out),
-            "--samples", "24", "--batch", "8", "--max-seq-length", "96", "--doc-stride", "32",
-            "--max-query-length", "24", "--eval-negatives-ratio", "0.1", "--no-progress", "--threads", "1", *extra]
+    return [
+        "--teacher",
+        str(teacher),
+        "--train",
+        str(train),
+        "--eval-fraction",
+        "0.05",
+        "--out",
+        str(out),
+        "--samples",
+        "24",
+        "--batch",
+        "8",
+        "--max-seq-length",
+        "96",
+        "--doc-stride",
+        "32",
+        "--max-query-length",
+        "24",
+        "--eval-negatives-ratio",
+        "0.1",
+        "--no-progress",
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -271,15 +307,15 @@ def test_cli_bad_inputs(tiny_bert, squad_train, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(_cli_args(tiny_bert, squad_train, tmp_path / "a", "--target-sparsity", "0.3", "--samples", "4"))
     assert "too few" in capsys.readouterr().err
-    assert main(_cli_args(tiny_bert, squad_train, tmp_path / "b", "--target-sparsity", "0.3",
-                          "--samples", "100000")) == 2
+    assert (
+        main(_cli_args(tiny_bert, squad_train, tmp_path / "b", "--target-sparsity", "0.3", "--samples", "100000")) == 2
+    )
     assert "fewer than --samples" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(_cli_args(tiny_bert, squad_train, tmp_path / "c", "--target-speedup", "1.5"))
     assert "--latency-shape" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(_cli_args(tiny_bert, squad_train, tmp_path / "d", "--target-sparsity", "1.2"))
-
 
 
 def test_latency_search_corrects_a_biased_table(monkeypatch):
@@ -295,8 +331,12 @@ def test_latency_search_corrects_a_biased_table(monkeypatch):
     def table_ms(heads, ffn):
         return 2.0 + sum(0.5 * h + 0.01 * f + (0.3 if h else 0) for h, f in zip(heads, ffn))
 
-    table = lat.build_table(dense, lat.LatencyKey("x", "cpp", "float32", 8, 32, 2, lat.dims_hash(dense)),
-                            lambda shapes: [table_ms(*s) for s in shapes], n_validation=0)
+    table = lat.build_table(
+        dense,
+        lat.LatencyKey("x", "cpp", "float32", 8, 32, 2, lat.dims_hash(dense)),
+        lambda shapes: [table_ms(*s) for s in shapes],
+        n_validation=0,
+    )
 
     def engine_ms(heads, ffn):  # the truth: pruned shapes 15% slower than the table says, the dense one exact
         full = tuple(heads) == dense.heads and tuple(ffn) == dense.ffn
@@ -321,9 +361,19 @@ def test_latency_search_corrects_a_biased_table(monkeypatch):
     g = torch.Generator().manual_seed(0)
     hs = [torch.rand(12, generator=g, dtype=torch.float64) for _ in range(3)]
     fs = [torch.rand(400, generator=g, dtype=torch.float64) * 0.01 for _ in range(3)]
-    args = argparse.Namespace(latency_shape="8,32", threads=2, teacher=None, backend="cpp", latency_dtype="float32",
-                              latency_table=None, remeasure_latency=False, target_latency_ms=None, target_speedup=1.5,
-                              latency_iterations=4, latency_tolerance=0.03)
+    args = argparse.Namespace(
+        latency_shape="8,32",
+        threads=2,
+        teacher=None,
+        backend="cpp",
+        latency_dtype="float32",
+        latency_table=None,
+        remeasure_latency=False,
+        target_latency_ms=None,
+        target_speedup=1.5,
+        latency_iterations=4,
+        latency_tolerance=0.03,
+    )
     res, info = _latency_search(args, dense, hs, fs, progress=False)
     first, last = info["verification"][0], info["verification"][-1]
     assert first["rel_error"] < -0.1  # the table alone misses by ~15%

@@ -30,7 +30,7 @@ def engine(minilm, tmp_path_factory) -> QAEngine:
 
 
 def _check(a: Answer, context: str) -> None:
-    assert context[a.start:a.end] == a.text
+    assert context[a.start : a.end] == a.text
     if a.no_answer:
         assert (a.text, a.start, a.end) == ("", 0, 0)
     else:
@@ -47,7 +47,7 @@ def test_offsets_exact_on_unicode(engine, context):
     for w in engine.windows.windows("q", context):
         for off in w.offsets:
             if off is not None:
-                assert 0 <= off[0] < off[1] <= len(context) and context[off[0]:off[1]].strip()
+                assert 0 <= off[0] < off[1] <= len(context) and context[off[0] : off[1]].strip()
 
 
 def test_long_context_windows_cover_everything(engine):
@@ -131,11 +131,18 @@ def test_thread_safe(engine):
     assert [(a.text, a.start) for a in got] == [(a.text, a.start) for a in want]
 
 
-@pytest.mark.parametrize("q, c, err", [
-    ("", "context", ValueError), ("question", "", ValueError), ("   ", "context", ValueError),
-    ("question", "  \n\t ", ValueError), (None, "context", TypeError), ("question", b"bytes", TypeError),
-    ("question", 42, TypeError),
-])
+@pytest.mark.parametrize(
+    "q, c, err",
+    [
+        ("", "context", ValueError),
+        ("question", "", ValueError),
+        ("   ", "context", ValueError),
+        ("question", "  \n\t ", ValueError),
+        (None, "context", TypeError),
+        ("question", b"bytes", TypeError),
+        ("question", 42, TypeError),
+    ],
+)
 def test_bad_inputs(engine, q, c, err):
     with pytest.raises(err):
         engine.answer(q, c)
@@ -162,7 +169,7 @@ def test_forward_padded_matches_unpadded(engine):
     mask[1, 7:] = 0
     s_pad, e_pad = engine.forward(ids, mask, types)
     for row, n in ((0, 12), (1, 7), (2, 12)):
-        s, e = engine.forward(ids[row:row + 1, :n], torch.ones(1, n, dtype=torch.long), types[row:row + 1, :n])
+        s, e = engine.forward(ids[row : row + 1, :n], torch.ones(1, n, dtype=torch.long), types[row : row + 1, :n])
         torch.testing.assert_close(s_pad[row, :n], s[0], atol=1e-5, rtol=0)
         torch.testing.assert_close(e_pad[row, :n], e[0], atol=1e-5, rtol=0)
     assert torch.isinf(s_pad[1, 7:]).all() and torch.isinf(e_pad[1, 7:]).all()
@@ -186,5 +193,5 @@ def test_span_labels_round_trip(engine):
     start = ctx.index("Zoë Ångström")
     w = engine.windows.windows("Who founded it?", ctx)[0]
     s, e = span_labels(w, start, start + len("Zoë Ångström"))
-    assert ctx[w.offsets[s][0]:w.offsets[e][1]] == "Zoë Ångström"
+    assert ctx[w.offsets[s][0] : w.offsets[e][1]] == "Zoë Ångström"
     assert span_labels(w, len(ctx) + 5, len(ctx) + 9) == (0, 0)

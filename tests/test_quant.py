@@ -18,7 +18,6 @@ from engine.artifact import ArtifactError, load_artifact
 from engine.build_model import build, main
 from engine.features import WindowSettings
 from engine.model import RaggedQAModel
-from tests.conftest import needs_exact_int8
 from engine.packing import cu_seqlens_from_lengths
 from engine.qa import QAEngine
 from engine.quant import (
@@ -34,12 +33,13 @@ from engine.quant import (
     quantize_per_channel,
     quantize_per_token,
 )
-from tests.conftest import data_root
+from tests.conftest import data_root, needs_exact_int8
 
 SMALL = WindowSettings(96, 16, 24)
 U_BF16 = 2.0**-9  # unit roundoff of bf16 (8 significant bits, round to nearest) = 2^-8 / 2
-pytestmark = pytest.mark.skipif(not int8_kernels_available(torch.device("cpu")),
-                                reason="this torch build has no oneDNN int8 linear")
+pytestmark = pytest.mark.skipif(
+    not int8_kernels_available(torch.device("cpu")), reason="this torch build has no oneDNN int8 linear"
+)
 
 # Layer 0 keeps 2 of 4 heads, layer 1 is empty (0 heads, 0 FFN units), layer 2 keeps 1 FFN unit.
 RAGGED = {"layers": [{"heads": [3, 1]}, {"heads": [], "ffn": []}, {"ffn": [0]}]}
@@ -49,14 +49,25 @@ def _synthetic_squad(n_paragraphs: int = 4) -> dict:
     """A tiny SQuAD 2.0 file in the words of the tiny tokenizers: answerable and unanswerable questions."""
     paragraphs = []
     for i in range(n_paragraphs):
-        context = (f"the normans conquered england in {1066 + i} after the battle of hastings. "
-                   f"william was born in paris and died in london. the river of the city is water number {i}.")
+        context = (
+            f"the normans conquered england in {1066 + i} after the battle of hastings. "
+            f"william was born in paris and died in london. the river of the city is water number {i}."
+        )
         start = context.index(str(1066 + i))
-        paragraphs.append({"context": context, "qas": [
-            {"id": f"q{i}a", "question": "when was england conquered by the normans?", "is_impossible": False,
-             "answers": [{"text": str(1066 + i), "answer_start": start}]},
-            {"id": f"q{i}b", "question": "who was the queen of france?", "is_impossible": True, "answers": []},
-        ]})
+        paragraphs.append(
+            {
+                "context": context,
+                "qas": [
+                    {
+                        "id": f"q{i}a",
+                        "question": "when was england conquered by the normans?",
+                        "is_impossible": False,
+                        "answers": [{"text": str(1066 + i), "answer_start": start}],
+                    },
+                    {"id": f"q{i}b", "question": "who was the queen of france?", "is_impossible": True, "answers": []},
+                ],
+            }
+        )
     return {"version": "v2.0", "data": [{"title": "Normans", "paragraphs": paragraphs}]}
 
 
@@ -80,10 +91,15 @@ def artifacts(tiny_bert, tiny_roberta, spec_file, squad_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("quant_arts")
     out = {}
     for arch, src in (("bert", tiny_bert), ("roberta", tiny_roberta)):
-        for kind, dtype, cal in (("float32", "float32", None), ("bfloat16", "bfloat16", None), ("int8", "int8", None),
-                                 ("int8s", "int8", squad_file)):
-            out[arch, kind] = build(src, root / f"{arch}-{kind}", spec=spec_file, dtype=dtype, settings=SMALL,
-                                    calibrate=cal)
+        for kind, dtype, cal in (
+            ("float32", "float32", None),
+            ("bfloat16", "bfloat16", None),
+            ("int8", "int8", None),
+            ("int8s", "int8", squad_file),
+        ):
+            out[arch, kind] = build(
+                src, root / f"{arch}-{kind}", spec=spec_file, dtype=dtype, settings=SMALL, calibrate=cal
+            )
     return out
 
 
@@ -138,6 +154,7 @@ def test_token_round_trip_within_half_step(shape):
 
 # ---- every int8 Linear of a model against the scheme -----------------------------------------------------------------
 
+
 def _capture_inputs(model: torch.nn.Module, run) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
     """name -> (module, its input) for every quantized / bf16 Linear the forward `run()` calls."""
     seen: dict[str, tuple[torch.nn.Module, torch.Tensor]] = {}
@@ -145,8 +162,11 @@ def _capture_inputs(model: torch.nn.Module, run) -> dict[str, tuple[torch.nn.Mod
     def hook(name: str, mod: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:  # None: inputs unchanged
         seen.setdefault(name, (mod, args[0].detach().clone()))
 
-    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(n, mod, args))
-             for n, m in model.named_modules() if isinstance(m, (Int8LinearDynamic, Int8LinearStatic, BF16Linear))]
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, n=n: hook(n, mod, args))
+        for n, m in model.named_modules()
+        if isinstance(m, (Int8LinearDynamic, Int8LinearStatic, BF16Linear))
+    ]
     try:
         run()
     finally:
@@ -201,6 +221,7 @@ def test_int8_linears_match_integer_product_and_scheme_bound(artifacts, arch, ki
 
 
 # ---- whole models against fp32 ---------------------------------------------------------------------------------------
+
 
 def _int8_linear_inputs(int8_path, fp32_path):
     """(int8 artifact, fp32 reference model, int8 model, {linear name: (module, input)}) from one forward of the int8
@@ -281,10 +302,11 @@ def test_ragged_precisions_answer_questions(artifacts):
     for kind in ("float32", "bfloat16", "int8", "int8s"):
         eng = QAEngine.load(artifacts["bert", kind], backend="torch")
         a = eng.answer(q, c, null_threshold=float("inf"))
-        assert c[a.start:a.end] == a.text and math.isfinite(a.score)
+        assert c[a.start : a.end] == a.text and math.isfinite(a.score)
 
 
 # ---- calibration -----------------------------------------------------------------------------------------------------
+
 
 def test_static_artifact_layout_and_calibration_provenance(artifacts, squad_file):
     art = load_artifact(artifacts["bert", "int8s"])
@@ -320,20 +342,38 @@ def _cli(capsys, *args):
     return code, capsys.readouterr().err.strip()
 
 
-@pytest.mark.parametrize("content, samples, expect", [
-    ({"version": "v2.0", "data": []}, 4, "holds no examples"),
-    ({"data": [{"title": "t", "paragraphs": []}]}, 4, "holds no examples"),
-    ({"rows": [1, 2]}, 4, "not in SQuAD format"),
-    ({"data": [{"title": "t", "paragraphs": [{"text": "no context key"}]}]}, 4, "does not follow the SQuAD schema"),
-    ([1, 2, 3], 4, "not in SQuAD format"),
-    ("{broken", 4, "not a readable SQuAD JSON file"),
-    (_synthetic_squad(1), 0, "--calib-samples must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "content, samples, expect",
+    [
+        ({"version": "v2.0", "data": []}, 4, "holds no examples"),
+        ({"data": [{"title": "t", "paragraphs": []}]}, 4, "holds no examples"),
+        ({"rows": [1, 2]}, 4, "not in SQuAD format"),
+        ({"data": [{"title": "t", "paragraphs": [{"text": "no context key"}]}]}, 4, "does not follow the SQuAD schema"),
+        ([1, 2, 3], 4, "not in SQuAD format"),
+        ("{broken", 4, "not a readable SQuAD JSON file"),
+        (_synthetic_squad(1), 0, "--calib-samples must be >= 1"),
+    ],
+)
 def test_calibration_rejects_bad_files(tiny_bert, tmp_path, capsys, content, samples, expect):
     path = tmp_path / "cal.json"
     path.write_text(content if isinstance(content, str) else json.dumps(content))
-    code, err = _cli(capsys, "--model", tiny_bert, "--out", tmp_path / "o", "--dtype", "int8", "--calibrate", path,
-                     "--calib-samples", samples, "--max-seq-length", 96, "--doc-stride", 16)
+    code, err = _cli(
+        capsys,
+        "--model",
+        tiny_bert,
+        "--out",
+        tmp_path / "o",
+        "--dtype",
+        "int8",
+        "--calibrate",
+        path,
+        "--calib-samples",
+        samples,
+        "--max-seq-length",
+        96,
+        "--doc-stride",
+        16,
+    )
     assert code == 2 and expect in err and err.count("\n") == 0, err
     assert not (tmp_path / "o").exists()
 
@@ -350,6 +390,7 @@ def test_calibration_flag_errors(tiny_bert, tmp_path, capsys, squad_file):
 
 # ---- malformed int8 artifacts and kernels ----------------------------------------------------------------------------
 
+
 def _edit(path, fn_manifest=None, fn_tensors=None):
     if fn_manifest:
         m = json.loads((path / "engine.json").read_text())
@@ -365,33 +406,64 @@ def _set(d, key, value):
     d[key] = value
 
 
-@pytest.mark.parametrize("kind, manifest, tensors, expect", [
-    ("int8", None, lambda t: t.pop("layers.0.o.weight_scale"), "tensor 'layers.0.o.weight_scale' is missing"),
-    ("int8", None, lambda t: _set(t, "layers.2.ffn_in.weight_scale", torch.ones(2)),
-     "'layers.2.ffn_in.weight_scale' has shape (2,), expected (1,)"),
-    ("int8", None, lambda t: _set(t, "layers.0.qkv.weight_scale", -torch.ones(48)), "must be positive and finite"),
-    ("int8", None, lambda t: _set(t, "layers.0.qkv.input_scale", torch.ones(32)),
-     "unexpected tensor 'layers.0.qkv.input_scale'"),
-    ("int8", None, lambda t: _set(t, "layers.0.o.weight", t["layers.0.o.weight"].float()),
-     "'layers.0.o.weight' has dtype F32, expected I8"),
-    ("int8", None, lambda t: _set(t, "layers.0.o.bias", t["layers.0.o.bias"].to(torch.int8)),
-     "'layers.0.o.bias' has dtype I8, expected F32"),
-    ("int8", None, lambda t: t["layers.0.qkv.weight"].view(-1).__setitem__(0, -128), "holds -128"),
-    ("int8s", None, lambda t: t.pop("layers.2.ffn_out.input_scale"), "'layers.2.ffn_out.input_scale' is missing"),
-    ("int8s", None, lambda t: _set(t, "layers.0.o.input_scale", torch.ones(32)),
-     "'layers.0.o.input_scale' has shape (32,), expected (16,)"),
-    ("int8", lambda m: m.pop("quantization"), None, "missing field(s) ['quantization']"),
-    ("int8", lambda m: _set(m, "format_version", 1), None, "dtype 'int8' needs format_version 2"),
-    ("int8", lambda m: _set(m, "dtype", "float32"), None, "format_version 2 is for int8 artifacts"),
-    ("int8", lambda m: _set(m["quantization"], "kernels", ["int4_gemm"]), None,
-     "requires kernel(s) ['int4_gemm'] that this SparseQA does not know"),
-    ("int8", lambda m: _set(m["quantization"], "kernels", ["int8_gemm_static"]), None,
-     "need kernels ['int8_gemm_per_token']"),
-    ("int8", lambda m: _set(m["quantization"], "activations", "per_tensor"), None, "activations is 'per_tensor'"),
-    ("int8s", lambda m: _set(m["quantization"], "calibration", None), None, "need a 'calibration' object"),
-    ("int8", lambda m: _set(m["quantization"], "weights", "int4_groupwise"), None, "weights is 'int4_groupwise'"),
-    ("int8", lambda m: _set(m["quantization"], "extra", 1), None, "unknown key(s) ['extra']"),
-])
+@pytest.mark.parametrize(
+    "kind, manifest, tensors, expect",
+    [
+        ("int8", None, lambda t: t.pop("layers.0.o.weight_scale"), "tensor 'layers.0.o.weight_scale' is missing"),
+        (
+            "int8",
+            None,
+            lambda t: _set(t, "layers.2.ffn_in.weight_scale", torch.ones(2)),
+            "'layers.2.ffn_in.weight_scale' has shape (2,), expected (1,)",
+        ),
+        ("int8", None, lambda t: _set(t, "layers.0.qkv.weight_scale", -torch.ones(48)), "must be positive and finite"),
+        (
+            "int8",
+            None,
+            lambda t: _set(t, "layers.0.qkv.input_scale", torch.ones(32)),
+            "unexpected tensor 'layers.0.qkv.input_scale'",
+        ),
+        (
+            "int8",
+            None,
+            lambda t: _set(t, "layers.0.o.weight", t["layers.0.o.weight"].float()),
+            "'layers.0.o.weight' has dtype F32, expected I8",
+        ),
+        (
+            "int8",
+            None,
+            lambda t: _set(t, "layers.0.o.bias", t["layers.0.o.bias"].to(torch.int8)),
+            "'layers.0.o.bias' has dtype I8, expected F32",
+        ),
+        ("int8", None, lambda t: t["layers.0.qkv.weight"].view(-1).__setitem__(0, -128), "holds -128"),
+        ("int8s", None, lambda t: t.pop("layers.2.ffn_out.input_scale"), "'layers.2.ffn_out.input_scale' is missing"),
+        (
+            "int8s",
+            None,
+            lambda t: _set(t, "layers.0.o.input_scale", torch.ones(32)),
+            "'layers.0.o.input_scale' has shape (32,), expected (16,)",
+        ),
+        ("int8", lambda m: m.pop("quantization"), None, "missing field(s) ['quantization']"),
+        ("int8", lambda m: _set(m, "format_version", 1), None, "dtype 'int8' needs format_version 2"),
+        ("int8", lambda m: _set(m, "dtype", "float32"), None, "format_version 2 is for int8 artifacts"),
+        (
+            "int8",
+            lambda m: _set(m["quantization"], "kernels", ["int4_gemm"]),
+            None,
+            "requires kernel(s) ['int4_gemm'] that this SparseQA does not know",
+        ),
+        (
+            "int8",
+            lambda m: _set(m["quantization"], "kernels", ["int8_gemm_static"]),
+            None,
+            "need kernels ['int8_gemm_per_token']",
+        ),
+        ("int8", lambda m: _set(m["quantization"], "activations", "per_tensor"), None, "activations is 'per_tensor'"),
+        ("int8s", lambda m: _set(m["quantization"], "calibration", None), None, "need a 'calibration' object"),
+        ("int8", lambda m: _set(m["quantization"], "weights", "int4_groupwise"), None, "weights is 'int4_groupwise'"),
+        ("int8", lambda m: _set(m["quantization"], "extra", 1), None, "unknown key(s) ['extra']"),
+    ],
+)
 def test_malformed_int8_artifacts(artifacts, tmp_path, kind, manifest, tensors, expect):
     path = tmp_path / "a"
     shutil.copytree(artifacts["bert", kind], path)

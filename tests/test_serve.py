@@ -26,7 +26,25 @@ from engine.serve.batcher import Closed
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = WindowSettings(max_seq_length=64, doc_stride=16, max_query_length=16)
-WORDS = ["the", "king", "of", "england", "was", "william", "who", "conquered", "the", "normans", "in", "the", "battle", "of", "hastings", "near", "london"]
+WORDS = [
+    "the",
+    "king",
+    "of",
+    "england",
+    "was",
+    "william",
+    "who",
+    "conquered",
+    "the",
+    "normans",
+    "in",
+    "the",
+    "battle",
+    "of",
+    "hastings",
+    "near",
+    "london",
+]
 
 
 def _pairs(n: int) -> list[tuple[str, str]]:
@@ -143,8 +161,7 @@ def test_batcher_token_budget_and_order(engine):
     pairs = _pairs(21)
     jobs = [Job(engine.windows.windows(q, c)) for q, c in pairs]
     seen: list[tuple[int, int, int]] = []
-    batcher = Batcher(gated, BatchConfig(max_batch_tokens=150, max_wait_ms=50, max_queue=64),
-                      lambda *a: seen.append(a))
+    batcher = Batcher(gated, BatchConfig(max_batch_tokens=150, max_wait_ms=50, max_queue=64), lambda *a: seen.append(a))
     batcher.start()
     batcher.submit(jobs[:1])
     assert backend.entered.wait(30)
@@ -161,16 +178,19 @@ def test_batcher_token_budget_and_order(engine):
         batcher.submit(jobs[:1])
 
 
-@pytest.mark.parametrize("body, why", [
-    ('{"question": "who", "context": ', "malformed JSON"),
-    ('{"question": 5, "context": "the king"}', "question not a string"),
-    ('{"question": "who", "context": "the king", "top_k": "3"}', "top_k as a string"),
-    ('{"question": "who", "context": "the king", "top_k": 0}', "top_k < 1"),
-    ('{"question": "who", "context": "the king", "colour": "red"}', "unknown field"),
-    ('{"question": "who"}', "missing context"),
-    ('["who", "the king"]', "not an object"),
-    ('{"question": "   ", "context": "the king"}', "question without tokens"),
-])
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        ('{"question": "who", "context": ', "malformed JSON"),
+        ('{"question": 5, "context": "the king"}', "question not a string"),
+        ('{"question": "who", "context": "the king", "top_k": "3"}', "top_k as a string"),
+        ('{"question": "who", "context": "the king", "top_k": 0}', "top_k < 1"),
+        ('{"question": "who", "context": "the king", "colour": "red"}', "unknown field"),
+        ('{"question": "who"}', "missing context"),
+        ('["who", "the king"]', "not an object"),
+        ('{"question": "   ", "context": "the king"}', "question without tokens"),
+    ],
+)
 def test_bad_requests_get_422_and_server_lives(engine, body, why):
     async def go():
         async with _client(create_app(engine)) as cl:
@@ -190,11 +210,13 @@ def test_oversize_gets_413(engine):
 
     async def go():
         async with _client(create_app(engine, cfg)) as cl:
-            return [await cl.post("/v1/answer", json=_body(q, "word " * 100)),
-                    await cl.post("/v1/answer", json=_body("why " * 100, c)),
-                    await cl.post("/v1/answer_batch", json=[_body(q, c)] * 5),
-                    await cl.post("/v1/answer_batch", json=[_body(q, c), _body(q, "x" * 201)]),
-                    await cl.post("/v1/answer", json=_body(q, c))]
+            return [
+                await cl.post("/v1/answer", json=_body(q, "word " * 100)),
+                await cl.post("/v1/answer", json=_body("why " * 100, c)),
+                await cl.post("/v1/answer_batch", json=[_body(q, c)] * 5),
+                await cl.post("/v1/answer_batch", json=[_body(q, c), _body(q, "x" * 201)]),
+                await cl.post("/v1/answer", json=_body(q, c)),
+            ]
 
     r = asyncio.run(go())
     assert [x.status_code for x in r] == [413, 413, 413, 413, 200]
@@ -250,11 +272,20 @@ def test_client_disconnect_costs_nothing(engine):
             async def send(msg):
                 sent.append(msg)
 
-            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                     "scheme": "http", "path": "/v1/answer", "raw_path": b"/v1/answer", "query_string": b"",
-                     "root_path": "", "headers": [(b"content-type", b"application/json"),
-                                                  (b"content-length", str(len(body)).encode())],
-                     "client": ("127.0.0.1", 1), "server": ("sparseqa", 80)}
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": "/v1/answer",
+                "raw_path": b"/v1/answer",
+                "query_string": b"",
+                "root_path": "",
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                "client": ("127.0.0.1", 1),
+                "server": ("sparseqa", 80),
+            }
             gone = asyncio.ensure_future(app(scope, receive, send))
             while app.state.batcher.depth < 1:
                 await asyncio.sleep(0.01)
@@ -302,10 +333,19 @@ def test_healthz_metrics_docs(engine):
     health, metrics, docs, openapi, missing = asyncio.run(go())
     h = health.json()
     assert health.status_code == 200 and h["status"] == "ok" and h["backend"] == "torch"
-    assert (h["artifact"], h["layers"], h["heads"], h["ffn"]) == (engine.artifact.path.name, len(engine.cfg.heads),
-                                                                  list(engine.cfg.heads), list(engine.cfg.ffn))
-    for name in ("sparseqa_requests_total", "sparseqa_request_latency_seconds_bucket", "sparseqa_batch_tokens_sum",
-                 "sparseqa_batch_windows_count", "sparseqa_queue_depth"):
+    assert (h["artifact"], h["layers"], h["heads"], h["ffn"]) == (
+        engine.artifact.path.name,
+        len(engine.cfg.heads),
+        list(engine.cfg.heads),
+        list(engine.cfg.ffn),
+    )
+    for name in (
+        "sparseqa_requests_total",
+        "sparseqa_request_latency_seconds_bucket",
+        "sparseqa_batch_tokens_sum",
+        "sparseqa_batch_windows_count",
+        "sparseqa_queue_depth",
+    ):
         assert name in metrics.text
     assert docs.status_code == 200 and "/v1/answer_batch" in openapi.json()["paths"]
     assert missing.status_code == 404
@@ -322,9 +362,26 @@ def test_real_server_sigterm_drains_in_flight(artifact, engine):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "engine.serve", str(artifact), "--port", str(port), "--backend",
-                             "torch", "--max-wait-ms", "1500", "--max-batch-tokens", "100000"], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine.serve",
+            str(artifact),
+            "--port",
+            str(port),
+            "--backend",
+            "torch",
+            "--max-wait-ms",
+            "1500",
+            "--max-batch-tokens",
+            "100000",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.time() + 90
         while True:

@@ -29,9 +29,27 @@ SETTINGS = WindowSettings(64, 16, 16)
 
 
 def _finetune_cmd(model: Path, train: Path, dev: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "engine.finetune", *_args(model, train, out, "--eval", str(dev), "--max-steps",
-                                                            "150", "--checkpoint-every", "3", "--lr", "1e-3",
-                                                            "--log-every", "0", *extra)]
+    return [
+        sys.executable,
+        "-m",
+        "engine.finetune",
+        *_args(
+            model,
+            train,
+            out,
+            "--eval",
+            str(dev),
+            "--max-steps",
+            "150",
+            "--checkpoint-every",
+            "3",
+            "--lr",
+            "1e-3",
+            "--log-every",
+            "0",
+            *extra,
+        ),
+    ]
 
 
 def test_resume_after_sigkill_ends_where_uninterrupted_ends(tiny_model, squad_files, tmp_path):  # noqa: F811
@@ -40,8 +58,13 @@ def test_resume_after_sigkill_ends_where_uninterrupted_ends(tiny_model, squad_fi
     full = tmp_path / "full"
     subprocess.run(_finetune_cmd(tiny_model, train, dev, full), env=env, check=True, capture_output=True, cwd=ROOT)
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(_finetune_cmd(tiny_model, train, dev, cut), env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _finetune_cmd(tiny_model, train, dev, cut),
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while not list((cut / "checkpoints").glob("step-*/trainer.json")) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -49,8 +72,9 @@ def test_resume_after_sigkill_ends_where_uninterrupted_ends(tiny_model, squad_fi
     proc.wait()
     done = sorted((cut / "checkpoints").glob("step-*/trainer.json"))
     assert done and done[-1].parent.name != "step-00000150", "the run finished before it could be killed"
-    subprocess.run(_finetune_cmd(tiny_model, train, dev, cut, "--resume"), env=env, check=True, capture_output=True,
-                   cwd=ROOT)
+    subprocess.run(
+        _finetune_cmd(tiny_model, train, dev, cut, "--resume"), env=env, check=True, capture_output=True, cwd=ROOT
+    )
     a = load_file(str(full / "checkpoints" / "step-00000150" / "model.safetensors"))
     b = load_file(str(cut / "checkpoints" / "step-00000150" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -63,10 +87,14 @@ def test_length_grouped_order_is_a_seeded_permutation_of_similar_lengths():
     a = epoch_order(lengths, 16, 3, 1, True)
     assert sorted(a.tolist()) == list(range(1000))
     assert (a == epoch_order(lengths, 16, 3, 1, True)).all() and not (a == epoch_order(lengths, 16, 3, 2, True)).all()
-    spread = [max(lengths[k] for k in a[i:i + 16]) - min(lengths[k] for k in a[i:i + 16]) for i in range(0, 992, 16)]
+    spread = [
+        max(lengths[k] for k in a[i : i + 16]) - min(lengths[k] for k in a[i : i + 16]) for i in range(0, 992, 16)
+    ]
     uniform = epoch_order(lengths, 16, 3, 1, False)
-    spread_u = [max(lengths[k] for k in uniform[i:i + 16]) - min(lengths[k] for k in uniform[i:i + 16])
-                for i in range(0, 992, 16)]
+    spread_u = [
+        max(lengths[k] for k in uniform[i : i + 16]) - min(lengths[k] for k in uniform[i : i + 16])
+        for i in range(0, 992, 16)
+    ]
     assert sum(spread) < 0.2 * sum(spread_u)
 
 
@@ -149,4 +177,6 @@ def test_expected_flops_at_closed_open_gates_equal_exported_count(tmp_path, seq)
     assert float(expected) == exact_flops(cfg.heads, cfg.ffn, cfg.hidden, cfg.head_dim, seq)
     assert float(expected) * seq == encoder_flops(cfg, 1, seq)
     dense = encoder_flops(ck.cfg, 1, seq)
-    assert float(gated.expected_sparsity(ck.cfg, seq)) == pytest.approx(1 - encoder_flops(cfg, 1, seq) / dense, abs=1e-6)
+    assert float(gated.expected_sparsity(ck.cfg, seq)) == pytest.approx(
+        1 - encoder_flops(cfg, 1, seq) / dense, abs=1e-6
+    )

@@ -28,9 +28,13 @@ SMALL = WindowSettings(96, 16, 24)  # the tiny checkpoints have 128 positions
 LENGTHS = [1, 17, 40]
 FP32_ATOL = 1e-4
 # Three layers: 2 heads + odd FFN (29 of 37 units); 0 heads + FFN width 1; 1 head + no FFN.
-RAGGED = {"layers": [{"ffn": list(range(36, 7, -1))},  # 29 units, listed out of order
-                     {"heads": [], "ffn": [5]},
-                     {"heads": [1], "ffn": []}]}
+RAGGED = {
+    "layers": [
+        {"ffn": list(range(36, 7, -1))},  # 29 units, listed out of order
+        {"heads": [], "ffn": [5]},
+        {"heads": [1], "ffn": []},
+    ]
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +43,11 @@ def checkpoints(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("triton_ck")
     spec = root / "ragged.json"
     spec.write_text(json.dumps(RAGGED))
-    return {"bert": make_checkpoint(root / "bert", "bert", layers=3, heads=2, head_dim=32, ffn=37, seed=3),
-            "roberta": make_checkpoint(root / "roberta", "roberta", layers=3, heads=2, head_dim=32, ffn=37, seed=4),
-            "spec": spec}
+    return {
+        "bert": make_checkpoint(root / "bert", "bert", layers=3, heads=2, head_dim=32, ffn=37, seed=3),
+        "roberta": make_checkpoint(root / "roberta", "roberta", layers=3, heads=2, head_dim=32, ffn=37, seed=4),
+        "spec": spec,
+    }
 
 
 _ARTIFACTS: dict = {}
@@ -63,7 +69,7 @@ def _batch(cfg, lengths: list[int], seed: int = 0):
     mask = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
     types = torch.zeros_like(ids)
     if cfg.type_vocab_size > 1:
-        types[:, seq // 3:] = 1
+        types[:, seq // 3 :] = 1
     return ids, mask, types
 
 
@@ -123,8 +129,9 @@ def test_half_within_rounding_of_torch(checkpoints, tmp_path_factory, dtype):
     with torch.no_grad():
         s, e = half(pack(ids, lengths).to(DEVICE), pack(types, lengths).to(DEVICE), cu, max(LENGTHS))
     keep = mask.bool()
-    torch_err = max((s.float().cpu() - ref[0][keep]).abs().max().item(),
-                    (e.float().cpu() - ref[1][keep]).abs().max().item())
+    torch_err = max(
+        (s.float().cpu() - ref[0][keep]).abs().max().item(), (e.float().cpu() - ref[1][keep]).abs().max().item()
+    )
     scale = max(ref[0][keep].abs().max().item(), ref[1][keep].abs().max().item())
     half_ulp = scale * torch.finfo(art.state["qa.weight"].dtype).eps / 2
     assert err <= 3 * torch_err + half_ulp, f"triton {err:.3g} vs torch-{dtype} {torch_err:.3g} (scale {scale:.3g})"

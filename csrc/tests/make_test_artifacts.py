@@ -40,15 +40,23 @@ from engine.features import WindowSettings  # noqa: E402
 from engine.model import RaggedQAModel  # noqa: E402
 from engine.packing import cu_seqlens_from_lengths  # noqa: E402
 
-WORDS = ("the a an of in to is was and for on by with as at from it that this which who what when where how many "
-         "paris france capital city river seine largest population million people year century king queen built "
-         "tower museum louvre art history north south east west world war first second third new old ##s ##ed "
-         "##ing ##ly ##er un ##able ##aff 1 2 3 4 5 0 ##0 ##1 ##2 . , ; : ! ? ' \" ( ) - é 東 京 ##é").split()
-CONTEXT = ("Paris is the capital and largest city of France. With an estimated population of 2 million people, "
-           "it is the centre of the Ile-de-France region. The Louvre, built in the 12th century, is the world's "
-           "most-visited art museum. Paris lies on the river Seine, in the north of the country.")
-QUESTIONS = ("What is the capital of France?", "Which river flows through Paris?", "When was the Louvre built?",
-             "How many people live in Paris?")
+WORDS = (
+    "the a an of in to is was and for on by with as at from it that this which who what when where how many "
+    "paris france capital city river seine largest population million people year century king queen built "
+    "tower museum louvre art history north south east west world war first second third new old ##s ##ed "
+    "##ing ##ly ##er un ##able ##aff 1 2 3 4 5 0 ##0 ##1 ##2 . , ; : ! ? ' \" ( ) - é 東 京 ##é"
+).split()
+CONTEXT = (
+    "Paris is the capital and largest city of France. With an estimated population of 2 million people, "
+    "it is the centre of the Ile-de-France region. The Louvre, built in the 12th century, is the world's "
+    "most-visited art museum. Paris lies on the river Seine, in the north of the country."
+)
+QUESTIONS = (
+    "What is the capital of France?",
+    "Which river flows through Paris?",
+    "When was the Louvre built?",
+    "How many people live in Paris?",
+)
 
 
 def make_tokenizer(out: Path) -> Path:
@@ -57,7 +65,7 @@ def make_tokenizer(out: Path) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(dict.fromkeys(WORDS))
-    vocab += [c for c in "abcdefghijklmnopqrstuvwxyz"] + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    vocab += list("abcdefghijklmnopqrstuvwxyz") + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
     (out / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n", encoding="utf-8")
     BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True).save_pretrained(str(out))
     return out
@@ -93,8 +101,14 @@ NOISE = 1e-6  # relative perturbation of the embeddings for the noise floor: the
 NOISE_TRIALS = 3
 
 
-def noise_floor(model: RaggedQAModel, ids: torch.Tensor, types: torch.Tensor, cu: torch.Tensor, max_seqlen: int,
-                logits: torch.Tensor) -> float:
+def noise_floor(
+    model: RaggedQAModel,
+    ids: torch.Tensor,
+    types: torch.Tensor,
+    cu: torch.Tensor,
+    max_seqlen: int,
+    logits: torch.Tensor,
+) -> float:
     """How far `model`'s logits (`logits`: start and end, concatenated) move when its embeddings are perturbed by
     relative noise NOISE: max over NOISE_TRIALS seeds of the L2 distance.
 
@@ -116,8 +130,9 @@ def noise_floor(model: RaggedQAModel, ids: torch.Tensor, types: torch.Tensor, cu
     return worst
 
 
-def write_reference(art: Path, lengths: list[int], seed: int, fp32_state: dict[str, torch.Tensor] | None = None
-                    ) -> None:
+def write_reference(
+    art: Path, lengths: list[int], seed: int, fp32_state: dict[str, torch.Tensor] | None = None
+) -> None:
     """Packed random inputs and the reference logits of the torch backend's numerics for the artifact's dtype: fp32
     (weights as stored, upcast) for float32/float16, engine.quant's bf16 / int8 modules for bfloat16 / int8. For the
     latter two also the fp32 logits of the model they approximate (`fp32_state`, default: the stored weights
@@ -150,27 +165,66 @@ def write_reference(art: Path, lengths: list[int], seed: int, fp32_state: dict[s
     save_file(out, str(art / "reference.safetensors"))
 
 
-def int8_artifacts(out: Path, cfg: EncoderConfig, state: dict[str, torch.Tensor], tok: Path,
-                   settings: WindowSettings, lengths: list[int]) -> None:
+def int8_artifacts(
+    out: Path,
+    cfg: EncoderConfig,
+    state: dict[str, torch.Tensor],
+    tok: Path,
+    settings: WindowSettings,
+    lengths: list[int],
+) -> None:
     """tiny_bert_int8 (dynamic) and tiny_bert_int8s (static scales calibrated on random token batches)."""
     from engine.artifact import ActivationQuant, Quantization
     from engine.features import PackedBatch
     from engine.quant import calibrate, quantize_state
 
-    save_artifact(out / "tiny_bert_int8", cfg, quantize_state(cfg, state), tok, settings, "int8", null_threshold=0.5,
-                  source={"test": "tiny_bert_int8"}, quantization=Quantization(ActivationQuant.DYNAMIC))
+    save_artifact(
+        out / "tiny_bert_int8",
+        cfg,
+        quantize_state(cfg, state),
+        tok,
+        settings,
+        "int8",
+        null_threshold=0.5,
+        source={"test": "tiny_bert_int8"},
+        quantization=Quantization(ActivationQuant.DYNAMIC),
+    )
     write_reference(out / "tiny_bert_int8", lengths, 1, fp32_state=state)
     gen = torch.Generator().manual_seed(6)
     cal_lengths = [64, 40, 17, 64]
-    batches = [PackedBatch(torch.randint(0, cfg.vocab_size, (sum(cal_lengths),), generator=gen),
-                           torch.randint(0, cfg.type_vocab_size, (sum(cal_lengths),), generator=gen),
-                           cu_seqlens_from_lengths(cal_lengths), max(cal_lengths)) for _ in range(2)]
+    batches = [
+        PackedBatch(
+            torch.randint(0, cfg.vocab_size, (sum(cal_lengths),), generator=gen),
+            torch.randint(0, cfg.type_vocab_size, (sum(cal_lengths),), generator=gen),
+            cu_seqlens_from_lengths(cal_lengths),
+            max(cal_lengths),
+        )
+        for _ in range(2)
+    ]
     absmax = calibrate(_fp32_model(cfg, state), batches)
-    quant = Quantization(ActivationQuant.STATIC, {"file": "random token batches", "samples_requested": 0,
-                                                  "examples": 0, "windows": 8, "tokens": 2 * sum(cal_lengths),
-                                                  "statistic": "absmax_per_input_channel", "smoothing_alpha": 1.0})
-    save_artifact(out / "tiny_bert_int8s", cfg, quantize_state(cfg, state, absmax), tok, settings, "int8",
-                  null_threshold=0.5, source={"test": "tiny_bert_int8s"}, quantization=quant)
+    quant = Quantization(
+        ActivationQuant.STATIC,
+        {
+            "file": "random token batches",
+            "samples_requested": 0,
+            "examples": 0,
+            "windows": 8,
+            "tokens": 2 * sum(cal_lengths),
+            "statistic": "absmax_per_input_channel",
+            "smoothing_alpha": 1.0,
+        },
+    )
+    save_artifact(
+        out / "tiny_bert_int8s",
+        cfg,
+        quantize_state(cfg, state, absmax),
+        tok,
+        settings,
+        "int8",
+        null_threshold=0.5,
+        source={"test": "tiny_bert_int8s"},
+        quantization=quant,
+    )
     write_reference(out / "tiny_bert_int8s", lengths, 1, fp32_state=state)
 
 
@@ -183,9 +237,18 @@ def write_answers(art: Path) -> None:
     for q in QUESTIONS:
         for threshold in (None, -1e9, 1e9):
             a = eng.answer(q, CONTEXT, max_answer_length=8, null_threshold=threshold)
-            answers.append({"question": q, "null_threshold": threshold, "text": a.text, "start": a.start,
-                            "end": a.end, "score": a.score, "no_answer": a.no_answer,
-                            "null_score_diff": a.null_score_diff})
+            answers.append(
+                {
+                    "question": q,
+                    "null_threshold": threshold,
+                    "text": a.text,
+                    "start": a.start,
+                    "end": a.end,
+                    "score": a.score,
+                    "no_answer": a.no_answer,
+                    "null_score_diff": a.null_score_diff,
+                }
+            )
     (art / "answers.json").write_text(json.dumps({"context": CONTEXT, "answers": answers}, indent=1))
 
 
@@ -196,25 +259,51 @@ def main() -> None:
     vocab = len((tok / "vocab.txt").read_text(encoding="utf-8").split())
     settings = WindowSettings(max_seq_length=64, doc_stride=16, max_query_length=16)
     lengths = [1, 7, 33, 0, 130, 300]
-    base = dict(architecture="bert", vocab_size=vocab, hidden=96, head_dim=32, heads=(3, 0, 1, 2), ffn=(50, 37, 0, 64),
-                max_position_embeddings=320, type_vocab_size=2, layer_norm_eps=1e-12, activation="gelu",
-                pad_token_id=0, position_offset=0)
+    base = dict(
+        architecture="bert",
+        vocab_size=vocab,
+        hidden=96,
+        head_dim=32,
+        heads=(3, 0, 1, 2),
+        ffn=(50, 37, 0, 64),
+        max_position_embeddings=320,
+        type_vocab_size=2,
+        layer_norm_eps=1e-12,
+        activation="gelu",
+        pad_token_id=0,
+        position_offset=0,
+    )
     cfg = EncoderConfig(**base)
     state, smooth = random_state(cfg, 0), random_state(cfg, 0, linear_std=0.05)
-    for name, dtype, st in (("tiny_bert", "float32", state), ("tiny_bert_bf16", "bfloat16", smooth),
-                            ("tiny_bert_fp16", "float16", state)):
+    for name, dtype, st in (
+        ("tiny_bert", "float32", state),
+        ("tiny_bert_bf16", "bfloat16", smooth),
+        ("tiny_bert_fp16", "float16", state),
+    ):
         save_artifact(out / name, cfg, st, tok, settings, dtype, null_threshold=0.5, source={"test": name})
         write_reference(out / name, lengths, 1)
     int8_artifacts(out, cfg, smooth, tok, settings, lengths)
-    cfg24 = EncoderConfig(**{**base, "hidden": 48, "head_dim": 24, "heads": (2, 1), "ffn": (31, 0),
-                             "activation": "gelu_new"})
+    cfg24 = EncoderConfig(
+        **{**base, "hidden": 48, "head_dim": 24, "heads": (2, 1), "ffn": (31, 0), "activation": "gelu_new"}
+    )
     save_artifact(out / "tiny_hd24", cfg24, random_state(cfg24, 2), tok, settings)
     write_reference(out / "tiny_hd24", lengths, 3)
     bpe = train_bpe([CONTEXT, *QUESTIONS, " ".join(WORDS)] * 10, out / "bpe_tokenizer", vocab_size=400)
     bpe_vocab = len(json.loads((bpe / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"])
-    cfg_rb = EncoderConfig(**{**base, "architecture": "roberta", "heads": (0, 2, 3), "ffn": (0, 40, 33),
-                              "activation": "relu", "type_vocab_size": 1, "pad_token_id": 1, "position_offset": 2,
-                              "max_position_embeddings": 302 + 2, "vocab_size": max(vocab, bpe_vocab)})
+    cfg_rb = EncoderConfig(
+        **{
+            **base,
+            "architecture": "roberta",
+            "heads": (0, 2, 3),
+            "ffn": (0, 40, 33),
+            "activation": "relu",
+            "type_vocab_size": 1,
+            "pad_token_id": 1,
+            "position_offset": 2,
+            "max_position_embeddings": 302 + 2,
+            "vocab_size": max(vocab, bpe_vocab),
+        }
+    )
     save_artifact(out / "tiny_roberta", cfg_rb, random_state(cfg_rb, 4), bpe, settings)
     write_reference(out / "tiny_roberta", lengths, 5)
     for name in ("tiny_bert", "tiny_roberta"):

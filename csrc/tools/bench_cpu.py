@@ -42,8 +42,10 @@ def attention(threads: int, reps: int) -> None:
             bias = 0.1 * torch.randn(3 * heads * head_dim)
             cu = torch.arange(0, total + 1, s, dtype=torch.int32)
             q, k, v = (qkv + bias).view(b, s, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            fns = {"fused": lambda: _C.testing.cpu_attention(qkv, bias, cu, heads, s),
-                   "sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+            fns = {
+                "fused": lambda: _C.testing.cpu_attention(qkv, bias, cu, heads, s),
+                "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+            }
             best = {n: float("inf") for n in fns}
             for _ in range(reps):
                 for n, f in fns.items():
@@ -51,13 +53,17 @@ def attention(threads: int, reps: int) -> None:
                     f()
                     best[n] = min(best[n], time.perf_counter() - t0)
             flops = 4 * b * s * s * heads * head_dim
-            print(f"d_h={head_dim:<3} {b:>3}x{s:<4} " + "  ".join(
-                f"{n} {flops / t / 1e9:6.1f} GFLOP/s ({t * 1e3:6.2f} ms)" for n, t in best.items()), flush=True)
+            print(
+                f"d_h={head_dim:<3} {b:>3}x{s:<4} "
+                + "  ".join(f"{n} {flops / t / 1e9:6.1f} GFLOP/s ({t * 1e3:6.2f} ms)" for n, t in best.items()),
+                flush=True,
+            )
 
 
 def breakdown(models: list[str], shapes: list[tuple[int, int]], reps: int) -> None:
-    """Single-threaded split of one C++ engine forward into its GEMMs (oneDNN, the model's exact shapes), fused
-    attention and the rest (embeddings, LayerNorms, GELU epilogues, copies, call overhead), by timing each part alone."""
+    """Single-threaded split of one C++ engine forward into its GEMMs (oneDNN, the model's exact shapes),
+    fused attention and the rest (embeddings, LayerNorms, GELU epilogues, copies, call overhead), by timing each
+    part alone."""
     from engine import _C
     from engine.qa import QAEngine
 
@@ -87,7 +93,8 @@ def breakdown(models: list[str], shapes: list[tuple[int, int]], reps: int) -> No
             for heads, ffn in zip(cfg.heads, cfg.ffn):
                 w = heads * cfg.head_dim
                 shapes_nk = ([(3 * w, cfg.hidden), (cfg.hidden, w)] if heads else []) + (
-                    [(ffn, cfg.hidden), (cfg.hidden, ffn)] if ffn else [])
+                    [(ffn, cfg.hidden), (cfg.hidden, ffn)] if ffn else []
+                )
                 for n, k in shapes_nk:
                     packed = torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k), None)
                     x, bias = torch.randn(total_tokens, k), torch.randn(n)
@@ -96,9 +103,11 @@ def breakdown(models: list[str], shapes: list[tuple[int, int]], reps: int) -> No
                     qkv = torch.randn(total_tokens, 3 * w)
                     attn += best(lambda: _C.testing.cpu_attention(qkv, torch.zeros(3 * w), cu, heads, s))
             rest = fwd - gemm - attn
-            print(f"{m.name:<12} {b:>3}x{s:<4} forward {fwd * 1e3:7.2f}  gemm {gemm * 1e3:7.2f} ({gemm / fwd:4.0%})  "
-                  f"attention {attn * 1e3:6.2f} ({attn / fwd:4.0%})  rest {rest * 1e3:6.2f} ({rest / fwd:4.0%})",
-                  flush=True)
+            print(
+                f"{m.name:<12} {b:>3}x{s:<4} forward {fwd * 1e3:7.2f}  gemm {gemm * 1e3:7.2f} ({gemm / fwd:4.0%})  "
+                f"attention {attn * 1e3:6.2f} ({attn / fwd:4.0%})  rest {rest * 1e3:6.2f} ({rest / fwd:4.0%})",
+                flush=True,
+            )
 
 
 def main() -> None:

@@ -65,8 +65,9 @@ def _other_paragraph(e: Example, contexts: Sequence[str], rng: random.Random) ->
     return rng.choice(options) if options else None
 
 
-def make_negatives(examples: Sequence[Example], ratio: float, seed: int, real_factor: int = 2,
-                   other_paragraph_share: float = 0.0) -> list[Example]:
+def make_negatives(
+    examples: Sequence[Example], ratio: float, seed: int, real_factor: int = 2, other_paragraph_share: float = 0.0
+) -> list[Example]:
     """Unanswerable examples numbering about `ratio` x (#answerable examples); deterministic in `seed`.
 
     The budget is filled first with the real unanswerables (each `real_factor` times, at most the budget), then
@@ -75,8 +76,10 @@ def make_negatives(examples: Sequence[Example], ratio: float, seed: int, real_fa
     difference. New qids are `{qid}_nosent`, `{qid}_nopara` and `{qid}_dup{k}`.
     """
     if ratio < 0 or real_factor < 0 or not 0.0 <= other_paragraph_share <= 1.0:
-        raise ValueError(f"need ratio >= 0, real_factor >= 0, 0 <= other_paragraph_share <= 1; got {ratio}, "
-                         f"{real_factor}, {other_paragraph_share}")
+        raise ValueError(
+            f"need ratio >= 0, real_factor >= 0, 0 <= other_paragraph_share <= 1; got {ratio}, "
+            f"{real_factor}, {other_paragraph_share}"
+        )
     rng = random.Random(seed)
     answerable = [e for e in examples if not e.is_impossible]
     real = [e for e in examples if e.is_impossible]
@@ -116,8 +119,9 @@ def make_negatives(examples: Sequence[Example], ratio: float, seed: int, real_fa
     return out
 
 
-def with_negatives(examples: Sequence[Example], ratio: float, seed: int, real_factor: int = 2,
-                   other_paragraph_share: float = 0.0) -> list[Example]:
+def with_negatives(
+    examples: Sequence[Example], ratio: float, seed: int, real_factor: int = 2, other_paragraph_share: float = 0.0
+) -> list[Example]:
     """The answerable examples plus `make_negatives(...)`, shuffled by `seed`."""
     out = [e for e in examples if not e.is_impossible]
     out += make_negatives(examples, ratio, seed, real_factor, other_paragraph_share)

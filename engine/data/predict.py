@@ -37,9 +37,14 @@ def _eval_batches(features: Sequence[EvalFeature], tokens_per_batch: int) -> Ite
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, examples: Sequence[Example], maker: WindowMaker, tokens_per_batch: int = 8192,
-            max_answer_length: int = MAX_ANSWER_TOKENS, progress: bool = True
-            ) -> tuple[dict[str, str], dict[str, float]]:
+def predict(
+    model: nn.Module,
+    examples: Sequence[Example],
+    maker: WindowMaker,
+    tokens_per_batch: int = 8192,
+    max_answer_length: int = MAX_ANSWER_TOKENS,
+    progress: bool = True,
+) -> tuple[dict[str, str], dict[str, float]]:
     """(best non-null answer text, null_score_diff) per qid, decoded by `engine.decode.decode` (QAEngine's rules)."""
     was_training = model.training
     model.eval()
@@ -52,7 +57,7 @@ def predict(model: nn.Module, examples: Sequence[Example], maker: WindowMaker, t
         start, end = start.float().numpy(), end.float().numpy()  # (T,)
         bounds = packed.cu_seqlens.tolist()
         for b, k in enumerate(idx):
-            logits[k] = (start[bounds[b]: bounds[b + 1]], end[bounds[b]: bounds[b + 1]])
+            logits[k] = (start[bounds[b] : bounds[b + 1]], end[bounds[b] : bounds[b + 1]])
         bar.update(len(idx))
     bar.close()
     model.train(was_training)
@@ -62,22 +67,29 @@ def predict(model: nn.Module, examples: Sequence[Example], maker: WindowMaker, t
     preds, diffs = {}, {}
     for n, e in enumerate(examples):
         ks = per_example[n]
-        spans, null = decode([features[k].window for k in ks], [logits[k][0] for k in ks],
-                             [logits[k][1] for k in ks], max_answer_length)
+        spans, null = decode(
+            [features[k].window for k in ks], [logits[k][0] for k in ks], [logits[k][1] for k in ks], max_answer_length
+        )
         best = spans[0] if spans else None
-        preds[e.qid] = e.context[best.start: best.end] if best else ""
+        preds[e.qid] = e.context[best.start : best.end] if best else ""
         diffs[e.qid] = null - (best.score if best else -np.inf)
     return preds, diffs
 
 
-def predictions_at(best_text: Mapping[str, str], null_score_diff: Mapping[str, float], threshold: float
-                   ) -> dict[str, str]:
+def predictions_at(
+    best_text: Mapping[str, str], null_score_diff: Mapping[str, float], threshold: float
+) -> dict[str, str]:
     """Final SQuAD 2.0 answers: "" where null_score_diff > threshold, else the best span's text."""
     return {q: "" if null_score_diff[q] > threshold else t for q, t in best_text.items()}
 
 
-def evaluate_model(model: nn.Module, examples: Sequence[Example], maker: WindowMaker, tokens_per_batch: int = 8192,
-                   progress: bool = True) -> dict[str, Any]:
+def evaluate_model(
+    model: nn.Module,
+    examples: Sequence[Example],
+    maker: WindowMaker,
+    tokens_per_batch: int = 8192,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Official metrics at threshold 0 and at the tuned best-F1 threshold, plus the null-score AUC (or None)."""
     best_text, diffs = predict(model, examples, maker, tokens_per_batch, progress=progress)
     gold = gold_of(examples)
@@ -85,5 +97,11 @@ def evaluate_model(model: nn.Module, examples: Sequence[Example], maker: WindowM
     threshold = float(at_zero["best_f1_thresh"])
     at_best = evaluate_gold(gold, best_text, diffs, na_prob_thresh=threshold)
     has_both = any(gold.values()) and not all(gold.values())
-    return {"at_zero": at_zero, "at_best": at_best, "null_threshold": threshold,
-            "auc": auc(diffs, gold) if has_both else None, "predictions": best_text, "null_score_diff": diffs}
+    return {
+        "at_zero": at_zero,
+        "at_best": at_best,
+        "null_threshold": threshold,
+        "auc": auc(diffs, gold) if has_both else None,
+        "predictions": best_text,
+        "null_score_diff": diffs,
+    }

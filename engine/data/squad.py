@@ -22,9 +22,23 @@ from engine.data.squad_metric import auc as _auc
 from engine.data.squad_metric import evaluate_gold, gold_answers, normalize_answer
 from engine.features import Window, WindowMaker, span_labels
 
-__all__ = ["Example", "TrainFeature", "EvalFeature", "load_squad", "read_squad_json", "find_train_files",
-           "split_by_title", "examples_to_squad", "train_features", "eval_features", "gold_of", "evaluate", "auc",
-           "normalize_answer", "main"]
+__all__ = [
+    "Example",
+    "TrainFeature",
+    "EvalFeature",
+    "load_squad",
+    "read_squad_json",
+    "find_train_files",
+    "split_by_title",
+    "examples_to_squad",
+    "train_features",
+    "eval_features",
+    "gold_of",
+    "evaluate",
+    "auc",
+    "normalize_answer",
+    "main",
+]
 
 
 @dataclass(frozen=True)
@@ -119,12 +133,21 @@ def examples_to_squad(examples: Iterable[Example], version: str = "v2.0") -> dic
     articles: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for e in examples:
         paras = articles.setdefault(e.title, {})
-        paras.setdefault(e.context, []).append({
-            "id": e.qid, "question": e.question, "is_impossible": e.is_impossible,
-            "answers": [{"text": t, "answer_start": s} for t, s in e.answers]})
-    return {"version": version, "data": [
-        {"title": t, "paragraphs": [{"context": c, "qas": qas} for c, qas in paras.items()]}
-        for t, paras in articles.items()]}
+        paras.setdefault(e.context, []).append(
+            {
+                "id": e.qid,
+                "question": e.question,
+                "is_impossible": e.is_impossible,
+                "answers": [{"text": t, "answer_start": s} for t, s in e.answers],
+            }
+        )
+    return {
+        "version": version,
+        "data": [
+            {"title": t, "paragraphs": [{"context": c, "qas": qas} for c, qas in paras.items()]}
+            for t, paras in articles.items()
+        ],
+    }
 
 
 class _Tokenized:
@@ -172,8 +195,12 @@ def gold_of(examples: Iterable[Example]) -> dict[str, list[str]]:
     return {e.qid: [t for t, _ in e.answers] for e in examples}
 
 
-def evaluate(dataset: Mapping[str, Any] | str | Path, predictions: Mapping[str, str],
-             na_probs: Mapping[str, float] | None = None, na_prob_thresh: float = 1.0) -> dict[str, float]:
+def evaluate(
+    dataset: Mapping[str, Any] | str | Path,
+    predictions: Mapping[str, str],
+    na_probs: Mapping[str, float] | None = None,
+    na_prob_thresh: float = 1.0,
+) -> dict[str, float]:
     """Official SQuAD 2.0 scores (0-100) of {qid: text} ("" = no answer) against a dataset dict or file path.
 
     Keys: exact, f1, total, HasAns_exact/f1/total and NoAns_* when those sets are non-empty, and with na_probs
@@ -191,14 +218,24 @@ def auc(null_score_diff: Mapping[str, float], dataset: Mapping[str, Any] | str |
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: score a predictions file against a SQuAD file and print the official JSON."""
-    ap = argparse.ArgumentParser(prog="python -m engine.data.squad",
-                                 description="Official SQuAD 2.0 evaluation (missing predictions count as wrong).")
+    ap = argparse.ArgumentParser(
+        prog="python -m engine.data.squad",
+        description="Official SQuAD 2.0 evaluation (missing predictions count as wrong).",
+    )
     ap.add_argument("data_file", type=Path, help="SQuAD JSON dataset (.json or .json.gz)")
     ap.add_argument("pred_file", type=Path, help='JSON {qid: answer text}, "" for no answer')
-    ap.add_argument("--na-prob-file", type=Path, default=None,
-                    help="JSON {qid: no-answer score}, e.g. null_score_diff; enables the best-threshold search")
-    ap.add_argument("--na-prob-thresh", type=float, default=1.0,
-                    help="predict no answer where the no-answer score exceeds this (default 1.0)")
+    ap.add_argument(
+        "--na-prob-file",
+        type=Path,
+        default=None,
+        help="JSON {qid: no-answer score}, e.g. null_score_diff; enables the best-threshold search",
+    )
+    ap.add_argument(
+        "--na-prob-thresh",
+        type=float,
+        default=1.0,
+        help="predict no answer where the no-answer score exceeds this (default 1.0)",
+    )
     ap.add_argument("--auc", action="store_true", help="also report the ROC AUC of the no-answer scores")
     args = ap.parse_args(argv)
     dataset = read_squad_json(args.data_file)

@@ -81,8 +81,9 @@ def raw_scores(gold: Mapping[str, list[str]], preds: Mapping[str, str]) -> tuple
     return exact, f1
 
 
-def apply_no_ans_threshold(scores: Mapping[str, float], na_probs: Mapping[str, float],
-                           has_ans: Mapping[str, bool], na_prob_thresh: float) -> dict[str, float]:
+def apply_no_ans_threshold(
+    scores: Mapping[str, float], na_probs: Mapping[str, float], has_ans: Mapping[str, bool], na_prob_thresh: float
+) -> dict[str, float]:
     """Scores after predicting "no answer" wherever na_prob > na_prob_thresh."""
     return {qid: float(not has_ans[qid]) if na_probs[qid] > na_prob_thresh else s for qid, s in scores.items()}
 
@@ -91,12 +92,16 @@ def _eval_dict(exact: Mapping[str, float], f1: Mapping[str, float], qids: Iterab
     """exact/f1 (0-100) and total over `qids`; a qid missing from the scores counts 0."""
     qids = list(qids)
     total = len(qids)
-    return {"exact": 100.0 * sum(exact.get(q, 0.0) for q in qids) / total,
-            "f1": 100.0 * sum(f1.get(q, 0.0) for q in qids) / total, "total": total}
+    return {
+        "exact": 100.0 * sum(exact.get(q, 0.0) for q in qids) / total,
+        "f1": 100.0 * sum(f1.get(q, 0.0) for q in qids) / total,
+        "total": total,
+    }
 
 
-def find_best_thresh(preds: Mapping[str, str], scores: Mapping[str, float], na_probs: Mapping[str, float],
-                     has_ans: Mapping[str, bool]) -> tuple[float, float]:
+def find_best_thresh(
+    preds: Mapping[str, str], scores: Mapping[str, float], na_probs: Mapping[str, float], has_ans: Mapping[str, bool]
+) -> tuple[float, float]:
     """(best score 0-100, its threshold), sweeping na_probs ascending from the all-null score as the official does."""
     # Start as if every question were answered "no answer"; threshold 0.0 stands for that state (official quirk).
     cur = sum(1 for q, h in has_ans.items() if not h and q in scores)
@@ -114,19 +119,25 @@ def find_best_thresh(preds: Mapping[str, str], scores: Mapping[str, float], na_p
     return 100.0 * best / len(has_ans), best_thresh
 
 
-def evaluate_gold(gold: Mapping[str, list[str]], predictions: Mapping[str, str],
-                  na_probs: Mapping[str, float] | None = None, na_prob_thresh: float = 1.0) -> dict[str, float]:
+def evaluate_gold(
+    gold: Mapping[str, list[str]],
+    predictions: Mapping[str, str],
+    na_probs: Mapping[str, float] | None = None,
+    na_prob_thresh: float = 1.0,
+) -> dict[str, float]:
     """Official SQuAD 2.0 scores of `predictions` against qid -> gold texts ([] = unanswerable)."""
     if not gold:
         raise ValueError("the dataset has no questions")
     missing = [q for q in gold if q not in predictions]
     if missing:
-        warnings.warn(f"{len(missing)} of {len(gold)} questions have no prediction (e.g. {missing[0]!r}); "
-                      f"they count as wrong", stacklevel=3)
+        warnings.warn(
+            f"{len(missing)} of {len(gold)} questions have no prediction (e.g. {missing[0]!r}); they count as wrong",
+            stacklevel=3,
+        )
     preds = {q: p for q, p in predictions.items() if q in gold}
     has_na_probs = na_probs is not None
     if na_probs is None:
-        na_probs = {q: 0.0 for q in preds}
+        na_probs = dict.fromkeys(preds, 0.0)
     else:
         lacking = [q for q in preds if q not in na_probs]
         if lacking:

@@ -25,8 +25,9 @@ def deterministic_shape(gated: GatedQAModel) -> EncoderConfig:
 
 
 @torch.no_grad()
-def calibrate(gated: GatedQAModel, dense: EncoderConfig, target: float, seq_len: int = 384, by: str = "flops",
-              tol: float = 0.005) -> dict[str, float]:
+def calibrate(
+    gated: GatedQAModel, dense: EncoderConfig, target: float, seq_len: int = 384, by: str = "flops", tol: float = 0.005
+) -> dict[str, float]:
     """Make the deterministic gates meet `target` within about `tol`, re-ranking heads and units by log_alpha.
 
     The Lagrangian steers *expected* sparsity; deterministic gates can land slightly off. When they miss by
@@ -48,8 +49,10 @@ def calibrate(gated: GatedQAModel, dense: EncoderConfig, target: float, seq_len:
     open_f = [True] * cfg.num_layers if gated.ffn_layer_gate is None else gated.ffn_layer_gate.keep_mask().tolist()
     cands = []  # (log_alpha, cost, gate module, index); closed sublayers stay closed
     for i in range(cfg.num_layers):
-        for gate, n, cost, is_open in ((gated.head_gates[i], cfg.heads[i], head_cost, open_h[i]),
-                                       (gated.ffn_gates[i], cfg.ffn[i], unit_cost, open_f[i])):
+        for gate, n, cost, is_open in (
+            (gated.head_gates[i], cfg.heads[i], head_cost, open_h[i]),
+            (gated.ffn_gates[i], cfg.ffn[i], unit_cost, open_f[i]),
+        ):
             if is_open:
                 cands += [(float(gate.log_alpha[j]), cost, gate, j) for j in range(n)]
     budget, kept, changed = (1 - target) * full, 0.0, 0

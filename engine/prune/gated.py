@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from engine.config import EncoderConfig
+from engine.flops import exact_flops, exact_params, expected_flops, expected_params
 from engine.model import RaggedQAModel, attention_packed
 from engine.prune.gates import HardConcreteGate
-from engine.flops import exact_flops, exact_params, expected_flops, expected_params
 
 
 class GatedQAModel(nn.Module):
@@ -50,8 +50,14 @@ class GatedQAModel(nn.Module):
         """The wrapped model's weights."""
         return list(self.base.parameters())
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, cu_seqlens: torch.Tensor,
-                max_seqlen: int, output_hidden_states: bool = False):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        output_hidden_states: bool = False,
+    ):
         """Packed `[T]` ids -> start/end logits `[T]` (+ hidden states); gates sampled once per call in training."""
         base = self.base
         if token_type_ids is None:

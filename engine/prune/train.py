@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.data.predict import evaluate_model
 from engine.data.squad import train_features
 from engine.features import WindowMaker, WindowSettings, load_tokenizer
-from engine.data.predict import evaluate_model
 from engine.finetune import add_data_args, add_speed_args, cli_args, prepare_data, setup_threads, train_config
 from engine.model import RaggedQAModel
 from engine.prune.distributed import Dist
@@ -80,18 +80,25 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--checkpoint-every", type=int, default=200)
     ap.add_argument("--keep-checkpoints", type=int, default=2, help="how many resumable states to keep per phase")
     ap.add_argument("--eval-every", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--teacher-logits", choices=["cached", "live"], default="cached",
-                    help="cached: teacher logits computed once by the inference engine and reused by every student "
-                         "of this teacher (default; hidden-state distillation always runs the teacher live)")
+    ap.add_argument(
+        "--teacher-logits",
+        choices=["cached", "live"],
+        default="cached",
+        help="cached: teacher logits computed once by the inference engine and reused by every student "
+        "of this teacher (default; hidden-state distillation always runs the teacher live)",
+    )
     ap.add_argument("--teacher-cache", type=Path, help="cache file or directory (default: OUT/../teacher-logits)")
-    ap.add_argument("--teacher-precision", choices=PRECISIONS, default="float32",
-                    help="artifact precision the cached teacher logits are computed in")
+    ap.add_argument(
+        "--teacher-precision",
+        choices=PRECISIONS,
+        default="float32",
+        help="artifact precision the cached teacher logits are computed in",
+    )
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--time-budget-min", type=float, help="per phase: stop (and save) after this many minutes")
     ap.add_argument("--resume", action="store_true", help="continue from OUT's newest checkpoint")
     add_speed_args(ap)
-    ap.add_argument("--bf16", action="store_const", const="bf16", dest="precision",
-                    help="same as --precision bf16")
+    ap.add_argument("--bf16", action="store_const", const="bf16", dest="precision", help="same as --precision bf16")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -121,15 +128,25 @@ def _teacher_source(args: argparse.Namespace, settings: WindowSettings, features
     if args.teacher_logits == "live" or args.hidden_weight > 0:
         return LiveTeacher(_teacher(args))
     cache = args.teacher_cache or args.out.resolve().parent / "teacher-logits"
-    return cached_teacher(args.teacher, settings, features, cache, args.teacher_precision, threads=threads,
-                          progress=not args.no_progress)
+    return cached_teacher(
+        args.teacher, settings, features, cache, args.teacher_precision, threads=threads, progress=not args.no_progress
+    )
 
 
 def metrics_row(result: dict[str, Any]) -> dict[str, Any]:
     z, b = result["at_zero"], result["at_best"]
-    return {"exact": z["exact"], "f1": z["f1"], "best_f1": z.get("best_f1"), "best_f1_thresh": z.get("best_f1_thresh"),
-            "HasAns_f1": b.get("HasAns_f1"), "NoAns_f1": b.get("NoAns_f1"), "HasAns_f1_at_zero": z.get("HasAns_f1"),
-            "NoAns_f1_at_zero": z.get("NoAns_f1"), "auc": result["auc"], "null_threshold": result["null_threshold"]}
+    return {
+        "exact": z["exact"],
+        "f1": z["f1"],
+        "best_f1": z.get("best_f1"),
+        "best_f1_thresh": z.get("best_f1_thresh"),
+        "HasAns_f1": b.get("HasAns_f1"),
+        "NoAns_f1": b.get("NoAns_f1"),
+        "HasAns_f1_at_zero": z.get("HasAns_f1"),
+        "NoAns_f1_at_zero": z.get("NoAns_f1"),
+        "auc": result["auc"],
+        "null_threshold": result["null_threshold"],
+    }
 
 
 def prune(args: argparse.Namespace) -> dict[str, Any]:
@@ -181,21 +198,49 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
             return trainer.controller.penalty(s_hat, t), {"s_hat": float(s_hat.detach()), "t": t}
 
         # Gates and multipliers use a shorter second-moment memory (beta2 0.99): with 0.999, closed gates stall.
-        groups = [*weight_groups(trainer.gated.base, args.lr, args.weight_decay),
-                  ParamGroup("gates", tuple(trainer.gated.gate_parameters()), args.gate_lr, scheduled=False,
-                             clipped=False, beta2=0.99),
-                  ParamGroup("lambdas", tuple(trainer.controller.lambda_parameters()), args.lambda_lr,
-                             scheduled=False, ascent=True, clipped=False, beta2=0.99)]
-        train(trainer, features, train_config(args, "gates", args.epochs, args.max_steps, dist.device), groups,
-              out / "checkpoints" / "gates", forward=trainer.gated, hooks=Hooks(penalty=penalty), **common)
+        groups = [
+            *weight_groups(trainer.gated.base, args.lr, args.weight_decay),
+            ParamGroup(
+                "gates",
+                tuple(trainer.gated.gate_parameters()),
+                args.gate_lr,
+                scheduled=False,
+                clipped=False,
+                beta2=0.99,
+            ),
+            ParamGroup(
+                "lambdas",
+                tuple(trainer.controller.lambda_parameters()),
+                args.lambda_lr,
+                scheduled=False,
+                ascent=True,
+                clipped=False,
+                beta2=0.99,
+            ),
+        ]
+        train(
+            trainer,
+            features,
+            train_config(args, "gates", args.epochs, args.max_steps, dist.device),
+            groups,
+            out / "checkpoints" / "gates",
+            forward=trainer.gated,
+            hooks=Hooks(penalty=penalty),
+            **common,
+        )
         trainer.gated.eval()
         cal = calibrate(trainer.gated, dense, target, args.flops_seq_len, by)
         cfg, state = export_ragged(trainer.gated)
-        gate_info = {"mode": "l0", "calibration": cal, "expected_sparsity":
-                     float(trainer.gated.expected_sparsity(dense, args.flops_seq_len, by).detach()),
-                     "lambda1": float(trainer.controller.lambda1), "lambda2": float(trainer.controller.lambda2),
-                     "log_alpha": {n: p.detach().tolist() for n, p in trainer.gated.named_parameters()
-                                   if n.endswith("log_alpha")}}
+        gate_info = {
+            "mode": "l0",
+            "calibration": cal,
+            "expected_sparsity": float(trainer.gated.expected_sparsity(dense, args.flops_seq_len, by).detach()),
+            "lambda1": float(trainer.controller.lambda1),
+            "lambda2": float(trainer.controller.lambda2),
+            "log_alpha": {
+                n: p.detach().tolist() for n, p in trainer.gated.named_parameters() if n.endswith("log_alpha")
+            },
+        }
         if dist.is_main:
             save_checkpoint(export_dir, cfg, state, teacher_ck.hf_config)
             (out / "gates.json").write_text(json.dumps(gate_info) + "\n")
@@ -211,8 +256,14 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
     student.load_state_dict(state)
     if args.finetune_epochs > 0 or args.finetune_max_steps:
         cfg_ft = train_config(args, "finetune", args.finetune_epochs, args.finetune_max_steps, dist.device)
-        train(student, features, cfg_ft, weight_groups(student, args.lr, args.weight_decay),
-              out / "checkpoints" / "finetune", **common)
+        train(
+            student,
+            features,
+            cfg_ft,
+            weight_groups(student, args.lr, args.weight_decay),
+            out / "checkpoints" / "finetune",
+            **common,
+        )
     if not dist.is_main:
         dist.close()
         return {}
@@ -224,20 +275,32 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
     res_t = evaluate_model(teacher_eval, evals, maker, progress=not args.no_progress)
     from transformers import AutoTokenizer
 
-    save_checkpoint(out, cfg, {k: v.detach() for k, v in student.state_dict().items()}, teacher_ck.hf_config,
-                    tokenizer=AutoTokenizer.from_pretrained(str(args.teacher)), null_threshold=res_s["null_threshold"])
+    save_checkpoint(
+        out,
+        cfg,
+        {k: v.detach() for k, v in student.state_dict().items()},
+        teacher_ck.hf_config,
+        tokenizer=AutoTokenizer.from_pretrained(str(args.teacher)),
+        null_threshold=res_s["null_threshold"],
+    )
     metrics = {
         "schema_version": 1,
-        "target": {"by": by, "value": target, "seq_len": args.flops_seq_len} if args.spec is None
+        "target": {"by": by, "value": target, "seq_len": args.flops_seq_len}
+        if args.spec is None
         else {"by": "spec", "spec": str(args.spec)},
         "achieved_flop_sparsity": achieved_sparsity(cfg, dense, args.flops_seq_len, "flops"),
         "achieved_param_sparsity": achieved_sparsity(cfg, dense, args.flops_seq_len, "params"),
-        "heads": list(cfg.heads), "ffn": list(cfg.ffn),
-        "dense_heads": list(dense.heads), "dense_ffn": list(dense.ffn),
-        "teacher": metrics_row(res_t), "student": metrics_row(res_s),
+        "heads": list(cfg.heads),
+        "ffn": list(cfg.ffn),
+        "dense_heads": list(dense.heads),
+        "dense_ffn": list(dense.ffn),
+        "teacher": metrics_row(res_t),
+        "student": metrics_row(res_s),
         "f1_loss": res_t["at_zero"]["f1"] - res_s["at_zero"]["f1"],
         "gates": {k: v for k, v in gate_info.items() if k != "log_alpha"},
-        "distillation": not args.no_distill, "data": data_info, "wall_time_s": time.monotonic() - t0,
+        "distillation": not args.no_distill,
+        "data": data_info,
+        "wall_time_s": time.monotonic() - t0,
         "args": cli_args(args),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -259,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if m:
-        print(json.dumps({k: m[k] for k in ("achieved_flop_sparsity", "heads", "ffn", "teacher", "student", "f1_loss")},
-                         indent=2))
+        print(
+            json.dumps(
+                {k: m[k] for k in ("achieved_flop_sparsity", "heads", "ffn", "teacher", "student", "f1_loss")}, indent=2
+            )
+        )
     return 0

@@ -52,9 +52,12 @@ _RESUME_IRRELEVANT = {"resume", "no_progress", "threads", "no_teacher_eval"}
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    ap = argparse.ArgumentParser(prog="python -m engine.prune_fast", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 2)[2])
+    ap = argparse.ArgumentParser(
+        prog="python -m engine.prune_fast",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
     ap.add_argument("--teacher", required=True, type=Path, help="fine-tuned QA checkpoint (BERT or RoBERTa)")
     add_data_args(ap)
     ap.add_argument("--out", required=True, type=Path)
@@ -63,22 +66,32 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--target-latency-ms", type=float, help="latency (ms) at --latency-shape on --backend")
     tgt.add_argument("--target-speedup", type=float, help="speedup over the dense teacher on the same engine")
     ap.add_argument("--flops-seq-len", type=int, default=384, help="sequence length at which FLOPs are counted")
-    ap.add_argument("--latency-shape", help="BATCH,SEQ of the forward whose latency is targeted (e.g. 8,384); "
-                    "with a FLOP target it only adds the measured speedup to metrics.json")
+    ap.add_argument(
+        "--latency-shape",
+        help="BATCH,SEQ of the forward whose latency is targeted (e.g. 8,384); "
+        "with a FLOP target it only adds the measured speedup to metrics.json",
+    )
     ap.add_argument("--backend", default="cpp", help="engine backend the latency is measured on")
     ap.add_argument("--latency-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--latency-table", type=Path, help="use this table (refused unless measured for this setting)")
     ap.add_argument("--remeasure-latency", action="store_true", help="measure the table even if one is cached")
-    ap.add_argument("--latency-tolerance", type=float, default=0.03,
-                    help="re-search until the engine-measured latency is within this fraction of the target")
+    ap.add_argument(
+        "--latency-tolerance",
+        type=float,
+        default=0.03,
+        help="re-search until the engine-measured latency is within this fraction of the target",
+    )
     ap.add_argument("--latency-iterations", type=int, default=4, help="at most this many measure-and-correct rounds")
     ap.add_argument("--samples", type=int, default=2048, help="train windows for Fisher scores and mask tuning")
     ap.add_argument("--tune-samples", type=int, help="windows for mask tuning (default: all --samples)")
     ap.add_argument("--batch", type=int, default=32, help="windows per Fisher mini-batch (one gradient row each)")
     ap.add_argument("--no-rearrange", action="store_true", help="skip mask rearrangement (ablation)")
     ap.add_argument("--no-tune", action="store_true", help="skip mask tuning: kept masks stay 1 (ablation)")
-    ap.add_argument("--save-stages", action="store_true",
-                    help="also write the untuned search and rearrange models as ragged checkpoints in OUT/stages/")
+    ap.add_argument(
+        "--save-stages",
+        action="store_true",
+        help="also write the untuned search and rearrange models as ragged checkpoints in OUT/stages/",
+    )
     ap.add_argument("--negatives-ratio", type=float, default=0.0)
     ap.add_argument("--real-negatives-factor", type=int, default=2)
     ap.add_argument("--other-paragraph-share", type=float, default=0.0)
@@ -128,12 +141,15 @@ class StageStore:
 
 
 def _masks_to_json(heads: list[torch.Tensor], ffn: list[torch.Tensor]) -> dict[str, list[list[int]]]:
-    return {"heads": [torch.nonzero(m).flatten().tolist() for m in heads],
-            "ffn": [torch.nonzero(m).flatten().tolist() for m in ffn]}
+    return {
+        "heads": [torch.nonzero(m).flatten().tolist() for m in heads],
+        "ffn": [torch.nonzero(m).flatten().tolist() for m in ffn],
+    }
 
 
-def _masks_from_json(d: dict[str, list[list[int]]], cfg: EncoderConfig) -> tuple[list[torch.Tensor],
-                                                                                 list[torch.Tensor]]:
+def _masks_from_json(
+    d: dict[str, list[list[int]]], cfg: EncoderConfig
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     def mk(idx: list[int], n: int) -> torch.Tensor:
         m = torch.zeros(n, dtype=torch.bool)
         m[idx] = True
@@ -153,15 +169,18 @@ def sample_features(train: list[Example], maker: WindowMaker, n: int, seed: int)
     for i in range(0, len(order), 256):
         if len(feats) >= n:
             break
-        feats += train_features([train[k] for k in order[i: i + 256]], maker)
+        feats += train_features([train[k] for k in order[i : i + 256]], maker)
     if len(feats) < n:
-        raise ValueError(f"the train files give only {len(feats)} windows, fewer than --samples {n}; lower --samples "
-                         f"or add train files")
+        raise ValueError(
+            f"the train files give only {len(feats)} windows, fewer than --samples {n}; lower --samples "
+            f"or add train files"
+        )
     return feats[:n]
 
 
-def stage_fisher(store: StageStore, model: RaggedQAModel, feats: list[TrainFeature], batch: int,
-                 progress: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, Any]]:
+def stage_fisher(
+    store: StageStore, model: RaggedQAModel, feats: list[TrainFeature], batch: int, progress: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, Any]]:
     """Mask gradients per mini-batch, resuming from a partial save."""
     cfg = model.cfg
     n_layers, n_batches = cfg.num_layers, math.ceil(len(feats) / batch)
@@ -182,9 +201,13 @@ def stage_fisher(store: StageStore, model: RaggedQAModel, feats: list[TrainFeatu
         bar.update(1)
         if (b + 1) % FISHER_SAVE_EVERY and b + 1 < n_batches:
             continue
-        tensors = {**{f"head.{l}": hg[l] for l in range(n_layers)}, **{f"ffn.{l}": fg[l] for l in range(n_layers)},
-                   "batches": torch.tensor(b + 1), "seconds": torch.tensor(elapsed, dtype=torch.float64),
-                   "cpu_seconds": torch.tensor(cpu, dtype=torch.float64)}
+        tensors = {
+            **{f"head.{l}": hg[l] for l in range(n_layers)},
+            **{f"ffn.{l}": fg[l] for l in range(n_layers)},
+            "batches": torch.tensor(b + 1),
+            "seconds": torch.tensor(elapsed, dtype=torch.float64),
+            "cpu_seconds": torch.tensor(cpu, dtype=torch.float64),
+        }
         store.put_tensors("fisher.safetensors" if b + 1 == n_batches else "fisher.partial.safetensors", tensors)
     bar.close()
     (store.root / "fisher.partial.safetensors").unlink(missing_ok=True)
@@ -200,8 +223,14 @@ def _latency_setting(args: argparse.Namespace) -> tuple[int, int, int]:
     return b, s, args.threads or 2
 
 
-def stage_search(store: StageStore, args: argparse.Namespace, dense: EncoderConfig, hg: list[torch.Tensor],
-                 fg: list[torch.Tensor], progress: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+def stage_search(
+    store: StageStore,
+    args: argparse.Namespace,
+    dense: EncoderConfig,
+    hg: list[torch.Tensor],
+    fg: list[torch.Tensor],
+    progress: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
     """Kwon et al.'s search under a FLOP or latency budget; latency results are re-measured on the engine."""
     saved = store.json("search.json")
     if saved is not None:
@@ -215,25 +244,41 @@ def stage_search(store: StageStore, args: argparse.Namespace, dense: EncoderConf
         info: dict[str, Any] = {"by": "flops", "budget": budget, "cost": res.cost}
     else:
         res, info = _latency_search(args, dense, hs, fs, progress)
-    info.update(time_s=time.monotonic() - t0, cpu_s=time.process_time() - c0, kept_fisher=res.kept_fisher, heads_kept=res.heads_kept,
-                total_fisher=float(sum(s.sum() for s in hs) + sum(s.sum() for s in fs)))
+    info.update(
+        time_s=time.monotonic() - t0,
+        cpu_s=time.process_time() - c0,
+        kept_fisher=res.kept_fisher,
+        heads_kept=res.heads_kept,
+        total_fisher=float(sum(s.sum() for s in hs) + sum(s.sum() for s in fs)),
+    )
     store.put_json("search.json", {"masks": _masks_to_json(res.head_masks, res.ffn_masks), "info": info})
     return res.head_masks, res.ffn_masks, info
 
 
-def _latency_search(args: argparse.Namespace, dense: EncoderConfig, hs: list[torch.Tensor], fs: list[torch.Tensor],
-                    progress: bool) -> tuple[SearchResult, dict[str, Any]]:
+def _latency_search(
+    args: argparse.Namespace, dense: EncoderConfig, hs: list[torch.Tensor], fs: list[torch.Tensor], progress: bool
+) -> tuple[SearchResult, dict[str, Any]]:
     """Search with the latency table, then measure the chosen shape against the dense one on the engine and
     rescale the budget until the measured latency (or speedup) is within --latency-tolerance of the target."""
     from engine.latency import EngineTimer, latency_budget, load_or_measure
 
     batch, seq, threads = _latency_setting(args)
-    table = load_or_measure(args.teacher, batch, seq, args.backend, threads, args.latency_dtype, args.latency_table,
-                            remeasure=args.remeasure_latency, progress=progress)
+    table = load_or_measure(
+        args.teacher,
+        batch,
+        seq,
+        args.backend,
+        threads,
+        args.latency_dtype,
+        args.latency_table,
+        remeasure=args.remeasure_latency,
+        progress=progress,
+    )
     budget = latency_budget(table, args.target_latency_ms, args.target_speedup)
     cost: CostFn = table.predict
-    timer = EngineTimer(dense, args.teacher, args.backend, args.latency_dtype, batch, seq, threads, reps=7,
-                        progress=False)
+    timer = EngineTimer(
+        dense, args.teacher, args.backend, args.latency_dtype, batch, seq, threads, reps=7, progress=False
+    )
     rounds, best = [], None
     try:
         for _ in range(max(1, args.latency_iterations)):
@@ -246,9 +291,19 @@ def _latency_search(args: argparse.Namespace, dense: EncoderConfig, hs: list[tor
             else:
                 want, err = dense_ms / args.target_speedup, speedup / args.target_speedup - 1
                 ms = dense_ms / speedup  # the pruned latency implied by the paired speedup
-            rounds.append({"budget_ms": budget, "predicted_ms": res.cost, "measured_ms": ms,
-                           "measured_dense_ms": dense_ms, "measured_speedup": speedup, "target_ms": want,
-                           "rel_error": err, "heads": list(shape[0]), "ffn": list(shape[1])})
+            rounds.append(
+                {
+                    "budget_ms": budget,
+                    "predicted_ms": res.cost,
+                    "measured_ms": ms,
+                    "measured_dense_ms": dense_ms,
+                    "measured_speedup": speedup,
+                    "target_ms": want,
+                    "rel_error": err,
+                    "heads": list(shape[0]),
+                    "ffn": list(shape[1]),
+                }
+            )
             if best is None or abs(err) < abs(best[1]):
                 best = (res, err)
             if abs(err) <= args.latency_tolerance:
@@ -265,15 +320,27 @@ def _latency_search(args: argparse.Namespace, dense: EncoderConfig, hs: list[tor
             budget = max(table.base_ms * 1.02, budget)
     finally:
         timer.close()
-    info = {"by": "latency", "table_key": asdict(table.key), "table_dense_ms": table.dense_ms(),
-            "table_base_ms": table.base_ms, "budget_ms": rounds[0]["budget_ms"], "verification": rounds,
-            "cost": best[0].cost}
+    info = {
+        "by": "latency",
+        "table_key": asdict(table.key),
+        "table_dense_ms": table.dense_ms(),
+        "table_base_ms": table.base_ms,
+        "budget_ms": rounds[0]["budget_ms"],
+        "verification": rounds,
+        "cost": best[0].cost,
+    }
     return best[0], info
 
 
-def stage_rearrange(store: StageStore, args: argparse.Namespace, dense: EncoderConfig, hg: list[torch.Tensor],
-                    fg: list[torch.Tensor], hk: list[torch.Tensor], fk: list[torch.Tensor]
-                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+def stage_rearrange(
+    store: StageStore,
+    args: argparse.Namespace,
+    dense: EncoderConfig,
+    hg: list[torch.Tensor],
+    fg: list[torch.Tensor],
+    hk: list[torch.Tensor],
+    fk: list[torch.Tensor],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
     """Greedy within-layer rearrangement of heads and FFN units (same counts per layer)."""
     saved = store.json("rearrange.json")
     if saved is not None:
@@ -284,10 +351,14 @@ def stage_rearrange(store: StageStore, args: argparse.Namespace, dense: EncoderC
         new_h, new_f = [], []
         for l in range(dense.num_layers):
             h2, f2 = rearrange(hg[l], hk[l]), rearrange(fg[l], fk[l])
-            info["layers"].append({
-                "heads_objective": [pruned_objective(hg[l], hk[l]), pruned_objective(hg[l], h2)],
-                "ffn_objective": [pruned_objective(fg[l], fk[l]), pruned_objective(fg[l], f2)],
-                "heads_changed": int((h2 != hk[l]).sum()) // 2, "ffn_changed": int((f2 != fk[l]).sum()) // 2})
+            info["layers"].append(
+                {
+                    "heads_objective": [pruned_objective(hg[l], hk[l]), pruned_objective(hg[l], h2)],
+                    "ffn_objective": [pruned_objective(fg[l], fk[l]), pruned_objective(fg[l], f2)],
+                    "heads_changed": int((h2 != hk[l]).sum()) // 2,
+                    "ffn_changed": int((f2 != fk[l]).sum()) // 2,
+                }
+            )
             new_h.append(h2)
             new_f.append(f2)
         hk, fk = new_h, new_f
@@ -296,17 +367,26 @@ def stage_rearrange(store: StageStore, args: argparse.Namespace, dense: EncoderC
     return hk, fk, info
 
 
-def stage_tune(store: StageStore, args: argparse.Namespace, model: RaggedQAModel, feats: list[TrainFeature],
-               hk: list[torch.Tensor], fk: list[torch.Tensor], progress: bool
-               ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+def stage_tune(
+    store: StageStore,
+    args: argparse.Namespace,
+    model: RaggedQAModel,
+    feats: list[TrainFeature],
+    hk: list[torch.Tensor],
+    fk: list[torch.Tensor],
+    progress: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
     """Least-squares scales, layer by layer; resumes after the last finished layer."""
     if args.no_tune:
         return [m.float() for m in hk], [m.float() for m in fk], {"skipped": True, "time_s": 0.0, "cpu_s": 0.0}
     saved = store.json("tune.json") or {"layers": [], "time_s": 0.0, "cpu_s": 0.0}
     n_layers = model.cfg.num_layers
     if len(saved["layers"]) == n_layers:
-        return ([torch.tensor(x["heads"]) for x in saved["layers"]], [torch.tensor(x["ffn"]) for x in saved["layers"]],
-                {"time_s": saved["time_s"], "cpu_s": saved["cpu_s"], "layers": [x["info"] for x in saved["layers"]]})
+        return (
+            [torch.tensor(x["heads"]) for x in saved["layers"]],
+            [torch.tensor(x["ffn"]) for x in saved["layers"]],
+            {"time_s": saved["time_s"], "cpu_s": saved["cpu_s"], "layers": [x["info"] for x in saved["layers"]]},
+        )
     t0, c0, before, cpu_before = time.monotonic(), time.process_time(), float(saved["time_s"]), float(saved["cpu_s"])
     done = [(torch.tensor(x["heads"]), torch.tensor(x["ffn"])) for x in saved["layers"]]
 
@@ -318,8 +398,7 @@ def stage_tune(store: StageStore, args: argparse.Namespace, model: RaggedQAModel
 
     n = args.tune_samples or len(feats)
     hm, fm, infos = tune_masks(model, feats[:n], hk, fk, args.batch, done, on_layer, progress)
-    return hm, fm, {"time_s": saved["time_s"], "cpu_s": saved["cpu_s"], "samples": min(n, len(feats)),
-                    "layers": infos}
+    return hm, fm, {"time_s": saved["time_s"], "cpu_s": saved["cpu_s"], "samples": min(n, len(feats)), "layers": infos}
 
 
 # ------------------------------------------------------------------------------------------------- the run
@@ -327,19 +406,31 @@ def stage_tune(store: StageStore, args: argparse.Namespace, model: RaggedQAModel
 
 def _check_resume(store: StageStore, args: argparse.Namespace) -> None:
     """Refuse to resume a run started with different arguments."""
-    fp = {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
-          for k, v in vars(args).items() if k not in _RESUME_IRRELEVANT}
+    fp = {
+        k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
+        for k, v in vars(args).items()
+        if k not in _RESUME_IRRELEVANT
+    }
     old = store.json("run.json")
     if old is not None:
         diff = sorted(k for k in set(fp) | set(old) if fp.get(k) != old.get(k))
         if diff:
-            raise ValueError(f"--resume: {store.root.parent} was started with other arguments ({', '.join(diff)}); "
-                             f"use the same arguments or another --out")
+            raise ValueError(
+                f"--resume: {store.root.parent} was started with other arguments ({', '.join(diff)}); "
+                f"use the same arguments or another --out"
+            )
     store.put_json("run.json", fp)
 
 
-def _save_stage_model(out: Path, name: str, model: RaggedQAModel, hk: list[torch.Tensor], fk: list[torch.Tensor],
-                      hf_config: dict[str, Any], tokenizer: Any) -> None:
+def _save_stage_model(
+    out: Path,
+    name: str,
+    model: RaggedQAModel,
+    hk: list[torch.Tensor],
+    fk: list[torch.Tensor],
+    hf_config: dict[str, Any],
+    tokenizer: Any,
+) -> None:
     cfg, state = fold_masks(model, [m.float() for m in hk], [m.float() for m in fk])
     save_checkpoint(out / "stages" / name, cfg, state, hf_config, tokenizer=tokenizer)
 
@@ -348,9 +439,9 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
     """Run every stage; returns metrics.json's content."""
     from transformers import AutoTokenizer
 
+    from engine.data.predict import evaluate_model
     from engine.finetune import prepare_data
     from engine.prune.train import metrics_row
-    from engine.data.predict import evaluate_model
 
     t_start = time.monotonic()
     progress = not args.no_progress
@@ -364,8 +455,9 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
     teacher_ck = load_checkpoint(args.teacher)
     dense = teacher_ck.cfg
     if teacher_ck.qa_head_initialised:
-        print("warning: the teacher has no trained QA head (a bare encoder); its scores are meaningless",
-              file=sys.stderr)
+        print(
+            "warning: the teacher has no trained QA head (a bare encoder); its scores are meaningless", file=sys.stderr
+        )
     settings = WindowSettings(args.max_seq_length, args.doc_stride, args.max_query_length)
     settings.validate(dense.architecture, dense.max_position_embeddings)
     maker = WindowMaker(load_tokenizer(args.teacher), dense.architecture, settings)
@@ -401,10 +493,18 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
         "target": _target_info(args),
         "achieved_flop_sparsity": flop_sparsity(cfg, dense, args.flops_seq_len),
         "achieved_param_sparsity": 1.0 - encoder_params(cfg) / encoder_params(dense),
-        "heads": list(cfg.heads), "ffn": list(cfg.ffn), "dense_heads": list(dense.heads), "dense_ffn": list(dense.ffn),
-        "teacher": metrics_row(res_t) if res_t else None, "student": metrics_row(res_s),
+        "heads": list(cfg.heads),
+        "ffn": list(cfg.ffn),
+        "dense_heads": list(dense.heads),
+        "dense_ffn": list(dense.ffn),
+        "teacher": metrics_row(res_t) if res_t else None,
+        "student": metrics_row(res_s),
         "f1_loss": res_t["at_zero"]["f1"] - res_s["at_zero"]["f1"] if res_t else None,
-        "stages": stages, "prune_time_s": prune_time, "prune_cpu_s": prune_cpu, "distillation": False, "data": data_info,
+        "stages": stages,
+        "prune_time_s": prune_time,
+        "prune_cpu_s": prune_cpu,
+        "distillation": False,
+        "data": data_info,
     }
     if args.latency_shape is not None:
         from engine.latency import measure_speedup
@@ -420,10 +520,19 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
 def _target_info(args: argparse.Namespace) -> dict[str, Any]:
     if args.target_sparsity is not None:
         return {"by": "flops", "value": args.target_sparsity, "seq_len": args.flops_seq_len}
-    by, value = ("latency_ms", args.target_latency_ms) if args.target_latency_ms is not None else \
-        ("speedup", args.target_speedup)
-    return {"by": by, "value": value, "shape": args.latency_shape, "backend": args.backend,
-            "threads": args.threads or 2, "dtype": args.latency_dtype}
+    by, value = (
+        ("latency_ms", args.target_latency_ms)
+        if args.target_latency_ms is not None
+        else ("speedup", args.target_speedup)
+    )
+    return {
+        "by": by,
+        "value": value,
+        "shape": args.latency_shape,
+        "backend": args.backend,
+        "threads": args.threads or 2,
+        "dtype": args.latency_dtype,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -435,8 +544,10 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None and not 0 < v < 1:
             ap.error(f"--{name.replace('_', '-')} must lie in (0, 1)")
     if args.samples < MIN_SAMPLES:
-        ap.error(f"--samples {args.samples} is too few for stable Fisher scores: use at least {MIN_SAMPLES} "
-                 f"(Kwon et al. use 2048)")
+        ap.error(
+            f"--samples {args.samples} is too few for stable Fisher scores: use at least {MIN_SAMPLES} "
+            f"(Kwon et al. use 2048)"
+        )
     if args.batch < 1 or args.samples < args.batch:
         ap.error(f"--batch must lie in [1, --samples]; got {args.batch}")
     if (args.target_latency_ms is not None or args.target_speedup is not None) and args.latency_shape is None:
@@ -448,8 +559,26 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: m[k] for k in ("achieved_flop_sparsity", "heads", "ffn", "teacher", "student", "f1_loss",
-                                        "prune_time_s", "prune_cpu_s", "wall_time_s") if k in m}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: m[k]
+                for k in (
+                    "achieved_flop_sparsity",
+                    "heads",
+                    "ffn",
+                    "teacher",
+                    "student",
+                    "f1_loss",
+                    "prune_time_s",
+                    "prune_cpu_s",
+                    "wall_time_s",
+                )
+                if k in m
+            },
+            indent=2,
+        )
+    )
     if "latency" in m:
         print(json.dumps({"latency": m["latency"]}, indent=2))
     return 0

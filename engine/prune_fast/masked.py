@@ -20,8 +20,9 @@ from engine.train.batching import collate
 from engine.train.losses import span_loss
 
 
-def head_context(layer: Layer, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                 keep: torch.Tensor | None = None) -> torch.Tensor:
+def head_context(
+    layer: Layer, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-head attention context `[T, h*dh]` of `layer` on input `x` `[T, d]` (before the output projection);
     with a bool mask `keep` `[h]`, only the kept heads' `[T, K*dh]` (their Q/K/V rows alone are computed)."""
     if keep is None:
@@ -33,8 +34,14 @@ def head_context(layer: Layer, x: torch.Tensor, cu_seqlens: torch.Tensor, max_se
     return attention_packed(qkv, cu_seqlens, max_seqlen)
 
 
-def masked_layer(layer: Layer, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, head_mask: torch.Tensor,
-                 ffn_mask: torch.Tensor) -> torch.Tensor:
+def masked_layer(
+    layer: Layer,
+    x: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    head_mask: torch.Tensor,
+    ffn_mask: torch.Tensor,
+) -> torch.Tensor:
     """One layer with masks `[h]` and `[f]` on its heads and FFN units: `[T, d]` -> `[T, d]`."""
     if layer.heads:
         ctx = head_context(layer, x, cu_seqlens, max_seqlen) * head_mask.repeat_interleave(layer.head_dim)
@@ -50,9 +57,15 @@ def masked_layer(layer: Layer, x: torch.Tensor, cu_seqlens: torch.Tensor, max_se
     return layer.ln2(x + f)
 
 
-def masked_forward(model: RaggedQAModel, head_masks: Sequence[torch.Tensor], ffn_masks: Sequence[torch.Tensor],
-                   input_ids: torch.Tensor, token_type_ids: torch.Tensor, cu_seqlens: torch.Tensor,
-                   max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_forward(
+    model: RaggedQAModel,
+    head_masks: Sequence[torch.Tensor],
+    ffn_masks: Sequence[torch.Tensor],
+    input_ids: torch.Tensor,
+    token_type_ids: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed `[T]` ids -> start and end logits `[T]` of `model` with per-layer masks."""
     x = model.embeddings(input_ids, token_type_ids, cu_seqlens)
     for layer, hm, fm in zip(model.layers, head_masks, ffn_masks):
@@ -61,15 +74,19 @@ def masked_forward(model: RaggedQAModel, head_masks: Sequence[torch.Tensor], ffn
     return logits[:, 0].contiguous(), logits[:, 1].contiguous()
 
 
-def ones_masks(cfg: EncoderConfig, requires_grad: bool = False, dtype: torch.dtype = torch.float32
-               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def ones_masks(
+    cfg: EncoderConfig, requires_grad: bool = False, dtype: torch.dtype = torch.float32
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """All-ones head and FFN masks of every layer."""
-    return ([torch.ones(h, dtype=dtype, requires_grad=requires_grad) for h in cfg.heads],
-            [torch.ones(f, dtype=dtype, requires_grad=requires_grad) for f in cfg.ffn])
+    return (
+        [torch.ones(h, dtype=dtype, requires_grad=requires_grad) for h in cfg.heads],
+        [torch.ones(f, dtype=dtype, requires_grad=requires_grad) for f in cfg.ffn],
+    )
 
 
-def mask_gradients(model: RaggedQAModel, features: Sequence[TrainFeature], batch: int,
-                   batches: Sequence[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def mask_gradients(
+    model: RaggedQAModel, features: Sequence[TrainFeature], batch: int, batches: Sequence[int]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Gradient of the span loss w.r.t. every mask (all ones), one row per mini-batch of `batch` windows.
 
     Returns per-layer `[len(batches), h_l]` and `[len(batches), f_l]` for the mini-batches numbered `batches`.
@@ -81,16 +98,19 @@ def mask_gradients(model: RaggedQAModel, features: Sequence[TrainFeature], batch
     fg: list[list[torch.Tensor]] = [[] for _ in cfg.ffn]
     for b in batches:
         hm, fm = ones_masks(cfg, requires_grad=True, dtype=model.qa.weight.dtype)
-        packed, sp, ep = collate(features[b * batch: (b + 1) * batch])
-        s, e = masked_forward(model, hm, fm, packed.input_ids, packed.token_type_ids, packed.cu_seqlens,
-                              packed.max_seqlen)
+        packed, sp, ep = collate(features[b * batch : (b + 1) * batch])
+        s, e = masked_forward(
+            model, hm, fm, packed.input_ids, packed.token_type_ids, packed.cu_seqlens, packed.max_seqlen
+        )
         loss = span_loss(s, e, packed.cu_seqlens, packed.max_seqlen, sp, ep)
         grads = torch.autograd.grad(loss, [*hm, *fm], allow_unused=True)
         for l in range(cfg.num_layers):
             for out, g, m in ((hg[l], grads[l], hm[l]), (fg[l], grads[cfg.num_layers + l], fm[l])):
                 out.append(torch.zeros_like(m) if g is None else g.detach())
-    return ([torch.stack(g) if g else torch.zeros(0, h) for g, h in zip(hg, cfg.heads)],
-            [torch.stack(g) if g else torch.zeros(0, f) for g, f in zip(fg, cfg.ffn)])
+    return (
+        [torch.stack(g) if g else torch.zeros(0, h) for g, h in zip(hg, cfg.heads)],
+        [torch.stack(g) if g else torch.zeros(0, f) for g, f in zip(fg, cfg.ffn)],
+    )
 
 
 def fisher(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -98,8 +118,9 @@ def fisher(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [g.double().pow(2).sum(0) for g in grads]
 
 
-def fold_masks(model: RaggedQAModel, head_masks: Sequence[torch.Tensor], ffn_masks: Sequence[torch.Tensor]
-               ) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
+def fold_masks(
+    model: RaggedQAModel, head_masks: Sequence[torch.Tensor], ffn_masks: Sequence[torch.Tensor]
+) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
     """Cut every unit whose mask is 0 and fold the other mask values into `o.weight` / `ffn_out.weight` columns;
     returns the ragged config and state dict (the same function as the masked model)."""
     cfg = model.cfg
@@ -108,9 +129,12 @@ def fold_masks(model: RaggedQAModel, head_masks: Sequence[torch.Tensor], ffn_mas
         p = f"layers.{l}."
         state[p + "o.weight"] = state[p + "o.weight"] * hm.detach().float().repeat_interleave(cfg.head_dim)[None, :]
         state[p + "ffn_out.weight"] = state[p + "ffn_out.weight"] * fm.detach().float()[None, :]
-    spec = PruneSpec(tuple(LayerKeep(tuple(torch.nonzero(hm).flatten().tolist()),
-                                     tuple(torch.nonzero(fm).flatten().tolist()))
-                           for hm, fm in zip(head_masks, ffn_masks)))
+    spec = PruneSpec(
+        tuple(
+            LayerKeep(tuple(torch.nonzero(hm).flatten().tolist()), tuple(torch.nonzero(fm).flatten().tolist()))
+            for hm, fm in zip(head_masks, ffn_masks)
+        )
+    )
     return apply_spec(state, cfg, spec)
 
 

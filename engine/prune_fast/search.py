@@ -56,8 +56,9 @@ def _masks(order: list[tuple[int, int]], n: int, sizes: Sequence[int]) -> list[t
     return masks
 
 
-def search(head_scores: Sequence[torch.Tensor], ffn_scores: Sequence[torch.Tensor], cost: CostFn,
-           budget: float) -> SearchResult:
+def search(
+    head_scores: Sequence[torch.Tensor], ffn_scores: Sequence[torch.Tensor], cost: CostFn, budget: float
+) -> SearchResult:
     """Kwon et al.'s mask search: for every number of kept heads n_h (the n_h most important, across layers), keep
     the most important FFN units that still fit `budget`, and return the choice with the largest kept Fisher sum.
 
@@ -85,11 +86,18 @@ def search(head_scores: Sequence[torch.Tensor], ffn_scores: Sequence[torch.Tenso
         if best is None or score > best[0]:
             best = (score, nh, lo, cost(hc, f_counts[lo].tolist()))
     if best is None:
-        raise ValueError(f"no pruned shape fits the budget {budget:.4g}: even the model with every head and FFN unit "
-                         f"removed costs {cost([0] * n_layers, [0] * n_layers):.4g}; loosen the target")
+        raise ValueError(
+            f"no pruned shape fits the budget {budget:.4g}: even the model with every head and FFN unit "
+            f"removed costs {cost([0] * n_layers, [0] * n_layers):.4g}; loosen the target"
+        )
     score, nh, nf, c = best
-    return SearchResult(_masks(h_order, nh, [len(s) for s in head_scores]),
-                        _masks(f_order, nf, [len(s) for s in ffn_scores]), c, score, nh)
+    return SearchResult(
+        _masks(h_order, nh, [len(s) for s in head_scores]),
+        _masks(f_order, nf, [len(s) for s in ffn_scores]),
+        c,
+        score,
+        nh,
+    )
 
 
 def pruned_objective(grads: torch.Tensor, keep: torch.Tensor) -> float:

@@ -43,8 +43,9 @@ def solve_scales(gram: torch.Tensor, rhs: torch.Tensor, damping: float = 1e-10) 
     """Solve `gram @ m = rhs` (float64, lightly damped); None when the solution is non-finite or beyond MAX_SCALE."""
     if gram.numel() == 0:
         return torch.zeros(0, dtype=torch.float64)
-    g = gram.double() + damping * gram.diagonal().double().mean().clamp_min(1e-30) * torch.eye(len(gram),
-                                                                                              dtype=torch.float64)
+    g = gram.double() + damping * gram.diagonal().double().mean().clamp_min(1e-30) * torch.eye(
+        len(gram), dtype=torch.float64
+    )
     try:
         m = torch.linalg.solve(g, rhs.double())
     except RuntimeError:
@@ -62,8 +63,9 @@ def head_outputs(layer: Layer, ctx: torch.Tensor, keep: torch.Tensor) -> torch.T
     return torch.einsum("tkc,dkc->tkd", c, w)
 
 
-def attention_system(t_layer: Layer, layer: Layer, chunk: _Chunk, keep: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_system(
+    t_layer: Layer, layer: Layer, chunk: _Chunk, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Gram `[K, K]`, rhs `[K]`, teacher pre-LN target) of the attention sublayer on one chunk."""
     if t_layer.heads:
         ctx_t = head_context(t_layer, chunk.teacher, chunk.cu_seqlens, chunk.max_seqlen)
@@ -78,8 +80,9 @@ def attention_system(t_layer: Layer, layer: Layer, chunk: _Chunk, keep: torch.Te
     return torch.einsum("tkd,tjd->kj", y, y), torch.einsum("tkd,td->k", y, r), z
 
 
-def ffn_system(t_layer: Layer, layer: Layer, h_t: torch.Tensor, h_s: torch.Tensor, keep: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ffn_system(
+    t_layer: Layer, layer: Layer, h_t: torch.Tensor, h_s: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(activation Gram `[K, K]` (times `W_2^T W_2` gives the system), rhs `[K]`, teacher pre-LN target)."""
     z = h_t + t_layer.ffn_out(t_layer.act(t_layer.ffn_in(h_t)))  # (T, d) teacher pre-LN2
     if not bool(keep.any()):
@@ -91,11 +94,17 @@ def ffn_system(t_layer: Layer, layer: Layer, h_t: torch.Tensor, h_s: torch.Tenso
 
 
 @torch.inference_mode()
-def tune_masks(model: RaggedQAModel, features: Sequence[TrainFeature], head_keep: Sequence[torch.Tensor],
-               ffn_keep: Sequence[torch.Tensor], batch: int = 32, done: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
-               on_layer: Callable[[int, torch.Tensor, torch.Tensor, dict], None] | None = None,
-               progress: bool = True, teacher: RaggedQAModel | None = None
-               ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[dict]]:
+def tune_masks(
+    model: RaggedQAModel,
+    features: Sequence[TrainFeature],
+    head_keep: Sequence[torch.Tensor],
+    ffn_keep: Sequence[torch.Tensor],
+    batch: int = 32,
+    done: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+    on_layer: Callable[[int, torch.Tensor, torch.Tensor, dict], None] | None = None,
+    progress: bool = True,
+    teacher: RaggedQAModel | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[dict]]:
     """Fit real-valued scales for the kept heads and units of every layer, in order (see the module docstring).
 
     The reconstruction target is `teacher` (default: `model` itself, unmasked: the dense model being pruned).
@@ -108,7 +117,7 @@ def tune_masks(model: RaggedQAModel, features: Sequence[TrainFeature], head_keep
     cfg = model.cfg
     chunks = []
     for i in range(0, len(features), batch):
-        packed, _, _ = collate(features[i: i + batch])
+        packed, _, _ = collate(features[i : i + batch])
         x_t = teacher.embeddings(packed.input_ids, packed.token_type_ids, packed.cu_seqlens)
         x_s = model.embeddings(packed.input_ids, packed.token_type_ids, packed.cu_seqlens)
         chunks.append(_Chunk(packed.cu_seqlens, packed.max_seqlen, x_t, x_s))
@@ -119,8 +128,10 @@ def tune_masks(model: RaggedQAModel, features: Sequence[TrainFeature], head_keep
         info: dict = {"heads_kept": int(hk.sum()), "ffn_kept": int(fk.sum())}
         # -- attention: accumulate the normal equations, solve, then move both models past LN1
         targets = []
-        gram, rhs = torch.zeros(int(hk.sum()), int(hk.sum()), dtype=torch.float64), torch.zeros(int(hk.sum()),
-                                                                                               dtype=torch.float64)
+        gram, rhs = (
+            torch.zeros(int(hk.sum()), int(hk.sum()), dtype=torch.float64),
+            torch.zeros(int(hk.sum()), dtype=torch.float64),
+        )
         for c in chunks:
             g, r, z = attention_system(t_layer, layer, c, hk)
             gram, rhs = gram + g.double(), rhs + r.double()
@@ -133,8 +144,10 @@ def tune_masks(model: RaggedQAModel, features: Sequence[TrainFeature], head_keep
         del targets
         # -- FFN: same, then move both models past LN2
         targets = []
-        gram, rhs = torch.zeros(int(fk.sum()), int(fk.sum()), dtype=torch.float64), torch.zeros(int(fk.sum()),
-                                                                                               dtype=torch.float64)
+        gram, rhs = (
+            torch.zeros(int(fk.sum()), int(fk.sum()), dtype=torch.float64),
+            torch.zeros(int(fk.sum()), dtype=torch.float64),
+        )
         for c in chunks:
             g, r, z = ffn_system(t_layer, layer, c.teacher, c.student, fk)
             gram, rhs = gram + g.double(), rhs + r.double()
@@ -186,4 +199,3 @@ def _ffn_out(layer: Layer, h: torch.Tensor, scales: torch.Tensor) -> torch.Tenso
         return layer.ffn_out.bias
     a = layer.act(torch.addmm(layer.ffn_in.bias[keep], h, layer.ffn_in.weight[keep].t())) * scales[keep]
     return torch.addmm(layer.ffn_out.bias, a, layer.ffn_out.weight[:, keep].t())
-

@@ -23,8 +23,9 @@ class Backend(Protocol):
 
     name: str
 
-    def forward_packed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, cu_seqlens: torch.Tensor,
-                       max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_packed(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Start and end logits `[T]` (fp32, on CPU or the backend's device) for packed tokens."""
         ...
 
@@ -74,8 +75,9 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     return [e.name for e in REGISTRY if _why_unavailable(e, dev) is None]
 
 
-def create_backend(name: str, artifact: Artifact, device: str | torch.device = "cpu",
-                   threads: int | None = None) -> Backend:
+def create_backend(
+    name: str, artifact: Artifact, device: str | torch.device = "cpu", threads: int | None = None
+) -> Backend:
     """Instantiate backend `name` (or the best available for `"auto"`) for a loaded artifact."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -88,19 +90,22 @@ def create_backend(name: str, artifact: Artifact, device: str | torch.device = "
             raise RuntimeError(f"no backend can run on {dev}")
         capable = [n for n in avail if not _missing_kernels(entries[n], dev, artifact)]
         if not capable:
-            raise RuntimeError(f"no backend available on {dev} ({avail}) provides the kernels {list(artifact.kernels)} "
-                               f"that this {artifact.dtype} artifact needs")
+            raise RuntimeError(
+                f"no backend available on {dev} ({avail}) provides the kernels {list(artifact.kernels)} "
+                f"that this {artifact.dtype} artifact needs"
+            )
         name = capable[0]
     if name not in names:
         raise ValueError(f"unknown backend {name!r}; backends: {names} (available on {dev}: {available_backends(dev)})")
     entry = entries[name]
     why = _why_unavailable(entry, dev)
     if why is not None:
-        raise RuntimeError(f"backend {name!r} is unavailable on {dev}: {why}. "
-                           f"Available: {available_backends(dev)}")
+        raise RuntimeError(f"backend {name!r} is unavailable on {dev}: {why}. Available: {available_backends(dev)}")
     missing = _missing_kernels(entry, dev, artifact)
     if missing:
         others = [n for n in available_backends(dev) if not _missing_kernels(entries[n], dev, artifact)]
-        raise RuntimeError(f"backend {name!r} cannot run this {artifact.dtype} artifact on {dev}: it needs kernel(s) "
-                           f"{missing}, which this build of {name!r} does not provide. Backends that can: {others}")
+        raise RuntimeError(
+            f"backend {name!r} cannot run this {artifact.dtype} artifact on {dev}: it needs kernel(s) "
+            f"{missing}, which this build of {name!r} does not provide. Backends that can: {others}"
+        )
     return importlib.import_module(entry.module).create(artifact, dev, threads)

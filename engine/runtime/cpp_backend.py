@@ -80,8 +80,9 @@ class CppBackend:
         self.device = torch.device(device)
         self.engine = _C.Engine.load(str(artifact_dir), str(self.device))
 
-    def forward_packed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, cu_seqlens: torch.Tensor,
-                       max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_packed(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, cu_seqlens: torch.Tensor, max_seqlen: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed int64 ids/types `[T]`, int32 `cu_seqlens` `[B+1]` -> fp32 start and end logits `[T]` each."""
         ids = input_ids.to(self.device, torch.long).contiguous()
         types = None if token_type_ids is None else token_type_ids.to(self.device, torch.long).contiguous()

@@ -18,8 +18,12 @@ _LINEARS = ("qkv", "o", "ffn_in", "ffn_out")
 def onednn_available() -> bool:
     """True when this torch build has the prepacked oneDNN linear ops."""
     ops = getattr(torch.ops, "mkldnn", None)
-    return (torch.backends.mkldnn.is_available() and ops is not None and hasattr(ops, "_linear_pointwise")
-            and hasattr(ops, "_reorder_linear_weight"))
+    return (
+        torch.backends.mkldnn.is_available()
+        and ops is not None
+        and hasattr(ops, "_linear_pointwise")
+        and hasattr(ops, "_reorder_linear_weight")
+    )
 
 
 class OneDNNLinear(nn.Module):

@@ -50,8 +50,9 @@ class TorchBackend:
         self.model.eval()
         self.device = device
 
-    def forward_packed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, cu_seqlens: torch.Tensor,
-                       max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_packed(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Start/end logits `[T]` in fp32."""
         with torch.inference_mode():
             start, end = self.model(input_ids.to(self.device), token_type_ids.to(self.device), cu_seqlens, max_seqlen)

@@ -113,20 +113,25 @@ class _LayerWeights:
     ln2_b: torch.Tensor
 
 
-def pad_ffn(in_w: torch.Tensor, in_b: torch.Tensor, out_w: torch.Tensor, multiple: int
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_ffn(
+    in_w: torch.Tensor, in_b: torch.Tensor, out_w: torch.Tensor, multiple: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Zero-pad an FFN of width f (`in_w` [f, d], `in_b` [f], `out_w` [d, f]) to a multiple of `multiple`."""
     f = in_w.shape[0]
     extra = -f % multiple if f else 0  # an empty FFN stays empty: it is skipped, not computed
     if not extra:
         return in_w, in_b, out_w
     pad_rows = in_w.new_zeros(extra, in_w.shape[1])
-    return (torch.cat([in_w, pad_rows]), torch.cat([in_b, in_b.new_zeros(extra)]),
-            torch.cat([out_w, out_w.new_zeros(out_w.shape[0], extra)], dim=1))
+    return (
+        torch.cat([in_w, pad_rows]),
+        torch.cat([in_b, in_b.new_zeros(extra)]),
+        torch.cat([out_w, out_w.new_zeros(out_w.shape[0], extra)], dim=1),
+    )
 
 
-def load_weights(artifact: Artifact, device: torch.device, ffn_align: int
-                 ) -> tuple[dict[str, torch.Tensor], list[_LayerWeights]]:
+def load_weights(
+    artifact: Artifact, device: torch.device, ffn_align: int
+) -> tuple[dict[str, torch.Tensor], list[_LayerWeights]]:
     """Move the artifact's tensors to `device` once, in its dtype; returns (embeddings + QA head, layers)."""
     st = artifact.state
     dtype = DTYPES[artifact.dtype]
@@ -139,14 +144,24 @@ def load_weights(artifact: Artifact, device: torch.device, ffn_align: int
     for i, heads in enumerate(artifact.cfg.heads):
         p = f"layers.{i}."
         in_w, in_b, out_w = pad_ffn(st[p + "ffn_in.weight"], st[p + "ffn_in.bias"], st[p + "ffn_out.weight"], ffn_align)
-        layers.append(_LayerWeights(
-            heads=heads, ffn=in_w.shape[0],
-            qkv_w=dev(st[p + "qkv.weight"]), qkv_b=dev(st[p + "qkv.bias"]),
-            o_w=dev(st[p + "o.weight"]), o_b=dev(st[p + "o.bias"]),
-            ln1_w=dev(st[p + "ln1.weight"]), ln1_b=dev(st[p + "ln1.bias"]),
-            in_w=dev(in_w), in_b=dev(in_b), out_w=dev(out_w), out_b=dev(st[p + "ffn_out.bias"]),
-            ln2_w=dev(st[p + "ln2.weight"]), ln2_b=dev(st[p + "ln2.bias"]),
-        ))
+        layers.append(
+            _LayerWeights(
+                heads=heads,
+                ffn=in_w.shape[0],
+                qkv_w=dev(st[p + "qkv.weight"]),
+                qkv_b=dev(st[p + "qkv.bias"]),
+                o_w=dev(st[p + "o.weight"]),
+                o_b=dev(st[p + "o.bias"]),
+                ln1_w=dev(st[p + "ln1.weight"]),
+                ln1_b=dev(st[p + "ln1.bias"]),
+                in_w=dev(in_w),
+                in_b=dev(in_b),
+                out_w=dev(out_w),
+                out_b=dev(st[p + "ffn_out.bias"]),
+                ln2_w=dev(st[p + "ln2.weight"]),
+                ln2_b=dev(st[p + "ln2.bias"]),
+            )
+        )
     return top, layers
 
 
@@ -168,8 +183,9 @@ class _Encoder:
         """Widest concatenated-heads activation, max_l h_l * d_h."""
         return max(self.cfg.heads) * self.cfg.head_dim
 
-    def __call__(self, tok: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                 attn_scratch: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, tok: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, attn_scratch: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`tok` [T, 3] int64 (id, token type, position id), `cu_seqlens` [B+1] int32 on the device -> [T, 2].
 
         `attn_scratch` (flat, >= T * max_attn_width elements) receives the attention outputs; the bucketed
@@ -205,8 +221,7 @@ class _Encoder:
 class _BucketedRunner:
     """Runs the encoder on static, bucket-padded input buffers; on CUDA each (token, seq) bucket is a graph."""
 
-    def __init__(self, encode: _Encoder, device: torch.device,
-                 max_tokens: int, max_seqs: int, max_seqlen_cap: int):
+    def __init__(self, encode: _Encoder, device: torch.device, max_tokens: int, max_seqs: int, max_seqlen_cap: int):
         self.encode, self.device, self.cap = encode, device, max_seqlen_cap
         self.max_tokens, self.max_seqs = token_bucket(max_tokens), seq_bucket(max_seqs)
         # Padding rows keep whatever valid ids an earlier batch left there; zeros are valid to start with.
@@ -258,9 +273,17 @@ class TritonBackend:
 
     name = "triton"
 
-    def __init__(self, artifact: Artifact, device: torch.device, threads: int | None = None, *,
-                 ffn_align: int = 16, cuda_graphs: bool | None = None, graph_max_tokens: int = 16384,
-                 graph_max_seqs: int = 512):
+    def __init__(
+        self,
+        artifact: Artifact,
+        device: torch.device,
+        threads: int | None = None,
+        *,
+        ffn_align: int = 16,
+        cuda_graphs: bool | None = None,
+        graph_max_tokens: int = 16384,
+        graph_max_seqs: int = 512,
+    ):
         """`threads` is ignored (GPU); `cuda_graphs` defaults to True on CUDA (on CPU, True = bucketed eager)."""
         why = why_unavailable(device)
         if why is not None:
@@ -274,11 +297,15 @@ class TritonBackend:
         self.encoder = _Encoder(artifact.cfg, top, layers)
         self.max_seqlen_cap = artifact.cfg.max_position_embeddings - artifact.cfg.position_offset
         use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self.runner = (_BucketedRunner(self.encoder, device, graph_max_tokens, graph_max_seqs, self.max_seqlen_cap)
-                       if use_graphs else None)
+        self.runner = (
+            _BucketedRunner(self.encoder, device, graph_max_tokens, graph_max_seqs, self.max_seqlen_cap)
+            if use_graphs
+            else None
+        )
 
-    def forward_packed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, cu_seqlens: torch.Tensor,
-                       max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_packed(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Start and end logits `[T]` (fp32, on the backend's device) of packed tokens; `cu_seqlens` on the CPU."""
         cu_seqlens = cu_seqlens.to("cpu", torch.int32)
         if max_seqlen > self.max_seqlen_cap:

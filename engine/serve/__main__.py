@@ -21,14 +21,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", help="auto, torch, cpp or triton")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="intra-op threads of the engine (default: the backend's)")
-    p.add_argument("--max-batch-tokens", type=int, default=b.max_batch_tokens,
-                   help="token budget of one packed forward (default %(default)s)")
-    p.add_argument("--max-wait-ms", type=float, default=b.max_wait_ms,
-                   help="longest an idle worker waits for more requests before running a batch (default %(default)s)")
-    p.add_argument("--max-queue", type=int, default=b.max_queue,
-                   help="requests waiting at most; beyond it 503 with Retry-After (default %(default)s)")
-    p.add_argument("--max-context-chars", type=int, default=d.max_context_chars,
-                   help="longer contexts or questions get 413 (default %(default)s)")
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=b.max_batch_tokens,
+        help="token budget of one packed forward (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=b.max_wait_ms,
+        help="longest an idle worker waits for more requests before running a batch (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=b.max_queue,
+        help="requests waiting at most; beyond it 503 with Retry-After (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-context-chars",
+        type=int,
+        default=d.max_context_chars,
+        help="longer contexts or questions get 413 (default %(default)s)",
+    )
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     try:
@@ -44,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # uvicorn handles SIGTERM: stop accepting, let in-flight requests finish, then the app's lifespan drains the
     # batcher (timeout_graceful_shutdown None waits for every request).
-    uvicorn.run(create_app(engine, config), host=a.host, port=a.port, log_level=a.log_level,
-                timeout_graceful_shutdown=None)
+    uvicorn.run(
+        create_app(engine, config), host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=None
+    )
     return 0
 
 

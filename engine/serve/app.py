@@ -63,16 +63,31 @@ class Metrics:
     def __init__(self, depth: Callable[[], float]):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("sparseqa_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
-                                registry=r)
-        self.latency = Histogram("sparseqa_request_latency_seconds", "HTTP request latency", ["endpoint"],
-                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=r)
-        self.batch_requests = Histogram("sparseqa_batch_requests", "Requests (examples) per packed batch",
-                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.batch_windows = Histogram("sparseqa_batch_windows", "Windows per packed batch",
-                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.batch_tokens = Histogram("sparseqa_batch_tokens", "Tokens per packed batch",
-                                      buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384), registry=r)
+        self.requests = Counter(
+            "sparseqa_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "sparseqa_request_latency_seconds",
+            "HTTP request latency",
+            ["endpoint"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.batch_requests = Histogram(
+            "sparseqa_batch_requests",
+            "Requests (examples) per packed batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.batch_windows = Histogram(
+            "sparseqa_batch_windows", "Windows per packed batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+        )
+        self.batch_tokens = Histogram(
+            "sparseqa_batch_tokens",
+            "Tokens per packed batch",
+            buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384),
+            registry=r,
+        )
         self.queue_depth = Gauge("sparseqa_queue_depth", "Requests waiting for the batcher", registry=r)
         self.queue_depth.set_function(depth)
 
@@ -125,8 +140,9 @@ def create_app(engine: QAEngine, config: ServeConfig = ServeConfig()) -> FastAPI
         finally:
             await anyio.to_thread.run_sync(batcher.close)
 
-    app = FastAPI(title="SparseQA", summary="Extractive question answering over a ragged engine artifact",
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="SparseQA", summary="Extractive question answering over a ragged engine artifact", lifespan=lifespan
+    )
     app.state.batcher, app.state.metrics, app.state.engine = batcher, metrics, engine
     app.add_middleware(_MetricsMiddleware, metrics=metrics)
 
@@ -134,11 +150,13 @@ def create_app(engine: QAEngine, config: ServeConfig = ServeConfig()) -> FastAPI
         for i, it in enumerate(items):
             longest = max(len(it.question), len(it.context))
             if longest > config.max_context_chars:
-                raise HTTPException(413, f"item {i}: {longest} characters exceed --max-context-chars "
-                                         f"{config.max_context_chars}")
+                raise HTTPException(
+                    413, f"item {i}: {longest} characters exceed --max-context-chars {config.max_context_chars}"
+                )
         try:
             windows = await anyio.to_thread.run_sync(
-                lambda: [engine.windows.windows(it.question, it.context) for it in items])
+                lambda: [engine.windows.windows(it.question, it.context) for it in items]
+            )
         except (ValueError, TypeError) as e:  # e.g. a question with no tokens
             raise HTTPException(422, str(e)) from None
         jobs = [Job(ws) for ws in windows]
@@ -151,10 +169,16 @@ def create_app(engine: QAEngine, config: ServeConfig = ServeConfig()) -> FastAPI
         logits = await _results_unless_disconnected(request, batcher, jobs)
         if logits is None:
             return Response(status_code=499)  # nobody reads it
-        return await anyio.to_thread.run_sync(lambda: [
-            _json(engine.decode_answers(it.context, job.windows, s, e, it.top_k, it.max_answer_length,
-                                        it.null_threshold))
-            for it, job, (s, e) in zip(items, jobs, logits)])
+        return await anyio.to_thread.run_sync(
+            lambda: [
+                _json(
+                    engine.decode_answers(
+                        it.context, job.windows, s, e, it.top_k, it.max_answer_length, it.null_threshold
+                    )
+                )
+                for it, job, (s, e) in zip(items, jobs, logits)
+            ]
+        )
 
     @app.post("/v1/answer", response_model=AnswerOut | list[AnswerOut])
     async def answer(request: Request, body: AnswerRequest):
@@ -173,10 +197,18 @@ def create_app(engine: QAEngine, config: ServeConfig = ServeConfig()) -> FastAPI
     async def healthz():
         """Readiness: 200 with the artifact's name, shape and backend while serving, 503 while draining."""
         cfg = engine.cfg
-        body = {"status": "ok" if batcher.accepting else "draining", "artifact": engine.artifact.path.name,
-                "architecture": cfg.architecture.value, "layers": len(cfg.heads), "hidden": cfg.hidden,
-                "heads": list(cfg.heads), "ffn": list(cfg.ffn), "dtype": engine.artifact.dtype,
-                "backend": engine.backend_name, "queue_depth": batcher.depth}
+        body = {
+            "status": "ok" if batcher.accepting else "draining",
+            "artifact": engine.artifact.path.name,
+            "architecture": cfg.architecture.value,
+            "layers": len(cfg.heads),
+            "hidden": cfg.hidden,
+            "heads": list(cfg.heads),
+            "ffn": list(cfg.ffn),
+            "dtype": engine.artifact.dtype,
+            "backend": engine.backend_name,
+            "queue_depth": batcher.depth,
+        }
         return JSONResponse(body, status_code=200 if batcher.accepting else 503)
 
     @app.get("/metrics")

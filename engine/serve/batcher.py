@@ -62,8 +62,7 @@ class Job:
 class Batcher:
     """Coalesces concurrent jobs into packed batches on one worker thread; `close` drains before stopping."""
 
-    def __init__(self, engine: QAEngine, config: BatchConfig,
-                 on_batch: Callable[[int, int, int], None] | None = None):
+    def __init__(self, engine: QAEngine, config: BatchConfig, on_batch: Callable[[int, int, int], None] | None = None):
         self.engine = engine
         self.config = config
         self.on_batch = on_batch  # (jobs, windows, tokens) of every batch run, for metrics

@@ -7,5 +7,14 @@ from engine.train.config import ParamGroup, Precision, TrainConfig, default_thre
 from engine.train.loop import Hooks, train
 from engine.train.losses import DistillConfig
 
-__all__ = ["DistillConfig", "Hooks", "ParamGroup", "Precision", "TrainConfig", "default_threads",
-           "resolve_precision", "train", "weight_groups"]
+__all__ = [
+    "DistillConfig",
+    "Hooks",
+    "ParamGroup",
+    "Precision",
+    "TrainConfig",
+    "default_threads",
+    "resolve_precision",
+    "train",
+    "weight_groups",
+]

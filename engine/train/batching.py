@@ -31,8 +31,11 @@ def epoch_order(lengths: Sequence[int], per_step: int, seed: int, epoch: int, gr
         return perm
     lens = np.asarray(lengths)
     chunk = GROUP_STEPS * per_step
-    flat = np.concatenate([c[np.argsort(-lens[c], kind="stable")] for c in np.array_split(perm, range(chunk, n, chunk))]
-                          ) if n else perm
+    flat = (
+        np.concatenate([c[np.argsort(-lens[c], kind="stable")] for c in np.array_split(perm, range(chunk, n, chunk))])
+        if n
+        else perm
+    )
     n_full = (n // per_step) * per_step
     steps = flat[:n_full].reshape(-1, per_step)[rng.permutation(n // per_step)]
     return np.concatenate([steps.reshape(-1), flat[n_full:]])

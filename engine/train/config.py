@@ -32,8 +32,10 @@ def resolve_precision(p: Precision | str, device: torch.device) -> Precision:
     if p is Precision.AUTO:
         return Precision.BF16 if bf16_native(device) else Precision.FP32
     if p is Precision.BF16 and not bf16_native(device):
-        raise ValueError(f"--precision bf16: {device.type} has no native bfloat16 GEMMs here "
-                         f"(CPUs need AVX512-BF16 or AMX); use --precision fp32 or auto")
+        raise ValueError(
+            f"--precision bf16: {device.type} has no native bfloat16 GEMMs here "
+            f"(CPUs need AVX512-BF16 or AMX); use --precision fp32 or auto"
+        )
     return p
 
 
@@ -64,15 +66,28 @@ class ParamGroup:
 def weight_groups(model: nn.Module, lr: float, weight_decay: float) -> list[ParamGroup]:
     """Model weights in two groups: decayed matrices, and biases/LayerNorm (1-D, no decay)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [ParamGroup("weights", tuple(p for p in params if p.dim() >= 2), lr, weight_decay),
-            ParamGroup("weights_no_decay", tuple(p for p in params if p.dim() < 2), lr, 0.0)]
+    return [
+        ParamGroup("weights", tuple(p for p in params if p.dim() >= 2), lr, weight_decay),
+        ParamGroup("weights_no_decay", tuple(p for p in params if p.dim() < 2), lr, 0.0),
+    ]
 
 
 def make_optimizer(groups: Sequence[ParamGroup]) -> torch.optim.AdamW:
     """AdamW over the groups (fp32 master weights and moments); empty groups are kept so indices stay stable."""
-    return torch.optim.AdamW([{"params": list(g.params), "lr": g.lr, "weight_decay": g.weight_decay,
-                               "betas": (0.9, g.beta2), "maximize": g.ascent} for g in groups],
-                             betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW(
+        [
+            {
+                "params": list(g.params),
+                "lr": g.lr,
+                "weight_decay": g.weight_decay,
+                "betas": (0.9, g.beta2),
+                "maximize": g.ascent,
+            }
+            for g in groups
+        ],
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
 
 
 @dataclass(frozen=True)
@@ -119,6 +134,7 @@ class TrainConfig:
         """Full steps in one pass over the windows (the remainder is dropped)."""
         per_epoch = n_windows // self.per_step
         if per_epoch == 0:
-            raise ValueError(f"{n_windows} training windows are fewer than one step's {self.per_step} "
-                             f"(--batch x --grad-accum)")
+            raise ValueError(
+                f"{n_windows} training windows are fewer than one step's {self.per_step} (--batch x --grad-accum)"
+            )
         return per_epoch

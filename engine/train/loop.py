@@ -48,13 +48,22 @@ class Hooks:
 
 def new_meta() -> dict[str, Any]:
     """The loop's checkpointed metadata: train time, per-step losses, log rows, eval history (hooks may add)."""
-    return {"elapsed_s": 0.0, "losses": [], "log": [], "history": [], "best": None, "stopped_by": "steps",
-            "windows": 0}
+    return {"elapsed_s": 0.0, "losses": [], "log": [], "history": [], "best": None, "stopped_by": "steps", "windows": 0}
 
 
-def train(module: nn.Module, features: Sequence[TrainFeature], cfg: TrainConfig, groups: Sequence[ParamGroup],
-          ckpt_root: Path, *, forward: nn.Module | None = None, teacher: TeacherSource | None = None,
-          distill: DistillConfig | None = None, hooks: Hooks = Hooks(), dist: Dist | None = None) -> dict[str, Any]:
+def train(
+    module: nn.Module,
+    features: Sequence[TrainFeature],
+    cfg: TrainConfig,
+    groups: Sequence[ParamGroup],
+    ckpt_root: Path,
+    *,
+    forward: nn.Module | None = None,
+    teacher: TeacherSource | None = None,
+    distill: DistillConfig | None = None,
+    hooks: Hooks = Hooks(),
+    dist: Dist | None = None,
+) -> dict[str, Any]:
     """Train `module` (called through `forward`, default the module itself) for one phase; returns the metadata.
 
     `module` is what gets checkpointed: it must own every parameter in `groups` (e.g. weights, gates and
@@ -80,30 +89,49 @@ def train(module: nn.Module, features: Sequence[TrainFeature], cfg: TrainConfig,
     budget = cfg.time_budget_min * 60 if cfg.time_budget_min else None
     t_start, before = time.monotonic(), float(meta["elapsed_s"])
     t_log, windows_log, loss_log = time.monotonic(), 0, []
-    bar = tqdm(total=total, initial=step, desc=cfg.name, unit="step", mininterval=10,
-               disable=not cfg.progress or not dist.is_main)
+    bar = tqdm(
+        total=total,
+        initial=step,
+        desc=cfg.name,
+        unit="step",
+        mininterval=10,
+        disable=not cfg.progress or not dist.is_main,
+    )
     order_epoch, order = -1, None
     while step < total:
         epoch, pos = divmod(step, n_steps_epoch)
         if epoch != order_epoch:
             order_epoch, order = epoch, epoch_order(lengths, cfg.per_step, cfg.seed, epoch, cfg.group_by_length)
-        idx = order[pos * cfg.per_step: (pos + 1) * cfg.per_step]
+        idx = order[pos * cfg.per_step : (pos + 1) * cfg.per_step]
         for g, spec in zip(opt.param_groups, groups):
             g["lr"] = lr_at(step, total, warmup, spec.lr) if spec.scheduled else spec.lr
         opt.zero_grad(set_to_none=True)
         logged: dict[str, float] = {}
         step_loss = 0.0
         for m in range(cfg.grad_accum):
-            micro = idx[m * cfg.batch: (m + 1) * cfg.batch][dist.rank::dist.world]
+            micro = idx[m * cfg.batch : (m + 1) * cfg.batch][dist.rank :: dist.world]
             batch, sp, ep = collate([features[k] for k in micro])
             batch, sp, ep = batch.to(dist.device), sp.to(dist.device), ep.to(dist.device)
             with torch.autocast(dist.device.type, torch.bfloat16, enabled=bf16):
-                out = fwd(batch.input_ids, batch.token_type_ids, batch.cu_seqlens, batch.max_seqlen,
-                          output_hidden_states=want_hidden)
+                out = fwd(
+                    batch.input_ids,
+                    batch.token_type_ids,
+                    batch.cu_seqlens,
+                    batch.max_seqlen,
+                    output_hidden_states=want_hidden,
+                )
             t_out = teacher.logits(micro, batch, want_hidden) if teacher is not None else None
-            loss = task_and_distill(out[0].float(), out[1].float(), batch.cu_seqlens, batch.max_seqlen, sp, ep,
-                                    teacher=t_out[:2] if t_out is not None else None, cfg=distill,
-                                    hidden=(out[2], t_out[2]) if want_hidden else None)
+            loss = task_and_distill(
+                out[0].float(),
+                out[1].float(),
+                batch.cu_seqlens,
+                batch.max_seqlen,
+                sp,
+                ep,
+                teacher=t_out[:2] if t_out is not None else None,
+                cfg=distill,
+                hidden=(out[2], t_out[2]) if want_hidden else None,
+            )
             if hooks.penalty is not None:
                 penalty, logged = hooks.penalty(step, total)
                 loss = loss + penalty
@@ -123,28 +151,41 @@ def train(module: nn.Module, features: Sequence[TrainFeature], cfg: TrainConfig,
         bar.set_postfix(loss=f"{step_loss:.3f}", **{k: f"{v:.3f}" for k, v in logged.items()}, refresh=False)
         if cfg.log_every and step % cfg.log_every == 0:
             rate = windows_log / (time.monotonic() - t_log)
-            row = {"step": step, "loss": round(dist.mean(sum(loss_log) / len(loss_log)), 5),
-                   "lr": opt.param_groups[0]["lr"], "windows_per_s": round(rate, 2),
-                   **{k: round(v, 5) for k, v in logged.items()}}
+            row = {
+                "step": step,
+                "loss": round(dist.mean(sum(loss_log) / len(loss_log)), 5),
+                "lr": opt.param_groups[0]["lr"],
+                "windows_per_s": round(rate, 2),
+                **{k: round(v, 5) for k, v in logged.items()},
+            }
             meta["log"].append(row)
             if dist.is_main:
                 eta = (total - step) * cfg.per_step / max(rate, 1e-9) / 60
-                print(f"[{cfg.name}] step {step}/{total} epoch {step / n_steps_epoch:.3f} {row} "
-                      f"elapsed {meta['elapsed_s'] / 60:.1f} min eta {eta:.1f} min", file=sys.stderr, flush=True)
+                print(
+                    f"[{cfg.name}] step {step}/{total} epoch {step / n_steps_epoch:.3f} {row} "
+                    f"elapsed {meta['elapsed_s'] / 60:.1f} min eta {eta:.1f} min",
+                    file=sys.stderr,
+                    flush=True,
+                )
             t_log, windows_log, loss_log = time.monotonic(), 0, []
         over = budget is not None and meta["elapsed_s"] > budget
         if over:
             meta["stopped_by"] = "time_budget"
         periodic = bool(cfg.eval_every) and step % cfg.eval_every == 0
-        if dist.is_main and hooks.evaluate is not None and (step % n_steps_epoch == 0 or step == total or over
-                                                             or periodic):
+        if (
+            dist.is_main
+            and hooks.evaluate is not None
+            and (step % n_steps_epoch == 0 or step == total or over or periodic)
+        ):
             hooks.evaluate(step, meta)
             module.train()
         if dist.is_main and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total or over):
             save_training_state(ckpt_root, module, opt, step, meta, keep=cfg.keep_checkpoints)
         if over:
-            print(f"[{cfg.name}] time budget of {cfg.time_budget_min} min reached at step {step}/{total}; stopping",
-                  file=sys.stderr)
+            print(
+                f"[{cfg.name}] time budget of {cfg.time_budget_min} min reached at step {step}/{total}; stopping",
+                file=sys.stderr,
+            )
             break
     bar.close()
     dist.barrier()

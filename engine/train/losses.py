@@ -122,8 +122,9 @@ def qa_ce_loss(start_logits: Tensor, end_logits: Tensor, start_pos: Tensor, end_
     return 0.5 * (F.cross_entropy(start_logits.float(), start_pos) + F.cross_entropy(end_logits.float(), end_pos))
 
 
-def span_loss(start: Tensor, end: Tensor, cu_seqlens: Tensor, max_seqlen: int, start_pos: Tensor,
-              end_pos: Tensor) -> Tensor:
+def span_loss(
+    start: Tensor, end: Tensor, cu_seqlens: Tensor, max_seqlen: int, start_pos: Tensor, end_pos: Tensor
+) -> Tensor:
     """Mean start/end cross-entropy of packed logits `[T]`, each window normalised over its own tokens only."""
     # Padding gets -inf, so it has probability 0 and no gradient.
     s = unpack(start.float(), cu_seqlens, max_seqlen, fill=float("-inf"))  # (B, S)
@@ -140,9 +141,17 @@ class DistillConfig:
     hidden_weight: float = 0.0
 
 
-def task_and_distill(start: Tensor, end: Tensor, cu_seqlens: Tensor, max_seqlen: int, start_pos: Tensor,
-                     end_pos: Tensor, teacher: tuple[Tensor, Tensor] | None = None, cfg: DistillConfig | None = None,
-                     hidden: tuple[Sequence[Tensor], Sequence[Tensor]] | None = None) -> Tensor:
+def task_and_distill(
+    start: Tensor,
+    end: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    start_pos: Tensor,
+    end_pos: Tensor,
+    teacher: tuple[Tensor, Tensor] | None = None,
+    cfg: DistillConfig | None = None,
+    hidden: tuple[Sequence[Tensor], Sequence[Tensor]] | None = None,
+) -> Tensor:
     """(1 - w)·CE + w·KD [+ h·hidden MSE] of packed student logits `[T]` against packed teacher logits `[T]`.
 
     `hidden` is (student, teacher) lists of packed `[T, d]` layer outputs, matched one to one.
@@ -152,12 +161,19 @@ def task_and_distill(start: Tensor, end: Tensor, cu_seqlens: Tensor, max_seqlen:
         return ce
     cu, n = cu_seqlens, max_seqlen
     mask = unpack(torch.ones_like(start, dtype=torch.bool), cu, n, fill=False)  # (B, S) real tokens
-    kd = distill_loss(unpack(start, cu, n), unpack(end, cu, n), unpack(teacher[0], cu, n), unpack(teacher[1], cu, n),
-                      cfg.temperature, mask)
+    kd = distill_loss(
+        unpack(start, cu, n),
+        unpack(end, cu, n),
+        unpack(teacher[0], cu, n),
+        unpack(teacher[1], cu, n),
+        cfg.temperature,
+        mask,
+    )
     loss = (1 - cfg.weight) * ce + cfg.weight * kd
     if hidden is not None and cfg.hidden_weight > 0:
         # Packed hiddens (T, d) as one (1, T, d) row; student and teacher have the same depth.
         ones = torch.ones(1, start.shape[0], dtype=torch.bool, device=start.device)
-        loss = loss + cfg.hidden_weight * hidden_state_loss([h[None] for h in hidden[0]], [h[None] for h in hidden[1]],
-                                                            ones)
+        loss = loss + cfg.hidden_weight * hidden_state_loss(
+            [h[None] for h in hidden[0]], [h[None] for h in hidden[1]], ones
+        )
     return loss

@@ -29,8 +29,10 @@ class NonFiniteLossError(FloatingPointError):
 def check_finite(loss: torch.Tensor, step: int) -> None:
     """Raise NonFiniteLossError naming the (1-based) optimizer step if `loss` is NaN or infinite."""
     if not bool(torch.isfinite(loss).all()):
-        raise NonFiniteLossError(f"training loss became {loss.item()} at step {step}; lower the learning rate, "
-                                 f"check the input data, or resume from an earlier checkpoint")
+        raise NonFiniteLossError(
+            f"training loss became {loss.item()} at step {step}; lower the learning rate, "
+            f"check the input data, or resume from an earlier checkpoint"
+        )
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
@@ -40,8 +42,14 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
     return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def save_training_state(root: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                        meta: Mapping[str, Any], keep: int = 2) -> Path:
+def save_training_state(
+    root: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    meta: Mapping[str, Any],
+    keep: int = 2,
+) -> Path:
     """Write `root/step-XXXXXXXX/` (model, optimizer, RNG, trainer.json) atomically; keep the newest `keep`."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -72,8 +80,9 @@ def save_training_state(root: str | Path, model: nn.Module, optimizer: torch.opt
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The newest complete `step-*` directory under `root`, or None."""
     root = Path(root)
-    done = [p for p in root.glob("step-*") if p.is_dir() and (p / "trainer.json").is_file()
-            and not p.name.endswith(".tmp")]
+    done = [
+        p for p in root.glob("step-*") if p.is_dir() and (p / "trainer.json").is_file() and not p.name.endswith(".tmp")
+    ]
     return max(done, key=lambda p: p.name) if done else None
 
 

@@ -34,8 +34,14 @@ from engine.features import PackedBatch, WindowSettings
 from engine.packing import cu_seqlens_from_lengths
 
 CACHE_VERSION = "1"
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer_config.json",
-                    "special_tokens_map.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 # Precisions an artifact can hold (engine.build_model --dtype) -> the name used in cache keys and file names.
 PRECISIONS = ("float32", "bfloat16", "int8")
 
@@ -49,8 +55,9 @@ class TeacherSource:
 
     needs_hidden: bool = False
 
-    def logits(self, indices: Sequence[int], batch: PackedBatch, want_hidden: bool
-               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
+    def logits(
+        self, indices: Sequence[int], batch: PackedBatch, want_hidden: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
         """Packed start, end `[T]` (and layer outputs `[T, d]` if `want_hidden`) of the windows `indices`."""
         raise NotImplementedError
 
@@ -67,8 +74,9 @@ class LiveTeacher(TeacherSource):
 
     @torch.no_grad()
     def logits(self, indices, batch, want_hidden):
-        out = self.model(batch.input_ids, batch.token_type_ids, batch.cu_seqlens, batch.max_seqlen,
-                         output_hidden_states=want_hidden)
+        out = self.model(
+            batch.input_ids, batch.token_type_ids, batch.cu_seqlens, batch.max_seqlen, output_hidden_states=want_hidden
+        )
         return out[0].float(), out[1].float(), (out[2] if want_hidden else None)
 
 
@@ -102,10 +110,12 @@ def teacher_fingerprint(teacher_dir: Path) -> tuple[str, str]:
 
 def windows_fingerprint(features: Sequence[TrainFeature]) -> str:
     """sha256 of every window's token ids and token types, in order."""
+
     def chunks():
         for f in features:
             yield np.asarray(f.input_ids, dtype=np.int64).tobytes() + b"|"
             yield np.asarray(f.token_type_ids, dtype=np.int8).tobytes() + b";"
+
     return _sha(chunks())
 
 
@@ -122,14 +132,21 @@ class CacheKey:
     version: str = CACHE_VERSION
 
     @classmethod
-    def of(cls, teacher_dir: Path, settings: WindowSettings, features: Sequence[TrainFeature], precision: str
-           ) -> CacheKey:
+    def of(
+        cls, teacher_dir: Path, settings: WindowSettings, features: Sequence[TrainFeature], precision: str
+    ) -> CacheKey:
         """The key for these inputs."""
         if precision not in PRECISIONS:
             raise ValueError(f"teacher precision must be one of {PRECISIONS}, got {precision!r}")
         model, tok = teacher_fingerprint(Path(teacher_dir))
-        return cls(model, tok, json.dumps(asdict(settings), sort_keys=True), windows_fingerprint(features),
-                   len(features), precision)
+        return cls(
+            model,
+            tok,
+            json.dumps(asdict(settings), sort_keys=True),
+            windows_fingerprint(features),
+            len(features),
+            precision,
+        )
 
     @property
     def digest(self) -> str:
@@ -151,16 +168,17 @@ class CachedTeacher(TeacherSource):
             want = key.as_metadata()
             wrong = [k for k in want if meta.get(k) != want[k]]
             if wrong:
-                detail = ", ".join(f"{k}: cache has {meta.get(k, '<missing>')!r}, run needs {want[k]!r}"
-                                   for k in wrong)
+                detail = ", ".join(f"{k}: cache has {meta.get(k, '<missing>')!r}, run needs {want[k]!r}" for k in wrong)
                 raise StaleTeacherCacheError(
                     f"teacher-logit cache {path} was made for a different {' / '.join(wrong)} ({detail}); "
-                    f"delete it (it is recomputed), point --teacher-cache elsewhere, or use --teacher-logits live")
+                    f"delete it (it is recomputed), point --teacher-cache elsewhere, or use --teacher-logits live"
+                )
             self.start, self.end = f.get_tensor("start"), f.get_tensor("end")  # (T_all,) fp32
             self.offsets = f.get_tensor("offsets")  # (N+1,) int64
         if self.offsets.numel() != key.n_windows + 1 or int(self.offsets[-1]) != self.start.numel():
-            raise StaleTeacherCacheError(f"teacher-logit cache {path} is malformed (offsets do not cover the logits); "
-                                         f"delete it to recompute")
+            raise StaleTeacherCacheError(
+                f"teacher-logit cache {path} is malformed (offsets do not cover the logits); delete it to recompute"
+            )
 
     def logits(self, indices, batch, want_hidden):
         if want_hidden:
@@ -175,9 +193,16 @@ class CachedTeacher(TeacherSource):
 
 
 @torch.inference_mode()
-def compute_teacher_logits(teacher_dir: Path, settings: WindowSettings, features: Sequence[TrainFeature],
-                           precision: str, backend: str = "auto", threads: int | None = None,
-                           tokens_per_batch: int = 8192, progress: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+def compute_teacher_logits(
+    teacher_dir: Path,
+    settings: WindowSettings,
+    features: Sequence[TrainFeature],
+    precision: str,
+    backend: str = "auto",
+    threads: int | None = None,
+    tokens_per_batch: int = 8192,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], str]:
     """Run the teacher, built as an engine artifact in `precision`, over every window.
 
     Returns ({start, end, offsets}, the backend that ran it).
@@ -196,12 +221,17 @@ def compute_teacher_logits(teacher_dir: Path, settings: WindowSettings, features
         start = torch.empty(int(offsets[-1]), dtype=torch.float32)
         end = torch.empty_like(start)
         order = np.argsort(-lengths, kind="stable")
-        bar = tqdm(total=len(features), desc=f"teacher logits ({runner.name}, {precision})", unit="win",
-                   disable=not progress, mininterval=5)
+        bar = tqdm(
+            total=len(features),
+            desc=f"teacher logits ({runner.name}, {precision})",
+            unit="win",
+            disable=not progress,
+            mininterval=5,
+        )
         i = 0
         while i < len(order):
             n = max(1, tokens_per_batch // int(lengths[order[i]]))
-            idx = order[i: i + n]
+            idx = order[i : i + n]
             feats = [features[k] for k in idx]
             ids = torch.tensor([t for f in feats for t in f.input_ids], dtype=torch.long)
             types = torch.tensor([t for f in feats for t in f.token_type_ids], dtype=torch.long)
@@ -209,8 +239,8 @@ def compute_teacher_logits(teacher_dir: Path, settings: WindowSettings, features
             s, e = runner.forward_packed(ids, types, cu_seqlens_from_lengths(lens), max(lens))
             pos = 0
             for k, n_tok in zip(idx, lens):
-                start[offsets[k]: offsets[k + 1]] = s[pos: pos + n_tok].float().cpu()
-                end[offsets[k]: offsets[k + 1]] = e[pos: pos + n_tok].float().cpu()
+                start[offsets[k] : offsets[k + 1]] = s[pos : pos + n_tok].float().cpu()
+                end[offsets[k] : offsets[k + 1]] = e[pos : pos + n_tok].float().cpu()
                 pos += n_tok
             bar.update(len(idx))
             i += n
@@ -219,9 +249,16 @@ def compute_teacher_logits(teacher_dir: Path, settings: WindowSettings, features
     return {"start": start, "end": end, "offsets": torch.from_numpy(offsets)}, name
 
 
-def cached_teacher(teacher_dir: Path, settings: WindowSettings, features: Sequence[TrainFeature], cache: Path,
-                   precision: str = "float32", backend: str = "auto", threads: int | None = None,
-                   progress: bool = True) -> CachedTeacher:
+def cached_teacher(
+    teacher_dir: Path,
+    settings: WindowSettings,
+    features: Sequence[TrainFeature],
+    cache: Path,
+    precision: str = "float32",
+    backend: str = "auto",
+    threads: int | None = None,
+    progress: bool = True,
+) -> CachedTeacher:
     """The teacher-logit cache for these windows: `cache` is a file, or a directory holding one file per key.
 
     A missing file is computed (and written atomically); an existing one is validated against the key.
@@ -231,11 +268,13 @@ def cached_teacher(teacher_dir: Path, settings: WindowSettings, features: Sequen
     path = cache if cache.suffix == ".safetensors" else cache / f"teacher-logits-{precision}-{key.digest}.safetensors"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors, backend_name = compute_teacher_logits(Path(teacher_dir), settings, features, precision, backend,
-                                                       threads, progress=progress)
+        tensors, backend_name = compute_teacher_logits(
+            Path(teacher_dir), settings, features, precision, backend, threads, progress=progress
+        )
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={**key.as_metadata(), "backend": backend_name})
         tmp.replace(path)
-        print(f"teacher logits of {len(features)} windows ({backend_name}, {precision}) cached in {path}",
-              file=sys.stderr)
+        print(
+            f"teacher logits of {len(features)} windows ({backend_name}, {precision}) cached in {path}", file=sys.stderr
+        )
     return CachedTeacher(path, key)

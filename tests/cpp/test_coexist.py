@@ -32,8 +32,11 @@ QUESTIONS = ["Where is the treasure?", "Who planted the tree?", "Which river run
 
 @pytest.fixture(scope="module")
 def qa(minilm, tmp_path_factory) -> QAEngine:
-    art = build(minilm, tmp_path_factory.mktemp("coexist") / "a",
-                settings=WindowSettings(max_seq_length=96, doc_stride=32, max_query_length=16))
+    art = build(
+        minilm,
+        tmp_path_factory.mktemp("coexist") / "a",
+        settings=WindowSettings(max_seq_length=96, doc_stride=32, max_query_length=16),
+    )
     return QAEngine.load(art, backend="cpp", threads=2)
 
 
@@ -108,18 +111,28 @@ def test_cpp_backend_releases_only_when_libgomp_started_unbounded(qa, monkeypatc
 PROBE = "import os, engine; print(engine.openmp.STATE, os.environ.get('GOMP_SPINCOUNT'))"
 
 
-@pytest.mark.parametrize("env, prelude, want", [
-    ({}, "", f"bounded {openmp.SPIN_COUNT}"),
-    ({"GOMP_SPINCOUNT": "123"}, "", "user 123"),
-    ({"GOMP_SPINCOUNT": "infinite"}, "import torch; ", "user infinite"),
-    ({"OMP_WAIT_POLICY": "active"}, "", "user None"),
-    ({"OMP_WAIT_POLICY": "passive"}, "", "user None"),
-    ({}, "import torch; ", "late None"),
-], ids=["default", "user-count", "user-count-torch-first", "user-active", "user-passive", "torch-first"])
+@pytest.mark.parametrize(
+    "env, prelude, want",
+    [
+        ({}, "", f"bounded {openmp.SPIN_COUNT}"),
+        ({"GOMP_SPINCOUNT": "123"}, "", "user 123"),
+        ({"GOMP_SPINCOUNT": "infinite"}, "import torch; ", "user infinite"),
+        ({"OMP_WAIT_POLICY": "active"}, "", "user None"),
+        ({"OMP_WAIT_POLICY": "passive"}, "", "user None"),
+        ({}, "import torch; ", "late None"),
+    ],
+    ids=["default", "user-count", "user-count-torch-first", "user-active", "user-passive", "torch-first"],
+)
 def test_spin_default_never_overrides_the_user(env, prelude, want):
     base = {k: v for k, v in os.environ.items() if k not in openmp.USER_VARIABLES}
-    run = subprocess.run([sys.executable, "-c", prelude + PROBE], env={**base, "PYTHONPATH": str(ROOT), **env},
-                         capture_output=True, text=True, timeout=120, check=False)
+    run = subprocess.run(
+        [sys.executable, "-c", prelude + PROBE],
+        env={**base, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == want
 

@@ -27,8 +27,13 @@ from engine.runtime.cpp_backend import CppBackend, is_available  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = WindowSettings(max_seq_length=64, doc_stride=16, max_query_length=16)
 # Ragged shapes of the 3-layer, 4-head, 37-unit tiny checkpoints: a 0-head layer and a 0-FFN layer.
-RAGGED = {"layers": [{"heads": [0, 2, 3], "ffn": list(range(0, 37, 2))}, {"heads": [], "ffn": [20, 3, 7]},
-                     {"heads": [1], "ffn": []}]}
+RAGGED = {
+    "layers": [
+        {"heads": [0, 2, 3], "ffn": list(range(0, 37, 2))},
+        {"heads": [], "ffn": [20, 3, 7]},
+        {"heads": [1], "ffn": []},
+    ]
+}
 LENGTHS = [1, 17, 0, 64, 5, 126]
 # (dtype, atol): fp32 compute; fp16 artifacts are upcast and compared with their own upcast weights. bf16 artifacts
 # run bf16 GEMMs on the cpp backend: tests/cpp/test_cpp_precision.py.
@@ -132,12 +137,14 @@ def test_dnnl_linear_matches_torch(rows, cols_in, cols_out, activation):
     x, w = torch.randn(rows, cols_in, generator=gen), torch.randn(cols_out, cols_in, generator=gen)
     b, residual = torch.randn(cols_out, generator=gen), torch.randn(rows, cols_out, generator=gen)
     want = F.linear(x.double(), w.double(), b.double())
-    want = {None: want, "relu": F.relu(want), "gelu": F.gelu(want),
-            "gelu_new": F.gelu(want, approximate="tanh")}[activation].float()
-    tol = 1e-5 * (1 + cols_in ** 0.5 * 4)
+    want = {None: want, "relu": F.relu(want), "gelu": F.gelu(want), "gelu_new": F.gelu(want, approximate="tanh")}[
+        activation
+    ].float()
+    tol = 1e-5 * (1 + cols_in**0.5 * 4)
     torch.testing.assert_close(_C.testing.fp32_linear(x, w, b, activation, "dnnl"), want, atol=tol, rtol=1e-5)
-    torch.testing.assert_close(_C.testing.fp32_linear(x, w, b, activation, "dnnl", residual), want + residual, atol=tol,
-                               rtol=1e-5)
+    torch.testing.assert_close(
+        _C.testing.fp32_linear(x, w, b, activation, "dnnl", residual), want + residual, atol=tol, rtol=1e-5
+    )
     with pytest.raises(ValueError, match="residual needs gemm='dnnl'"):
         _C.testing.fp32_linear(x, w, b, activation, "aten", residual)
 
@@ -164,8 +171,9 @@ def _check_varlen_attention(attention, head_dim: int) -> None:
 @pytest.mark.parametrize("head_dim", [32, 64])
 @pytest.mark.parametrize("isa", _C.testing.cpu_kernels())
 def test_fused_attention_matches_sdpa(isa, head_dim):
-    _check_varlen_attention(lambda qkv, bias, cu, heads, max_len: _C.testing.cpu_attention(qkv, bias, cu, heads, max_len, isa),
-                            head_dim)
+    _check_varlen_attention(
+        lambda qkv, bias, cu, heads, max_len: _C.testing.cpu_attention(qkv, bias, cu, heads, max_len, isa), head_dim
+    )
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +207,7 @@ def test_answers_match_python_engine(engines, context):
             assert got.score == pytest.approx(want.score, abs=1e-4)
             assert got.null_score_diff == pytest.approx(want.null_score_diff, abs=1e-4)
             if not got.no_answer:
-                assert context.encode()[got.start_byte:got.end_byte].decode() == got.text
+                assert context.encode()[got.start_byte : got.end_byte].decode() == got.text
 
 
 def test_backend_registry_and_qaengine(minilm_artifact):
@@ -212,13 +220,16 @@ def test_backend_registry_and_qaengine(minilm_artifact):
     rs, re = create_backend("torch", art, "cpu").forward_packed(ids, types, cu, max_len)
     torch.testing.assert_close(s, rs, atol=1e-4, rtol=0)
     direct = CppBackend(minilm_artifact, "cpu", None)
-    torch.testing.assert_close(direct.forward_packed(ids, None, cu, max_len)[1],
-                               create_backend("torch", art, "cpu").forward_packed(ids, torch.zeros_like(ids), cu,
-                                                                                   max_len)[1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        direct.forward_packed(ids, None, cu, max_len)[1],
+        create_backend("torch", art, "cpu").forward_packed(ids, torch.zeros_like(ids), cu, max_len)[1],
+        atol=1e-4,
+        rtol=0,
+    )
     eng = QAEngine.load(minilm_artifact, backend="cpp")
     assert eng.backend_name == "cpp"
     a = eng.answer("Who founded it?", CONTEXTS[0], null_threshold=1e9)
-    assert CONTEXTS[0][a.start:a.end] == a.text
+    assert CONTEXTS[0][a.start : a.end] == a.text
 
 
 def test_concurrent_answers_are_consistent(engines):
@@ -289,12 +300,18 @@ def test_corrupt_artifacts_raise_not_crash(tiny_bert, tmp_path):
     cases = {
         "truncated": (lambda d: (d / "weights.safetensors").write_bytes(weights[: len(weights) // 2]), "truncated"),
         "tiny": (lambda d: (d / "weights.safetensors").write_bytes(weights[:5]), "too short"),
-        "header": (lambda d: (d / "weights.safetensors").write_bytes((40).to_bytes(8, "little") + b"x" * 40),
-                   "not valid JSON"),
+        "header": (
+            lambda d: (d / "weights.safetensors").write_bytes((40).to_bytes(8, "little") + b"x" * 40),
+            "not valid JSON",
+        ),
         "no_weights": (lambda d: (d / "weights.safetensors").unlink(), "missing"),
         "manifest": (lambda d: (d / "engine.json").write_text("{"), "not valid JSON"),
-        "version": (lambda d: (d / "engine.json").write_text(
-            (good / "engine.json").read_text().replace('"format_version": 1', '"format_version": 7')), "newer"),
+        "version": (
+            lambda d: (d / "engine.json").write_text(
+                (good / "engine.json").read_text().replace('"format_version": 1', '"format_version": 7')
+            ),
+            "newer",
+        ),
     }
     for name, (edit, msg) in cases.items():
         d = variant(name, edit)
@@ -328,11 +345,16 @@ def _require_cuda_build() -> None:
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 def test_cuda_attention_matches_sdpa(head_dim):
     _require_cuda_build()
-    _check_varlen_attention(lambda qkv, bias, cu, heads, max_len: _C.testing.cuda_varlen_attention(
-        qkv.cuda(), bias.cuda(), cu.cuda(), heads, max_len).cpu(), head_dim)
+    _check_varlen_attention(
+        lambda qkv, bias, cu, heads, max_len: _C.testing.cuda_varlen_attention(
+            qkv.cuda(), bias.cuda(), cu.cuda(), heads, max_len
+        ).cpu(),
+        head_dim,
+    )
     with pytest.raises(ValueError, match="head_dim"):
-        _C.testing.cuda_varlen_attention(torch.zeros(4, 3 * 48, device="cuda"), None, torch.tensor([0, 4], dtype=torch.int32),
-                                 1, 4)
+        _C.testing.cuda_varlen_attention(
+            torch.zeros(4, 3 * 48, device="cuda"), None, torch.tensor([0, 4], dtype=torch.int32), 1, 4
+        )
 
 
 @pytest.mark.parametrize("cols", [1, 37, 384, 1000])

@@ -33,13 +33,13 @@ CORPUS = [
     "Numbers 3.14159 1,000,000 12th 1990s $5 €10 ¥20 50% #1 @home a/b c\\d",
 ]
 ADVERSARIAL = [
-    "Cafe\u0301 nai\u0308ve e\u0301le\u0300ve a\u0316\u0300 q\u0307\u0323 x\u20dd \u0301leading mark",  # combining marks
+    "Cafe\u0301 nai\u0308ve e\u0301le\u0300ve a\u0316\u0300 q\u0307\u0323 x\u20dd \u0301leading mark",  # combining marks  # noqa: E501
     "👨‍👩‍👧‍👦 🏳️‍🌈 👩🏽‍💻 🧑‍🤝‍🧑 ❤️‍🔥 🇺🇳🇫🇷 keycap 1️⃣#️⃣ tag 🏴\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f",
     "東京は日本の首都です。北京、上海；한국어 テスト 𠀋𪚲 豈 更 ｆｕｌｌｗｉｄｔｈ　ｓｐａｃｅ",
     "RTL: العربية \u200fمرحبا\u200e mixed עברית 123 \u202eevil\u202c \u2067isolate\u2069 ؟ ،",
     "Control\u0000chars\u0007and\u001fzero\u200bwidth\u200d\ufeff\u00ad\ue000\U000f0000 end\ufffd\u0085nel\x7f",
     "NUL \x00\x00 in the middle\x00",
-    "lone surrogates as escapes: \\ud800 \\udfff \\ud83d\\ude00 \"\\uD800\"",
+    'lone surrogates as escapes: \\ud800 \\udfff \\ud83d\\ude00 "\\uD800"',
     "Runs   of\t\twhitespace\n\n\nand\u00a0non-breaking\u2003spaces\u3000ideographic\u2028line \u000bvt\r\n",
     "Contractions: don't I'm you're we've they'll he'd it's 'S 'T 'RE ''s '''",
     "Special tokens: <s>inside</s> text <mask> <pad><unk> < s> </s></s> <s",
@@ -108,10 +108,14 @@ def _compare(hf: Tokenizer, cpp, texts: list[str], check_bytes: bool = True) -> 
         ids, offsets, byte_offsets = cpp.encode(text)
         want = [tuple(o) for o in enc.offsets]
         if ids != enc.ids or offsets != want:
-            i = next((k for k, (a, b) in enumerate(zip(zip(ids, offsets), zip(enc.ids, want))) if a != b),
-                     min(len(ids), len(enc.ids)))
-            pytest.fail(f"{text[:80]!r}: first difference at token {i}: C++ {list(zip(ids, offsets))[i:i + 3]} "
-                        f"vs HF {list(zip(enc.ids, want))[i:i + 3]}")
+            i = next(
+                (k for k, (a, b) in enumerate(zip(zip(ids, offsets), zip(enc.ids, want))) if a != b),
+                min(len(ids), len(enc.ids)),
+            )
+            pytest.fail(
+                f"{text[:80]!r}: first difference at token {i}: C++ {list(zip(ids, offsets))[i : i + 3]} "
+                f"vs HF {list(zip(enc.ids, want))[i : i + 3]}"
+            )
         if check_bytes:
             data = text.encode("utf-8")
             assert [data[a:b].decode("utf-8") for a, b in byte_offsets] == [text[a:b] for a, b in offsets]
@@ -130,9 +134,12 @@ def test_every_assigned_code_point(tiny_bpe):
     suffices (the adversarial tests run all four).
     """
     hf, cpp = _pair(tiny_bpe[(False, True)])
-    cps = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF and (c < 0x40000 or 0xE0000 <= c < 0xF0000
-                                                                         or c % 97 == 0)]
-    texts = ["".join(f"a{chr(c)} {chr(c)}1" for c in cps[i:i + 1024]) for i in range(0, len(cps), 1024)]
+    cps = [
+        c
+        for c in range(0x110000)
+        if not 0xD800 <= c <= 0xDFFF and (c < 0x40000 or 0xE0000 <= c < 0xF0000 or c % 97 == 0)
+    ]
+    texts = ["".join(f"a{chr(c)} {chr(c)}1" for c in cps[i : i + 1024]) for i in range(0, len(cps), 1024)]
     _compare(hf, cpp, texts, check_bytes=False)
 
 
@@ -150,12 +157,26 @@ def test_added_tokens_normalized_lstrip_rstrip(tiny_bpe, tmp_path):
     from tokenizers import AddedToken
 
     hf = Tokenizer.from_file(str(tiny_bpe[(True, True)]))
-    hf.add_tokens([AddedToken("the cat", normalized=True), AddedToken(" dog", normalized=True, rstrip=True),
-                   AddedToken("<x>", normalized=False, lstrip=True, rstrip=True)])
+    hf.add_tokens(
+        [
+            AddedToken("the cat", normalized=True),
+            AddedToken(" dog", normalized=True, rstrip=True),
+            AddedToken("<x>", normalized=False, lstrip=True, rstrip=True),
+        ]
+    )
     path = tmp_path / "added.json"
     hf.save(str(path))
-    texts = ["the cat sat", "a dog  barks", "x <x> y", "the cat<x>the cat", "  dog dog", "<x>", "xthe caty",
-             "\u3000<x>\u3000 z", " dog\t dog  <x>  <x>the cat"]
+    texts = [
+        "the cat sat",
+        "a dog  barks",
+        "x <x> y",
+        "the cat<x>the cat",
+        "  dog dog",
+        "<x>",
+        "xthe caty",
+        "\u3000<x>\u3000 z",
+        " dog\t dog  <x>  <x>the cat",
+    ]
     pool = ["the cat", " dog", "<x>", " ", "\t", "\u3000", "a", "é", "'s"]
     rng = random.Random(1)
     texts += ["".join(rng.choice(pool) for _ in range(rng.randint(1, 12))) for _ in range(2000)]
@@ -236,7 +257,7 @@ def test_engine_answer_equals_python_qaengine(roberta_artifact, squad_dev, quest
         if (got.text, got.start, got.end) != (w.text, w.start, w.end):
             near_ties.append((question, got.text, w.text))  # same score within fp32 noise: another span
             continue
-        assert context[got.start:got.end] == got.text
+        assert context[got.start : got.end] == got.text
         assert got.null_score_diff == pytest.approx(w.null_score_diff, abs=1e-3)
     print(f"\n{questions} questions: {questions - len(near_ties)} identical answers, {len(near_ties)} near-ties")
     assert len(near_ties) <= 2, near_ties

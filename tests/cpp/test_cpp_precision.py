@@ -25,10 +25,14 @@ _C = pytest.importorskip("engine._C", reason="engine._C is not built (C++ toolch
 from engine.artifact import KNOWN_KERNELS, load_artifact  # noqa: E402
 from engine.build_model import build  # noqa: E402
 from engine.qa import QAEngine  # noqa: E402
-from tests.conftest import NO_BF16_GEMM, needs_bf16_gemm, needs_exact_int8  # noqa: E402
 from engine.quant import QMAX, int8_kernels_available, quantize_per_token  # noqa: E402
-from engine.runtime import REGISTRY, _missing_kernels, create_backend  # noqa: E402
-from engine.runtime import cpp_backend  # noqa: E402
+from engine.runtime import (  # noqa: E402
+    REGISTRY,
+    _missing_kernels,
+    cpp_backend,  # noqa: E402
+    create_backend,
+)
+from tests.conftest import NO_BF16_GEMM, needs_bf16_gemm, needs_exact_int8  # noqa: E402
 from tests.test_quant import (  # noqa: E402
     RAGGED,
     SMALL,
@@ -40,12 +44,18 @@ from tests.test_quant import (  # noqa: E402
     _synthetic_squad,
 )
 
-pytestmark = pytest.mark.skipif(not int8_kernels_available(torch.device("cpu")) or not _C.supported_kernels(),
-                                reason="this torch build has no oneDNN int8 linear")
+pytestmark = pytest.mark.skipif(
+    not int8_kernels_available(torch.device("cpu")) or not _C.supported_kernels(),
+    reason="this torch build has no oneDNN int8 linear",
+)
 
 KINDS = ("int8", "int8s", "bfloat16")  # int8s: static (calibrated) activation scales
-PRECISION = {"float32": "float32", "bfloat16": "bfloat16", "int8": "int8_dynamic_per_token",
-             "int8s": "int8_static_per_input_channel"}
+PRECISION = {
+    "float32": "float32",
+    "bfloat16": "bfloat16",
+    "int8": "int8_dynamic_per_token",
+    "int8s": "int8_static_per_input_channel",
+}
 LENGTHS = [37, 5, 60, 1, 23, 96]
 NOISE = 1e-6  # relative: the order of the fp32 differences between the cpp and torch kernels (attention, LN, GELU)
 
@@ -59,10 +69,13 @@ def artifacts(tiny_bert, tiny_roberta, tmp_path_factory):
     squad.write_text(json.dumps(_synthetic_squad()))
     out = {}
     for arch, src in (("bert", tiny_bert), ("roberta", tiny_roberta)):
-        for kind, dtype, cal in (("float32", "float32", None), ("bfloat16", "bfloat16", None),
-                                 ("int8", "int8", None), ("int8s", "int8", squad)):
-            out[arch, kind] = build(src, root / f"{arch}-{kind}", spec=spec, dtype=dtype, settings=SMALL,
-                                    calibrate=cal)
+        for kind, dtype, cal in (
+            ("float32", "float32", None),
+            ("bfloat16", "bfloat16", None),
+            ("int8", "int8", None),
+            ("int8s", "int8", squad),
+        ):
+            out[arch, kind] = build(src, root / f"{arch}-{kind}", spec=spec, dtype=dtype, settings=SMALL, calibrate=cal)
     return out
 
 
@@ -97,6 +110,7 @@ def _noise_floor(torch_backend, ids, types, cu, ms, trials: int = 3) -> float:
 
 # ---- kernels, precision, registry ------------------------------------------------------------------------------------
 
+
 @needs_bf16_gemm
 def test_kernels_and_precision(artifacts):
     assert set(_C.supported_kernels()) == set(KNOWN_KERNELS) == set(_C.supported_kernels("cpu"))
@@ -116,7 +130,7 @@ def test_auto_picks_cpp_and_answers(artifacts, kind):
     assert eng.backend_name == "cpp"
     q, c = "when was england conquered?", "the normans conquered england in 1066 after the battle of hastings."
     a = eng.answer(q, c, null_threshold=float("inf"))
-    assert c[a.start:a.end] == a.text and math.isfinite(a.score)
+    assert c[a.start : a.end] == a.text and math.isfinite(a.score)
 
 
 @needs_bf16_gemm
@@ -125,22 +139,29 @@ def test_refused_without_kernels_or_on_cuda(artifacts, monkeypatch):
     cpp = next(e for e in REGISTRY if e.name == "cpp")
     # CUDA: libqaengine has no int8 GEMM there; the registry refuses it, and so does the engine itself.
     assert _missing_kernels(cpp, torch.device("cuda"), art) == ["int8_gemm_per_token"]
-    with pytest.raises(_C.Error, match=r"needs kernel\(s\) \['int8_gemm_per_token'\].*does not provide on cuda.*"
-                                       r"CPU only"):
+    with pytest.raises(
+        _C.Error,
+        match=r"needs kernel\(s\) \['int8_gemm_per_token'\].*does not provide on cuda.*"
+        r"CPU only",
+    ):
         _C.Engine.load(str(artifacts["bert", "int8"]), "cuda")
     if torch.cuda.is_available():
         with pytest.raises(RuntimeError, match=r"needs kernel\(s\) \['int8_gemm_per_token'\]"):
             create_backend("cpp", art, "cuda")
     # A build whose torch lacks the oneDNN int8 ops declares no kernels: refused by name, `auto` falls back to torch.
     monkeypatch.setattr(cpp_backend, "supported_kernels", lambda device: frozenset())
-    with pytest.raises(RuntimeError, match=r"backend 'cpp' cannot run this int8 artifact on cpu: it needs "
-                                           r"kernel\(s\) \['int8_gemm_per_token'\].*Backends that can: \['torch'\]"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"backend 'cpp' cannot run this int8 artifact on cpu: it needs "
+        r"kernel\(s\) \['int8_gemm_per_token'\].*Backends that can: \['torch'\]",
+    ):
         create_backend("cpp", art, "cpu")
     assert QAEngine.load(artifacts["bert", "int8"], backend="auto").backend_name == "torch"
     assert QAEngine.load(artifacts["bert", "bfloat16"], backend="cpp").backend_name == "cpp"  # needs no kernel
 
 
 # ---- each Linear, on identical inputs --------------------------------------------------------------------------------
+
 
 def _act_name(cfg) -> str:
     return {"gelu": "gelu", "gelu_new": "gelu_new", "relu": "relu"}[cfg.activation]
@@ -237,14 +258,18 @@ def test_zero_width_linears():
         y = _C.testing.int8_linear(x0, torch.zeros(6, 0, dtype=torch.int8), torch.ones(6), b, c, "relu")
         assert torch.equal(y, F.relu(b).expand(4, 6))
     for c in (None, torch.ones(5)):
-        assert _C.testing.int8_linear(x5, torch.zeros(0, 5, dtype=torch.int8), torch.ones(0), torch.ones(0), c).shape == (4, 0)
-        assert _C.testing.int8_linear(torch.zeros(0, 5), torch.ones(3, 5, dtype=torch.int8), torch.ones(3), torch.ones(3),
-                              c).shape == (0, 3)
+        assert _C.testing.int8_linear(
+            x5, torch.zeros(0, 5, dtype=torch.int8), torch.ones(0), torch.ones(0), c
+        ).shape == (4, 0)
+        assert _C.testing.int8_linear(
+            torch.zeros(0, 5), torch.ones(3, 5, dtype=torch.int8), torch.ones(3), torch.ones(3), c
+        ).shape == (0, 3)
     assert torch.equal(_C.testing.bf16_linear(x0, torch.zeros(6, 0), b), b.expand(4, 6))
     assert _C.testing.bf16_linear(x5, torch.zeros(0, 5), torch.zeros(0)).shape == (4, 0)
 
 
 # ---- whole model -----------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("kind", KINDS)
@@ -274,8 +299,10 @@ def test_logits_within_scheme_bounds_of_fp32(artifacts, arch):
     cfg = load_artifact(artifacts[arch, "float32"]).cfg
     ids, types, cu, ms = _packed(cfg, [37, 5, 60, 1, 23], seed=3)
     fp32 = _logits(create_backend("torch", load_artifact(artifacts[arch, "float32"]), "cpu"), ids, types, cu, ms)
-    bounds = {"int8": sum(_int8_layer_bound(cfg, l) for l in range(cfg.num_layers)),
-              "bfloat16": (2 + 14 * cfg.num_layers) * U_BF16}
+    bounds = {
+        "int8": sum(_int8_layer_bound(cfg, l) for l in range(cfg.num_layers)),
+        "bfloat16": (2 + 14 * cfg.num_layers) * U_BF16,
+    }
     for kind, bound in bounds.items():
         got = _logits(create_backend("cpp", load_artifact(artifacts[arch, kind]), "cpu"), ids, types, cu, ms)
         err = ((got - fp32).norm() / fp32.norm()).item()

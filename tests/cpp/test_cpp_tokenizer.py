@@ -66,10 +66,14 @@ def _compare(hf: Tokenizer, cpp, texts: list[str]) -> None:
         ids, offsets, byte_offsets = cpp.encode(text)
         want = [tuple(o) for o in enc.offsets]
         if ids != enc.ids or offsets != want:
-            i = next((k for k, (a, b) in enumerate(zip(zip(ids, offsets), zip(enc.ids, want))) if a != b),
-                     min(len(ids), len(enc.ids)))
-            pytest.fail(f"{text[:80]!r}: first difference at token {i}: C++ {list(zip(ids, offsets))[i:i + 3]} "
-                        f"vs HF {list(zip(enc.ids, want))[i:i + 3]}")
+            i = next(
+                (k for k, (a, b) in enumerate(zip(zip(ids, offsets), zip(enc.ids, want))) if a != b),
+                min(len(ids), len(enc.ids)),
+            )
+            pytest.fail(
+                f"{text[:80]!r}: first difference at token {i}: C++ {list(zip(ids, offsets))[i : i + 3]} "
+                f"vs HF {list(zip(enc.ids, want))[i : i + 3]}"
+            )
         data = text.encode("utf-8")
         assert [data[a:b].decode("utf-8") for a, b in byte_offsets] == [text[a:b] for a, b in offsets]
 
@@ -84,8 +88,9 @@ def test_every_code_point(tokenizer_files, variant):
     """Each code point alone, inside a word, doubled, and next to an accented capital."""
     hf, cpp = _pair(tokenizer_files[variant])
     cps = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
-    texts = [" ".join(f"a{chr(c)}b {chr(c)} X{chr(c)}{chr(c)}É" for c in cps[i:i + 256])
-             for i in range(0, len(cps), 256)]
+    texts = [
+        " ".join(f"a{chr(c)}b {chr(c)} X{chr(c)}{chr(c)}É" for c in cps[i : i + 256]) for i in range(0, len(cps), 256)
+    ]
     _compare(hf, cpp, texts)
 
 
@@ -97,7 +102,8 @@ def test_manifest_flags_override_the_file(tokenizer_files):
 
 def test_squad_dev_contexts_and_questions(tokenizer_files, squad_dev):
     hf, cpp = _pair(tokenizer_files[(True, True)])
-    data = json.loads(gzip.open(squad_dev).read())
+    with gzip.open(squad_dev) as f:
+        data = json.loads(f.read())
     texts = []
     for article in data["data"]:
         for p in article["paragraphs"]:
@@ -116,8 +122,12 @@ def test_invalid_utf8_is_an_error(tokenizer_files):
 def test_unicode_tables_match_installed_tokenizers(tmp_path):
     """csrc/src/unicode_tables.inc must be regenerated when the pinned tokenizers version changes."""
     out = tmp_path / "tables.inc"
-    subprocess.run([sys.executable, str(ROOT / "csrc" / "tools" / "gen_unicode_tables.py"), str(out)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "csrc" / "tools" / "gen_unicode_tables.py"), str(out)],
+        check=True,
+        capture_output=True,
+    )
     committed = (ROOT / "csrc" / "src" / "unicode_tables.inc").read_text().splitlines()[1:]
     assert out.read_text().splitlines()[1:] == committed, (
-        "HF tokenizers' character classes changed: run python csrc/tools/gen_unicode_tables.py and rebuild")
+        "HF tokenizers' character classes changed: run python csrc/tools/gen_unicode_tables.py and rebuild"
+    )

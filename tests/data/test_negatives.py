@@ -20,8 +20,10 @@ def _data_root() -> Path | None:
 DATA = _data_root()
 needs_data = pytest.mark.skipif(DATA is None, reason="real SQuAD data not found in ../shared/data or $SPARSEQA_DATA")
 
-_CTX = ("The tower was finished in 1889. It was designed by Gustave Eiffel's company! Was it popular? "
-        "Many artists disliked it at first. Today it draws millions of visitors.")
+_CTX = (
+    "The tower was finished in 1889. It was designed by Gustave Eiffel's company! Was it popular? "
+    "Many artists disliked it at first. Today it draws millions of visitors."
+)
 
 
 def _ex(qid: str, answer: str, context: str = _CTX, title: str = "T", occurrence: int = 0) -> Example:
@@ -34,8 +36,12 @@ def _ex(qid: str, answer: str, context: str = _CTX, title: str = "T", occurrence
 def test_sentence_spans():
     spans = sentence_spans(_CTX)
     assert [_CTX[s:e] for s, e in spans] == [
-        "The tower was finished in 1889.", "It was designed by Gustave Eiffel's company!", "Was it popular?",
-        "Many artists disliked it at first.", "Today it draws millions of visitors."]
+        "The tower was finished in 1889.",
+        "It was designed by Gustave Eiffel's company!",
+        "Was it popular?",
+        "Many artists disliked it at first.",
+        "Today it draws millions of visitors.",
+    ]
     assert [(s, e) for s, e in sentence_spans('He said "Go." Then left.')] == [(0, 13), (14, 24)]
     assert sentence_spans("no split here. lower case follows") == [(0, 33)]
 

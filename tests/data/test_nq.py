@@ -167,9 +167,7 @@ def test_char_span_round_trip_is_exact(tmp_path: Path) -> None:
     ex = next(read_nq(write_jsonl(tmp_path / "dev.jsonl", [dev])))
     gold_short = dev["annotations"][0]["short_answers"][0]
     pred = make_prediction(ex, ex.answer_start, ex.answer_end, score=3.5, null_score_diff=-3.5)
-    assert pred["short_answers"] == [
-        {k: gold_short[k] for k in ("start_byte", "end_byte", "start_token", "end_token")}
-    ]
+    assert pred["short_answers"] == [{k: gold_short[k] for k in ("start_byte", "end_byte", "start_token", "end_token")}]
     # The enclosing long answer is the top-level paragraph, not the smaller nested candidate (5, 12).
     cand = dev["long_answer_candidates"][0]
     assert pred["long_answer"] == {k: cand[k] for k in ("start_byte", "end_byte", "start_token", "end_token")}

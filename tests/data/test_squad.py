@@ -10,8 +10,16 @@ from pathlib import Path
 import pytest
 
 from engine.data import squad
-from engine.data.squad import (Example, auc, evaluate, examples_to_squad, find_train_files, load_squad,
-                               split_by_title, train_features)
+from engine.data.squad import (
+    Example,
+    auc,
+    evaluate,
+    examples_to_squad,
+    find_train_files,
+    load_squad,
+    split_by_title,
+    train_features,
+)
 from engine.data.squad_metric import compute_exact, compute_f1, find_best_thresh, normalize_answer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,29 +36,56 @@ DATA = _data_root()
 needs_data = pytest.mark.skipif(DATA is None, reason="real SQuAD data not found in ../shared/data or $SPARSEQA_DATA")
 
 # q1/q2 answerable, q3/q4 unanswerable (SQuAD 2.0 form).
-_DATASET = {"version": "v2.0", "data": [{"title": "T", "paragraphs": [{
-    "context": "Paris is the capital of France. London is the capital of England.",
-    "qas": [
-        {"id": "q1", "question": "Capital of France?", "is_impossible": False,
-         "answers": [{"text": "Paris", "answer_start": 0}, {"text": "Paris.", "answer_start": 0}]},
-        {"id": "q2", "question": "Capital of England?", "is_impossible": False,
-         "answers": [{"text": "London", "answer_start": 32}]},
-        {"id": "q3", "question": "Capital of Mars?", "is_impossible": True, "answers": [],
-         "plausible_answers": [{"text": "Paris", "answer_start": 0}]},
-        {"id": "q4", "question": "Capital of Venus?", "is_impossible": True, "answers": []},
-    ]}]}]}
+_DATASET = {
+    "version": "v2.0",
+    "data": [
+        {
+            "title": "T",
+            "paragraphs": [
+                {
+                    "context": "Paris is the capital of France. London is the capital of England.",
+                    "qas": [
+                        {
+                            "id": "q1",
+                            "question": "Capital of France?",
+                            "is_impossible": False,
+                            "answers": [{"text": "Paris", "answer_start": 0}, {"text": "Paris.", "answer_start": 0}],
+                        },
+                        {
+                            "id": "q2",
+                            "question": "Capital of England?",
+                            "is_impossible": False,
+                            "answers": [{"text": "London", "answer_start": 32}],
+                        },
+                        {
+                            "id": "q3",
+                            "question": "Capital of Mars?",
+                            "is_impossible": True,
+                            "answers": [],
+                            "plausible_answers": [{"text": "Paris", "answer_start": 0}],
+                        },
+                        {"id": "q4", "question": "Capital of Venus?", "is_impossible": True, "answers": []},
+                    ],
+                }
+            ],
+        }
+    ],
+}
 
 
 # --------------------------------------------------------------------------------------------- exact and F1
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("The Cat!", "cat"),
-    ("An  apple, the pie.", "apple pie"),
-    ("a-b", "ab"),  # punctuation is removed, not replaced by a space
-    ("theory of a thing", "theory of thing"),  # "the" inside a word stays
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The Cat!", "cat"),
+        ("An  apple, the pie.", "apple pie"),
+        ("a-b", "ab"),  # punctuation is removed, not replaced by a space
+        ("theory of a thing", "theory of thing"),  # "the" inside a word stays
+        ("", ""),
+    ],
+)
 def test_normalize_answer(text: str, expected: str):
     assert normalize_answer(text) == expected
 
@@ -98,8 +133,9 @@ def test_best_threshold_hand_case():
 def test_best_threshold_keeps_official_all_null_quirk():
     # All null is best, and the official script reports threshold 0.0 for it even though every na_prob is below 0.
     has_ans = {"a": True, "b": False}
-    score, thresh = find_best_thresh({"a": "wrong", "b": "wrong"}, {"a": 0.0, "b": 0.0}, {"a": -5.0, "b": -3.0},
-                                     has_ans)
+    score, thresh = find_best_thresh(
+        {"a": "wrong", "b": "wrong"}, {"a": 0.0, "b": 0.0}, {"a": -5.0, "b": -3.0}, has_ans
+    )
     assert (score, thresh) == (50.0, 0.0)
 
 
@@ -149,8 +185,10 @@ def test_auc_hand_computed_with_ties():
 
 
 def _gold_dataset(gold: dict[str, list[str]]) -> dict:
-    qas = [{"id": q, "question": "?", "is_impossible": not a, "answers": [{"text": t, "answer_start": 0} for t in a]}
-           for q, a in gold.items()]
+    qas = [
+        {"id": q, "question": "?", "is_impossible": not a, "answers": [{"text": t, "answer_start": 0} for t in a]}
+        for q, a in gold.items()
+    ]
     return {"data": [{"title": "t", "paragraphs": [{"context": "x y", "qas": qas}]}]}
 
 
@@ -173,8 +211,20 @@ def test_auc_needs_both_classes():
 
 
 def test_load_squad_v1_and_v2(tmp_path: Path):
-    v1 = {"version": "1.1", "data": [{"title": "A", "paragraphs": [{"context": "Hello world.", "qas": [
-        {"id": "a", "question": "What?", "answers": [{"text": "world", "answer_start": 6}]}]}]}]}
+    v1 = {
+        "version": "1.1",
+        "data": [
+            {
+                "title": "A",
+                "paragraphs": [
+                    {
+                        "context": "Hello world.",
+                        "qas": [{"id": "a", "question": "What?", "answers": [{"text": "world", "answer_start": 6}]}],
+                    }
+                ],
+            }
+        ],
+    }
     (tmp_path / "sub").mkdir()
     with gzip.open(tmp_path / "sub" / "train-v1.1.json.gz", "wt") as f:
         json.dump(v1, f)
@@ -216,16 +266,18 @@ def test_train_features_label_answer_tokens():
     maker = WindowMaker(tok, Architecture.BERT, WindowSettings(max_seq_length=32, doc_stride=8, max_query_length=8))
     context = " ".join(f"word{i}" for i in range(30)) + " The tower was built in 1889 by Gustave Eiffel."
     start = context.index("Gustave Eiffel")
-    ex = [Example("a", "Who built the tower?", context, (("Gustave Eiffel", start),), False, "t"),
-          Example("b", "Who built the bridge?", context, (), True, "t")]
+    ex = [
+        Example("a", "Who built the tower?", context, (("Gustave Eiffel", start),), False, "t"),
+        Example("b", "Who built the bridge?", context, (), True, "t"),
+    ]
     feats = train_features(ex, maker)
     windows = maker.windows(ex[0].question, context)
     assert len(windows) > 1 and len(feats) == 2 * len(windows)
     labelled = [f for f in feats[: len(windows)] if f.start > 0]
     assert labelled, "the last window holds the answer"
     for f in labelled:
-        assert tok.decode(f.input_ids[f.start: f.end + 1]) == "gustave eiffel"
-    assert all((f.start, f.end) == (0, 0) for f in feats[len(windows):])
+        assert tok.decode(f.input_ids[f.start : f.end + 1]) == "gustave eiffel"
+    assert all((f.start, f.end) == (0, 0) for f in feats[len(windows) :])
 
 
 # ------------------------------------------------------------------------------------------------ real dev set

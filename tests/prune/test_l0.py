@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.prune.gates import HardConcreteGate
 from engine.flops import exact_flops, exact_params, expected_flops, expected_params, sparsity
 from engine.flops import token_flops as layer_flops
+from engine.prune.gates import HardConcreteGate
 from engine.prune.l0 import LagrangianController, target_schedule
 
 # A 2-layer ragged BERT-like encoder: different head counts and FFN widths per layer.
@@ -150,8 +150,9 @@ def _train_to_target(target: float, steps: int = 800, warmup: int = 150, seed: i
     lambda_opt = torch.optim.Adam(ctl.lambda_parameters(), lr=0.05, maximize=True)
     for step in range(steps):
         task = 0.2 * sum((w * (1 - g())).sum() for w, g in zip(weight, gates)) / total
-        flops = expected_flops([g.prob_nonzero() for g in head_gates], [g.prob_nonzero() for g in ffn_gates],
-                               HIDDEN, HEAD_DIM, SEQ)
+        flops = expected_flops(
+            [g.prob_nonzero() for g in head_gates], [g.prob_nonzero() for g in ffn_gates], HIDDEN, HEAD_DIM, SEQ
+        )
         expected = sparsity(flops, dense)
         loss = task + ctl.penalty(expected, target_schedule(step, warmup, target))
         opt.zero_grad()
@@ -169,4 +170,3 @@ def test_controller_reaches_flop_target(target: float) -> None:
     exact, expected = _train_to_target(target)
     assert abs(expected - target) <= 0.01, expected
     assert abs(exact - target) <= 0.02, exact
-

@@ -18,9 +18,19 @@ from tests.test_finetune import _squad
 
 
 def _cfg(heads=(12, 12, 12), ffn=(96, 96, 96)) -> EncoderConfig:
-    return EncoderConfig(architecture="bert", vocab_size=50, hidden=64, head_dim=8, heads=heads, ffn=ffn,
-                         max_position_embeddings=128, type_vocab_size=2, layer_norm_eps=1e-12,
-                         activation="gelu", pad_token_id=0)
+    return EncoderConfig(
+        architecture="bert",
+        vocab_size=50,
+        hidden=64,
+        head_dim=8,
+        heads=heads,
+        ffn=ffn,
+        max_position_embeddings=128,
+        type_vocab_size=2,
+        layer_norm_eps=1e-12,
+        activation="gelu",
+        pad_token_id=0,
+    )
 
 
 @pytest.mark.parametrize("target", [0.25, 0.5, 0.75])
@@ -34,7 +44,7 @@ def test_select_cuts_each_kind_by_the_target_and_lowest_scores_first(target):
     kept_f = [k.ffn for k in spec.layers]
     head_cost, unit_cost = unit_flops(cfg.hidden, cfg.head_dim, 128)
     # each kind loses at least the target share of its FLOPs, and less than one more structure beyond it
-    for kept, counts, cost in ((kept_h, cfg.heads, head_cost), (kept_f, cfg.ffn, unit_cost)):
+    for kept, counts, _cost in ((kept_h, cfg.heads, head_cost), (kept_f, cfg.ffn, unit_cost)):
         removed = sum(c - len(k) for c, k in zip(counts, kept))
         assert target * sum(counts) <= removed < target * sum(counts) + 1
     shape = cfg.with_shape(tuple(map(len, kept_h)), tuple(map(len, kept_f)))
@@ -92,5 +102,18 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(model), "--target-sparsity", "1.5", "--by", "random", "--out", str(tmp_path / "s")])
     assert "(0, 1)" in capsys.readouterr().err
-    assert main(["--model", str(tmp_path / "nope"), "--target-sparsity", "0.5", "--by", "random",
-                 "--out", str(tmp_path / "s")]) == 2
+    assert (
+        main(
+            [
+                "--model",
+                str(tmp_path / "nope"),
+                "--target-sparsity",
+                "0.5",
+                "--by",
+                "random",
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 2
+    )

@@ -75,14 +75,49 @@ def data(tmp_path_factory):
 
 def _argv(data, out: Path, *extra: str) -> list[str]:
     root, teacher = data
-    return ["--teacher", str(teacher), "--train", str(root / "train.json.gz"), "--eval", str(root / "dev.json"),
-            "--out", str(out), "--batch", "4", "--max-seq-length", "64", "--doc-stride", "16",
-            "--max-query-length", "16", "--no-progress", "--threads", "1", "--log-every", "0", *extra]
+    return [
+        "--teacher",
+        str(teacher),
+        "--train",
+        str(root / "train.json.gz"),
+        "--eval",
+        str(root / "dev.json"),
+        "--out",
+        str(out),
+        "--batch",
+        "4",
+        "--max-seq-length",
+        "64",
+        "--doc-stride",
+        "16",
+        "--max-query-length",
+        "16",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--log-every",
+        "0",
+        *extra,
+    ]
 
 
 def test_prune_cli_end_to_end(data, tmp_path):
-    m = prune(build_parser().parse_args(_argv(data, tmp_path / "o", "--target-sparsity", "0.5", "--max-steps", "12",
-                                              "--finetune-max-steps", "3", "--hidden-weight", "0.5")))
+    m = prune(
+        build_parser().parse_args(
+            _argv(
+                data,
+                tmp_path / "o",
+                "--target-sparsity",
+                "0.5",
+                "--max-steps",
+                "12",
+                "--finetune-max-steps",
+                "3",
+                "--hidden-weight",
+                "0.5",
+            )
+        )
+    )
     assert abs(m["achieved_flop_sparsity"] - 0.5) <= 0.02
     for key in ("teacher", "student", "heads", "ffn", "f1_loss", "wall_time_s", "gates", "target"):
         assert key in m
@@ -95,8 +130,21 @@ def test_prune_cli_end_to_end(data, tmp_path):
 
 
 def test_prune_target_params_and_no_distill(data, tmp_path):
-    m = prune(build_parser().parse_args(_argv(data, tmp_path / "o", "--target-params", "0.4", "--max-steps", "4",
-                                              "--finetune-max-steps", "1", "--no-distill")))
+    m = prune(
+        build_parser().parse_args(
+            _argv(
+                data,
+                tmp_path / "o",
+                "--target-params",
+                "0.4",
+                "--max-steps",
+                "4",
+                "--finetune-max-steps",
+                "1",
+                "--no-distill",
+            )
+        )
+    )
     assert abs(m["achieved_param_sparsity"] - 0.4) <= 0.02 and m["distillation"] is False
 
 
@@ -121,7 +169,10 @@ def test_resume_equals_uninterrupted(data, tmp_path, monkeypatch):
     a = json.loads((tmp_path / "full" / "gates.json").read_text())["log_alpha"]
     b = json.loads((tmp_path / "cut" / "gates.json").read_text())["log_alpha"]
     assert set(a) == set(b) and all(torch.allclose(torch.tensor(a[k]), torch.tensor(b[k]), atol=1e-6) for k in a)
-    wa, wb = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    wa, wb = (
+        load_file(str(tmp_path / "full" / "model.safetensors")),
+        load_file(str(tmp_path / "cut" / "model.safetensors")),
+    )
     assert set(wa) == set(wb) and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
@@ -135,9 +186,18 @@ def test_nan_loss_names_step(data, tmp_path, monkeypatch):
 
 def test_ddp_two_processes(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "engine.prune", *_argv(data, tmp_path / "ddp", "--target-sparsity", "0.5", "--max-steps", "3",
-                                          "--finetune-max-steps", "1")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "engine.prune",
+        *_argv(data, tmp_path / "ddp", "--target-sparsity", "0.5", "--max-steps", "3", "--finetune-max-steps", "1"),
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
@@ -147,8 +207,20 @@ def test_ddp_two_processes(data, tmp_path):
 def test_prune_roberta_teacher(data, tmp_path):
     root, _ = data
     teacher = make_checkpoint(tmp_path / "rt", "roberta", layers=2, heads=4, head_dim=8, ffn=29, seed=15)
-    m = prune(build_parser().parse_args(_argv((root, teacher), tmp_path / "o", "--target-sparsity", "0.4",
-                                              "--max-steps", "4", "--finetune-max-steps", "1")))
+    m = prune(
+        build_parser().parse_args(
+            _argv(
+                (root, teacher),
+                tmp_path / "o",
+                "--target-sparsity",
+                "0.4",
+                "--max-steps",
+                "4",
+                "--finetune-max-steps",
+                "1",
+            )
+        )
+    )
     # One head of this tiny model is 11.7% of its FLOPs and all FFN units only 6%: 0.4 is reachable to ~0.03.
     assert abs(m["achieved_flop_sparsity"] - 0.4) <= 0.03
     assert load_checkpoint(tmp_path / "o").cfg.architecture.value == "roberta"
