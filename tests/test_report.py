@@ -224,3 +224,24 @@ def test_repeated_cpu_runs_are_listed_beside_the_recorded_one(results: Path, tmp
     assert any(line.endswith("| 1.20x | yes | 1.50x |") for line in lines)
     # the repeat's rows are not mixed into the latency tables
     assert sum(line.startswith("| (8,384) | engine-cpp | 0.80") for line in lines) == 1
+
+
+def test_suite_sections_come_from_the_committed_results(tmp_path: Path):
+    """Each suite with a committed JSON file gets its section, and the table cells are that file's numbers."""
+    committed = report.RESULTS
+    for name in ("train.json", "serve.json", "batch_qa.json", "coexist.json", "tokenizer.json"):
+        if not (committed / name).is_file():
+            pytest.skip(f"bench/results/{name} is not committed")
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--results", str(committed), "--out", str(out)]) == 0
+    text = out.read_text()
+    for title in ("Training throughput", "HTTP serving", "Offline batch QA", "beside PyTorch", "byte-level BPE"):
+        assert f"## {title}" in text or title in text, title
+    for b in json.loads((committed / "train.json").read_text())["benchmarks"]:
+        i = b["extra_info"]
+        assert f"| {i['provider']} | {i['windows_per_s']:.2f} | {i['vs_hf_padded']:.2f}x |" in text
+    serve = json.loads((committed / "serve.json").read_text())
+    for r in serve["rows"]:
+        assert f"| {r['server']} | {r['clients']} | {r['qps']:.1f} | {r['p50_ms']:.0f} |" in text
+    tok = json.loads((committed / "tokenizer.json").read_text())["benchmarks"][0]["extra_info"]
+    assert f"{tok['speed_vs_hf']:.2f}x" in text
