@@ -161,7 +161,9 @@ def test_batcher_token_budget_and_order(engine):
     pairs = _pairs(21)
     jobs = [Job(engine.windows.windows(q, c)) for q, c in pairs]
     seen: list[tuple[int, int, int]] = []
-    batcher = Batcher(gated, BatchConfig(max_batch_tokens=150, max_wait_ms=50, max_queue=64), lambda *a: seen.append(a))
+    batcher = Batcher(
+        gated, BatchConfig(max_batch_tokens=150, max_wait_ms=50, max_queue=64, workers=1), lambda *a: seen.append(a)
+    )
     batcher.start()
     batcher.submit(jobs[:1])
     assert backend.entered.wait(30)
@@ -176,6 +178,45 @@ def test_batcher_token_budget_and_order(engine):
         assert _close(engine.decode_answers(c, job.windows, s, e).to_dict(), engine.answer(q, c).to_dict())
     with pytest.raises(Closed):
         batcher.submit(jobs[:1])
+
+
+def test_two_workers_overlap_forwards_and_keep_answers_apart(engine):
+    """With 2 workers a second batch starts while the first is still inside its forward; nothing gets mixed up."""
+    gated, backend = _gated(engine)
+    inside, both_in = [0], threading.Event()
+    lock = threading.Lock()
+    forward = backend.forward_packed
+
+    def counting(*args):
+        with lock:
+            inside[0] += 1
+            if inside[0] == 2:
+                both_in.set()
+        try:
+            return forward(*args)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    backend.forward_packed = counting
+    pairs = _pairs(6)
+    jobs = [Job(engine.windows.windows(q, c)) for q, c in pairs]
+    batcher = Batcher(gated, BatchConfig(max_batch_tokens=10_000, max_wait_ms=0, max_queue=64, workers=2))
+    batcher.start()
+    batcher.submit(jobs[:1])
+    assert backend.entered.wait(30)
+    batcher.submit(jobs[1:])  # the idle worker takes these while the first forward is held at the gate
+    assert both_in.wait(30), "the second worker never entered a forward while the first was inside one"
+    backend.gate.set()
+    results = [j.future.result(30) for j in jobs]
+    batcher.close()
+    for job, (q, c), (s, e) in zip(jobs, pairs, results):
+        assert _close(engine.decode_answers(c, job.windows, s, e).to_dict(), engine.answer(q, c).to_dict())
+
+
+def test_batch_config_rejects_zero_workers():
+    with pytest.raises(ValueError, match="workers"):
+        BatchConfig(workers=0)
 
 
 @pytest.mark.parametrize(
@@ -225,7 +266,7 @@ def test_oversize_gets_413(engine):
 
 def test_queue_limit_503_with_retry_after(engine):
     gated, backend = _gated(engine)
-    app = create_app(gated, ServeConfig(BatchConfig(max_wait_ms=0, max_queue=2)))
+    app = create_app(gated, ServeConfig(BatchConfig(max_wait_ms=0, max_queue=2, workers=1)))
     pairs = _pairs(4)
 
     async def go():
@@ -250,7 +291,7 @@ def test_queue_limit_503_with_retry_after(engine):
 def test_client_disconnect_costs_nothing(engine):
     """A client that leaves while queued: its job never runs, others are unaffected."""
     gated, backend = _gated(engine)
-    app = create_app(gated, ServeConfig(BatchConfig(max_wait_ms=0, max_queue=8)))
+    app = create_app(gated, ServeConfig(BatchConfig(max_wait_ms=0, max_queue=8, workers=1)))
     pairs = _pairs(3)
 
     async def go():

@@ -40,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         help="requests waiting at most; beyond it 503 with Retry-After (default %(default)s)",
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        default=b.workers,
+        help="batcher threads sharing the engine: one packs and decodes while another is in a forward "
+        "(default %(default)s)",
+    )
+    p.add_argument(
         "--max-context-chars",
         type=int,
         default=d.max_context_chars,
@@ -48,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     try:
-        config = ServeConfig(BatchConfig(a.max_batch_tokens, a.max_wait_ms, a.max_queue), a.max_context_chars)
+        config = ServeConfig(
+            BatchConfig(a.max_batch_tokens, a.max_wait_ms, a.max_queue, a.workers), a.max_context_chars
+        )
         import uvicorn
 
         from engine.qa import QAEngine

@@ -1,10 +1,12 @@
-"""Dynamic batching: one worker thread owns the engine and runs the queued requests' windows as packed batches.
+"""Dynamic batching: worker threads share the engine and run the queued requests' windows as packed batches.
 
-Requests arrive already split into windows (tokenized by the caller's thread). The worker takes the oldest job,
+Requests arrive already split into windows (tokenized by the caller's thread). A worker takes the oldest job,
 waits at most `max_wait_ms` for company while the queue holds fewer than `max_batch_tokens` tokens, then pops
 whole jobs up to that budget and runs all their windows through `QAEngine.run_windows` (one packed forward per
 `max_batch_tokens`). Each job's future receives the logits of its own windows; decoding happens back in the
-caller's thread, so the worker does nothing but forwards.
+caller's thread, so the workers do nothing but forwards. With `workers` > 1 (the default 2), one worker packs the
+next batch and hands back results while another is inside a forward, so the Python steps between forwards do not
+leave the cores idle; the engine's own pool decides how concurrent forwards share the threads.
 """
 
 from __future__ import annotations
@@ -34,15 +36,16 @@ class Closed(RuntimeError):
 
 @dataclass(frozen=True)
 class BatchConfig:
-    """Batching knobs: token budget per packed forward, wait for company, queue bound (in requests)."""
+    """Batching knobs: token budget per packed forward, wait for company, queue bound (in requests), workers."""
 
     max_batch_tokens: int = 4096
     max_wait_ms: float = 2.0
     max_queue: int = 256
+    workers: int = 2
 
     def __post_init__(self) -> None:
-        if self.max_batch_tokens < 1 or self.max_wait_ms < 0 or self.max_queue < 1:
-            raise ValueError("max_batch_tokens and max_queue must be >= 1 and max_wait_ms >= 0")
+        if self.max_batch_tokens < 1 or self.max_wait_ms < 0 or self.max_queue < 1 or self.workers < 1:
+            raise ValueError("max_batch_tokens, max_queue and workers must be >= 1 and max_wait_ms >= 0")
 
 
 @dataclass(eq=False)
@@ -60,7 +63,7 @@ class Job:
 
 
 class Batcher:
-    """Coalesces concurrent jobs into packed batches on one worker thread; `close` drains before stopping."""
+    """Coalesces concurrent jobs into packed batches on `config.workers` threads; `close` drains before stopping."""
 
     def __init__(self, engine: QAEngine, config: BatchConfig, on_batch: Callable[[int, int, int], None] | None = None):
         self.engine = engine
@@ -70,7 +73,10 @@ class Batcher:
         self._queue: deque[Job] = deque()
         self._queued_tokens = 0
         self._closing = False
-        self._thread = threading.Thread(target=self._loop, name="sparseqa-batcher", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"sparseqa-batcher-{i}", daemon=True)
+            for i in range(config.workers)
+        ]
 
     @property
     def depth(self) -> int:
@@ -79,13 +85,14 @@ class Batcher:
 
     @property
     def accepting(self) -> bool:
-        """True while the worker runs and takes new work."""
-        return self._thread.is_alive() and not self._closing
+        """True while the workers run and take new work."""
+        return any(t.is_alive() for t in self._threads) and not self._closing
 
     def start(self) -> None:
-        """Start the worker (once)."""
-        if not self._thread.is_alive():
-            self._thread.start()
+        """Start the workers (once)."""
+        for t in self._threads:
+            if not t.is_alive() and t.ident is None:
+                t.start()
 
     def submit(self, jobs: Sequence[Job]) -> None:
         """Queue all `jobs` or none: raises QueueFull when they do not fit, Closed while draining."""
@@ -114,12 +121,13 @@ class Batcher:
             return True
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop taking work, finish everything queued, then stop the worker."""
+        """Stop taking work, finish everything queued, then stop the workers."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        for t in self._threads:
+            if t.is_alive():
+                t.join(timeout)
 
     def _take(self) -> list[Job]:
         """Block for the next batch of jobs (whole jobs, up to the token budget, at least one); [] to stop."""
