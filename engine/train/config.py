@@ -73,7 +73,10 @@ def weight_groups(model: nn.Module, lr: float, weight_decay: float) -> list[Para
 
 
 def make_optimizer(groups: Sequence[ParamGroup]) -> torch.optim.AdamW:
-    """AdamW over the groups (fp32 master weights and moments); empty groups are kept so indices stay stable."""
+    """AdamW over the groups (fp32 master weights and moments); empty groups are kept so indices stay stable.
+
+    The fused kernel (one pass over each tensor) is about 10x faster than the default for-each update on CPU, which
+    at MiniLM's 22.7M parameters was 5-10% of a training step (docs/TRAINING.md)."""
     return torch.optim.AdamW(
         [
             {
@@ -87,6 +90,7 @@ def make_optimizer(groups: Sequence[ParamGroup]) -> torch.optim.AdamW:
         ],
         betas=(0.9, 0.999),
         eps=1e-8,
+        fused=True,
     )
 
 
