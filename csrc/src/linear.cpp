@@ -280,13 +280,14 @@ class Int8Linear : public LinearImpl {
     const int64_t n = x.size(0);
     if (n == 0 || out_ == 0) return at::empty({n, out_}, at::kFloat);
     if (in_ == 0) return bias_only(n);  // an empty sum: y = act(b)
-    return quantized(x.contiguous());
+    at::Tensor xu8 = at::empty({n, in_}, at::kByte);
+    return quantized(x.contiguous(), xu8, cpu::best_quant_kernels());
   }
   GemmBackend backend() const override { return GemmBackend::TorchOneDnn; }
 
  protected:
-  // act(x Wᵀ + b) for a contiguous `x` `[n, in]`, n, in and out > 0.
-  virtual at::Tensor quantized(const at::Tensor& x) const = 0;
+  // act(x Wᵀ + b) for a contiguous `x` `[n, in]` (n, in and out > 0), quantizing it into `xu8` `[n, in]`.
+  virtual at::Tensor quantized(const at::Tensor& x, at::Tensor& xu8, const cpu::QuantKernels& k) const = 0;
   // onednn::qlinear_pointwise on uint8 q + 128 `[n, in]` -> contiguous fp32 `[n, out]`, with the bias when `with_bias`.
   at::Tensor gemm(const at::Tensor& xu8, bool with_bias) const {
     return int8_gemm(xu8, weight_, weight_scale_, weight_zero_point_, with_bias ? bias_ : at::Tensor()).contiguous();
@@ -314,10 +315,8 @@ class Int8Dynamic final : public Int8Linear {
   LinearPrecision precision() const override { return LinearPrecision::Int8Dynamic; }
 
  protected:
-  at::Tensor quantized(const at::Tensor& x) const override {
+  at::Tensor quantized(const at::Tensor& x, at::Tensor& xu8, const cpu::QuantKernels& k) const override {
     const int64_t n = x.size(0);
-    const auto& k = cpu::best_quant_kernels();
-    at::Tensor xu8 = at::empty({n, in_}, at::kByte);
     thread_local std::vector<float> scale;  // s_x per row
     if (scale.size() < static_cast<size_t>(n)) scale.resize(static_cast<size_t>(n));
     k.quantize_per_token(x.data_ptr<float>(), in_, n, in_, xu8.data_ptr<uint8_t>(), in_, scale.data());
@@ -340,10 +339,8 @@ class Int8Static final : public Int8Linear {
   LinearPrecision precision() const override { return LinearPrecision::Int8Static; }
 
  protected:
-  at::Tensor quantized(const at::Tensor& x) const override {
+  at::Tensor quantized(const at::Tensor& x, at::Tensor& xu8, const cpu::QuantKernels& k) const override {
     const int64_t n = x.size(0);
-    const auto& k = cpu::best_quant_kernels();
-    at::Tensor xu8 = at::empty({n, in_}, at::kByte);
     k.quantize_static(x.data_ptr<float>(), in_, n, in_, inv_input_scale_.data_ptr<float>(), xu8.data_ptr<uint8_t>(),
                       in_);
     at::Tensor y = gemm(xu8, true);  // oneDNN adds the bias
