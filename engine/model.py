@@ -122,6 +122,14 @@ class RaggedQAModel(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg, i, dropout) for i in range(cfg.num_layers))
         self.qa = nn.Linear(cfg.hidden, 2)
 
+    def embed(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, cu_seqlens: torch.Tensor
+    ) -> torch.Tensor:
+        """Packed `[T]` ids (token types None: all 0) -> the first layer's input `[T, d]` (embeddings, dropout)."""
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        return self.emb_drop(self.embeddings(input_ids, token_type_ids, cu_seqlens))
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -131,9 +139,7 @@ class RaggedQAModel(nn.Module):
         output_hidden_states: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Packed `[T]` ids -> start and end logits `[T]` each (and every layer's `[T, d]` output if asked)."""
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        x = self.emb_drop(self.embeddings(input_ids, token_type_ids, cu_seqlens))
+        x = self.embed(input_ids, token_type_ids, cu_seqlens)
         hidden = [x]
         for layer in self.layers:
             x = layer(x, cu_seqlens, max_seqlen)

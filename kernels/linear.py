@@ -12,8 +12,9 @@ Limits (the launcher enforces each one):
   rounds once, at the store;
 - any M, N, K >= 0, with no alignment needed: tails are masked, so ragged FFN widths such as 1 or 577 work.
   M == 0 or N == 0 launch nothing; K == 0 gives ``act(bias) + residual`` computed by torch;
-- activations: "none", "gelu" (erf: 0.5 x (1 + erf(x / sqrt 2))), "gelu_tanh" (HF ``gelu_new``:
-  0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), evaluated as x * sigmoid(2 u), the same function);
+- activation: ``engine.config.Activation`` or None (none): GELU (erf: 0.5 x (1 + erf(x / sqrt 2))), GELU_TANH
+  (HF ``gelu_new``: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), evaluated as x * sigmoid(2 u), the same
+  function), RELU (max(x, 0));
 - ``out`` must not share memory with any input (the autotuner reruns the kernel while tuning).
 
 Tuning: ``triton.autotune`` picks the tile shape per (next_pow2(N), next_pow2(K), dtypes) bucket; M is not
@@ -30,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.config import Activation
 from kernels._utils import (
     cast_to,
     check_device,
@@ -43,8 +45,7 @@ from kernels._utils import (
     interpreting,
 )
 
-ACTIVATIONS = ("none", "gelu", "gelu_tanh")
-_ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
+_ACT_CODE = {None: 0, Activation.GELU: 1, Activation.GELU_TANH: 2, Activation.RELU: 3}  # the kernel's ACTIVATION
 _SHARED_MEMORY_BYTES = 200 * 1024  # operand buffers must leave room below H100/H200's 227 KB per block
 
 
@@ -105,7 +106,7 @@ def _linear_kernel(
     K_BUCKET,  # next_pow2(K): autotune key only
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
-    ACTIVATION: tl.constexpr,  # 0 none, 1 gelu (erf), 2 gelu (tanh)
+    ACTIVATION: tl.constexpr,  # _ACT_CODE: 0 none, 1 gelu (erf), 2 gelu (tanh), 3 relu
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -152,6 +153,8 @@ def _linear_kernel(
         u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
         u = tl.minimum(tl.maximum(u, -40.0), 40.0)
         acc = acc / (1.0 + tl.exp(-2.0 * u))
+    elif ACTIVATION == 3:
+        acc = tl.maximum(acc, 0.0)
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_RESIDUAL:
         res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask, other=0.0)
@@ -176,11 +179,14 @@ def _record_config(n_bucket: int, k_bucket: int, dtype: torch.dtype) -> None:
     _TUNING_LOG[(n_bucket, k_bucket, str(dtype).removeprefix("torch."))] = entry
 
 
-def _torch_epilogue(y: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "gelu":
+def _torch_epilogue(y: torch.Tensor, activation: Activation | None) -> torch.Tensor:
+    """`activation` applied by torch (the K == 0 path)."""
+    if activation is Activation.GELU:
         return torch.nn.functional.gelu(y)
-    if activation == "gelu_tanh":
+    if activation is Activation.GELU_TANH:
         return torch.nn.functional.gelu(y, approximate="tanh")
+    if activation is Activation.RELU:
+        return torch.relu(y)
     return y
 
 
@@ -188,7 +194,7 @@ def _launch_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    activation: str,
+    activation: Activation | None,
     residual: torch.Tensor | None,
     out: object,
 ) -> torch.Tensor:
@@ -201,8 +207,11 @@ def _launch_linear(
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"`x` last dim must equal weight's K ({k}), got x shape {tuple(x.shape)}")
-    if activation not in _ACT_CODE:
-        raise ValueError(f"`activation` must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation is not None and not isinstance(activation, Activation):
+        raise ValueError(
+            f"`activation` must be an engine.config.Activation or None, got {activation!r} "
+            "(an HF hidden_act name converts with Activation(name), e.g. Activation('gelu_new'))"
+        )
     check_float_dtype("x", x)
     check_same("weight", weight, "x", x)
     out_shape = (*x.shape[:-1], n)
@@ -268,7 +277,7 @@ def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    activation: str = "none",
+    activation: Activation | None = None,
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:

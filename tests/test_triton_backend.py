@@ -104,7 +104,7 @@ def test_fp32_matches_torch(checkpoints, tmp_path_factory, arch, kind, ffn_align
 
 @pytest.mark.parametrize("act", ["gelu_new", "relu"])
 def test_other_activations(checkpoints, tmp_path_factory, act):
-    """gelu_new runs the fused gelu_tanh epilogue; relu has no fused epilogue and runs torch's relu_ after the GEMM."""
+    """gelu_new and relu run as fused epilogues of the FFN-in GEMM."""
     root = tmp_path_factory.mktemp(f"act_{act}")
     src = make_checkpoint(root / "ck", "bert", layers=3, heads=2, head_dim=32, ffn=37, seed=5, act=act)
     path = build(src, root / "art", spec=checkpoints["spec"], settings=SMALL, force=True)

@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "../src/cpu/kernels.h"
+#include "../src/dnnl_gemm.h"
 #include "../src/linear.h"
 #include "common.h"
 #include "qaengine/error.h"
@@ -68,11 +69,9 @@ at::Tensor cpu_attention(const at::Tensor& qkv, const at::Tensor& bias, const at
   return out;
 }
 
-std::optional<qaengine::cpu::Act> parse_act(const std::optional<std::string>& act) {
+std::optional<qaengine::Activation> parse_act(const std::optional<std::string>& act) {
   if (!act) return std::nullopt;
-  if (*act == "gelu") return qaengine::cpu::Act::Gelu;
-  if (*act == "gelu_new") return qaengine::cpu::Act::GeluTanh;
-  if (*act == "relu") return qaengine::cpu::Act::Relu;
+  if (const auto parsed = qaengine::parse_activation(*act)) return parsed;
   throw qaengine::Error("activation must be None, 'gelu', 'gelu_new' or 'relu', got '" + *act + "'");
 }
 

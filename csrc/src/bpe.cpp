@@ -11,7 +11,7 @@
 #include <unordered_map>
 
 #include "check.h"
-#include "json_file.h"
+#include "tokenizer_common.h"
 #include "unicode.h"
 
 namespace qaengine {
@@ -176,22 +176,7 @@ ByteLevelBPETokenizer::ByteLevelBPETokenizer(std::vector<std::pair<std::string, 
   }
 }
 
-ByteLevelBPETokenizer::~ByteLevelBPETokenizer() = default;
-ByteLevelBPETokenizer::ByteLevelBPETokenizer(ByteLevelBPETokenizer&&) noexcept = default;
-ByteLevelBPETokenizer& ByteLevelBPETokenizer::operator=(ByteLevelBPETokenizer&&) noexcept = default;
-
-const ByteLevelBPEOptions& ByteLevelBPETokenizer::options() const {
-  return impl_->opt;
-}
-size_t ByteLevelBPETokenizer::vocab_size() const {
-  return impl_->vocab.size();
-}
-
-std::optional<int64_t> ByteLevelBPETokenizer::token_to_id(const std::string& token) const {
-  auto it = impl_->vocab.find(token);
-  if (it == impl_->vocab.end()) return std::nullopt;
-  return it->second;
-}
+QAENGINE_TOKENIZER_FORWARDS(ByteLevelBPETokenizer, ByteLevelBPEOptions)
 
 namespace {
 
@@ -218,9 +203,8 @@ bool read_trim(const json& p, const std::string& path, ByteLevelBPEOptions& opt)
 }  // namespace
 
 ByteLevelBPETokenizer ByteLevelBPETokenizer::from_json_file(const std::string& path) {
-  const json j = read_json_file(path);
+  const json j = read_tokenizer_json(path);
   auto fail = [&](const std::string& msg) { return Error(path + ": " + msg); };
-  if (!j.is_object() || !j.contains("model") || !j["model"].is_object()) throw fail("missing the 'model' object");
   const json& model = j["model"];
   const std::string type = model.value("type", "");
   if (type != "BPE") throw fail("model type '" + type + "' is not a byte-level BPE (RoBERTa/GPT-2) model");
@@ -256,13 +240,7 @@ ByteLevelBPETokenizer ByteLevelBPETokenizer::from_json_file(const std::string& p
     read_trim(post, path, opt);
   }
 
-  if (!model.contains("vocab") || !model["vocab"].is_object()) throw fail("model.vocab must be an object");
-  std::vector<std::pair<std::string, int64_t>> vocab;
-  vocab.reserve(model["vocab"].size());
-  for (auto it = model["vocab"].begin(); it != model["vocab"].end(); ++it) {
-    if (!it.value().is_number_integer()) throw fail("model.vocab['" + it.key() + "'] must be an integer id");
-    vocab.emplace_back(it.key(), it.value().get<int64_t>());
-  }
+  std::vector<std::pair<std::string, int64_t>> vocab = read_vocab(model, path);
   if (!model.contains("merges") || !model["merges"].is_array()) throw fail("model.merges must be a list");
   std::vector<std::pair<std::string, std::string>> merges;
   merges.reserve(model["merges"].size());
@@ -318,12 +296,7 @@ Encoding ByteLevelBPETokenizer::encode(std::string_view text) const {
       if (trail > 0 && e >= trail) e = std::max(e - trail, s);
     }
   }
-  enc.byte_starts.reserve(enc.ids.size());
-  enc.byte_ends.reserve(enc.ids.size());
-  for (size_t k = 0; k < enc.ids.size(); ++k) {
-    enc.byte_starts.push_back(byte_of[enc.starts[k]]);
-    enc.byte_ends.push_back(byte_of[enc.ends[k]]);
-  }
+  set_byte_offsets(enc, byte_of);
   return enc;
 }
 

@@ -49,7 +49,7 @@ class OneThread {
 
 struct DnnlGemm::Impl {
   int64_t out = 0, in = 0;
-  std::optional<cpu::Act> act;
+  std::optional<Activation> act;
   memory::desc weights_md, bias_md;
   memory weights, bias;
   std::mutex mutex;
@@ -65,9 +65,9 @@ struct DnnlGemm::Impl {
     dnnl::post_ops ops;
     if (act) {
       switch (*act) {
-        case cpu::Act::Gelu: ops.append_eltwise(dnnl::algorithm::eltwise_gelu_erf, 0.f, 0.f); break;
-        case cpu::Act::GeluTanh: ops.append_eltwise(dnnl::algorithm::eltwise_gelu_tanh, 0.f, 0.f); break;
-        case cpu::Act::Relu: ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f); break;
+        case Activation::Gelu: ops.append_eltwise(dnnl::algorithm::eltwise_gelu_erf, 0.f, 0.f); break;
+        case Activation::GeluTanh: ops.append_eltwise(dnnl::algorithm::eltwise_gelu_tanh, 0.f, 0.f); break;
+        case Activation::Relu: ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f); break;
       }
     }
     if (accumulate) ops.append_sum(1.f);
@@ -98,7 +98,7 @@ struct DnnlGemm::Impl {
 
 bool dnnl_available() { return true; }
 
-DnnlGemm::DnnlGemm(const float* weight, const float* bias, int64_t out, int64_t in, std::optional<cpu::Act> act)
+DnnlGemm::DnnlGemm(const float* weight, const float* bias, int64_t out, int64_t in, std::optional<Activation> act)
     : impl_(std::make_unique<Impl>()) {
   if (out <= 0 || in <= 0) throw Error("DnnlGemm needs a non-empty weight, got [" + std::to_string(out) + ", " +
                                        std::to_string(in) + "]");
@@ -155,7 +155,7 @@ struct DnnlGemm::Impl {};
 
 bool dnnl_available() { return false; }
 
-DnnlGemm::DnnlGemm(const float*, const float*, int64_t, int64_t, std::optional<cpu::Act>) {
+DnnlGemm::DnnlGemm(const float*, const float*, int64_t, int64_t, std::optional<Activation>) {
   throw Error("libqaengine was built without oneDNN's library (libdnnl); use gemm='onednn' or 'aten'");
 }
 

@@ -19,7 +19,7 @@
 #include <memory>
 #include <optional>
 
-#include "cpu/kernels.h"
+#include "qaengine/config.h"
 
 namespace qaengine {
 
@@ -29,7 +29,7 @@ bool dnnl_available();
 class DnnlGemm {
  public:
   /// `weight` `[out, in]` row-major and `bias` `[out]` (fp32, copied); `act` fused as a post-op.
-  DnnlGemm(const float* weight, const float* bias, int64_t out, int64_t in, std::optional<cpu::Act> act);
+  DnnlGemm(const float* weight, const float* bias, int64_t out, int64_t in, std::optional<Activation> act);
   ~DnnlGemm();
   DnnlGemm(const DnnlGemm&) = delete;
   DnnlGemm& operator=(const DnnlGemm&) = delete;

@@ -226,7 +226,7 @@ Encoder::Encoder(const EncoderConfig& cfg, const SafetensorsFile& file, const st
   } else if (dtype == "bfloat16" && device_.is_cpu()) {
     precision_ = LinearPrecision::BFloat16;
   }
-  auto make_linear = [&](const std::string& p, std::optional<cpu::Act> a) {
+  auto make_linear = [&](const std::string& p, std::optional<Activation> a) {
     switch (precision_) {
       case LinearPrecision::Int8Static:
       case LinearPrecision::Int8Dynamic:
@@ -237,12 +237,12 @@ Encoder::Encoder(const EncoderConfig& cfg, const SafetensorsFile& file, const st
     }
     return Linear(t.at(p + "weight"), t.at(p + "bias"), a, gemm, device_);
   };
-  auto linear = [&](const std::string& p, std::optional<cpu::Act> a) {
+  auto linear = [&](const std::string& p, std::optional<Activation> a) {
     Linear lin = make_linear(p, a);
     t.erase(p + "weight");  // the Linear keeps its own (prepacked) copy: at most one extra copy alive during the load
     return lin;
   };
-  const cpu::Act act = cfg.activation;
+  const Activation act = cfg.activation;
   for (int64_t l = 0; l < cfg.num_layers(); ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
     LayerWeights L;

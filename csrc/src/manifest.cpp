@@ -90,15 +90,9 @@ EncoderConfig parse_config(const json& c) {
   cfg.architecture = arch == "bert" ? Architecture::Bert : Architecture::Roberta;
   QAENGINE_CHECK(c["activation"].is_string(), where + ": activation must be a string");
   const auto act = c["activation"].get<std::string>();
-  if (act == "gelu") {
-    cfg.activation = Activation::Gelu;
-  } else if (act == "gelu_new") {
-    cfg.activation = Activation::GeluTanh;
-  } else if (act == "relu") {
-    cfg.activation = Activation::Relu;
-  } else {
-    throw Error(where + ": unknown activation '" + act + "' (gelu, gelu_new or relu)");
-  }
+  const std::optional<Activation> parsed = parse_activation(act);
+  if (!parsed) throw Error(where + ": unknown activation '" + act + "' (gelu, gelu_new or relu)");
+  cfg.activation = *parsed;
   for (const char* k : {"vocab_size", "hidden", "head_dim", "max_position_embeddings", "type_vocab_size"}) {
     const int64_t v = get_int(c, k, where + "." + k);
     QAENGINE_CHECK(v >= 1, where + ": field '" + k + "' must be >= 1, got " + std::to_string(v));

@@ -8,8 +8,8 @@
 #include <algorithm>
 #include <unordered_map>
 
-#include "json_file.h"
 #include "qaengine/error.h"
+#include "tokenizer_common.h"
 #include "unicode.h"
 
 namespace qaengine {
@@ -48,28 +48,12 @@ WordPieceTokenizer::WordPieceTokenizer(std::vector<std::pair<std::string, int64_
                    [](const auto& x, const auto& y) { return x.first.size() > y.first.size(); });
 }
 
-WordPieceTokenizer::~WordPieceTokenizer() = default;
-WordPieceTokenizer::WordPieceTokenizer(WordPieceTokenizer&&) noexcept = default;
-WordPieceTokenizer& WordPieceTokenizer::operator=(WordPieceTokenizer&&) noexcept = default;
-
-const WordPieceOptions& WordPieceTokenizer::options() const {
-  return impl_->opt;
-}
-size_t WordPieceTokenizer::vocab_size() const {
-  return impl_->vocab.size();
-}
-
-std::optional<int64_t> WordPieceTokenizer::token_to_id(const std::string& token) const {
-  auto it = impl_->vocab.find(token);
-  if (it == impl_->vocab.end()) return std::nullopt;
-  return it->second;
-}
+QAENGINE_TOKENIZER_FORWARDS(WordPieceTokenizer, WordPieceOptions)
 
 WordPieceTokenizer WordPieceTokenizer::from_json_file(const std::string& path, std::optional<bool> lowercase,
                                                       std::optional<bool> strip_accents) {
-  const json j = read_json_file(path);
+  const json j = read_tokenizer_json(path);
   auto fail = [&](const std::string& msg) { return Error(path + ": " + msg); };
-  if (!j.is_object() || !j.contains("model") || !j["model"].is_object()) throw fail("missing the 'model' object");
   const json& model = j["model"];
   const std::string type = model.value("type", "");
   if (type != "WordPiece") {
@@ -103,13 +87,7 @@ WordPieceTokenizer WordPieceTokenizer::from_json_file(const std::string& path, s
     throw fail("pre_tokenizer " + pre.dump().substr(0, 80) + " is not supported (BertPreTokenizer only)");
   }
 
-  if (!model.contains("vocab") || !model["vocab"].is_object()) throw fail("model.vocab must be an object");
-  std::vector<std::pair<std::string, int64_t>> vocab;
-  vocab.reserve(model["vocab"].size());
-  for (auto it = model["vocab"].begin(); it != model["vocab"].end(); ++it) {
-    if (!it.value().is_number_integer()) throw fail("model.vocab['" + it.key() + "'] must be an integer id");
-    vocab.emplace_back(it.key(), it.value().get<int64_t>());
-  }
+  std::vector<std::pair<std::string, int64_t>> vocab = read_vocab(model, path);
   std::vector<std::pair<std::string, int64_t>> specials;
   if (j.contains("added_tokens") && j["added_tokens"].is_array()) {
     for (const json& t : j["added_tokens"]) {
@@ -157,12 +135,7 @@ Encoding WordPieceTokenizer::encode(std::string_view text) const {
   impl_->encode_segment(cps, seg, n, enc.ids, starts, ends);
   enc.starts = std::move(starts);
   enc.ends = std::move(ends);
-  enc.byte_starts.reserve(enc.ids.size());
-  enc.byte_ends.reserve(enc.ids.size());
-  for (size_t k = 0; k < enc.ids.size(); ++k) {
-    enc.byte_starts.push_back(byte_of[enc.starts[k]]);
-    enc.byte_ends.push_back(byte_of[enc.ends[k]]);
-  }
+  set_byte_offsets(enc, byte_of);
   return enc;
 }
 

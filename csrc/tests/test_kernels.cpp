@@ -90,18 +90,9 @@ TEST(Kernels, AttentionSupportsItsDocumentedHeadDims) {
   }
 }
 
-double act_ref(double x, cpu::Act a) {
-  switch (a) {
-    case cpu::Act::Gelu: return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0)));
-    case cpu::Act::GeluTanh: return 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
-    case cpu::Act::Relu: return x > 0 ? x : 0;
-  }
-  return 0;
-}
-
 TEST(Kernels, BiasActivation) {
   for (const KernelTable* k : cpu::available_kernels()) {
-    for (cpu::Act act : {cpu::Act::Gelu, cpu::Act::GeluTanh, cpu::Act::Relu}) {
+    for (Activation act : {Activation::Gelu, Activation::GeluTanh, Activation::Relu}) {
       for (int64_t cols : {1, 13, 64, 100}) {
         const int64_t rows = 5, ld = cols + 3;
         auto x = randn(rows * ld, 3, 3.f);

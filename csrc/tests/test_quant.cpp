@@ -11,7 +11,7 @@
 namespace qaengine::test {
 namespace {
 
-using cpu::EpiAct;
+using OptAct = std::optional<Activation>;  // an epilogue's activation; empty: none
 using cpu::QuantKernels;
 
 // torch.round on a float product: round to nearest, ties to even (the default rounding mode of std::nearbyint).
@@ -94,19 +94,13 @@ TEST(QuantKernels, StaticCodesRoundTiesToEvenAndSaturate) {
   }
 }
 
-double act_ref(double x, EpiAct a) {
-  switch (a) {
-    case EpiAct::Gelu: return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0)));
-    case EpiAct::GeluTanh: return 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
-    case EpiAct::Relu: return x > 0 ? x : 0;
-    case EpiAct::None: return x;
-  }
-  return 0;
+double epi_ref(double x, OptAct a) {
+  return a ? act_ref(x, *a) : x;
 }
 
 TEST(QuantKernels, EpilogueScalesAddsBiasAndActivates) {
   for (const QuantKernels* k : cpu::available_quant_kernels()) {
-    for (EpiAct act : {EpiAct::None, EpiAct::Gelu, EpiAct::GeluTanh, EpiAct::Relu}) {
+    for (OptAct act : {OptAct(), OptAct(Activation::Gelu), OptAct(Activation::GeluTanh), OptAct(Activation::Relu)}) {
       for (int64_t cols : {1, 13, 64, 100}) {
         for (int variant = 0; variant < 3; ++variant) {  // scale + bias, bias only, neither
           const int64_t rows = 5, ld = cols + 3;
@@ -125,7 +119,7 @@ TEST(QuantKernels, EpilogueScalesAddsBiasAndActivates) {
                 continue;
               }
               const double pre = double(y0[r * ld + c]) * (sp ? sp[r] : 1.0) + (bp ? bp[c] : 0.0);
-              const double want = act_ref(pre, act);
+              const double want = epi_ref(pre, act);
               // fp32 multiply-add (<= 1 ulp of the larger term) through an activation of slope <= 1.13.
               const double mag = std::abs(double(y0[r * ld + c]) * (sp ? sp[r] : 1.0)) + (bp ? std::abs(bp[c]) : 0);
               EXPECT_NEAR(got, want, 1.2e-7 * 1.13 * mag + 2e-6 * (1 + std::abs(want))) << k->name << " cols=" << cols;
@@ -148,7 +142,7 @@ TEST(QuantKernels, WidenBf16IsExact) {
         std::memcpy(&bits, &f[i], 4);
         h[i] = static_cast<uint16_t>(bits >> 16);
       }
-      for (EpiAct act : {EpiAct::None, EpiAct::Gelu}) {
+      for (OptAct act : {OptAct(), OptAct(Activation::Gelu)}) {
         std::vector<float> out(rows * ldo, -7.f);
         k->widen_bf16(h.data(), ldi, out.data(), ldo, rows, cols, act);
         for (int64_t r = 0; r < rows; ++r) {
@@ -160,10 +154,10 @@ TEST(QuantKernels, WidenBf16IsExact) {
             const uint32_t bits = static_cast<uint32_t>(h[r * ldi + c]) << 16;
             float want;
             std::memcpy(&want, &bits, 4);
-            if (act == EpiAct::None) {
+            if (!act) {
               EXPECT_EQ(out[r * ldo + c], want) << k->name;
             } else {
-              EXPECT_NEAR(out[r * ldo + c], act_ref(want, act), 2e-6 * (1 + std::abs(want))) << k->name;
+              EXPECT_NEAR(out[r * ldo + c], epi_ref(want, act), 2e-6 * (1 + std::abs(want))) << k->name;
             }
           }
         }

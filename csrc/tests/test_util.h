@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -12,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "qaengine/config.h"
 #include "qaengine/error.h"
 
 namespace qaengine::test {
@@ -25,6 +27,16 @@ inline std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.f) {
   std::vector<float> v(n);
   for (auto& x : v) x = dist(rng);
   return v;
+}
+
+/// act(x) in double precision: the reference of every activation kernel.
+inline double act_ref(double x, Activation a) {
+  switch (a) {
+    case Activation::Gelu: return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0)));
+    case Activation::GeluTanh: return 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
+    case Activation::Relu: return x > 0 ? x : 0;
+  }
+  return 0;
 }
 
 /// Directory written by make_test_artifacts.py (ctest fixture), or "" when the tests run without it.

@@ -13,7 +13,6 @@ One layer l (d = hidden, w = h_l * d_h, f = f_l, T packed tokens), each line one
 The residual is added inside the LayerNorm kernel rather than in the GEMM epilogue: the kernel count and the
 bytes moved are the same, but `x + a` is then formed in fp32, so half-precision runs round `a` once and never
 round the sum. Embeddings are torch gathers + one add, then the LayerNorm kernel; the QA head is a `linear`.
-ReLU is not a fused epilogue in `kernels.linear`, so relu models run one extra torch `relu_` per layer.
 
 Weights move to the device once, at load, in the artifact's dtype: fp16/bf16 artifacts run in that dtype
 (fp32 accumulation inside every kernel), fp32 artifacts in fp32 with IEEE products (never TF32). FFN widths
@@ -51,10 +50,9 @@ from dataclasses import dataclass
 import torch
 
 from engine.artifact import DTYPES, Artifact
-from engine.config import Activation, EncoderConfig
+from engine.config import EncoderConfig
 from engine.packing import positions
 
-_KERNEL_ACTIVATION = {Activation.GELU: "gelu", Activation.GELU_TANH: "gelu_tanh", Activation.RELU: "none"}
 _BUCKET_FLOOR = 64  # token-bucket granularity for small batches (one attention / GEMM row tile)
 
 
@@ -175,8 +173,7 @@ class _Encoder:
         self.cfg, self.top, self.layers = cfg, top, layers
         self.dtype = top["qa.weight"].dtype
         self.eps = cfg.layer_norm_eps
-        self.act = _KERNEL_ACTIVATION[cfg.activation]
-        self.relu = cfg.activation is Activation.RELU
+        self.act = cfg.activation  # fused into the FFN-in GEMM's epilogue
 
     @property
     def max_attn_width(self) -> int:
@@ -209,8 +206,6 @@ class _Encoder:
                 x = k.add_layernorm(x, bias=lw.o_b, weight=lw.ln1_w, ln_bias=lw.ln1_b, eps=eps)
             if lw.ffn:
                 u = k.linear(x, lw.in_w, lw.in_b, activation=self.act)  # [T, f]
-                if self.relu:
-                    u.relu_()
                 y = k.linear(u, lw.out_w, lw.out_b)
                 x = k.add_layernorm(y, x, weight=lw.ln2_w, ln_bias=lw.ln2_b, eps=eps)
             else:

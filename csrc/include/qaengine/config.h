@@ -9,7 +9,17 @@
 namespace qaengine {
 
 enum class Architecture { Bert, Roberta };
+/// The FFN activation, one enum from engine.json to the kernels (Python: engine.config.Activation, whose values are
+/// the names here, HF's hidden_act).
 enum class Activation { Gelu, GeluTanh, Relu };  // "gelu" (erf), "gelu_new" (tanh), "relu"
+
+/// The Activation called `name` ("gelu", "gelu_new" or "relu"), or nullopt.
+inline std::optional<Activation> parse_activation(const std::string& name) {
+  if (name == "gelu") return Activation::Gelu;
+  if (name == "gelu_new") return Activation::GeluTanh;
+  if (name == "relu") return Activation::Relu;
+  return std::nullopt;
+}
 
 /// How the CPU path runs its fp32 GEMMs: OneDnnDirect ("dnnl" in Python), oneDNN's own library (libdnnl) called
 /// directly, writing into the encoder's buffers (Auto picks it when libqaengine was built with it); TorchOneDnn

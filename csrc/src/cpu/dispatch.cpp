@@ -100,7 +100,8 @@ void varlen_attention(const AttentionParams& p, const KernelTable& k, int thread
   });
 }
 
-void bias_act(float* x, int64_t ld, const float* bias, int64_t rows, int64_t cols, Act act, const KernelTable& k) {
+void bias_act(float* x, int64_t ld, const float* bias, int64_t rows, int64_t cols, Activation act,
+              const KernelTable& k) {
   at::parallel_for(0, rows, row_grain(cols),
                    [&](int64_t begin, int64_t end) { k.bias_act(x + begin * ld, ld, bias, end - begin, cols, act); });
 }

@@ -17,10 +17,7 @@
 
 namespace qaengine::cpu {
 
-using qaengine::Activation;
-
 enum class Isa { Base, Avx2, Avx512 };
-using Act = Activation;  // the manifest's activation (qaengine/config.h): one enum from engine.json to the kernels
 
 /// Packed varlen attention. `qkv` `[T, ld_qkv]` holds Q | K | V blocks of width heads*head_dim each (head j at
 /// columns j*head_dim within a block); `bias` `[3*heads*head_dim]`, when not null, is added inside the kernel.
@@ -44,7 +41,7 @@ struct KernelTable {
   /// Query rows [q_begin, q_end) (within sequence b) of head h.
   void (*attention)(const AttentionParams& p, int64_t b, int64_t h, int64_t q_begin, int64_t q_end, float* scratch);
   /// x[r, c] = act(x[r, c] + bias[c]) for rows [0, rows); `bias` may be null.
-  void (*bias_act)(float* x, int64_t ld, const float* bias, int64_t rows, int64_t cols, Act act);
+  void (*bias_act)(float* x, int64_t ld, const float* bias, int64_t rows, int64_t cols, Activation act);
   /// x[r] = LayerNorm(x[r] + y[r] + bias) * gamma + beta; `y` and `bias` may be null.
   void (*add_layernorm)(float* x, int64_t ldx, const float* y, int64_t ldy, const float* bias, const float* gamma,
                         const float* beta, int64_t rows, int64_t cols, float eps);
@@ -75,7 +72,8 @@ struct AttentionSchedule {
 void varlen_attention(const AttentionParams& p, const KernelTable& k, int threads);
 
 // Multi-threaded launchers of the row-wise kernels over ATen's intra-op threads (single-threaded inside a pool item).
-void bias_act(float* x, int64_t ld, const float* bias, int64_t rows, int64_t cols, Act act, const KernelTable& k);
+void bias_act(float* x, int64_t ld, const float* bias, int64_t rows, int64_t cols, Activation act,
+              const KernelTable& k);
 void add_layernorm(float* x, int64_t ldx, const float* y, int64_t ldy, const float* bias, const float* gamma,
                    const float* beta, int64_t rows, int64_t cols, float eps, const KernelTable& k);
 void embed(float* x, const float* word, const float* position, const float* token_type, const int64_t* ids,

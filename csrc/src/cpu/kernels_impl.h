@@ -183,7 +183,7 @@ void attention(const AttentionParams& p, int64_t b, int64_t h, int64_t q_begin, 
 // Row-wise element kernels. Tails narrower than a vector go through a zero-padded vector, so every element sees
 // the same arithmetic.
 
-void bias_act(float* x, int64_t ld, const float* bias, int64_t rows, int64_t cols, Act act) {
+void bias_act(float* x, int64_t ld, const float* bias, int64_t rows, int64_t cols, Activation act) {
   for (int64_t r = 0; r < rows; ++r) {
     float* row = x + r * ld;
     int64_t c = 0;

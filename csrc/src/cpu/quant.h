@@ -7,23 +7,11 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 
 #include "kernels.h"
 
 namespace qaengine::cpu {
-
-/// Optional activation of an epilogue (Act, or none).
-enum class EpiAct { None, Gelu, GeluTanh, Relu };
-
-inline EpiAct epi_act(const Act* act) {
-  if (!act) return EpiAct::None;
-  switch (*act) {
-    case Act::Gelu: return EpiAct::Gelu;
-    case Act::GeluTanh: return EpiAct::GeluTanh;
-    case Act::Relu: return EpiAct::Relu;
-  }
-  return EpiAct::None;
-}
 
 /// One ISA's single-threaded quantization and epilogue kernels.
 struct QuantKernels {
@@ -36,11 +24,13 @@ struct QuantKernels {
   /// Static int8: out[r, k] = clamp(round(x[r, k] · inv_scale[k]), -127, 127) + 128 as uint8.
   void (*quantize_static)(const float* x, int64_t ldx, int64_t rows, int64_t cols, const float* inv_scale, uint8_t* out,
                           int64_t ldo);
-  /// In place y[r, c] = act(y[r, c] · row_scale[r] + bias[c]); `row_scale` and `bias` may be null (1 and 0).
+  /// In place y[r, c] = act(y[r, c] · row_scale[r] + bias[c]); `row_scale` and `bias` may be null (1 and 0), `act`
+  /// empty (the identity).
   void (*epilogue)(float* y, int64_t ld, const float* row_scale, const float* bias, int64_t rows, int64_t cols,
-                   EpiAct act);
+                   std::optional<Activation> act);
   /// out[r, c] = act(float(in[r, c])) for bf16 `in` (raw bits); the widening is exact.
-  void (*widen_bf16)(const uint16_t* in, int64_t ldi, float* out, int64_t ldo, int64_t rows, int64_t cols, EpiAct act);
+  void (*widen_bf16)(const uint16_t* in, int64_t ldi, float* out, int64_t ldo, int64_t rows, int64_t cols,
+                     std::optional<Activation> act);
 };
 
 const QuantKernels& quant_kernels_base();

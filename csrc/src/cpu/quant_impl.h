@@ -66,14 +66,8 @@ inline void store_u8(uint8_t* p, vf v) {
 
 // ---- activations (fp32; vec_impl.h, the formulas of the fp32 kernels, so int8/bf16 layers match the fp32 ones) ---
 
-inline vf act_v(vf x, EpiAct act) {
-  switch (act) {
-    case EpiAct::Gelu: return gelu_v(x);
-    case EpiAct::GeluTanh: return gelu_tanh_v(x);
-    case EpiAct::Relu: return vmax(x, splat(0.f));
-    case EpiAct::None:
-    default: return x;
-  }
+inline vf maybe_act_v(vf x, std::optional<Activation> act) {  // act(x), or x when `act` is empty
+  return act ? act_v(x, *act) : x;
 }
 
 // ---- kernels ----------------------------------------------------------------------------------------------------
@@ -134,7 +128,8 @@ void quantize_static(const float* x, int64_t ldx, int64_t rows, int64_t cols, co
   }
 }
 
-void epilogue(float* y, int64_t ld, const float* row_scale, const float* bias, int64_t rows, int64_t cols, EpiAct act) {
+void epilogue(float* y, int64_t ld, const float* row_scale, const float* bias, int64_t rows, int64_t cols,
+              std::optional<Activation> act) {
   const int64_t body = cols / W * W;
   for (int64_t r = 0; r < rows; ++r) {
     float* yr = y + r * ld;
@@ -143,7 +138,7 @@ void epilogue(float* y, int64_t ld, const float* row_scale, const float* bias, i
       vf v = load(yr + c);
       if (row_scale) v = v * s;
       if (bias) v = v + load(bias + c);
-      store(yr + c, act_v(v, act));
+      store(yr + c, maybe_act_v(v, act));
     }
     if (body < cols) {
       float tmp[W] = {}, tb[W] = {};
@@ -154,13 +149,14 @@ void epilogue(float* y, int64_t ld, const float* row_scale, const float* bias, i
       vf v = load(tmp);
       if (row_scale) v = v * s;
       if (bias) v = v + load(tb);
-      store(tmp, act_v(v, act));
+      store(tmp, maybe_act_v(v, act));
       for (int64_t c = body; c < cols; ++c) yr[c] = tmp[c - body];
     }
   }
 }
 
-void widen_bf16(const uint16_t* in, int64_t ldi, float* out, int64_t ldo, int64_t rows, int64_t cols, EpiAct act) {
+void widen_bf16(const uint16_t* in, int64_t ldi, float* out, int64_t ldo, int64_t rows, int64_t cols,
+                std::optional<Activation> act) {
   const int64_t body = cols / W * W;
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t* ir = in + r * ldi;
@@ -168,13 +164,13 @@ void widen_bf16(const uint16_t* in, int64_t ldi, float* out, int64_t ldo, int64_
     for (int64_t c = 0; c < body; c += W) {
       vh h;
       __builtin_memcpy(&h, ir + c, sizeof h);
-      store(o + c, act_v((vf)(__builtin_convertvector(h, vu) << 16), act));
+      store(o + c, maybe_act_v((vf)(__builtin_convertvector(h, vu) << 16), act));
     }
     if (body < cols) {
       vh h = {};
       float tmp[W];
       for (int64_t c = body; c < cols; ++c) h[c - body] = ir[c];
-      store(tmp, act_v((vf)(__builtin_convertvector(h, vu) << 16), act));
+      store(tmp, maybe_act_v((vf)(__builtin_convertvector(h, vu) << 16), act));
       for (int64_t c = body; c < cols; ++c) o[c] = tmp[c - body];
     }
   }

@@ -104,11 +104,11 @@ inline vf gelu_tanh_v(vf x) {
   return 0.5f * x * (1.f + th);
 }
 
-inline vf act_v(vf x, Act act) {
+inline vf act_v(vf x, Activation act) {
   switch (act) {
-    case Act::Gelu: return gelu_v(x);
-    case Act::GeluTanh: return gelu_tanh_v(x);
-    case Act::Relu:
+    case Activation::Gelu: return gelu_v(x);
+    case Activation::GeluTanh: return gelu_tanh_v(x);
+    case Activation::Relu:
     default: return vmax(x, splat(0.f));
   }
 }
