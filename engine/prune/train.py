@@ -257,8 +257,8 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
             "calibration": cal,
             "sparsity_by": by,
             "expected_sparsity": float(trainer.gated.expected_sparsity(dense, args.flops_seq_len, by, table).detach()),
-            "lambda1": float(trainer.controller.lambda1),
-            "lambda2": float(trainer.controller.lambda2),
+            "lambda1": float(trainer.controller.lambda1.detach()),
+            "lambda2": float(trainer.controller.lambda2.detach()),
             "log_alpha": {
                 n: p.detach().tolist() for n, p in trainer.gated.named_parameters() if n.endswith("log_alpha")
             },
