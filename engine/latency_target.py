@@ -7,15 +7,22 @@
 `latency_args_error` checks them before any work, and `resolve_latency_target` turns them into the latency table
 of this machine (engine.latency's cache: measured on the user's engine, keyed by machine, backend, dtype, shape,
 threads and model dims) and the budget in ms, refusing an unreachable target with what is reachable.
+`meet_measured_latency` then measures a shape cut to that budget against the dense model on the engine and
+corrects the budget until the measured figure is within --latency-tolerance of the target.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from engine.latency import LatencyTable
+from engine.config import EncoderConfig
+from engine.latency import LatencyTable, Shape
+
+T = TypeVar("T")
 
 DEFAULT_LATENCY_THREADS = 2
 
@@ -42,6 +49,18 @@ def add_latency_args(
     )
     ap.add_argument("--latency-table", type=Path, help="use this table (refused unless measured for this setting)")
     ap.add_argument("--remeasure-latency", action="store_true", help="measure the table even if one is cached")
+    ap.add_argument(
+        "--latency-tolerance",
+        type=float,
+        default=0.03,
+        help="re-cut until the engine-measured latency (or speedup) is within this fraction of the target",
+    )
+    ap.add_argument(
+        "--latency-iterations",
+        type=int,
+        default=4,
+        help="at most this many measure-and-correct rounds (engine.prune: 0 trusts the table alone)",
+    )
 
 
 def has_latency_target(args: argparse.Namespace) -> bool:
@@ -61,6 +80,8 @@ def latency_args_error(args: argparse.Namespace) -> str | None:
         return f"--target-speedup must be > 1 (relative to the dense teacher), got {args.target_speedup}"
     if args.latency_threads is not None and args.latency_threads < 1:
         return "--latency-threads must be >= 1"
+    if args.latency_iterations < 0 or args.latency_tolerance <= 0:
+        return "--latency-iterations must be >= 0 and --latency-tolerance > 0"
     if args.latency_shape is not None:
         try:
             parse_shape(args.latency_shape)
@@ -119,3 +140,67 @@ def latency_target_info(args: argparse.Namespace) -> dict[str, Any]:
         "threads": threads,
         "dtype": args.latency_dtype,
     }
+
+
+def meet_measured_latency(
+    args: argparse.Namespace,
+    dense: EncoderConfig,
+    table: LatencyTable,
+    budget: float,
+    choose: Callable[[float], tuple[T, Shape, float]],
+) -> tuple[T, list[dict[str, Any]]]:
+    """Cut to the table's budget, measure the cut shape and the dense one on the engine, correct the budget, repeat.
+
+    `choose(budget_ms)` returns (the cut, its shape, its table-predicted ms). Each round times both shapes
+    interleaved (engine.latency.EngineTimer, random weights: only the shape matters); the loop stops when the
+    measured latency (or the paired speedup) is within --latency-tolerance of the target, or after
+    --latency-iterations rounds (at least one). Returns the cut of the round closest to the target, and every round.
+    """
+    from engine.latency import EngineTimer
+
+    batch, seq, threads = latency_setting(args)
+    timer = EngineTimer(
+        dense, args.teacher, args.backend, args.latency_dtype, batch, seq, threads, reps=7, progress=False
+    )
+    rounds: list[dict[str, Any]] = []
+    best: tuple[T, float] | None = None
+    try:
+        for _ in range(max(1, args.latency_iterations)):
+            cut, shape, predicted = choose(budget)
+            ms, dense_ms = timer([shape, (dense.heads, dense.ffn)])
+            speedup = timer.paired_speedup()  # median of back-to-back ratios: robust to changing machine load
+            if args.target_latency_ms is not None:
+                want, err = args.target_latency_ms, args.target_latency_ms / ms - 1  # > 0: faster than needed
+            else:
+                want, err = dense_ms / args.target_speedup, speedup / args.target_speedup - 1
+                ms = dense_ms / speedup  # the pruned latency implied by the paired speedup
+            rounds.append(
+                {
+                    "budget_ms": budget,
+                    "predicted_ms": predicted,
+                    "measured_ms": ms,
+                    "measured_dense_ms": dense_ms,
+                    "measured_speedup": speedup,
+                    "target_ms": want,
+                    "rel_error": err,
+                    "heads": list(shape[0]),
+                    "ffn": list(shape[1]),
+                }
+            )
+            if best is None or abs(err) < abs(best[1]):
+                best = (cut, err)
+            if abs(err) <= args.latency_tolerance:
+                break
+            # Correct the table by the median over all rounds so far (one noisy round moves it little) of measured /
+            # predicted latency, or for a speedup target of measured / predicted speedup (relative to the dense model
+            # measured in the same round, so load that changes between rounds cancels).
+            if args.target_latency_ms is not None:
+                k = statistics.median(r["measured_ms"] / r["predicted_ms"] for r in rounds)
+                budget = args.target_latency_ms / k
+            else:
+                k = statistics.median(r["measured_speedup"] * r["predicted_ms"] / table.dense_ms() for r in rounds)
+                budget = table.dense_ms() * k / args.target_speedup
+            budget = max(table.base_ms * 1.02, budget)
+    finally:
+        timer.close()
+    return best[0], rounds

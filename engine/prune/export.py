@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from engine.config import EncoderConfig
 from engine.flops import exact_flops, exact_params
-from engine.latency import LatencyTable
+from engine.latency import LatencyTable, Shape
 from engine.prune.gated import GatedQAModel
 
 OPEN, CLOSED = 10.0, -10.0  # log_alpha values whose deterministic gates are exactly 1 and exactly 0
@@ -99,3 +101,27 @@ def calibrate(
                 changed += 1
     after = achieved_sparsity(deterministic_shape(gated), dense, seq_len, by, table)
     return {"before": before, "after": after, "changed": changed}
+
+
+def calibrate_measured(
+    args: argparse.Namespace, gated: GatedQAModel, dense: EncoderConfig, table: LatencyTable, budget_ms: float
+) -> dict[str, Any]:
+    """`calibrate` to a latency budget, then measure the cut shape against the dense one on the engine and
+    re-calibrate (from the trained log_alphas) with the budget corrected by the measured / predicted ratio, as
+    engine.prune_fast does (engine.latency_target.meet_measured_latency). Leaves the gates of the round closest to
+    the measured target; returns its calibration, its budget and every round."""
+    from engine.latency_target import meet_measured_latency
+
+    trained = [p.detach().clone() for p in gated.gate_parameters()]
+
+    def choose(budget: float) -> tuple[tuple[float, dict[str, float]], Shape, float]:
+        with torch.no_grad():
+            for p, v in zip(gated.gate_parameters(), trained):
+                p.copy_(v)
+        info = calibrate(gated, dense, 1.0 - budget / table.dense_ms(), by="latency", table=table)
+        shape = deterministic_shape(gated)
+        return (budget, info), (shape.heads, shape.ffn), table.predict(shape.heads, shape.ffn)
+
+    (budget, info), rounds = meet_measured_latency(args, dense, table, budget_ms, choose)
+    choose(budget)
+    return {**info, "budget_ms": budget, "verification": rounds}

@@ -43,7 +43,7 @@ from engine.latency_target import (
 )
 from engine.model import RaggedQAModel
 from engine.prune.distributed import Dist
-from engine.prune.export import achieved_sparsity, calibrate
+from engine.prune.export import achieved_sparsity, calibrate, calibrate_measured
 from engine.prune.gated import GatedQAModel, export_ragged
 from engine.prune.l0 import LagrangianController, target_schedule
 from engine.train import DistillConfig, Hooks, ParamGroup, train, weight_groups
@@ -250,7 +250,10 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
             **common,
         )
         trainer.gated.eval()
-        cal = calibrate(trainer.gated, dense, target, args.flops_seq_len, by, table=table)
+        if table is not None and args.latency_iterations > 0 and dist.is_main:  # only rank 0's export is kept
+            cal = calibrate_measured(args, trainer.gated, dense, table, budget_ms)
+        else:
+            cal = calibrate(trainer.gated, dense, target, args.flops_seq_len, by, table=table)
         cfg, state = export_ragged(trainer.gated)
         gate_info = {
             "mode": "l0",

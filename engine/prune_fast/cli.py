@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import random
-import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -40,11 +39,13 @@ from engine.data.squad import Example, TrainFeature, train_features
 from engine.features import WindowMaker, WindowSettings, load_tokenizer
 from engine.finetune import add_data_args
 from engine.flops import encoder_params, flop_sparsity
+from engine.latency import Shape
 from engine.latency_target import (
     add_latency_args,
     latency_args_error,
     latency_setting,
     latency_target_info,
+    meet_measured_latency,
     resolve_latency_target,
 )
 from engine.model import RaggedQAModel
@@ -72,13 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--target-sparsity", type=float, help="fraction of encoder FLOPs to remove (at --flops-seq-len)")
     ap.add_argument("--flops-seq-len", type=int, default=384, help="sequence length at which FLOPs are counted")
     add_latency_args(ap, tgt)
-    ap.add_argument(
-        "--latency-tolerance",
-        type=float,
-        default=0.03,
-        help="re-search until the engine-measured latency is within this fraction of the target",
-    )
-    ap.add_argument("--latency-iterations", type=int, default=4, help="at most this many measure-and-correct rounds")
     ap.add_argument("--samples", type=int, default=2048, help="train windows for Fisher scores and mask tuning")
     ap.add_argument("--tune-samples", type=int, help="windows for mask tuning (default: all --samples)")
     ap.add_argument("--batch", type=int, default=32, help="windows per Fisher mini-batch (one gradient row each)")
@@ -248,55 +242,14 @@ def _latency_search(
 ) -> tuple[SearchResult, dict[str, Any]]:
     """Search with the latency table, then measure the chosen shape against the dense one on the engine and
     rescale the budget until the measured latency (or speedup) is within --latency-tolerance of the target."""
-    from engine.latency import EngineTimer
-
-    batch, seq, threads = latency_setting(args)
     table, budget = resolve_latency_target(args, progress)
     cost: CostFn = table.predict
-    timer = EngineTimer(
-        dense, args.teacher, args.backend, args.latency_dtype, batch, seq, threads, reps=7, progress=False
-    )
-    rounds, best = [], None
-    try:
-        for _ in range(max(1, args.latency_iterations)):
-            res = search(hs, fs, cost, budget)
-            shape = (tuple(int(m.sum()) for m in res.head_masks), tuple(int(m.sum()) for m in res.ffn_masks))
-            ms, dense_ms = timer([shape, (dense.heads, dense.ffn)])
-            speedup = timer.paired_speedup()  # median of back-to-back ratios: robust to changing machine load
-            if args.target_latency_ms is not None:
-                want, err = args.target_latency_ms, args.target_latency_ms / ms - 1  # > 0: faster than needed
-            else:
-                want, err = dense_ms / args.target_speedup, speedup / args.target_speedup - 1
-                ms = dense_ms / speedup  # the pruned latency implied by the paired speedup
-            rounds.append(
-                {
-                    "budget_ms": budget,
-                    "predicted_ms": res.cost,
-                    "measured_ms": ms,
-                    "measured_dense_ms": dense_ms,
-                    "measured_speedup": speedup,
-                    "target_ms": want,
-                    "rel_error": err,
-                    "heads": list(shape[0]),
-                    "ffn": list(shape[1]),
-                }
-            )
-            if best is None or abs(err) < abs(best[1]):
-                best = (res, err)
-            if abs(err) <= args.latency_tolerance:
-                break
-            # Correct the table by the median over all rounds so far (one noisy round moves it little) of measured /
-            # predicted latency, or for a speedup target of measured / predicted speedup (relative to the dense model
-            # measured in the same round, so load that changes between rounds cancels).
-            if args.target_latency_ms is not None:
-                k = statistics.median(r["measured_ms"] / r["predicted_ms"] for r in rounds)
-                budget = args.target_latency_ms / k
-            else:
-                k = statistics.median(r["measured_speedup"] * r["predicted_ms"] / table.dense_ms() for r in rounds)
-                budget = table.dense_ms() * k / args.target_speedup
-            budget = max(table.base_ms * 1.02, budget)
-    finally:
-        timer.close()
+
+    def choose(b: float) -> tuple[SearchResult, Shape, float]:
+        res = search(hs, fs, cost, b)
+        return res, (tuple(int(m.sum()) for m in res.head_masks), tuple(int(m.sum()) for m in res.ffn_masks)), res.cost
+
+    best, rounds = meet_measured_latency(args, dense, table, budget, choose)
     info = {
         "by": "latency",
         "table_key": asdict(table.key),
@@ -304,9 +257,9 @@ def _latency_search(
         "table_base_ms": table.base_ms,
         "budget_ms": rounds[0]["budget_ms"],
         "verification": rounds,
-        "cost": best[0].cost,
+        "cost": best.cost,
     }
-    return best[0], info
+    return best, info
 
 
 def stage_rearrange(
