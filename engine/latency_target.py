@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -139,6 +140,28 @@ def latency_target_info(args: argparse.Namespace) -> dict[str, Any]:
         "backend": args.backend,
         "threads": threads,
         "dtype": args.latency_dtype,
+    }
+
+
+def exported_latency(
+    args: argparse.Namespace, model_dir: Path, cfg: EncoderConfig, table: LatencyTable, budget_ms: float
+) -> dict[str, Any]:
+    """metrics.json's `latency` of a pruned checkpoint: its speedup over the teacher measured on the engine (both
+    built with their real weights, timed interleaved: engine.latency.measure_speedup) and the table's prediction
+    for its shape `cfg` against the budget."""
+    from engine.latency import measure_speedup
+
+    batch, seq, threads = latency_setting(args)
+    measured = measure_speedup(model_dir, args.teacher, batch, seq, args.backend, threads, args.latency_dtype)
+    predicted = table.predict(cfg.heads, cfg.ffn)
+    return {
+        **measured,
+        "predicted_ms": predicted,
+        "predicted_dense_ms": table.dense_ms(),
+        "predicted_speedup": table.dense_ms() / predicted,
+        "budget_ms": budget_ms,
+        "table_base_ms": table.base_ms,
+        "table_key": asdict(table.key),
     }
 
 

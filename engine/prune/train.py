@@ -7,10 +7,11 @@
 Phase 1 trains the student (a copy of the teacher) with hard-concrete gates on heads and FFN units (optionally
 whole sublayers): task CE + distillation + a Lagrangian that drives expected encoder-FLOP sparsity (or
 parameter sparsity, --target-params; or latency sparsity 1 - latency / dense latency from a table measured on the
-engine, --target-speedup / --target-latency-ms) to a target ramped up linearly. Phase 2 cuts the closed structure (gates
-calibrated to the target, surviving gate values folded) and fine-tunes the ragged model with distillation
-(--finetune-epochs). Output: a ragged checkpoint in OUT, OUT/gates.json and OUT/metrics.json (docs/PRUNING.md).
-Both phases checkpoint every N steps and resume exactly with --resume. Works under torchrun (DDP).
+engine, --target-speedup / --target-latency-ms) to a target ramped up linearly. Phase 2 cuts the closed structure
+(gates calibrated to the target, for latency also measured on the engine; surviving gate values folded) and
+fine-tunes the ragged model with distillation (--finetune-epochs). Output: a ragged checkpoint in OUT,
+OUT/gates.json and OUT/metrics.json (docs/PRUNING.md). Both phases checkpoint every N steps and resume exactly with
+--resume. Works under torchrun (DDP).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.config import EncoderConfig
 from engine.data.predict import evaluate_model
 from engine.data.squad import train_features
 from engine.features import WindowMaker, WindowSettings, load_tokenizer
@@ -35,9 +34,9 @@ from engine.finetune import add_data_args, add_speed_args, cli_args, prepare_dat
 from engine.latency import LatencyTable
 from engine.latency_target import (
     add_latency_args,
+    exported_latency,
     has_latency_target,
     latency_args_error,
-    latency_setting,
     latency_target_info,
     resolve_latency_target,
 )
@@ -252,6 +251,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
         trainer.gated.eval()
         if table is not None and args.latency_iterations > 0 and dist.is_main:  # only rank 0's export is kept
             cal = calibrate_measured(args, trainer.gated, dense, table, budget_ms)
+            torch.set_num_threads(threads)  # the engine ran at the latency threads
         else:
             cal = calibrate(trainer.gated, dense, target, args.flops_seq_len, by, table=table)
         cfg, state = export_ragged(trainer.gated)
@@ -327,7 +327,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
         "args": cli_args(args),
     }
     if table is not None:
-        metrics["latency"] = _latency_metrics(args, out, cfg, table, budget_ms)
+        metrics["latency"] = exported_latency(args, out, cfg, table, budget_ms)
         metrics["wall_time_s"] = time.monotonic() - t0
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     dist.close()
@@ -353,27 +353,6 @@ def _target_info(args: argparse.Namespace) -> dict[str, Any]:
         return latency_target_info(args)
     by, value = ("params", args.target_params) if args.target_params is not None else ("flops", args.target_sparsity)
     return {"by": by, "value": value, "seq_len": args.flops_seq_len}
-
-
-def _latency_metrics(
-    args: argparse.Namespace, out: Path, cfg: EncoderConfig, table: LatencyTable, budget_ms: float
-) -> dict[str, Any]:
-    """The exported student's predicted latency against the budget, and its speedup measured on the engine (both
-    built with their real weights and timed interleaved: engine.latency.measure_speedup, as engine.prune_fast)."""
-    from engine.latency import measure_speedup
-
-    batch, seq, threads = latency_setting(args)
-    measured = measure_speedup(out, args.teacher, batch, seq, args.backend, threads, args.latency_dtype)
-    predicted = table.predict(cfg.heads, cfg.ffn)
-    return {
-        **measured,
-        "predicted_ms": predicted,
-        "predicted_dense_ms": table.dense_ms(),
-        "predicted_speedup": table.dense_ms() / predicted,
-        "budget_ms": budget_ms,
-        "table_base_ms": table.base_ms,
-        "table_key": asdict(table.key),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
