@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the accuracy/speed rows of RESULTS.md on real SQuAD 2.0 (CPU). Stages can be run one at a time:
-#   scripts/reproduce_squad.sh teacher|l0|importance|random|nodistill|more RUN STEPS|fast [T]|fast-speedup [X]|
-#                              importance-noft [T]|eval|all
+#   scripts/reproduce_squad.sh teacher|l0|l0-speedup [X]|importance|random|nodistill|more RUN STEPS|fast [T]|
+#                              fast-speedup [X]|importance-noft [T]|eval|all
 # Outputs go to $RUNS (default ./runs, git-ignored); evaluation JSON to bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +26,10 @@ teacher() {
 l0() {
   $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --target-sparsity "${1:-0.5}" --out "$RUNS/l0-${1:-0.5}$TAG" \
       --max-steps "$PRUNE_STEPS" --finetune-max-steps "$FT_STEPS" --resume
+}
+l0_speedup() {  # L0 pruning to a speedup of $1 over the teacher at (8,384) on the cpp engine (latency table)
+  $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --target-speedup "${1:-1.5}" --latency-shape 8,384 \
+      --backend cpp --out "$RUNS/l0-x${1:-1.5}$TAG" --max-steps "$PRUNE_STEPS" --finetune-max-steps "$FT_STEPS" --resume
 }
 nodistill() {
   $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --target-sparsity 0.5 --out "$RUNS/nodistill-0.5$TAG" \
@@ -83,6 +87,7 @@ evaluate() {  # build an engine for each finished run (or the named ones) and sc
 case "${1:-all}" in
   teacher) teacher ;;
   l0) l0 "${2:-0.5}" ;;
+  l0-speedup) l0_speedup "${2:-1.5}" ;;
   nodistill) nodistill ;;
   importance) baseline importance ;;
   random) baseline random ;;
@@ -92,6 +97,6 @@ case "${1:-all}" in
   importance-noft) importance_noft "${2:-0.4}" ;;
   eval) shift; evaluate "$@" ;;
   all) teacher; l0 0.5; baseline importance; evaluate ;;
-  *) echo "usage: $0 teacher|l0 [target]|nodistill|importance|random|more RUN STEPS|fast [target]|fast-speedup [x]|" \
-          "importance-noft [target]|eval [RUN ...]|all" >&2; exit 2 ;;
+  *) echo "usage: $0 teacher|l0 [target]|l0-speedup [x]|nodistill|importance|random|more RUN STEPS|fast [target]|" \
+          "fast-speedup [x]|importance-noft [target]|eval [RUN ...]|all" >&2; exit 2 ;;
 esac

@@ -364,6 +364,7 @@ def test_latency_search_corrects_a_biased_table(monkeypatch):
     args = argparse.Namespace(
         latency_shape="8,32",
         threads=2,
+        latency_threads=None,
         teacher=None,
         backend="cpp",
         latency_dtype="float32",

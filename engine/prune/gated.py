@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from engine.config import EncoderConfig
-from engine.flops import exact_flops, exact_params, expected_flops, expected_params
+from engine.flops import exact_flops, exact_params, expected_counts, expected_flops, expected_params
+from engine.latency import LatencyTable, dense_latency, expected_latency
 from engine.model import RaggedQAModel, attention_packed
 from engine.prune.gates import HardConcreteGate
 
@@ -101,15 +102,30 @@ class GatedQAModel(nn.Module):
         pl = self.ffn_layer_gate.prob_nonzero() if self.ffn_layer_gate is not None else None
         return ph, pf, pm, pl
 
-    def expected_sparsity(self, dense: EncoderConfig, seq_len: int, by: str = "flops") -> torch.Tensor:
-        """Differentiable expected fraction of `dense`'s encoder FLOPs (or params) removed by the gates."""
+    def expected_counts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer expected kept (heads, FFN units), 0-d tensors: sums of P(gate != 0), times the sublayer's."""
+        return expected_counts(*self._probs())
+
+    def expected_sparsity(
+        self, dense: EncoderConfig, seq_len: int, by: str = "flops", table: LatencyTable | None = None
+    ) -> torch.Tensor:
+        """Differentiable expected fraction of `dense`'s encoder FLOPs, params or (with `table`) predicted latency
+        removed by the gates; for latency `1 - expected_latency / dense_latency` (the empty model's `base` stays)."""
+        if by == "latency":
+            if table is None:
+                raise ValueError("expected latency sparsity needs a latency table (engine.latency.load_or_measure)")
+            counts = self.expected_counts()
+            ms = expected_latency(table, [h for h, _ in counts], [f for _, f in counts])
+            return 1 - ms / dense_latency(table)
         ph, pf, pm, pl = self._probs()
         if by == "flops":
             kept = expected_flops(ph, pf, dense.hidden, dense.head_dim, seq_len, pm, pl)
             full = exact_flops(dense.heads, dense.ffn, dense.hidden, dense.head_dim, seq_len)
-        else:
+        elif by == "params":
             kept = expected_params(ph, pf, dense.hidden, dense.head_dim, pm, pl)
             full = exact_params(dense.heads, dense.ffn, dense.hidden, dense.head_dim)
+        else:
+            raise ValueError(f"sparsity is measured by 'flops', 'params' or 'latency', got {by!r}")
         return 1 - kept / full
 
     def keep_masks(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -1,14 +1,17 @@
 """`python -m engine.prune`: L0-gated structured pruning with distillation, then a fixed-structure fine-tune.
 
-    python -m engine.prune --teacher DIR --train FILE [FILE ...] (--eval FILE | --eval-fraction F)
-                           --target-sparsity 0.5 --out DIR
+    python -m engine.prune --teacher DIR --train FILE [FILE ...] (--eval FILE | --eval-fraction F) --out DIR
+        (--target-sparsity 0.5 | --target-params 0.5 | --target-speedup 1.5 | --target-latency-ms 300)
+        [--latency-shape 8,384 --backend cpp --latency-threads 2]
 
 Phase 1 trains the student (a copy of the teacher) with hard-concrete gates on heads and FFN units (optionally
 whole sublayers): task CE + distillation + a Lagrangian that drives expected encoder-FLOP sparsity (or
-parameter sparsity, --target-params) to a target ramped up linearly. Phase 2 cuts the closed structure (gates
-calibrated to the target, surviving gate values folded) and fine-tunes the ragged model with distillation
-(--finetune-epochs). Output: a ragged checkpoint in OUT, OUT/gates.json and OUT/metrics.json (docs/PRUNING.md).
-Both phases checkpoint every N steps and resume exactly with --resume. Works under torchrun (DDP).
+parameter sparsity, --target-params; or latency sparsity 1 - latency / dense latency from a table measured on the
+engine, --target-speedup / --target-latency-ms) to a target ramped up linearly. Phase 2 cuts the closed structure
+(gates calibrated to the target, for latency also measured on the engine; surviving gate values folded) and
+fine-tunes the ragged model with distillation (--finetune-epochs). Output: a ragged checkpoint in OUT,
+OUT/gates.json and OUT/metrics.json (docs/PRUNING.md). Both phases checkpoint every N steps and resume exactly with
+--resume. Works under torchrun (DDP).
 """
 
 from __future__ import annotations
@@ -28,9 +31,18 @@ from engine.data.predict import evaluate_model
 from engine.data.squad import train_features
 from engine.features import WindowMaker, WindowSettings, load_tokenizer
 from engine.finetune import add_data_args, add_speed_args, cli_args, prepare_data, setup_threads, train_config
+from engine.latency import LatencyTable
+from engine.latency_target import (
+    add_latency_args,
+    exported_latency,
+    has_latency_target,
+    latency_args_error,
+    latency_target_info,
+    resolve_latency_target,
+)
 from engine.model import RaggedQAModel
 from engine.prune.distributed import Dist
-from engine.prune.export import achieved_sparsity, calibrate
+from engine.prune.export import achieved_sparsity, calibrate, calibrate_measured
 from engine.prune.gated import GatedQAModel, export_ragged
 from engine.prune.l0 import LagrangianController, target_schedule
 from engine.train import DistillConfig, Hooks, ParamGroup, train, weight_groups
@@ -51,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--target-params", type=float, help="fraction of prunable encoder parameters to remove instead")
     tgt.add_argument("--spec", type=Path, help="skip gate training: fixed structure from this spec (baselines)")
     ap.add_argument("--flops-seq-len", type=int, default=384, help="sequence length at which FLOPs are counted")
+    add_latency_args(ap, tgt, default_shape="8,384")
     ap.add_argument("--sublayer-gates", action="store_true", help="also gate whole MHA/FFN sublayers (bias included)")
     ap.add_argument("--epochs", type=float, default=1.0, help="gate-training epochs")
     ap.add_argument("--max-steps", type=int, help="gate-training steps (overrides --epochs)")
@@ -160,6 +173,14 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     teacher_ck = load_checkpoint(args.teacher)
     dense = teacher_ck.cfg
+    table, budget_ms = None, None
+    if has_latency_target(args):  # before any data or training: an unreachable target stops here
+        if dist.is_main:  # rank 0 measures (or finds the cached table); the other ranks then read the cache
+            table, budget_ms = resolve_latency_target(args, progress=not args.no_progress)
+        dist.barrier()
+        if table is None:
+            table, budget_ms = resolve_latency_target(args, progress=False)
+        torch.set_num_threads(threads)  # a measurement runs at the latency threads
     settings = WindowSettings(args.max_seq_length, args.doc_stride, args.max_query_length)
     maker = WindowMaker(load_tokenizer(args.teacher), dense.architecture, settings)
     train_set, evals, data_info = prepare_data(args)
@@ -171,8 +192,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
         dist.barrier()  # other ranks then read the cache rank 0 wrote
         teacher = teacher or _teacher_source(args, settings, features, threads)
     distill = None if args.no_distill else DistillConfig(args.distill_weight, args.temperature, args.hidden_weight)
-    by = "params" if args.target_params is not None else "flops"
-    target = args.target_params if by == "params" else args.target_sparsity
+    by, target = _sparsity_target(args, table, budget_ms)
     common = dict(teacher=teacher, distill=distill, dist=dist)
     export_dir = out / "phase1-export"
 
@@ -194,7 +214,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
         def penalty(step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
             """The Lagrangian on expected sparsity, with the target ramped up over --target-warmup."""
             t = target_schedule(step, round(args.target_warmup * total), target)
-            s_hat = trainer.gated.expected_sparsity(dense, args.flops_seq_len, by)
+            s_hat = trainer.gated.expected_sparsity(dense, args.flops_seq_len, by, table)
             return trainer.controller.penalty(s_hat, t), {"s_hat": float(s_hat.detach()), "t": t}
 
         # Gates and multipliers use a shorter second-moment memory (beta2 0.99): with 0.999, closed gates stall.
@@ -229,14 +249,19 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
             **common,
         )
         trainer.gated.eval()
-        cal = calibrate(trainer.gated, dense, target, args.flops_seq_len, by)
+        if table is not None and args.latency_iterations > 0 and dist.is_main:  # only rank 0's export is kept
+            cal = calibrate_measured(args, trainer.gated, dense, table, budget_ms)
+            torch.set_num_threads(threads)  # the engine ran at the latency threads
+        else:
+            cal = calibrate(trainer.gated, dense, target, args.flops_seq_len, by, table=table)
         cfg, state = export_ragged(trainer.gated)
         gate_info = {
             "mode": "l0",
             "calibration": cal,
-            "expected_sparsity": float(trainer.gated.expected_sparsity(dense, args.flops_seq_len, by).detach()),
-            "lambda1": float(trainer.controller.lambda1),
-            "lambda2": float(trainer.controller.lambda2),
+            "sparsity_by": by,
+            "expected_sparsity": float(trainer.gated.expected_sparsity(dense, args.flops_seq_len, by, table).detach()),
+            "lambda1": float(trainer.controller.lambda1.detach()),
+            "lambda2": float(trainer.controller.lambda2.detach()),
             "log_alpha": {
                 n: p.detach().tolist() for n, p in trainer.gated.named_parameters() if n.endswith("log_alpha")
             },
@@ -285,9 +310,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
     )
     metrics = {
         "schema_version": 1,
-        "target": {"by": by, "value": target, "seq_len": args.flops_seq_len}
-        if args.spec is None
-        else {"by": "spec", "spec": str(args.spec)},
+        "target": _target_info(args),
         "achieved_flop_sparsity": achieved_sparsity(cfg, dense, args.flops_seq_len, "flops"),
         "achieved_param_sparsity": achieved_sparsity(cfg, dense, args.flops_seq_len, "params"),
         "heads": list(cfg.heads),
@@ -303,9 +326,33 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
         "wall_time_s": time.monotonic() - t0,
         "args": cli_args(args),
     }
+    if table is not None:
+        metrics["latency"] = exported_latency(args, out, cfg, table, budget_ms)
+        metrics["wall_time_s"] = time.monotonic() - t0
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     dist.close()
     return metrics
+
+
+def _sparsity_target(
+    args: argparse.Namespace, table: LatencyTable | None, budget_ms: float | None
+) -> tuple[str, float]:
+    """What the Lagrangian steers ("flops", "params" or "latency") and the final target sparsity in it."""
+    if table is not None:
+        return "latency", 1.0 - budget_ms / table.dense_ms()
+    if args.target_params is not None:
+        return "params", args.target_params
+    return "flops", args.target_sparsity  # None with --spec: no gates are trained
+
+
+def _target_info(args: argparse.Namespace) -> dict[str, Any]:
+    """metrics.json's `target` (the latency form is engine.prune_fast's)."""
+    if args.spec is not None:
+        return {"by": "spec", "spec": str(args.spec)}
+    if has_latency_target(args):
+        return latency_target_info(args)
+    by, value = ("params", args.target_params) if args.target_params is not None else ("flops", args.target_sparsity)
+    return {"by": by, "value": value, "seq_len": args.flops_seq_len}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         v = getattr(args, name)
         if v is not None and not 0 < v < 1:
             ap.error(f"--{name.replace('_', '-')} must lie in (0, 1)")
+    err = latency_args_error(args)
+    if err is not None:
+        ap.error(err)
     try:
         m = prune(args)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
@@ -324,7 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     if m:
         print(
             json.dumps(
-                {k: m[k] for k in ("achieved_flop_sparsity", "heads", "ffn", "teacher", "student", "f1_loss")}, indent=2
+                {
+                    k: m[k]
+                    for k in ("achieved_flop_sparsity", "heads", "ffn", "teacher", "student", "f1_loss", "latency")
+                    if k in m
+                },
+                indent=2,
             )
         )
     return 0

@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import random
-import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -40,6 +39,15 @@ from engine.data.squad import Example, TrainFeature, train_features
 from engine.features import WindowMaker, WindowSettings, load_tokenizer
 from engine.finetune import add_data_args
 from engine.flops import encoder_params, flop_sparsity
+from engine.latency import Shape
+from engine.latency_target import (
+    add_latency_args,
+    latency_args_error,
+    latency_setting,
+    latency_target_info,
+    meet_measured_latency,
+    resolve_latency_target,
+)
 from engine.model import RaggedQAModel
 from engine.prune_fast.masked import fisher, fold_masks, mask_gradients
 from engine.prune_fast.search import CostFn, SearchResult, flops_cost, pruned_objective, rearrange, search
@@ -63,25 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, type=Path)
     tgt = ap.add_mutually_exclusive_group(required=True)
     tgt.add_argument("--target-sparsity", type=float, help="fraction of encoder FLOPs to remove (at --flops-seq-len)")
-    tgt.add_argument("--target-latency-ms", type=float, help="latency (ms) at --latency-shape on --backend")
-    tgt.add_argument("--target-speedup", type=float, help="speedup over the dense teacher on the same engine")
     ap.add_argument("--flops-seq-len", type=int, default=384, help="sequence length at which FLOPs are counted")
-    ap.add_argument(
-        "--latency-shape",
-        help="BATCH,SEQ of the forward whose latency is targeted (e.g. 8,384); "
-        "with a FLOP target it only adds the measured speedup to metrics.json",
-    )
-    ap.add_argument("--backend", default="cpp", help="engine backend the latency is measured on")
-    ap.add_argument("--latency-dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--latency-table", type=Path, help="use this table (refused unless measured for this setting)")
-    ap.add_argument("--remeasure-latency", action="store_true", help="measure the table even if one is cached")
-    ap.add_argument(
-        "--latency-tolerance",
-        type=float,
-        default=0.03,
-        help="re-search until the engine-measured latency is within this fraction of the target",
-    )
-    ap.add_argument("--latency-iterations", type=int, default=4, help="at most this many measure-and-correct rounds")
+    add_latency_args(ap, tgt)
     ap.add_argument("--samples", type=int, default=2048, help="train windows for Fisher scores and mask tuning")
     ap.add_argument("--tune-samples", type=int, help="windows for mask tuning (default: all --samples)")
     ap.add_argument("--batch", type=int, default=32, help="windows per Fisher mini-batch (one gradient row each)")
@@ -214,15 +205,6 @@ def stage_fisher(
     return hg, fg, {"time_s": elapsed, "cpu_s": cpu, "batches": n_batches, "samples": len(feats), "batch": batch}
 
 
-def _latency_setting(args: argparse.Namespace) -> tuple[int, int, int]:
-    from engine.latency import parse_shape
-
-    if args.latency_shape is None:
-        raise ValueError("a latency target needs --latency-shape BATCH,SEQ (e.g. 8,384)")
-    b, s = parse_shape(args.latency_shape)
-    return b, s, args.threads or 2
-
-
 def stage_search(
     store: StageStore,
     args: argparse.Namespace,
@@ -260,66 +242,14 @@ def _latency_search(
 ) -> tuple[SearchResult, dict[str, Any]]:
     """Search with the latency table, then measure the chosen shape against the dense one on the engine and
     rescale the budget until the measured latency (or speedup) is within --latency-tolerance of the target."""
-    from engine.latency import EngineTimer, latency_budget, load_or_measure
-
-    batch, seq, threads = _latency_setting(args)
-    table = load_or_measure(
-        args.teacher,
-        batch,
-        seq,
-        args.backend,
-        threads,
-        args.latency_dtype,
-        args.latency_table,
-        remeasure=args.remeasure_latency,
-        progress=progress,
-    )
-    budget = latency_budget(table, args.target_latency_ms, args.target_speedup)
+    table, budget = resolve_latency_target(args, progress)
     cost: CostFn = table.predict
-    timer = EngineTimer(
-        dense, args.teacher, args.backend, args.latency_dtype, batch, seq, threads, reps=7, progress=False
-    )
-    rounds, best = [], None
-    try:
-        for _ in range(max(1, args.latency_iterations)):
-            res = search(hs, fs, cost, budget)
-            shape = (tuple(int(m.sum()) for m in res.head_masks), tuple(int(m.sum()) for m in res.ffn_masks))
-            ms, dense_ms = timer([shape, (dense.heads, dense.ffn)])
-            speedup = timer.paired_speedup()  # median of back-to-back ratios: robust to changing machine load
-            if args.target_latency_ms is not None:
-                want, err = args.target_latency_ms, args.target_latency_ms / ms - 1  # > 0: faster than needed
-            else:
-                want, err = dense_ms / args.target_speedup, speedup / args.target_speedup - 1
-                ms = dense_ms / speedup  # the pruned latency implied by the paired speedup
-            rounds.append(
-                {
-                    "budget_ms": budget,
-                    "predicted_ms": res.cost,
-                    "measured_ms": ms,
-                    "measured_dense_ms": dense_ms,
-                    "measured_speedup": speedup,
-                    "target_ms": want,
-                    "rel_error": err,
-                    "heads": list(shape[0]),
-                    "ffn": list(shape[1]),
-                }
-            )
-            if best is None or abs(err) < abs(best[1]):
-                best = (res, err)
-            if abs(err) <= args.latency_tolerance:
-                break
-            # Correct the table by the median over all rounds so far (one noisy round moves it little) of measured /
-            # predicted latency, or for a speedup target of measured / predicted speedup (relative to the dense model
-            # measured in the same round, so load that changes between rounds cancels).
-            if args.target_latency_ms is not None:
-                k = statistics.median(r["measured_ms"] / r["predicted_ms"] for r in rounds)
-                budget = args.target_latency_ms / k
-            else:
-                k = statistics.median(r["measured_speedup"] * r["predicted_ms"] / table.dense_ms() for r in rounds)
-                budget = table.dense_ms() * k / args.target_speedup
-            budget = max(table.base_ms * 1.02, budget)
-    finally:
-        timer.close()
+
+    def choose(b: float) -> tuple[SearchResult, Shape, float]:
+        res = search(hs, fs, cost, b)
+        return res, (tuple(int(m.sum()) for m in res.head_masks), tuple(int(m.sum()) for m in res.ffn_masks)), res.cost
+
+    best, rounds = meet_measured_latency(args, dense, table, budget, choose)
     info = {
         "by": "latency",
         "table_key": asdict(table.key),
@@ -327,9 +257,9 @@ def _latency_search(
         "table_base_ms": table.base_ms,
         "budget_ms": rounds[0]["budget_ms"],
         "verification": rounds,
-        "cost": best[0].cost,
+        "cost": best.cost,
     }
-    return best[0], info
+    return best, info
 
 
 def stage_rearrange(
@@ -509,7 +439,7 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
     if args.latency_shape is not None:
         from engine.latency import measure_speedup
 
-        batch, seq, threads = _latency_setting(args)
+        batch, seq, threads = latency_setting(args)
         metrics["latency"] = measure_speedup(out, args.teacher, batch, seq, args.backend, threads, args.latency_dtype)
     metrics["wall_time_s"] = time.monotonic() - t_start
     metrics["args"] = store.json("run.json")
@@ -520,19 +450,7 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
 def _target_info(args: argparse.Namespace) -> dict[str, Any]:
     if args.target_sparsity is not None:
         return {"by": "flops", "value": args.target_sparsity, "seq_len": args.flops_seq_len}
-    by, value = (
-        ("latency_ms", args.target_latency_ms)
-        if args.target_latency_ms is not None
-        else ("speedup", args.target_speedup)
-    )
-    return {
-        "by": by,
-        "value": value,
-        "shape": args.latency_shape,
-        "backend": args.backend,
-        "threads": args.threads or 2,
-        "dtype": args.latency_dtype,
-    }
+    return latency_target_info(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -550,10 +468,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.batch < 1 or args.samples < args.batch:
         ap.error(f"--batch must lie in [1, --samples]; got {args.batch}")
-    if (args.target_latency_ms is not None or args.target_speedup is not None) and args.latency_shape is None:
-        ap.error("a latency target (--target-latency-ms / --target-speedup) needs --latency-shape BATCH,SEQ")
-    if args.target_latency_ms is not None and args.target_latency_ms <= 0:
-        ap.error("--target-latency-ms must be > 0")
+    err = latency_args_error(args)
+    if err is not None:
+        ap.error(err)
     try:
         m = prune_fast(args)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
