@@ -49,6 +49,7 @@ SAMPLES = (
     Sample("How many moons does Mars have?", "Paris is the capital and most populous city of France.", None),
 )
 YEAR_SAMPLE, NO_ANSWER_SAMPLE = SAMPLES[0], SAMPLES[2]
+LATENCY_REPS = 5  # per question, after a warm-up answer
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -86,7 +87,7 @@ def minilm_table(out_dir: Path, threads: int) -> None:
     print(
         "\nNOTE: the packaged MiniLM is a bare encoder; the QA heads of these two engines are freshly initialised and"
     )
-    print("UNTRAINED: this table measures exactness and speed only. Answers come from the QA model above.\n")
+    print("UNTRAINED: this table measures exactness and speed only; answers come from a trained QA model (above).\n")
     print(
         f"max |logit diff| vs transformers: dense {diffs['dense']:.2e}, pruned {diffs['half']:.2e} "
         f"(pruned compared with the masked-HF reference)"
@@ -114,13 +115,13 @@ def minilm_table(out_dir: Path, threads: int) -> None:
     print("\nrealized/FLOP red. = (engine dense ms / engine pruned ms) / (dense FLOPs / pruned FLOPs)")
 
 
-def load_engine(model: Path, out_dir: Path, threads: int | None = None) -> QAEngine:
+def load_engine(model: Path, out_dir: Path, threads: int | None = None, backend: str = "auto") -> QAEngine:
     """An engine for `model`: an artifact directory is loaded as is, a QA checkpoint is built into `out_dir` first."""
     if is_artifact(model):
-        return QAEngine.load(model, threads=threads)
+        return QAEngine.load(model, backend=backend, threads=threads)
     art = out_dir / "user-model"
     build(model, art, force=True)
-    eng = QAEngine.load(art, threads=threads)
+    eng = QAEngine.load(art, backend=backend, threads=threads)
     print(f"engine built in {art}; max |logit diff| vs source: {verify(model, art, None):.2e}")
     return eng
 
@@ -133,29 +134,34 @@ def answer_samples(eng: QAEngine) -> None:
         f"ffn {list(cfg.ffn)}, {art.dtype}, backend {eng.backend_name}, threads {torch.get_num_threads()}, "
         f"null threshold {art.null_threshold:.2f}\n"
     )
-    eng.answer(SAMPLES[0].question, SAMPLES[0].context)  # warm-up: first-call allocations are not per-question latency
     for smp in SAMPLES:
-        t0 = time.perf_counter()
         a = eng.answer(smp.question, smp.context)
-        ms = 1e3 * (time.perf_counter() - t0)
+        ms = _median_ms(lambda: eng.answer(smp.question, smp.context), LATENCY_REPS)
         shown = "(no answer)" if a.no_answer else f"{a.text!r}  chars {a.start}:{a.end}"
         expect = "abstain" if smp.expect is None else repr(smp.expect)
         print(f"Q: {smp.question}\nA: {shown}  (expected {expect})")
         print(
             f"   score {a.score:.2f}  abstained {'yes' if a.no_answer else 'no'}  "
-            f"null-best {a.null_score_diff:.2f} vs threshold {art.null_threshold:.2f}  latency {ms:.1f} ms\n"
+            f"null-best {a.null_score_diff:.2f} vs threshold {art.null_threshold:.2f}  latency {ms:.1f} ms "
+            f"(median of {LATENCY_REPS})\n"
         )
 
 
-def bundled_answers(threads: int) -> bool:
-    """Answer SAMPLES with the bundled model; prints a notice and returns False when there is none."""
+def bundled_answers(threads: int, backend: str = "auto") -> int:
+    """Answer SAMPLES with the default model; exit status 0, also after the notice that there is none, 1 when it fails
+    to load (the speed table runs either way)."""
     try:
         path = default_model()
     except NoDefaultModel as e:
         print(f"notice: {e}\n")
-        return False
-    answer_samples(QAEngine.load(path, threads=threads))
-    return True
+        return 0
+    try:
+        eng = QAEngine.load(path, backend=backend, threads=threads)
+    except (ArtifactError, RuntimeError, ValueError) as e:
+        print(f"error: the default model {path} does not load: {e}\n", file=sys.stderr)
+        return 1
+    answer_samples(eng)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,20 +174,21 @@ def main(argv: list[str] | None = None) -> int:
         "instead of the bundled model and the MiniLM table",
     )
     p.add_argument("--no-table", action="store_true", help="skip the MiniLM speed table (answers only)")
+    p.add_argument("--backend", default="auto", help="backend of the QA model: auto, torch, cpp or triton")
     p.add_argument("--out", type=Path, default=ROOT / "artifacts", help="where to write built artifacts")
     p.add_argument("--threads", type=int, default=int(os.environ.get("SPARSEQA_THREADS", "2")))
     a = p.parse_args(argv)
     try:
         if a.model:
-            answer_samples(load_engine(a.model, a.out, a.threads))
+            answer_samples(load_engine(a.model, a.out, a.threads, a.backend))
             return 0
-        bundled_answers(a.threads)
+        status = bundled_answers(a.threads, a.backend)
         if not a.no_table:
             minilm_table(a.out, a.threads)
-    except (ValueError, FileNotFoundError, KeyError, ArtifactError) as e:
+    except (ValueError, FileNotFoundError, KeyError, ArtifactError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -192,8 +192,9 @@ def render(art: Artifact, base: Base, ev: dict[str, Any], commands: str, teacher
         f"# {name}",
         "",
         f"An extractive question-answering model for English (SQuAD 2.0 semantics: the answer is a span of the given "
-        f"context, or no answer), structurally pruned from {base.name} and fine-tuned on SQuAD, packaged as a "
-        f"SparseQA engine artifact (`engine.json` + `weights.safetensors` + tokenizer; docs/ARTIFACT.md). "
+        f"context, or no answer), {'structurally pruned and ' if cfg != dense else ''}fine-tuned on SQuAD from "
+        f"{base.name}, packaged as a SparseQA engine artifact (`engine.json` + `weights.safetensors` + tokenizer; "
+        "docs/ARTIFACT.md). "
         f'Load it with `QAEngine.load("models/{name}")`; `make run` and `python -m engine.answer` use it by default.',
         "",
         "## Model",

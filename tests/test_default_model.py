@@ -161,7 +161,7 @@ def test_demo_prints_answers_offsets_and_latency(answering, monkeypatch, capsys)
         assert not a.no_answer and s.context[a.start : a.end] == a.text
         assert f"Q: {s.question}\nA: {a.text!r}  chars {a.start}:{a.end}" in out, out
         assert f"score {a.score:.2f}  abstained no  null-best {a.null_score_diff:.2f}" in out
-    assert out.count(" ms\n") == len(demo.SAMPLES) and out.count("latency ") == len(demo.SAMPLES)
+    assert out.count(f" ms (median of {demo.LATENCY_REPS})\n") == len(demo.SAMPLES) == out.count("latency ")
 
 
 def test_demo_prints_abstentions(abstaining, monkeypatch, capsys):
@@ -183,6 +183,19 @@ def test_demo_without_a_bundled_model_prints_a_notice_then_the_table(no_bundle, 
     assert "python -m engine.build_model" in out and defaults.ENV_VAR in out and "Traceback" not in out
     assert notice < out.index("SPEED TABLE")
     assert demo.main(["--no-table"]) == 0 and len(calls) == 1
+
+
+def test_demo_with_a_broken_default_model_reports_it_and_still_prints_the_table(
+    answering, tmp_path, monkeypatch, capsys
+):
+    broken = shutil.copytree(answering, tmp_path / "broken")
+    (broken / "weights.safetensors").write_bytes(b"not a safetensors file")
+    monkeypatch.setenv(defaults.ENV_VAR, str(broken))
+    calls = []
+    monkeypatch.setattr(demo, "minilm_table", lambda out, threads: calls.append(out))
+    assert demo.main([]) == 1 and calls
+    err = capsys.readouterr().err
+    assert f"error: the default model {broken} does not load" in err and "not a readable safetensors file" in err
 
 
 def test_demo_model_flag_takes_an_artifact_or_a_checkpoint(answering, tiny_bert, tmp_path, monkeypatch, capsys):
