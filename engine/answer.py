@@ -15,7 +15,7 @@ from engine.defaults import default_model
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    p = argparse.ArgumentParser(prog="python -m engine.answer", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m engine.answer", description=__doc__)
     p.add_argument(
         "artifact",
         nargs="?",
