@@ -137,7 +137,7 @@ def answer_samples(eng: QAEngine) -> None:
     for smp in SAMPLES:
         a = eng.answer(smp.question, smp.context)
         ms = _median_ms(lambda: eng.answer(smp.question, smp.context), LATENCY_REPS)
-        shown = "(no answer)" if a.no_answer else f"{a.text!r}  chars {a.start}:{a.end}"
+        shown = "(no answer)" if a.no_answer else f"{a.text!r} = context[{a.start}:{a.end}]"
         expect = "abstain" if smp.expect is None else repr(smp.expect)
         print(f"Q: {smp.question}\nA: {shown}  (expected {expect})")
         print(

@@ -93,7 +93,7 @@ def test_bundled_demo_prints_the_answers(bundled):
     s = demo.YEAR_SAMPLE
     start = s.context.index(s.expect)
     assert f"QA model {bundled}" in r.stdout
-    assert f"A: {s.expect!r}  chars {start}:{start + len(s.expect)}" in r.stdout, r.stdout
+    assert f"A: {s.expect!r} = context[{start}:{start + len(s.expect)}]" in r.stdout, r.stdout
     assert f"Q: {demo.NO_ANSWER_SAMPLE.question}\nA: (no answer)" in r.stdout, r.stdout
 
 
@@ -159,7 +159,7 @@ def test_demo_prints_answers_offsets_and_latency(answering, monkeypatch, capsys)
     for s in demo.SAMPLES:
         a = eng.answer(s.question, s.context)
         assert not a.no_answer and s.context[a.start : a.end] == a.text
-        assert f"Q: {s.question}\nA: {a.text!r}  chars {a.start}:{a.end}" in out, out
+        assert f"Q: {s.question}\nA: {a.text!r} = context[{a.start}:{a.end}]" in out, out
         assert f"score {a.score:.2f}  abstained no  null-best {a.null_score_diff:.2f}" in out
     assert out.count(f" ms (median of {demo.LATENCY_REPS})\n") == len(demo.SAMPLES) == out.count("latency ")
 
@@ -169,7 +169,7 @@ def test_demo_prints_abstentions(abstaining, monkeypatch, capsys):
     assert demo.main(["--no-table", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert out.count("A: (no answer)") == len(demo.SAMPLES) and out.count("abstained yes") == len(demo.SAMPLES)
-    assert "chars" not in out
+    assert "context[" not in out
 
 
 def test_demo_without_a_bundled_model_prints_a_notice_then_the_table(no_bundle, monkeypatch, capsys):
