@@ -145,13 +145,13 @@ def test_default_model_resolution(answering, no_bundle, monkeypatch):
 # ------------------------------------------------------------------------------------------- make run
 
 
-def _no_table(*_a, **_k):
-    raise AssertionError("the MiniLM table must not run with --no-table or --model")
+def _must_not_run(*_a, **_k):
+    raise AssertionError("must not run here (the MiniLM table with --no-table or --model; a build for an artifact)")
 
 
 def test_demo_prints_answers_offsets_and_latency(answering, monkeypatch, capsys):
     monkeypatch.setenv(defaults.ENV_VAR, str(answering))
-    monkeypatch.setattr(demo, "minilm_table", _no_table)
+    monkeypatch.setattr(demo, "minilm_table", _must_not_run)
     assert demo.main(["--no-table", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     eng = QAEngine.load(answering)
@@ -199,8 +199,8 @@ def test_demo_with_a_broken_default_model_reports_it_and_still_prints_the_table(
 
 
 def test_demo_model_flag_takes_an_artifact_or_a_checkpoint(answering, tiny_bert, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "minilm_table", _no_table)
-    monkeypatch.setattr(demo, "build", _no_table)  # an artifact is used as is
+    monkeypatch.setattr(demo, "minilm_table", _must_not_run)
+    monkeypatch.setattr(demo, "build", _must_not_run)  # an artifact is used as is
     assert demo.main(["--model", str(answering), "--out", str(tmp_path)]) == 0
     assert f"QA model {answering}:" in capsys.readouterr().out
     monkeypatch.setattr(demo, "build", functools.partial(build, settings=SETTINGS))  # a checkpoint is built first
