@@ -1,4 +1,6 @@
-# SparseQA: `make run` (main job on the packaged MiniLM) and `make test`. Both install what they need.
+# SparseQA: `make run` (the bundled QA model answers sample questions, then the speed table on the packaged MiniLM;
+# `make run MODEL=<artifact or QA checkpoint dir>` answers with that model instead) and `make test`. Both install what
+# they need.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python

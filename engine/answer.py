@@ -1,4 +1,6 @@
-"""`python -m engine.answer ARTIFACT --question Q (--context TEXT | --context-file F)`: print the answer as JSON."""
+"""`python -m engine.answer [ARTIFACT] --question Q (--context TEXT | --context-file F)`: print the answer as JSON.
+
+Without ARTIFACT it answers with the bundled model (models/DEFAULT; $SPARSEQA_MODEL overrides)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,17 @@ import sys
 from pathlib import Path
 
 from engine.artifact import ArtifactError
+from engine.defaults import default_model
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     p = argparse.ArgumentParser(prog="python -m engine.answer", description=__doc__)
-    p.add_argument("artifact", help="engine artifact directory (from python -m engine.build_model)")
+    p.add_argument(
+        "artifact",
+        nargs="?",
+        help="engine artifact directory (from python -m engine.build_model); default: the bundled model",
+    )
     p.add_argument("--question", required=True)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--context", help="context text")
@@ -29,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         context = a.context if a.context is not None else Path(a.context_file).read_text(encoding="utf-8")
-        eng = QAEngine.load(a.artifact, device=a.device, backend=a.backend, threads=a.threads)
+        eng = QAEngine.load(a.artifact or default_model(), device=a.device, backend=a.backend, threads=a.threads)
         res = eng.answer(
             a.question, context, top_k=a.top_k, max_answer_length=a.max_answer_length, null_threshold=a.null_threshold
         )

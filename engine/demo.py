@@ -1,5 +1,6 @@
-"""`make run`: build engines from the packaged MiniLM (dense and `specs/minilm-half.json`), check them against
-`transformers`, and time them; with `--model DIR` build that QA checkpoint and answer sample questions."""
+"""`make run`: answer sample questions with the bundled QA model (models/DEFAULT; $SPARSEQA_MODEL overrides), then
+build engines from the packaged MiniLM (dense and `specs/minilm-half.json`), check them against `transformers` and
+time them. `--model DIR` answers with that engine artifact, or builds that QA checkpoint first."""
 
 from __future__ import annotations
 
@@ -8,29 +9,47 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from engine.artifact import ArtifactError
 from engine.build_model import build, verify
+from engine.defaults import NoDefaultModel, default_model, is_artifact
 from engine.flops import encoder_flops
 from engine.qa import QAEngine
 from engine.reference import hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = [
-    (
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A demo question; `expect` is what a good SQuAD 2.0 model answers (None: it must abstain)."""
+
+    question: str
+    context: str
+    expect: str | None
+
+
+SAMPLES = (
+    Sample(
         "When did the Normans conquer England?",
         "The Normans were a people who in the 10th and 11th centuries gave their name to Normandy, a region in "
         "France. Led by William the Conqueror, the Normans conquered England in 1066 after the Battle of Hastings.",
+        "1066",
     ),
-    (
+    Sample(
         "What is the capital of France?",
         "Paris is the capital and most populous city of France. It has been one of the world's major centres of "
         "finance, diplomacy, commerce, fashion and science since the 17th century.",
+        "Paris",
     ),
-    ("How many moons does Mars have?", "Paris is the capital and most populous city of France."),
-]
+    Sample("How many moons does Mars have?", "Paris is the capital and most populous city of France.", None),
+)
+YEAR_SAMPLE, NO_ANSWER_SAMPLE = SAMPLES[0], SAMPLES[2]
+LATENCY_REPS = 5  # per question, after a warm-up answer
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -65,8 +84,10 @@ def minilm_table(out_dir: Path, threads: int) -> None:
     diffs = {"dense": verify(src, dense_dir, None), "half": verify(src, half_dir, spec)}
     dense, half = QAEngine.load(dense_dir), QAEngine.load(half_dir)  # backend "auto": cpp when built, else torch
     hf = hf_model(src, "eager")
-    print("\nNOTE: the packaged MiniLM is a bare encoder; its QA head is freshly initialised and UNTRAINED,")
-    print("so answers from these engines mean nothing. Run `make run MODEL=<QA checkpoint dir>` for a real model.\n")
+    print(
+        "\nNOTE: the packaged MiniLM is a bare encoder; the QA heads of these two engines are freshly initialised and"
+    )
+    print("UNTRAINED: this table measures exactness and speed only; answers come from a trained QA model (above).\n")
     print(
         f"max |logit diff| vs transformers: dense {diffs['dense']:.2e}, pruned {diffs['half']:.2e} "
         f"(pruned compared with the masked-HF reference)"
@@ -94,37 +115,80 @@ def minilm_table(out_dir: Path, threads: int) -> None:
     print("\nrealized/FLOP red. = (engine dense ms / engine pruned ms) / (dense FLOPs / pruned FLOPs)")
 
 
-def answer_samples(model: Path, out_dir: Path) -> None:
-    """Build the user's QA checkpoint and answer a few sample questions."""
+def load_engine(model: Path, out_dir: Path, threads: int | None = None, backend: str = "auto") -> QAEngine:
+    """An engine for `model`: an artifact directory is loaded as is, a QA checkpoint is built into `out_dir` first."""
+    if is_artifact(model):
+        return QAEngine.load(model, backend=backend, threads=threads)
     art = out_dir / "user-model"
     build(model, art, force=True)
-    eng = QAEngine.load(art)
+    eng = QAEngine.load(art, backend=backend, threads=threads)
+    print(f"engine built in {art}; max |logit diff| vs source: {verify(model, art, None):.2e}")
+    return eng
+
+
+def answer_samples(eng: QAEngine) -> None:
+    """Answer SAMPLES, printing text, char offsets, score, abstention (stored null threshold) and latency of each."""
+    art, cfg = eng.artifact, eng.cfg
     print(
-        f"engine built in {art} (backend {eng.backend_name}); max |logit diff| vs source: "
-        f"{verify(model, art, None):.2e}\n"
+        f"QA model {art.path}: {cfg.architecture.value}, {cfg.num_layers} layers, heads {list(cfg.heads)}, "
+        f"ffn {list(cfg.ffn)}, {art.dtype}, backend {eng.backend_name}, threads {torch.get_num_threads()}, "
+        f"null threshold {art.null_threshold:.2f}\n"
     )
-    for q, c in SAMPLES:
-        a = eng.answer(q, c)
-        shown = "(no answer)" if a.no_answer else repr(a.text)
-        print(f"Q: {q}\nA: {shown}  [score {a.score:.2f}, null-best {a.null_score_diff:.2f}]\n")
+    for smp in SAMPLES:
+        a = eng.answer(smp.question, smp.context)
+        ms = _median_ms(lambda: eng.answer(smp.question, smp.context), LATENCY_REPS)
+        shown = "(no answer)" if a.no_answer else f"{a.text!r} = context[{a.start}:{a.end}]"
+        expect = "abstain" if smp.expect is None else repr(smp.expect)
+        print(f"Q: {smp.question}\nA: {shown}  (expected {expect})")
+        print(
+            f"   score {a.score:.2f}  abstained {'yes' if a.no_answer else 'no'}  "
+            f"null-best {a.null_score_diff:.2f} vs threshold {art.null_threshold:.2f}  latency {ms:.1f} ms "
+            f"(median of {LATENCY_REPS})\n"
+        )
+
+
+def bundled_answers(threads: int, backend: str = "auto") -> int:
+    """Answer SAMPLES with the default model; exit status 0, also after the notice that there is none, 1 when it fails
+    to load (the speed table runs either way)."""
+    try:
+        path = default_model()
+    except NoDefaultModel as e:
+        print(f"notice: {e}\n")
+        return 0
+    try:
+        eng = QAEngine.load(path, backend=backend, threads=threads)
+    except (ArtifactError, RuntimeError, ValueError) as e:
+        print(f"error: the default model {path} does not load: {e}\n", file=sys.stderr)
+        return 1
+    answer_samples(eng)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point for `make run`."""
     p = argparse.ArgumentParser(prog="python -m engine.demo", description=__doc__)
-    p.add_argument("--model", type=Path, help="a QA checkpoint dir to build and query instead of the MiniLM table")
-    p.add_argument("--out", type=Path, default=ROOT / "artifacts", help="where to write artifacts")
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="an engine artifact dir (used as is) or a QA checkpoint dir (built first) to answer with, "
+        "instead of the bundled model and the MiniLM table",
+    )
+    p.add_argument("--no-table", action="store_true", help="skip the MiniLM speed table (answers only)")
+    p.add_argument("--backend", default="auto", help="backend of the QA model: auto, torch, cpp or triton")
+    p.add_argument("--out", type=Path, default=ROOT / "artifacts", help="where to write built artifacts")
     p.add_argument("--threads", type=int, default=int(os.environ.get("SPARSEQA_THREADS", "2")))
     a = p.parse_args(argv)
     try:
         if a.model:
-            answer_samples(a.model, a.out)
-        else:
+            answer_samples(load_engine(a.model, a.out, a.threads, a.backend))
+            return 0
+        status = bundled_answers(a.threads, a.backend)
+        if not a.no_table:
             minilm_table(a.out, a.threads)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, ArtifactError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return status
 
 
 if __name__ == "__main__":
