@@ -61,9 +61,7 @@ class GatedQAModel(nn.Module):
     ):
         """Packed `[T]` ids -> start/end logits `[T]` (+ hidden states); gates sampled once per call in training."""
         base = self.base
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        x = base.emb_drop(base.embeddings(input_ids, token_type_ids, cu_seqlens))
+        x = base.embed(input_ids, token_type_ids, cu_seqlens)
         hidden = [x]
         z_mha = self.mha_gate() if self.mha_gate is not None else None
         z_ffl = self.ffn_layer_gate() if self.ffn_layer_gate is not None else None
