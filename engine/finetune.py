@@ -31,19 +31,22 @@ from engine.train import Hooks, Precision, TrainConfig, default_threads, resolve
 DROPOUT = 0.1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface."""
-    ap = argparse.ArgumentParser(prog="python -m engine.finetune", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, type=Path, help="HF checkpoint dir (QA model or bare encoder)")
-    add_data_args(ap)
-    ap.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
+def add_negatives_args(ap: argparse.ArgumentParser) -> None:
+    """The unanswerable-example flags shared by finetune, prune and prune_fast (engine/data/negatives.py)."""
     ap.add_argument(
         "--negatives-ratio",
         type=float,
         default=0.0,
-        help="unanswerable train examples per answerable one (real ones first, then harder ones)",
+        help="unanswerable train examples per answerable one (real ones first, then generated ones)",
     )
     ap.add_argument("--real-negatives-factor", type=int, default=2, help="how often each real unanswerable is used")
+    ap.add_argument(
+        "--swap-share",
+        type=float,
+        default=0.0,
+        help="share of generated negatives made by swapping a name or number of the question for one the "
+        "paragraph does not mention",
+    )
     ap.add_argument(
         "--other-paragraph-share",
         type=float,
@@ -56,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="with --eval-fraction: negatives per answerable question added to the held-out slice",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    ap = argparse.ArgumentParser(prog="python -m engine.finetune", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, type=Path, help="HF checkpoint dir (QA model or bare encoder)")
+    add_data_args(ap)
+    ap.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
+    add_negatives_args(ap)
     length = ap.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, default=None, help="training length in epochs (default 2)")
     length.add_argument("--max-steps", type=int, default=None, help="training length in optimizer steps")
@@ -153,7 +165,12 @@ def prepare_data(args: argparse.Namespace) -> tuple[list[Example], list[Example]
     raw_train = len(train)
     if args.negatives_ratio > 0:
         train = with_negatives(
-            train, args.negatives_ratio, args.seed, args.real_negatives_factor, args.other_paragraph_share
+            train,
+            args.negatives_ratio,
+            args.seed,
+            args.real_negatives_factor,
+            args.other_paragraph_share,
+            args.swap_share,
         )
 
     def counts(xs: list[Example]) -> dict[str, int]:

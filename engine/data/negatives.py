@@ -7,7 +7,12 @@ of its article was measured to be too easy (null-score AUC 0.46 on dev). Three s
       is dropped when any gold answer text still occurs in what is left (case-insensitive), or when at least
       half of an answer's normalized words do (so "Allen won ..." does not survive removing "Kris Allen");
   (b) the real unanswerable questions, repeated `real_factor` times;
-  (c) optionally, another paragraph of the same article that does not contain the answer text.
+  (c) optionally, another paragraph of the same article that does not contain the answer text;
+  (d) optionally, a swapped question over its own, untouched paragraph (SQuAD 2.0's most common kind of
+      unanswerable, "entity swap"): a name (a run of capitalized words after the first word) or a number of the
+      question that occurs in the paragraph is replaced by one that does not, drawn from other questions' names,
+      or a nearby year / a scaled number. The paragraph still holds a plausible answer, so the model must check
+      that the question and the passage agree, not merely that an answer-shaped span exists.
 `make_negatives` returns only negatives; `with_negatives` returns the answerable examples plus them.
 """
 
@@ -65,20 +70,77 @@ def _other_paragraph(e: Example, contexts: Sequence[str], rng: random.Random) ->
     return rng.choice(options) if options else None
 
 
+_NAME = re.compile(r"(?<!^)\b[A-Z][\w-]*(?:'[a-z]\w*)?(?: (?:of |de |the |and )?[A-Z][\w-]*(?:'[a-z]\w*)?)*")
+_NUMBER = re.compile(r"\b\d[\d,]*(?:\.\d+)?\b")
+
+
+def question_slots(question: str, context: str) -> list[tuple[int, int, str]]:
+    """Spans (start, end, kind) of the question's names and numbers that occur in `context` (kind: name/number)."""
+    out = []
+    for kind, pattern in (("name", _NAME), ("number", _NUMBER)):
+        for m in pattern.finditer(question):
+            if m.group(0) in context:
+                out.append((m.start(), m.end(), kind))
+    return out
+
+
+def _swapped_number(text: str, context: str, rng: random.Random) -> str | None:
+    """A different number of the same shape that `context` does not contain (a year moves by 1-30 years)."""
+    digits = text.replace(",", "")
+    if not digits.isdigit():
+        return None
+    value = int(digits)
+    for _ in range(8):
+        if len(digits) == 4 and 1000 <= value <= 2100:  # a year
+            new = str(value + rng.choice([-1, 1]) * rng.randint(1, 30))
+        else:
+            new = str(max(1, round(value * rng.choice([0.5, 2, 3, 1.5]) + rng.randint(1, 3))))
+            new = f"{int(new):,}" if "," in text else new
+        if new != text and new not in context:
+            return new
+    return None
+
+
+def swap_question(e: Example, names: Sequence[str], rng: random.Random) -> str | None:
+    """e.question with one name or number that its paragraph mentions replaced by one it does not, or None."""
+    slots = question_slots(e.question, e.context)
+    if not slots or e.is_impossible:
+        return None
+    start, end, kind = rng.choice(slots)
+    old = e.question[start:end]
+    if kind == "number":
+        new = _swapped_number(old, e.context, rng)
+    else:
+        lowered, words = e.context.lower(), old.count(" ")
+        options = [n for n in (rng.choice(names) for _ in range(32)) if n.lower() not in lowered and n != old]
+        same_shape = [n for n in options if n.count(" ") == words]  # a one-word name for a one-word name
+        new = (same_shape or options or [None])[0]
+    if new is None:
+        return None
+    return e.question[:start] + new + e.question[end:]
+
+
 def make_negatives(
-    examples: Sequence[Example], ratio: float, seed: int, real_factor: int = 2, other_paragraph_share: float = 0.0
+    examples: Sequence[Example],
+    ratio: float,
+    seed: int,
+    real_factor: int = 2,
+    other_paragraph_share: float = 0.0,
+    swap_share: float = 0.0,
 ) -> list[Example]:
     """Unanswerable examples numbering about `ratio` x (#answerable examples); deterministic in `seed`.
 
     The budget is filled first with the real unanswerables (each `real_factor` times, at most the budget), then
-    `other_paragraph_share` of the remainder with other-paragraph pairs and the rest with sentence removals
-    (one per answerable question at most). If sentence removal runs short, other-paragraph pairs make up the
-    difference. New qids are `{qid}_nosent`, `{qid}_nopara` and `{qid}_dup{k}`.
+    `swap_share` of the remainder with swapped questions, `other_paragraph_share` of the remainder with
+    other-paragraph pairs and the rest with sentence removals (one generated negative per answerable question at
+    most). If a generator runs short, the next one (sentence removal, then other-paragraph pairs) makes up the
+    difference. New qids are `{qid}_swap`, `{qid}_nosent`, `{qid}_nopara` and `{qid}_dup{k}`.
     """
-    if ratio < 0 or real_factor < 0 or not 0.0 <= other_paragraph_share <= 1.0:
+    shares_ok = 0.0 <= other_paragraph_share <= 1.0 and 0.0 <= swap_share <= 1.0
+    if ratio < 0 or real_factor < 0 or not shares_ok or other_paragraph_share + swap_share > 1.0:
         raise ValueError(
-            f"need ratio >= 0, real_factor >= 0, 0 <= other_paragraph_share <= 1; got {ratio}, "
-            f"{real_factor}, {other_paragraph_share}"
+            "need ratio >= 0, real_factor >= 0, shares in [0, 1] with other_paragraph_share + swap_share <= 1; got "
+            f"{ratio}, {real_factor}, {other_paragraph_share}, {swap_share}"
         )
     rng = random.Random(seed)
     answerable = [e for e in examples if not e.is_impossible]
@@ -92,12 +154,30 @@ def make_negatives(
     out = out[:budget]
     remaining = budget - len(out)
     n_other = round(other_paragraph_share * remaining)
+    n_swap = len(out) + round(swap_share * remaining)
     order = list(range(len(answerable)))
     rng.shuffle(order)
     used: set[int] = set()
+    names = (
+        sorted(
+            {e.question[a:b] for e in answerable for a, b, k in question_slots(e.question, e.context) if k == "name"}
+        )
+        if n_swap > len(out)
+        else []
+    )
+    for i in order if names else ():
+        if len(out) >= n_swap:
+            break
+        question = swap_question(answerable[i], names, rng)
+        if question is not None:
+            e = answerable[i]
+            out.append(Example(f"{e.qid}_swap", question, e.context, (), True, e.title))
+            used.add(i)
     for i in order:
         if len(out) >= budget - n_other:
             break
+        if i in used:
+            continue
         context = remove_answer_sentences(answerable[i])
         if context is not None:
             e = answerable[i]
@@ -120,10 +200,15 @@ def make_negatives(
 
 
 def with_negatives(
-    examples: Sequence[Example], ratio: float, seed: int, real_factor: int = 2, other_paragraph_share: float = 0.0
+    examples: Sequence[Example],
+    ratio: float,
+    seed: int,
+    real_factor: int = 2,
+    other_paragraph_share: float = 0.0,
+    swap_share: float = 0.0,
 ) -> list[Example]:
     """The answerable examples plus `make_negatives(...)`, shuffled by `seed`."""
     out = [e for e in examples if not e.is_impossible]
-    out += make_negatives(examples, ratio, seed, real_factor, other_paragraph_share)
+    out += make_negatives(examples, ratio, seed, real_factor, other_paragraph_share, swap_share)
     random.Random(seed + 1).shuffle(out)
     return out

@@ -30,7 +30,15 @@ from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.data.predict import evaluate_model
 from engine.data.squad import train_features
 from engine.features import WindowMaker, WindowSettings, load_tokenizer
-from engine.finetune import add_data_args, add_speed_args, cli_args, prepare_data, setup_threads, train_config
+from engine.finetune import (
+    add_data_args,
+    add_negatives_args,
+    add_speed_args,
+    cli_args,
+    prepare_data,
+    setup_threads,
+    train_config,
+)
 from engine.latency import LatencyTable
 from engine.latency_target import (
     add_latency_args,
@@ -80,10 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--distill-weight", type=float, default=0.9, help="weight of the KL term; CE gets 1 - this")
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the layer-wise hidden-state MSE")
-    ap.add_argument("--negatives-ratio", type=float, default=0.0)
-    ap.add_argument("--real-negatives-factor", type=int, default=2)
-    ap.add_argument("--other-paragraph-share", type=float, default=0.0)
-    ap.add_argument("--eval-negatives-ratio", type=float, default=1.0)
+    add_negatives_args(ap)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)

@@ -37,7 +37,7 @@ from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.config import EncoderConfig
 from engine.data.squad import Example, TrainFeature, train_features
 from engine.features import WindowMaker, WindowSettings, load_tokenizer
-from engine.finetune import add_data_args
+from engine.finetune import add_data_args, add_negatives_args
 from engine.flops import encoder_params, flop_sparsity
 from engine.latency import Shape
 from engine.latency_target import (
@@ -83,10 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write the untuned search and rearrange models as ragged checkpoints in OUT/stages/",
     )
-    ap.add_argument("--negatives-ratio", type=float, default=0.0)
-    ap.add_argument("--real-negatives-factor", type=int, default=2)
-    ap.add_argument("--other-paragraph-share", type=float, default=0.0)
-    ap.add_argument("--eval-negatives-ratio", type=float, default=1.0)
+    add_negatives_args(ap)
     ap.add_argument("--max-seq-length", type=int, default=256)
     ap.add_argument("--doc-stride", type=int, default=128)
     ap.add_argument("--max-query-length", type=int, default=64)

@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from engine.data.negatives import make_negatives, remove_answer_sentences, sentence_spans, with_negatives
+from engine.data.negatives import (
+    make_negatives,
+    question_slots,
+    remove_answer_sentences,
+    sentence_spans,
+    swap_question,
+    with_negatives,
+)
 from engine.data.squad import Example, find_train_files, load_squad
 
 
@@ -116,6 +123,58 @@ def test_with_negatives_and_argument_checks():
         make_negatives(pool, -1.0, 0)
 
 
+def test_question_slots_are_names_and_numbers_the_paragraph_mentions():
+    q = "Who led the Kingdom of France's army in 1066 and 1,200 men against Harold?"
+    ctx = "In 1066 the Kingdom of France's army of 1,200 men fought; Harold was not there."
+    slots = [(q[a:b], kind) for a, b, kind in question_slots(q, ctx)]
+    assert ("Kingdom of France's", "name") in slots and ("1066", "number") in slots and ("1,200", "number") in slots
+    assert ("Harold", "name") in slots and not any(text == "Who" for text, _ in slots)  # not the first word
+    assert question_slots("Who built it?", ctx) == []
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_swap_question_changes_one_grounded_slot_to_an_absent_one(seed: int):
+    import random
+
+    ctx = "The tower was finished in 1889 by Gustave Eiffel in Paris. It is 330 metres tall."
+    e = Example("q", "Who finished the tower in Paris in 1889?", ctx, (("Gustave Eiffel", 34),), False, "T")
+    names = ["Lyon", "Marseille", "Gustave Eiffel", "New York", "Paris"]
+    swapped = swap_question(e, names, random.Random(seed))
+    assert swapped is not None and swapped != e.question
+    old = {e.question[a:b] for a, b, _ in question_slots(e.question, ctx)}
+    new = {t for t in swapped.replace("?", "").split() if t[0].isupper() or t[0].isdigit()}
+    introduced = new - set(" ".join(old).split()) - {"Who"}
+    assert len(introduced) == 1  # exactly one name or number swapped in...
+    (token,) = introduced
+    assert token.lower() not in ctx.lower()  # ...and the paragraph does not mention it
+    if token.isdigit():
+        assert 1859 <= int(token) <= 1919 and token != "1889"  # a year moves by 1-30 years
+
+
+def test_make_negatives_swap_share_keeps_the_context_and_is_deterministic():
+    pool = [
+        Example(
+            f"a{i}",
+            f"What did Gustave Eiffel build in {1880 + i}?",
+            f"In {1880 + i} Gustave Eiffel built it.",
+            (("it", 30),),
+            False,
+            "T",
+        )
+        for i in range(8)
+    ] + [Example("n0", "What did Ada Lovelace write?", "Ada Lovelace wrote notes.", (("notes", 18),), False, "U")]
+    neg = make_negatives(pool, ratio=1.0, seed=0, real_factor=0, swap_share=1.0)
+    by_qid = {e.qid: e for e in pool}
+    assert neg and all(e.qid.endswith("_swap") and e.is_impossible and e.answers == () for e in neg)
+    for e in neg:
+        src = by_qid[e.qid.removesuffix("_swap")]
+        assert e.context == src.context and e.question != src.question
+    assert neg == make_negatives(pool, ratio=1.0, seed=0, real_factor=0, swap_share=1.0)
+    assert make_negatives(pool, 1.0, 0, 0) == make_negatives(pool, 1.0, 0, 0, swap_share=0.0)  # old behaviour
+    with pytest.raises(ValueError, match="swap_share"):
+        make_negatives(pool, 1.0, 0, other_paragraph_share=0.6, swap_share=0.6)
+
+
 @needs_data
 def test_real_train_sentence_removal_never_leaks_the_answer():
     examples = [e for p in find_train_files(Path(DATA)) for e in load_squad(p)]
@@ -128,3 +187,22 @@ def test_real_train_sentence_removal_never_leaks_the_answer():
             for text, _ in by_qid[e.qid.removesuffix("_nosent")].answers:
                 assert text.lower() not in e.context.lower()
     assert n_sent > 0.8 * (len(neg) - 2 * sum(e.is_impossible for e in examples))
+
+
+@needs_data
+def test_real_train_swaps_ask_about_something_the_paragraph_lacks():
+    examples = [e for p in find_train_files(Path(DATA)) for e in load_squad(p)][:20000]
+    neg = [e for e in make_negatives(examples, ratio=0.3, seed=0, swap_share=1.0) if e.qid.endswith("_swap")]
+    by_qid = {e.qid: e for e in examples}
+    assert len(neg) > 0.5 * 0.3 * len(examples)  # most questions have a name or number to swap
+    for e in neg:
+        src = by_qid[e.qid.removesuffix("_swap")]
+        assert e.context == src.context
+        # One slot swapped: the questions share a prefix and a suffix (cut back to word boundaries) around it.
+        a, b = src.question, e.question
+        head = os.path.commonprefix([a, b])
+        head = head[: head.rfind(" ") + 1]
+        tail = os.path.commonprefix([a[::-1], b[::-1]])[::-1]
+        tail = tail[tail.find(" ") :] if " " in tail else ""
+        new = b[len(head) : len(b) - len(tail)].strip("?.,\"'")
+        assert new and new.lower() not in e.context.lower(), (a, b, new)
