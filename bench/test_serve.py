@@ -159,6 +159,17 @@ def test_serve_load():
     del eng
     servers = {
         "batched": ["-m", "engine.serve", str(art), "--backend", "cpp", "--threads", str(THREADS)],
+        "batched-1-worker": [
+            "-m",
+            "engine.serve",
+            str(art),
+            "--backend",
+            "cpp",
+            "--threads",
+            str(THREADS),
+            "--workers",
+            "1",
+        ],
         "naive": ["-m", "bench.test_serve", "naive", str(art), "--backend", "cpp", "--threads", str(THREADS)],
     }
     rows = []
