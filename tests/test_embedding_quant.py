@@ -275,3 +275,34 @@ def test_cli(tiny_bert, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--out", str(tmp_path / "b"), "--embeddings", "int4"])
     assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_triton_backend_runs_int8_embeddings(tmp_path):
+    """The triton backend (interpreted on CPU) reads `Artifact.state`: it gets the dequantized table."""
+    pytest.importorskip("triton")
+    from engine.runtime.triton_backend import TritonBackend, why_unavailable
+    from tests.conftest import make_checkpoint
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if why_unavailable(device):
+        pytest.skip(why_unavailable(device))
+    src = make_checkpoint(tmp_path / "src", "bert", layers=2, heads=2, head_dim=32, ffn=29, seed=2)  # d_h 32
+    art = load_artifact(build(src, tmp_path / "a", settings=SMALL, embeddings="int8"))
+    ref = QAEngine.load(art.path, backend="torch")
+    eng = QAEngine(art, TritonBackend(art, device))
+    ids, mask = _inputs(ref.cfg, 2)
+    ids, mask = ids[:, :20], mask[:, :20]
+    s0, _ = ref.forward(ids, mask)
+    s1, _ = eng.forward(ids, mask)
+    assert (s0 - s1.cpu())[mask.bool()].abs().max() < 1e-4
+
+
+def test_onnx_export_of_int8_embeddings(artifacts, tmp_path):
+    """engine.export_onnx exports from `Artifact.state`: the graph holds the dequantized fp32 table."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from engine import export_onnx as ex
+
+    a = load_artifact(artifacts["roberta", "float16", "int8"])
+    path = ex.export(a, tmp_path / "m.onnx")
+    assert max(ex.check(a, [path], seed=0, batch=2, seq=24).values()) < 1e-4

@@ -216,8 +216,8 @@ void dequantize_word_embeddings(std::map<std::string, at::Tensor>& t, const std:
   at::Tensor w = at::empty({rows, d}, at::kFloat);
   float* wp = w.data_ptr<float>();
   for (int64_t r = 0; r < rows; ++r) {
-    QAENGINE_CHECK(sp[r] > 0.f, std::string(kWeights) + ": tensor '" + kWordScale + "' must be positive and finite (min " +
-                                    format_g(s.min().item<float>()) + ")");
+    QAENGINE_CHECK(sp[r] > 0.f, std::string(kWeights) + ": tensor '" + kWordScale +
+                                    "' must be positive and finite (min " + format_g(s.min().item<float>()) + ")");
     for (int64_t j = 0; j < d; ++j) {
       const int8_t v = qp[r * d + j];
       QAENGINE_CHECK(v != -128, std::string(kWeights) + ": tensor '" + kWord +
