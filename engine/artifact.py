@@ -22,9 +22,10 @@ from engine.features import WindowSettings
 from engine.model import expected_shapes
 
 FORMAT = "sparseqa-engine"
-FORMAT_VERSION = 2  # the newest version this module reads and writes; float artifacts are still written as 1
+FORMAT_VERSION = 3  # the newest version this module reads and writes; float artifacts are still written as 1
 FLOAT_FORMAT_VERSION = 1
 INT8_FORMAT_VERSION = 2
+EMB_FORMAT_VERSION = 3  # any dtype + an `embeddings` block (int8 word embeddings); written only when they are int8
 MANIFEST = "engine.json"
 WEIGHTS = "weights.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # float artifacts
@@ -38,6 +39,13 @@ _QUANT_KEYS = {"weights", "activations", "linears", "float_dtype", "kernels", "c
 # with per-output-channel scales; every other tensor is fp32.
 QUANTIZED_LINEARS = ("qkv", "o", "ffn_in", "ffn_out")
 WEIGHT_SCHEME = "int8_symmetric_per_output_channel"
+
+# Int8 word embeddings (format_version 3, docs/ARTIFACT.md "Int8 word embeddings"): `embeddings.word.weight` is I8
+# [V, d] with an F32 per-row scale [V]; loaders dequantize it into the artifact's float dtype (fp32 for int8).
+EMBEDDINGS = ("same", "int8")  # build_model --embeddings
+WORD = "embeddings.word.weight"
+WORD_SCALE = "embeddings.word.weight_scale"
+EMB_SCHEME = "int8_symmetric_per_row"
 
 
 class ActivationQuant(str, enum.Enum):
@@ -104,12 +112,15 @@ class Artifact:
     source: dict[str, Any]
     _state: dict[str, torch.Tensor] | None = field(repr=False)  # None: not read yet (load_artifact(weights=False))
     quantization: Quantization | None = None  # int8 artifacts only
+    embeddings: str = "same"  # "int8": the word embeddings are stored int8 (dequantized in `state`)
 
     @property
     def state(self) -> dict[str, torch.Tensor]:
-        """The tensors by name; read and value-checked on first use when the artifact was loaded with weights=False."""
+        """The tensors by name; read and value-checked on first use when the artifact was loaded with weights=False.
+
+        Int8 word embeddings come back dequantized (no scale tensor): `state` always matches the model's state dict."""
         if self._state is None:
-            self._state = _load_weights(self.path / WEIGHTS, self.cfg, self.dtype, self.quantization)
+            self._state = _load_weights(self.path / WEIGHTS, self.cfg, self.dtype, self.quantization, self.embeddings)
         return self._state
 
     @property
@@ -118,22 +129,26 @@ class Artifact:
         return self.quantization.kernels if self.quantization else ()
 
 
-def artifact_shapes(cfg: EncoderConfig, quantization: Quantization | None) -> dict[str, tuple[int, ...]]:
+def artifact_shapes(
+    cfg: EncoderConfig, quantization: Quantization | None, embeddings: str = "same"
+) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor of an artifact: the model's state dict, plus int8 scales when quantized."""
     shapes = expected_shapes(cfg)
-    if quantization is None:
-        return shapes
-    for i in range(cfg.num_layers):
+    for i in range(cfg.num_layers if quantization is not None else 0):
         for lin in QUANTIZED_LINEARS:
             out, inp = shapes[f"layers.{i}.{lin}.weight"]
             shapes[f"layers.{i}.{lin}.weight_scale"] = (out,)
             if quantization.activations is ActivationQuant.STATIC:
                 shapes[f"layers.{i}.{lin}.input_scale"] = (inp,)
+    if embeddings == INT8:
+        shapes[WORD_SCALE] = (cfg.vocab_size,)
     return shapes
 
 
-def tensor_dtype(name: str, dtype: str) -> str:
-    """Safetensors dtype of tensor `name` in an artifact of manifest dtype `dtype`."""
+def tensor_dtype(name: str, dtype: str, embeddings: str = "same") -> str:
+    """Safetensors dtype of tensor `name` in an artifact of manifest dtype `dtype` and word embeddings `embeddings`."""
+    if embeddings == INT8 and name in (WORD, WORD_SCALE):
+        return "I8" if name == WORD else "F32"
     if dtype != INT8:
         return _SAFETENSORS_DTYPES[dtype]
     parts = name.split(".")
@@ -167,14 +182,18 @@ def save_artifact(
     null_threshold: float = 0.0,
     source: dict[str, Any] | None = None,
     quantization: Quantization | None = None,
+    embeddings: str = "same",
 ) -> Path:
     """Write an artifact directory from our state dict and a directory holding the source tokenizer.
 
     Float dtypes cast every tensor; `int8` takes an already quantized state (engine.quant.quantize_state) and
-    its `quantization` block, and checks every tensor's name, shape and dtype before writing.
+    its `quantization` block, and checks every tensor's name, shape and dtype before writing. `embeddings="int8"`
+    stores the word embeddings int8 with a per-row scale, quantized from `state` as given (format_version 3).
     """
     if dtype not in ARTIFACT_DTYPES:
         raise ArtifactError(f"dtype {dtype!r} is not supported; choose one of {sorted(ARTIFACT_DTYPES)}")
+    if embeddings not in EMBEDDINGS:
+        raise ArtifactError(f"embeddings {embeddings!r} is not supported; choose one of {list(EMBEDDINGS)}")
     if (dtype == INT8) != (quantization is not None):
         raise ArtifactError("an int8 artifact needs a quantization block, and only an int8 artifact may have one")
     settings.validate(cfg.architecture, cfg.max_position_embeddings)
@@ -192,10 +211,15 @@ def save_artifact(
         tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items()}
     else:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    if embeddings == INT8:
+        from engine.quant import quantize_per_channel
+
+        tensors[WORD], tensors[WORD_SCALE] = quantize_per_channel(state[WORD].detach().cpu())
     save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
+    version = FLOAT_FORMAT_VERSION if quantization is None else INT8_FORMAT_VERSION
     manifest = {
         "format": FORMAT,
-        "format_version": FLOAT_FORMAT_VERSION if quantization is None else INT8_FORMAT_VERSION,
+        "format_version": EMB_FORMAT_VERSION if embeddings == INT8 else version,
         "config": cfg.to_dict(),
         "dtype": dtype,
         "weights": WEIGHTS,
@@ -212,6 +236,8 @@ def save_artifact(
     }
     if quantization is not None:
         manifest["quantization"] = quantization.to_dict()
+    if embeddings == INT8:
+        manifest["embeddings"] = {"word": EMB_SCHEME}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
@@ -246,7 +272,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         f"{MANIFEST}: format_version {ver} was written by a newer SparseQA "
         f"(this one reads up to {FORMAT_VERSION}); upgrade SparseQA",
     )
-    _require(ver in (FLOAT_FORMAT_VERSION, INT8_FORMAT_VERSION), f"{MANIFEST}: format_version {ver} is not supported")
+    versions = (FLOAT_FORMAT_VERSION, INT8_FORMAT_VERSION, EMB_FORMAT_VERSION)
+    _require(ver in versions, f"{MANIFEST}: format_version {ver} is not supported")
+    # Version 1 holds float artifacts, version 2 int8 ones; version 3 adds an `embeddings` block to either.
     dtype = m.get("dtype")
     if ver == FLOAT_FORMAT_VERSION:
         _require(
@@ -254,13 +282,17 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             f"{MANIFEST}: dtype 'int8' needs format_version {INT8_FORMAT_VERSION} and a "
             f"'quantization' block, got format_version {ver}",
         )
-    elif "dtype" in m:
+    elif ver == INT8_FORMAT_VERSION and "dtype" in m:
         _require(
             dtype == INT8,
             f"{MANIFEST}: format_version {ver} is for int8 artifacts, but dtype is {dtype!r} "
             f"(float artifacts use format_version {FLOAT_FORMAT_VERSION})",
         )
-    keys = _TOP_KEYS | {"quantization"} if ver == INT8_FORMAT_VERSION else _TOP_KEYS
+    keys = set(_TOP_KEYS)
+    if ver == INT8_FORMAT_VERSION or (ver == EMB_FORMAT_VERSION and dtype == INT8):
+        keys.add("quantization")
+    if ver == EMB_FORMAT_VERSION:
+        keys.add("embeddings")
     missing, unknown = keys - set(m), set(m) - keys
     _require(not missing, f"{MANIFEST}: missing field(s) {sorted(missing)}")
     _require(not unknown, f"{MANIFEST}: unknown field(s) {sorted(unknown)}")
@@ -268,8 +300,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         isinstance(dtype, str) and dtype in ARTIFACT_DTYPES,
         f"{MANIFEST}: field 'dtype' is {dtype!r}, expected one of {sorted(ARTIFACT_DTYPES)}",
     )
-    if ver == INT8_FORMAT_VERSION:
+    if "quantization" in m:
         parse_quantization(m["quantization"])
+    if ver == EMB_FORMAT_VERSION:
+        parse_embeddings(m["embeddings"])
     _require(m["weights"] == WEIGHTS, f"{MANIFEST}: field 'weights' must be {WEIGHTS!r}")
     t = m["tokenizer"]
     _require(
@@ -310,9 +344,21 @@ def load_artifact(path: str | Path, weights: bool = True) -> Artifact:
     for f in t["files"]:
         _require((root / f).is_file(), f"tokenizer file {root / f} listed in {MANIFEST} is missing")
     quant = parse_quantization(m["quantization"]) if "quantization" in m else None
-    state = _load_weights(root / WEIGHTS, cfg, m["dtype"], quant, read=weights)
+    emb = parse_embeddings(m["embeddings"]) if "embeddings" in m else "same"
+    state = _load_weights(root / WEIGHTS, cfg, m["dtype"], quant, emb, read=weights)
     tok = TokenizerSpec(settings, bool(t["do_lower_case"]), bool(t["strip_accents"]), list(t["files"]))
-    return Artifact(root, cfg, m["dtype"], tok, float(m["null_threshold"]), m["source"], state, quant)
+    return Artifact(root, cfg, m["dtype"], tok, float(m["null_threshold"]), m["source"], state, quant, emb)
+
+
+def parse_embeddings(e: Any) -> str:
+    """Validate a version-3 manifest's `embeddings` block; returns how the word embeddings are stored ("int8")."""
+    where = f"{MANIFEST}: field 'embeddings'"
+    _require(isinstance(e, dict), f"{where} must be an object")
+    missing, unknown = {"word"} - set(e), set(e) - {"word"}
+    _require(not missing, f"{where}: missing field(s) {sorted(missing)}")
+    _require(not unknown, f"{where}: unknown field(s) {sorted(unknown)}")
+    _require(e["word"] == EMB_SCHEME, f"{where}: word is {e['word']!r}, this SparseQA reads only {EMB_SCHEME!r}")
+    return INT8
 
 
 def parse_quantization(q: Any) -> Quantization:
@@ -391,11 +437,18 @@ def _check_int8_values(state: dict[str, torch.Tensor], cfg: EncoderConfig) -> No
 
 
 def _load_weights(
-    path: Path, cfg: EncoderConfig, dtype: str, quant: Quantization | None = None, read: bool = True
+    path: Path,
+    cfg: EncoderConfig,
+    dtype: str,
+    quant: Quantization | None = None,
+    embeddings: str = "same",
+    read: bool = True,
 ) -> dict[str, torch.Tensor] | None:
-    """Checks the tensor header (names, shapes, dtypes); with `read`, reads the tensors and checks their values."""
+    """Checks the tensor header (names, shapes, dtypes); with `read`, reads the tensors and checks their values.
+
+    Int8 word embeddings are checked and dequantized (`dequantize_word_embeddings`)."""
     _require(path.is_file(), f"weights file {path} is missing")
-    want = artifact_shapes(cfg, quant)
+    want = artifact_shapes(cfg, quant, embeddings)
     try:
         with safe_open(str(path), "pt") as f:
             names = set(f.keys())
@@ -406,7 +459,7 @@ def _load_weights(
             if extra:
                 raise ArtifactError(
                     f"{WEIGHTS}: unexpected tensor {extra[0]!r} (not in the manifest's config"
-                    f"{' and quantization' if quant else ''})"
+                    f"{' and quantization' if quant or embeddings == INT8 else ''})"
                 )
             state = {}
             for k, shape in want.items():
@@ -417,7 +470,7 @@ def _load_weights(
                     f"{WEIGHTS}: tensor {k!r} has shape {got_shape}, expected {shape} "
                     f"from {MANIFEST} (heads={list(cfg.heads)}, ffn={list(cfg.ffn)})",
                 )
-                expect = tensor_dtype(k, dtype)
+                expect = tensor_dtype(k, dtype, embeddings)
                 _require(
                     got_dtype == expect,
                     f"{WEIGHTS}: tensor {k!r} has dtype {got_dtype}, expected {expect} (manifest dtype {dtype})",
@@ -435,4 +488,21 @@ def _load_weights(
         raise ArtifactError(f"{WEIGHTS}: tensor {bad[0]!r} contains NaN or inf")
     if quant is not None:
         _check_int8_values(state, cfg)
+    if embeddings == INT8:
+        dequantize_word_embeddings(state, dtype)
     return state
+
+
+def dequantize_word_embeddings(state: dict[str, torch.Tensor], dtype: str) -> None:
+    """In place: checks int8 word embeddings and their scale, then replaces them by fp32 `q * scale` rounded to the
+    artifact's float dtype (fp32 for int8 artifacts); drops the scale. libqaengine computes the same bits."""
+    from engine.quant import dequantize_per_channel
+
+    q, scale = state[WORD], state.pop(WORD_SCALE)
+    _require(
+        not (q == -128).any(), f"{WEIGHTS}: tensor {WORD!r} holds -128; the symmetric int8 scheme uses [-127, 127]"
+    )
+    _require(
+        bool((scale > 0).all()), f"{WEIGHTS}: tensor {WORD_SCALE!r} must be positive and finite (min {scale.min():g})"
+    )
+    state[WORD] = dequantize_per_channel(q, scale).to(DTYPES.get(dtype, torch.float32))

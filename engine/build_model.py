@@ -10,7 +10,15 @@ from pathlib import Path
 
 import torch
 
-from engine.artifact import ARTIFACT_DTYPES, INT8, ActivationQuant, ArtifactError, Quantization, save_artifact
+from engine.artifact import (
+    ARTIFACT_DTYPES,
+    EMBEDDINGS,
+    INT8,
+    ActivationQuant,
+    ArtifactError,
+    Quantization,
+    save_artifact,
+)
 from engine.checkpoint import load_checkpoint
 from engine.config import EncoderConfig
 from engine.features import WindowSettings
@@ -31,14 +39,18 @@ def build(
     null_threshold: float | None = None,
     calibrate: str | Path | None = None,
     calib_samples: int | None = None,
+    embeddings: str = "same",
 ) -> Path:
     """Build an artifact in `out`; returns its path. Raises ValueError/FileNotFoundError on bad input.
 
     `dtype="int8"` quantizes the encoder Linears: dynamic per-token activation scales, or static per-input-channel
     scales calibrated by running the fp32 model over `calib_samples` examples of the SQuAD file `calibrate`.
+    `embeddings="int8"` stores the word embeddings int8 with per-row scales (any dtype; docs/ARTIFACT.md).
     """
     if dtype not in ARTIFACT_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; choose one of {sorted(ARTIFACT_DTYPES)}")
+    if embeddings not in EMBEDDINGS:
+        raise ValueError(f"embeddings {embeddings!r} is not supported; choose one of {list(EMBEDDINGS)}")
     if calibrate is not None and dtype != INT8:
         raise ValueError(f"--calibrate applies to --dtype int8 only (got --dtype {dtype})")
     if calib_samples is not None and calibrate is None:
@@ -69,7 +81,7 @@ def build(
         state, quant = _quantize(cfg, state, Path(model), settings, calibrate, calib_samples)
     if replace:
         shutil.rmtree(out)
-    return save_artifact(out, cfg, state, Path(model), settings, dtype, threshold, source, quant)
+    return save_artifact(out, cfg, state, Path(model), settings, dtype, threshold, source, quant, embeddings)
 
 
 def _quantize(
@@ -173,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help=f"int8: examples of --calibrate to run (default {DEFAULT_CALIB_SAMPLES})",
     )
+    p.add_argument(
+        "--embeddings",
+        default="same",
+        choices=list(EMBEDDINGS),
+        help="word-embedding storage: same (default) as --dtype (fp32 for int8), or int8 with a per-row scale "
+        "(4x smaller than fp32; dequantized at load)",
+    )
     p.add_argument("--max-seq-length", type=int, default=384, help="tokens per window (default 384)")
     p.add_argument("--doc-stride", type=int, default=128, help="tokens shared by consecutive windows (default 128)")
     p.add_argument("--max-query-length", type=int, default=64, help="question tokens kept (default 64)")
@@ -182,12 +201,24 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     settings = WindowSettings(a.max_seq_length, a.doc_stride, a.max_query_length)
     try:
-        out = build(a.model, a.out, a.spec, a.dtype, settings, a.force, a.null_threshold, a.calibrate, a.calib_samples)
+        out = build(
+            a.model,
+            a.out,
+            a.spec,
+            a.dtype,
+            settings,
+            a.force,
+            a.null_threshold,
+            a.calibrate,
+            a.calib_samples,
+            a.embeddings,
+        )
         from engine.artifact import load_artifact
 
         art = load_artifact(out)
         flops = encoder_flops(art.cfg, 1, settings.max_seq_length)
         precision = art.dtype + (f" ({art.quantization.activations.value} activations)" if art.quantization else "")
+        precision += ", int8 word embeddings" if art.embeddings == INT8 else ""
         print(
             f"wrote {out}: {art.cfg.architecture.value}, heads {list(art.cfg.heads)}, ffn {list(art.cfg.ffn)}, "
             f"{precision}, {flops / 1e9:.2f} GFLOP per {settings.max_seq_length}-token window"

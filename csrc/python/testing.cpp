@@ -5,7 +5,9 @@
 
 #include "../src/cpu/kernels.h"
 #include "../src/dnnl_gemm.h"
+#include "../src/encoder.h"
 #include "../src/linear.h"
+#include "../src/safetensors.h"
 #include "common.h"
 #include "qaengine/error.h"
 
@@ -153,6 +155,16 @@ void bind_testing(py::module_& m) {
         py::arg("input_scale") = py::none(), py::arg("activation") = py::none(),
         "One int8 Linear of the engine (tests): fp32 x [T, in], int8 qweight [out, in], fp32 weight_scale [out], "
         "bias [out], input_scale [in] (static; None = dynamic per-token) -> fp32 [T, out].");
+  m.def(
+      "artifact_tensors",
+      [](const std::string& dir) {
+        const Manifest man = read_manifest(dir);
+        const auto file = SafetensorsFile::read(dir + "/weights.safetensors", "weights.safetensors");
+        return read_weights(file, man.config, man.dtype, man.quantization, man.int8_word_embeddings);
+      },
+      py::arg("artifact_dir"),
+      "Every tensor of an artifact as libqaengine's loader reads it (tests): int8 Linears as stored, the rest fp32, "
+      "int8 word embeddings dequantized.");
   m.def("dnnl_available", &qaengine::dnnl_available,
         "Whether this build calls oneDNN's library (libdnnl) directly for fp32 GEMMs (gemm='dnnl', auto's choice).");
   m.def("fp32_linear", &fp32_linear, py::arg("x"), py::arg("weight"), py::arg("bias"),

@@ -19,6 +19,8 @@ namespace qaengine {
 namespace {
 
 const char* kWeights = "weights.safetensors";
+const char* kWord = "embeddings.word.weight";
+const char* kWordScale = "embeddings.word.weight_scale";  // int8 word embeddings (format_version 3)
 
 std::string shape_str(const std::vector<int64_t>& s) {
   std::string out = "(";
@@ -92,7 +94,8 @@ void check_int8_values(std::map<std::string, at::Tensor>& t, const EncoderConfig
 }  // namespace
 
 std::vector<std::pair<std::string, std::vector<int64_t>>> expected_shapes(const EncoderConfig& c,
-                                                                          const std::optional<Quantization>& quant) {
+                                                                          const std::optional<Quantization>& quant,
+                                                                          bool int8_embeddings) {
   const int64_t d = c.hidden;
   std::vector<std::pair<std::string, std::vector<int64_t>>> s = {
       {"embeddings.word.weight", {c.vocab_size, d}},
@@ -119,6 +122,7 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> expected_shapes(const 
   }
   s.push_back({"qa.weight", {2, d}});
   s.push_back({"qa.bias", {2}});
+  if (int8_embeddings) s.push_back({kWordScale, {c.vocab_size}});  // engine.artifact.artifact_shapes
   if (quant) {  // engine.artifact.artifact_shapes: the scales follow, layer by layer
     const bool is_static = quant->activations == ActivationQuant::StaticPerInputChannel;
     for (int64_t l = 0; l < c.num_layers(); ++l) {
@@ -170,14 +174,21 @@ void check_names(const SafetensorsFile& file, const std::vector<std::pair<std::s
   }
 }
 
+// engine.artifact.tensor_dtype: the safetensors dtype of tensor `name`.
+std::string tensor_dtype(const std::string& name, const std::string& dtype, bool int8, bool int8_embeddings) {
+  if (int8_embeddings && name == kWord) return "I8";
+  if (int8_embeddings && name == kWordScale) return "F32";
+  return int8 ? (is_quantized_weight(name) ? "I8" : "F32") : safetensors_dtype(dtype);
+}
+
 // One tensor with its shape and dtype checked: int8 as stored, every float dtype as fp32 (finite checked).
 at::Tensor read_tensor(const SafetensorsFile& file, const std::string& name, const std::vector<int64_t>& shape,
-                       const EncoderConfig& cfg, const std::string& dtype, bool int8) {
+                       const EncoderConfig& cfg, const std::string& dtype, bool int8, bool int8_embeddings) {
   const TensorEntry& e = file.tensors().at(name);
   QAENGINE_CHECK(e.shape == shape, std::string(kWeights) + ": tensor '" + name + "' has shape " + shape_str(e.shape) +
                                        ", expected " + shape_str(shape) + " from engine.json (heads=" +
                                        list_str(cfg.heads) + ", ffn=" + list_str(cfg.ffn) + ")");
-  const std::string want_dtype = int8 ? (is_quantized_weight(name) ? "I8" : "F32") : safetensors_dtype(dtype);
+  const std::string want_dtype = tensor_dtype(name, dtype, int8, int8_embeddings);
   QAENGINE_CHECK(e.dtype == want_dtype, std::string(kWeights) + ": tensor '" + name + "' has dtype " + e.dtype +
                                             ", expected " + want_dtype + " (manifest dtype " + dtype + ")");
   if (want_dtype == "I8") {
@@ -194,24 +205,52 @@ at::Tensor read_tensor(const SafetensorsFile& file, const std::string& name, con
   return v;
 }
 
-// Every tensor of the artifact, validated like engine/artifact.py (errors name the tensor).
-std::map<std::string, at::Tensor> read_weights(const SafetensorsFile& file, const EncoderConfig& cfg,
-                                               const std::string& dtype, const std::optional<Quantization>& quant) {
-  const auto want = expected_shapes(cfg, quant);
-  check_names(file, want, quant.has_value());
-  std::map<std::string, at::Tensor> t;
-  for (const auto& [name, shape] : want) t[name] = read_tensor(file, name, shape, cfg, dtype, quant.has_value());
-  if (quant) check_int8_values(t, cfg);
-  return t;
+// engine.artifact.dequantize_word_embeddings: checks the int8 table (values in [-127, 127], scales positive) and
+// replaces it by fp32 q * scale, rounded through the artifact's float dtype (fp32 for int8 artifacts), so the table
+// equals the Python loader's bit for bit; the scale tensor is dropped.
+void dequantize_word_embeddings(std::map<std::string, at::Tensor>& t, const std::string& dtype) {
+  const at::Tensor q = t.at(kWord), s = t.at(kWordScale);
+  const int64_t rows = q.size(0), d = q.size(1);
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = s.data_ptr<float>();
+  at::Tensor w = at::empty({rows, d}, at::kFloat);
+  float* wp = w.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    QAENGINE_CHECK(sp[r] > 0.f, std::string(kWeights) + ": tensor '" + kWordScale +
+                                    "' must be positive and finite (min " + format_g(s.min().item<float>()) + ")");
+    for (int64_t j = 0; j < d; ++j) {
+      const int8_t v = qp[r * d + j];
+      QAENGINE_CHECK(v != -128, std::string(kWeights) + ": tensor '" + kWord +
+                                    "' holds -128; the symmetric int8 scheme uses [-127, 127]");
+      wp[r * d + j] = static_cast<float>(v) * sp[r];
+    }
+  }
+  if (dtype == "float16") w = w.to(at::kHalf).to(at::kFloat);
+  if (dtype == "bfloat16") w = w.to(at::kBFloat16).to(at::kFloat);
+  t[kWord] = w;
+  t.erase(kWordScale);
 }
 
 }  // namespace
 
+std::map<std::string, at::Tensor> read_weights(const SafetensorsFile& file, const EncoderConfig& cfg,
+                                               const std::string& dtype, const std::optional<Quantization>& quant,
+                                               bool int8_embeddings) {
+  const auto want = expected_shapes(cfg, quant, int8_embeddings);
+  check_names(file, want, quant.has_value() || int8_embeddings);
+  std::map<std::string, at::Tensor> t;
+  for (const auto& [name, shape] : want)
+    t[name] = read_tensor(file, name, shape, cfg, dtype, quant.has_value(), int8_embeddings);
+  if (quant) check_int8_values(t, cfg);
+  if (int8_embeddings) dequantize_word_embeddings(t, dtype);
+  return t;
+}
+
 Encoder::Encoder(const EncoderConfig& cfg, const SafetensorsFile& file, const std::string& dtype, c10::Device device,
-                 GemmBackend gemm, const std::optional<Quantization>& quant)
+                 GemmBackend gemm, const std::optional<Quantization>& quant, bool int8_embeddings)
     : cfg_(cfg), device_(device) {
   if (quant) require_kernels(*quant, device);
-  std::map<std::string, at::Tensor> t = read_weights(file, cfg, dtype, quant);
+  std::map<std::string, at::Tensor> t = read_weights(file, cfg, dtype, quant, int8_embeddings);
   auto dev = [&](const std::string& name) { return t.at(name).to(device_).contiguous(); };
   word_ = dev("embeddings.word.weight");
   position_ = dev("embeddings.position.weight");

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
+#include <map>
 #include <optional>
 #include <string>
 #include <utility>
@@ -31,7 +32,8 @@ class Encoder {
   /// int8 encoder Linears for int8 artifacts (CPU only; `gemm` then applies to the QA head alone). Everything else
   /// is upcast to fp32 and moved to `device`.
   Encoder(const EncoderConfig& cfg, const SafetensorsFile& weights, const std::string& dtype, c10::Device device,
-          GemmBackend gemm = GemmBackend::Auto, const std::optional<Quantization>& quant = std::nullopt);
+          GemmBackend gemm = GemmBackend::Auto, const std::optional<Quantization>& quant = std::nullopt,
+          bool int8_embeddings = false);
 
   /// Checked entry: dtypes, ranks, contiguity, cu_seqlens, token/type/position ranges. Returns (start, end) [T].
   std::pair<at::Tensor, at::Tensor> forward(const at::Tensor& input_ids, const at::Tensor& token_type_ids,
@@ -68,6 +70,13 @@ void packed_position_ids(const int32_t* cu, int64_t batch, int64_t offset, int64
 /// Name -> shape of every tensor the artifact must hold (engine.model.expected_shapes; with `quant`, also the int8
 /// scales of engine.artifact.artifact_shapes).
 std::vector<std::pair<std::string, std::vector<int64_t>>> expected_shapes(
-    const EncoderConfig& cfg, const std::optional<Quantization>& quant = std::nullopt);
+    const EncoderConfig& cfg, const std::optional<Quantization>& quant = std::nullopt, bool int8_embeddings = false);
+
+/// Every tensor of the artifact, validated like engine/artifact.py (errors name the tensor): int8 Linear weights as
+/// stored, everything else as fp32; int8 word embeddings (`int8_embeddings`) come back dequantized, without their
+/// scale, rounded through the artifact's float dtype exactly as engine/artifact.py does.
+std::map<std::string, at::Tensor> read_weights(const SafetensorsFile& file, const EncoderConfig& cfg,
+                                               const std::string& dtype, const std::optional<Quantization>& quant,
+                                               bool int8_embeddings = false);
 
 }  // namespace qaengine

@@ -123,7 +123,8 @@ Engine Engine::load(const std::string& dir, const std::string& device, const Loa
     impl->tokenizer_error = e.what();
   }
   const SafetensorsFile weights = SafetensorsFile::read(dir + "/weights.safetensors", "weights.safetensors");
-  impl->encoder = std::make_unique<Encoder>(m.config, weights, m.dtype, dev, options.gemm, m.quantization);
+  impl->encoder = std::make_unique<Encoder>(m.config, weights, m.dtype, dev, options.gemm, m.quantization,
+                                             m.int8_word_embeddings);
   return Engine(std::move(impl));
 }
 

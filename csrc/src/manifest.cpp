@@ -14,7 +14,9 @@ namespace {
 
 using json = nlohmann::json;
 constexpr int64_t kFormatVersion = 1;      // float artifacts
-constexpr int64_t kInt8FormatVersion = 2;  // int8 artifacts (docs/ARTIFACT.md "Int8 artifacts"); the newest read
+constexpr int64_t kInt8FormatVersion = 2;  // int8 artifacts (docs/ARTIFACT.md "Int8 artifacts")
+constexpr int64_t kEmbFormatVersion = 3;   // any dtype + an `embeddings` block ("Int8 word embeddings"); the newest
+const char* kEmbScheme = "int8_symmetric_per_row";
 const char* kManifest = "engine.json";
 const char* kWeightScheme = "int8_symmetric_per_output_channel";
 const char* kDynamic = "dynamic_per_token";
@@ -201,23 +203,28 @@ Manifest read_manifest(const std::string& dir) {
   QAENGINE_CHECK(m.contains("format_version") && is_int(m["format_version"]),
                  std::string(kManifest) + ": field 'format_version' must be an integer");
   const int64_t ver = m["format_version"].get<int64_t>();
-  QAENGINE_CHECK(ver <= kInt8FormatVersion, std::string(kManifest) + ": format_version " + std::to_string(ver) +
-                                                " was written by a newer SparseQA (this one reads up to " +
-                                                std::to_string(kInt8FormatVersion) + "); upgrade SparseQA");
-  QAENGINE_CHECK(ver == kFormatVersion || ver == kInt8FormatVersion,
+  QAENGINE_CHECK(ver <= kEmbFormatVersion, std::string(kManifest) + ": format_version " + std::to_string(ver) +
+                                               " was written by a newer SparseQA (this one reads up to " +
+                                               std::to_string(kEmbFormatVersion) + "); upgrade SparseQA");
+  QAENGINE_CHECK(ver == kFormatVersion || ver == kInt8FormatVersion || ver == kEmbFormatVersion,
                  std::string(kManifest) + ": format_version " + std::to_string(ver) + " is not supported");
-  // Version 1 holds float artifacts, version 2 int8 ones (a float artifact is always written as version 1).
+  // Version 1 holds float artifacts, version 2 int8 ones (a float artifact is always written as version 1); version
+  // 3 adds an `embeddings` block to either (and is written only when the word embeddings are int8).
+  const bool int8_dtype = m.contains("dtype") && m["dtype"] == "int8";
   if (ver == kFormatVersion) {
     QAENGINE_CHECK(!(m.contains("dtype") && m["dtype"] == "int8"),
                    std::string(kManifest) + ": dtype 'int8' needs format_version 2 and a 'quantization' block, " +
                        "got format_version " + std::to_string(ver));
-  } else if (m.contains("dtype")) {
+  } else if (ver == kInt8FormatVersion && m.contains("dtype")) {
     QAENGINE_CHECK(m["dtype"] == "int8", std::string(kManifest) + ": format_version " + std::to_string(ver) +
                                              " is for int8 artifacts, but dtype is " + py_repr(m["dtype"]) +
                                              " (float artifacts use format_version 1)");
   }
-  check_keys(m, {"format", "format_version", "config", "dtype", "weights", "tokenizer", "null_threshold", "source"}, {},
-             kManifest, ver == kInt8FormatVersion ? "quantization" : nullptr);
+  std::set<std::string> top = {"format", "format_version", "config", "dtype", "weights", "tokenizer", "null_threshold",
+                               "source"};
+  if (ver == kEmbFormatVersion) top.insert("embeddings");
+  check_keys(m, top, {}, kManifest,
+             ver == kInt8FormatVersion || (ver == kEmbFormatVersion && int8_dtype) ? "quantization" : nullptr);
 
   Manifest out;
   out.format_version = ver;
@@ -227,7 +234,16 @@ Manifest read_manifest(const std::string& dir) {
   QAENGINE_CHECK(out.dtype == "float32" || out.dtype == "bfloat16" || out.dtype == "float16" || out.dtype == "int8",
                  std::string(kManifest) + ": field 'dtype' is '" + out.dtype +
                      "', expected one of ['bfloat16', 'float16', 'float32', 'int8']");
-  if (ver == kInt8FormatVersion) out.quantization = parse_quantization(m["quantization"]);
+  if (m.contains("quantization")) out.quantization = parse_quantization(m["quantization"]);
+  if (ver == kEmbFormatVersion) {  // engine/artifact.py parse_embeddings
+    const json& e = m["embeddings"];
+    const std::string where = std::string(kManifest) + ": field 'embeddings'";
+    QAENGINE_CHECK(e.is_object(), where + " must be an object");
+    check_keys(e, {"word"}, {}, where);
+    QAENGINE_CHECK(e["word"] == kEmbScheme,
+                   where + ": word is " + py_repr(e["word"]) + ", this SparseQA reads only '" + kEmbScheme + "'");
+    out.int8_word_embeddings = true;
+  }
   QAENGINE_CHECK(m["weights"] == "weights.safetensors",
                  std::string(kManifest) + ": field 'weights' must be 'weights.safetensors'");
 

@@ -6,6 +6,8 @@ Writes, under OUT_DIR:
   tokenizer/                 a tiny uncased BERT WordPiece tokenizer (HF fast tokenizer files)
   tiny_bert/                 random ragged BERT (head_dim 32; a 0-head and a 0-FFN layer), fp32
   tiny_bert_fp16/            the same weights stored in float16
+  tiny_bert_fp16_embq/       tiny_bert_fp16 with int8 word embeddings (--embeddings int8; reference: the dequantized
+                             table, as engine/artifact.py loads it)
   tiny_bert_bf16/            the same shapes with smoother weights (random_state), stored in bfloat16
   tiny_bert_int8/, tiny_bert_int8s/  tiny_bert_bf16's weights quantized to int8: dynamic per-token / static
                              scales (calibrated on random token batches)
@@ -275,12 +277,15 @@ def main() -> None:
     )
     cfg = EncoderConfig(**base)
     state, smooth = random_state(cfg, 0), random_state(cfg, 0, linear_std=0.05)
-    for name, dtype, st in (
-        ("tiny_bert", "float32", state),
-        ("tiny_bert_bf16", "bfloat16", smooth),
-        ("tiny_bert_fp16", "float16", state),
+    for name, dtype, st, emb in (
+        ("tiny_bert", "float32", state, "same"),
+        ("tiny_bert_bf16", "bfloat16", smooth, "same"),
+        ("tiny_bert_fp16", "float16", state, "same"),
+        ("tiny_bert_fp16_embq", "float16", state, "int8"),
     ):
-        save_artifact(out / name, cfg, st, tok, settings, dtype, null_threshold=0.5, source={"test": name})
+        save_artifact(
+            out / name, cfg, st, tok, settings, dtype, null_threshold=0.5, source={"test": name}, embeddings=emb
+        )
         write_reference(out / name, lengths, 1)
     int8_artifacts(out, cfg, smooth, tok, settings, lengths)
     cfg24 = EncoderConfig(

@@ -114,8 +114,8 @@ TEST_P(Parity, LogitsMatchPythonReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Artifacts, Parity,
-                         ::testing::Values("tiny_bert", "tiny_bert_bf16", "tiny_bert_fp16", "tiny_bert_int8",
-                                           "tiny_bert_int8s", "tiny_hd24", "tiny_roberta"));
+                         ::testing::Values("tiny_bert", "tiny_bert_bf16", "tiny_bert_fp16", "tiny_bert_fp16_embq",
+                                           "tiny_bert_int8", "tiny_bert_int8s", "tiny_hd24", "tiny_roberta"));
 
 TEST(Engine, PrecisionAndKernels) {
   REQUIRE_ARTIFACT(art, "tiny_bert_fp16");
@@ -266,9 +266,9 @@ TEST_F(BrokenArtifact, Manifest) {
   set_manifest(m);
   expect_error([&] { Engine::load(art_); },
                {"format_version 2 is for int8 artifacts, but dtype is 'float32'", "format_version 1"});
-  m["format_version"] = 3;
+  m["format_version"] = 4;
   set_manifest(m);
-  expect_error([&] { Engine::load(art_); }, {"format_version 3", "newer"});
+  expect_error([&] { Engine::load(art_); }, {"format_version 4", "newer"});
   m = manifest();
   m["format_version"] = 1;
   m["extra"] = 1;

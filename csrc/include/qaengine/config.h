@@ -64,9 +64,10 @@ struct Quantization {
 /// A validated engine.json.
 struct Manifest {
   EncoderConfig config;
-  int64_t format_version = 1;                // 1: float artifacts, 2: int8
+  int64_t format_version = 1;                // 1: float artifacts, 2: int8, 3: with an `embeddings` block
   std::string dtype;                         // "float32", "bfloat16" or "float16" (version 1); "int8" (version 2)
-  std::optional<Quantization> quantization;  // version 2 only
+  std::optional<Quantization> quantization;  // int8 artifacts (version 2, or 3 with dtype int8) only
+  bool int8_word_embeddings = false;         // version 3: I8 embeddings.word.weight + F32 per-row weight_scale
   WindowSettings windows;
   bool do_lower_case = true, strip_accents = true;
   std::vector<std::string> tokenizer_files;
