@@ -168,9 +168,9 @@ def prepare_data(args: argparse.Namespace) -> tuple[list[Example], list[Example]
             train,
             args.negatives_ratio,
             args.seed,
-            args.real_negatives_factor,
-            args.other_paragraph_share,
-            args.swap_share,
+            real_factor=args.real_negatives_factor,
+            other_paragraph_share=args.other_paragraph_share,
+            swap_share=args.swap_share,
         )
 
     def counts(xs: list[Example]) -> dict[str, int]:

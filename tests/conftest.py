@@ -150,3 +150,29 @@ needs_exact_int8 = pytest.mark.skipif(
     "16-bit partial sums here, so int8 is not an exact "
     "integer product",
 )
+
+
+def slow_pruned_timer(table, dense, slowdown: float = 1.15):
+    """(engine_ms, an `engine.latency.EngineTimer` stand-in): the "engine" runs every pruned shape `slowdown` x
+    slower than `table` predicts and the dense shape exactly as predicted, so a measure-and-correct loop has a
+    known miss to fix."""
+
+    def engine_ms(heads, ffn):
+        full = tuple(heads) == dense.heads and tuple(ffn) == dense.ffn
+        return table.predict(heads, ffn) * (1.0 if full else slowdown)
+
+    class FakeTimer:
+        def __init__(self, *args, **kwargs):
+            self.ms: list[float] = []
+
+        def __call__(self, shapes):
+            self.ms = [engine_ms(*s) for s in shapes]
+            return self.ms
+
+        def paired_speedup(self):
+            return self.ms[1] / self.ms[0]
+
+        def close(self):
+            pass
+
+    return engine_ms, FakeTimer

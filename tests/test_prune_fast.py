@@ -18,6 +18,7 @@ from engine.prune_fast.search import flops_cost, pruned_objective, rearrange, se
 from engine.prune_fast.tune import solve_scales, tune_masks
 from engine.train.batching import collate
 from engine.train.losses import span_loss
+from tests.conftest import slow_pruned_timer
 
 CFG = EncoderConfig(
     architecture="bert",
@@ -338,23 +339,8 @@ def test_latency_search_corrects_a_biased_table(monkeypatch):
         n_validation=0,
     )
 
-    def engine_ms(heads, ffn):  # the truth: pruned shapes 15% slower than the table says, the dense one exact
-        full = tuple(heads) == dense.heads and tuple(ffn) == dense.ffn
-        return table.predict(heads, ffn) * (1.0 if full else 1.15)
-
-    class FakeTimer:
-        def __init__(self, *args, **kwargs):
-            self.ms: list[float] = []
-
-        def __call__(self, shapes):
-            self.ms = [engine_ms(*s) for s in shapes]
-            return self.ms
-
-        def paired_speedup(self):
-            return self.ms[1] / self.ms[0]
-
-        def close(self):
-            pass
+    # the truth: pruned shapes 15% slower than the table says, the dense one exact
+    engine_ms, FakeTimer = slow_pruned_timer(table, dense)
 
     monkeypatch.setattr(lat, "load_or_measure", lambda *a, **k: table)
     monkeypatch.setattr(lat, "EngineTimer", FakeTimer)

@@ -22,6 +22,7 @@ from engine.prune.export import calibrate, deterministic_shape
 from engine.prune.gated import GatedQAModel
 from engine.prune.train import build_parser, main, prune
 from engine.runtime import available_backends
+from tests.conftest import slow_pruned_timer
 from tests.prune.test_prune_train import _argv, data  # noqa: F401  (`data` is a fixture: tiny teacher + SQuAD files)
 
 BACKEND = "cpp" if "cpp" in available_backends("cpu") else "torch"
@@ -155,23 +156,7 @@ def test_cli_corrects_the_budget_by_measuring_on_the_engine(data, cached_table, 
     requested speedup as measured, after the measure-and-correct rounds (engine.prune_fast's loop)."""
     dense = load_checkpoint(data[1]).cfg
 
-    def engine_ms(heads, ffn):
-        full = tuple(heads) == dense.heads and tuple(ffn) == dense.ffn
-        return cached_table.predict(heads, ffn) * (1.0 if full else 1.15)
-
-    class FakeTimer:
-        def __init__(self, *args, **kwargs):
-            self.ms: list[float] = []
-
-        def __call__(self, shapes):
-            self.ms = [engine_ms(*s) for s in shapes]
-            return self.ms
-
-        def paired_speedup(self):
-            return self.ms[1] / self.ms[0]
-
-        def close(self):
-            pass
+    engine_ms, FakeTimer = slow_pruned_timer(cached_table, dense)
 
     monkeypatch.setattr(lat, "EngineTimer", FakeTimer)
     monkeypatch.setattr(lat, "measure_speedup", lambda *a, **k: {"ms": 1.0, "dense_ms": 1.5, "speedup": 1.5})

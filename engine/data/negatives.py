@@ -199,16 +199,9 @@ def make_negatives(
     return out
 
 
-def with_negatives(
-    examples: Sequence[Example],
-    ratio: float,
-    seed: int,
-    real_factor: int = 2,
-    other_paragraph_share: float = 0.0,
-    swap_share: float = 0.0,
-) -> list[Example]:
-    """The answerable examples plus `make_negatives(...)`, shuffled by `seed`."""
+def with_negatives(examples: Sequence[Example], ratio: float, seed: int, **generators: float) -> list[Example]:
+    """The answerable examples plus `make_negatives(examples, ratio, seed, **generators)`, shuffled by `seed`."""
     out = [e for e in examples if not e.is_impossible]
-    out += make_negatives(examples, ratio, seed, real_factor, other_paragraph_share, swap_share)
+    out += make_negatives(examples, ratio, seed, **generators)
     random.Random(seed + 1).shuffle(out)
     return out

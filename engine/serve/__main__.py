@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workers",
         type=int,
         default=b.workers,
-        help="batcher threads sharing the engine: one packs and decodes while another is in a forward "
-        "(default %(default)s)",
+        help="batcher threads sharing the engine: one packs while another is in a forward (default %(default)s)",
     )
     p.add_argument(
         "--max-context-chars",

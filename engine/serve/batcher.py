@@ -4,9 +4,9 @@ Requests arrive already split into windows (tokenized by the caller's thread). A
 waits at most `max_wait_ms` for company while the queue holds fewer than `max_batch_tokens` tokens, then pops
 whole jobs up to that budget and runs all their windows through `QAEngine.run_windows` (one packed forward per
 `max_batch_tokens`). Each job's future receives the logits of its own windows; decoding happens back in the
-caller's thread, so the workers do nothing but forwards. With `workers` > 1 (the default 2), one worker packs the
-next batch and hands back results while another is inside a forward, so the Python steps between forwards do not
-leave the cores idle; the engine's own pool decides how concurrent forwards share the threads.
+caller's thread, so the workers do nothing but forwards. With `workers` > 1, one worker packs the next batch and
+hands back results while another is inside a forward; on the 2-core CPU this measured no gain (docs/SERVING.md),
+so the default is 1.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class BatchConfig:
     max_batch_tokens: int = 4096
     max_wait_ms: float = 2.0
     max_queue: int = 256
-    workers: int = 2
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens < 1 or self.max_wait_ms < 0 or self.max_queue < 1 or self.workers < 1:
