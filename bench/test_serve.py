@@ -159,7 +159,7 @@ def test_serve_load():
     del eng
     servers = {
         "batched": ["-m", "engine.serve", str(art), "--backend", "cpp", "--threads", str(THREADS)],
-        "batched-1-worker": [
+        "batched-2-workers": [
             "-m",
             "engine.serve",
             str(art),
@@ -168,7 +168,7 @@ def test_serve_load():
             "--threads",
             str(THREADS),
             "--workers",
-            "1",
+            "2",
         ],
         "naive": ["-m", "bench.test_serve", "naive", str(art), "--backend", "cpp", "--threads", str(THREADS)],
     }
