@@ -21,36 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", help="auto, torch, cpp or triton")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="intra-op threads of the engine (default: the backend's)")
-    p.add_argument(
-        "--max-batch-tokens",
-        type=int,
-        default=b.max_batch_tokens,
-        help="token budget of one packed forward (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-wait-ms",
-        type=float,
-        default=b.max_wait_ms,
-        help="longest an idle worker waits for more requests before running a batch (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-queue",
-        type=int,
-        default=b.max_queue,
-        help="requests waiting at most; beyond it 503 with Retry-After (default %(default)s)",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=b.workers,
-        help="batcher threads sharing the engine: one packs while another is in a forward (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-context-chars",
-        type=int,
-        default=d.max_context_chars,
-        help="longer contexts or questions get 413 (default %(default)s)",
-    )
+    knobs = [  # (flag, type, default, what it does)
+        ("--max-batch-tokens", int, b.max_batch_tokens, "token budget of one packed forward"),
+        ("--max-wait-ms", float, b.max_wait_ms, "longest an idle worker waits for more requests before a batch"),
+        ("--max-queue", int, b.max_queue, "requests waiting at most; beyond it 503 with Retry-After"),
+        ("--workers", int, b.workers, "batcher threads sharing the engine: one packs while another is in a forward"),
+        ("--max-context-chars", int, d.max_context_chars, "longer contexts or questions get 413"),
+    ]
+    for flag, kind, default, what in knobs:
+        p.add_argument(flag, type=kind, default=default, help=f"{what} (default %(default)s)")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     try:
