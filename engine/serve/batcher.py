@@ -91,7 +91,7 @@ class Batcher:
     def start(self) -> None:
         """Start the workers (once)."""
         for t in self._threads:
-            if not t.is_alive() and t.ident is None:
+            if t.ident is None:  # never started
                 t.start()
 
     def submit(self, jobs: Sequence[Job]) -> None:
