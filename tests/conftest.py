@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.features import WindowSettings
+
 # Triton decides at import time whether to interpret; without a GPU, kernels run in the interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -19,6 +21,22 @@ WORDS = (
     "france england normans william conquered battle hastings capital population people born died "
     "café naïve über 東 京 😀"
 ).split()
+
+
+SMALL_WINDOWS = WindowSettings(max_seq_length=64, doc_stride=16, max_query_length=16)  # several windows per context
+
+# engine.finetune / engine.prune flags of the tiny test runs: small windows, batch 4, one thread, no progress bars
+TINY_TRAIN_ARGS = ["--batch", "4", "--max-seq-length", "64", "--doc-stride", "16", "--max-query-length", "16"]
+TINY_TRAIN_ARGS += ["--no-progress", "--threads", "1"]
+
+
+def qa_pairs(n: int) -> list[tuple[str, str]]:
+    """`n` distinct (question, context) pairs of the shared words; some contexts span several SMALL_WINDOWS."""
+    out = []
+    for i in range(n):
+        ctx = " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12 + 9 * (i % 5)))
+        out.append((f"who was the king {WORDS[i % len(WORDS)]} {i}?", f"{ctx} {i}."))
+    return out
 
 
 def _bert_tokenizer(dirpath: Path):
@@ -150,6 +168,27 @@ needs_exact_int8 = pytest.mark.skipif(
     "16-bit partial sums here, so int8 is not an exact "
     "integer product",
 )
+
+
+def assert_same_tokens(hf, cpp, texts: list[str], check_bytes: bool = True) -> None:
+    """The C++ tokenizer `cpp` gives HF `tokenizers`' ids and character offsets for every text (the first
+    difference is reported), and its byte offsets cut the same substrings."""
+    encs = hf.encode_batch(texts, add_special_tokens=False)
+    for text, enc in zip(texts, encs):
+        ids, offsets, byte_offsets = cpp.encode(text)
+        want = [tuple(o) for o in enc.offsets]
+        if ids != enc.ids or offsets != want:
+            i = next(
+                (k for k, (a, b) in enumerate(zip(zip(ids, offsets), zip(enc.ids, want))) if a != b),
+                min(len(ids), len(enc.ids)),
+            )
+            pytest.fail(
+                f"{text[:80]!r}: first difference at token {i}: C++ {list(zip(ids, offsets))[i : i + 3]} "
+                f"vs HF {list(zip(enc.ids, want))[i : i + 3]}"
+            )
+        if check_bytes:
+            data = text.encode("utf-8")
+            assert [data[a:b].decode("utf-8") for a, b in byte_offsets] == [text[a:b] for a, b in offsets]
 
 
 def slow_pruned_timer(table, dense, slowdown: float = 1.15):

@@ -9,44 +9,13 @@ import pytest
 
 from engine import batch_qa
 from engine.build_model import build
-from engine.features import WindowSettings
 from engine.qa import QAEngine
-
-SETTINGS = WindowSettings(max_seq_length=64, doc_stride=16, max_query_length=16)
-WORDS = [
-    "the",
-    "king",
-    "of",
-    "england",
-    "was",
-    "william",
-    "who",
-    "conquered",
-    "the",
-    "normans",
-    "in",
-    "the",
-    "battle",
-    "of",
-    "hastings",
-    "near",
-    "london",
-]
+from tests.conftest import SMALL_WINDOWS, qa_pairs
 
 
 @pytest.fixture(scope="module")
 def artifact(tiny_bert, tmp_path_factory) -> Path:
-    return build(tiny_bert, tmp_path_factory.mktemp("bqa") / "a", settings=SETTINGS)
-
-
-def _pairs(n: int) -> list[tuple[str, str]]:
-    return [
-        (
-            f"who was {WORDS[i % len(WORDS)]} {i}?",
-            " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(10 + 7 * (i % 6))) + f" {i}.",
-        )
-        for i in range(n)
-    ]
+    return build(tiny_bert, tmp_path_factory.mktemp("bqa") / "a", settings=SMALL_WINDOWS)
 
 
 BAD = [  # (line text, what the rejects file must say)
@@ -62,13 +31,19 @@ BAD = [  # (line text, what the rejects file must say)
 
 def _write_input(path: Path, n: int) -> list[tuple]:
     """n good lines (ids q0.., one integer id) with the bad lines spread among them; the good rows."""
-    good = [(f"q{i}" if i != 3 else 3, q, c) for i, (q, c) in enumerate(_pairs(n))]
+    good = [(f"q{i}" if i != 3 else 3, q, c) for i, (q, c) in enumerate(qa_pairs(n))]
     lines = [json.dumps({"id": i, "question": q, "context": c}) for i, q, c in good]
     for k, (bad, _) in enumerate(BAD):
         lines.insert(2 + 3 * k, bad)
     lines.insert(5, "")  # blank lines are skipped silently
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return good
+
+
+def _args(artifact: Path, inp: Path, out: Path, *extra: str, shard_size: int) -> list[str]:
+    """engine.batch_qa's command line on the torch backend, 4 questions a batch."""
+    io = ["--artifact", str(artifact), "--input", str(inp), "--output", str(out)]
+    return [*io, "--backend", "torch", *extra, "--batch-size", "4", "--shard-size", str(shard_size)]
 
 
 def _read(path: Path) -> list[dict]:
@@ -89,22 +64,7 @@ def _check_against_engine(out: Path, good: list[tuple], artifact: Path) -> None:
 def test_local_mode_and_bad_lines(artifact, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     good = _write_input(inp, 23)
-    rc = batch_qa.main(
-        [
-            "--artifact",
-            str(artifact),
-            "--input",
-            str(inp),
-            "--output",
-            str(out),
-            "--backend",
-            "torch",
-            "--batch-size",
-            "4",
-            "--shard-size",
-            "5",
-        ]
-    )
+    rc = batch_qa.main(_args(artifact, inp, out, shard_size=5))
     assert rc == 0
     _check_against_engine(out, good, artifact)
     rejects = _read(tmp_path / "out.jsonl.rejects.jsonl")
@@ -117,20 +77,7 @@ def test_local_mode_and_bad_lines(artifact, tmp_path):
 def test_resume_after_crash(artifact, tmp_path, monkeypatch):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     good = _write_input(inp, 30)
-    args = [
-        "--artifact",
-        str(artifact),
-        "--input",
-        str(inp),
-        "--output",
-        str(out),
-        "--backend",
-        "torch",
-        "--batch-size",
-        "4",
-        "--shard-size",
-        "7",
-    ]
+    args = _args(artifact, inp, out, shard_size=7)
 
     class Crash(BaseException):
         pass
@@ -178,27 +125,7 @@ def test_ray_local_cluster(artifact, tmp_path):
     try:
         inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
         good = _write_input(inp, 20)
-        rc = batch_qa.main(
-            [
-                "--artifact",
-                str(artifact),
-                "--input",
-                str(inp),
-                "--output",
-                str(out),
-                "--backend",
-                "torch",
-                "--ray",
-                "--workers",
-                "2",
-                "--threads",
-                "1",
-                "--batch-size",
-                "4",
-                "--shard-size",
-                "6",
-            ]
-        )
+        rc = batch_qa.main(_args(artifact, inp, out, "--ray", "--workers", "2", "--threads", "1", shard_size=6))
         assert rc == 0
         _check_against_engine(out, good, artifact)
         assert len(_read(tmp_path / "out.jsonl.rejects.jsonl")) == len(BAD)

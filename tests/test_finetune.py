@@ -15,6 +15,7 @@ from engine.finetune import build_parser, finetune
 from engine.train.config import make_optimizer, weight_groups
 from engine.train.losses import span_loss
 from engine.train.state import NonFiniteLossError, check_finite, load_training_state, lr_at, save_training_state
+from tests.conftest import TINY_TRAIN_ARGS
 
 _NAMES = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
 _THINGS = ["river", "castle", "bridge", "market", "tower", "garden"]
@@ -92,17 +93,7 @@ def _args(model: Path, train: Path, out: Path, *extra: str) -> list[str]:
         str(train),
         "--out",
         str(out),
-        "--batch",
-        "4",
-        "--max-seq-length",
-        "64",
-        "--doc-stride",
-        "16",
-        "--max-query-length",
-        "16",
-        "--no-progress",
-        "--threads",
-        "1",
+        *TINY_TRAIN_ARGS,
         *extra,
     ]
 

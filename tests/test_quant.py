@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,6 +79,21 @@ def squad_file(tmp_path_factory):
     return path
 
 
+def precision_artifacts(tiny_bert: Path, tiny_roberta: Path, spec: Path, squad: Path, root: Path) -> dict:
+    """(arch, kind) -> artifact dir of both tiny models cut to `spec`, in float32, bfloat16, int8 (dynamic scales)
+    and "int8s" (static scales calibrated on `squad`)."""
+    out = {}
+    for arch, src in (("bert", tiny_bert), ("roberta", tiny_roberta)):
+        for kind, dtype, cal in (
+            ("float32", "float32", None),
+            ("bfloat16", "bfloat16", None),
+            ("int8", "int8", None),
+            ("int8s", "int8", squad),
+        ):
+            out[arch, kind] = build(src, root / f"{arch}-{kind}", spec=spec, dtype=dtype, settings=SMALL, calibrate=cal)
+    return out
+
+
 @pytest.fixture(scope="module")
 def spec_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("spec") / "spec.json"
@@ -88,19 +104,7 @@ def spec_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def artifacts(tiny_bert, tiny_roberta, spec_file, squad_file, tmp_path_factory):
     """(arch, dtype) -> artifact dir; every model ragged with a 0-head/0-FFN layer. "int8s" = static scales."""
-    root = tmp_path_factory.mktemp("quant_arts")
-    out = {}
-    for arch, src in (("bert", tiny_bert), ("roberta", tiny_roberta)):
-        for kind, dtype, cal in (
-            ("float32", "float32", None),
-            ("bfloat16", "bfloat16", None),
-            ("int8", "int8", None),
-            ("int8s", "int8", squad_file),
-        ):
-            out[arch, kind] = build(
-                src, root / f"{arch}-{kind}", spec=spec_file, dtype=dtype, settings=SMALL, calibrate=cal
-            )
-    return out
+    return precision_artifacts(tiny_bert, tiny_roberta, spec_file, squad_file, tmp_path_factory.mktemp("quant_arts"))
 
 
 def _packed(cfg, lengths: list[int], seed: int = 0):

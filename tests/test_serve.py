@@ -19,46 +19,17 @@ import httpx
 import pytest
 
 from engine.build_model import build
-from engine.features import WindowSettings
 from engine.qa import QAEngine
 from engine.serve import BatchConfig, Batcher, Job, ServeConfig, create_app
 from engine.serve.batcher import Closed
+from tests.conftest import SMALL_WINDOWS, qa_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = WindowSettings(max_seq_length=64, doc_stride=16, max_query_length=16)
-WORDS = [
-    "the",
-    "king",
-    "of",
-    "england",
-    "was",
-    "william",
-    "who",
-    "conquered",
-    "the",
-    "normans",
-    "in",
-    "the",
-    "battle",
-    "of",
-    "hastings",
-    "near",
-    "london",
-]
-
-
-def _pairs(n: int) -> list[tuple[str, str]]:
-    """`n` distinct (question, context) pairs; some contexts span several windows."""
-    out = []
-    for i in range(n):
-        ctx = " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12 + 9 * (i % 5)))
-        out.append((f"who was the king {WORDS[i % len(WORDS)]} {i}?", f"{ctx} {i}."))
-    return out
 
 
 @pytest.fixture(scope="module")
 def artifact(tiny_bert, tmp_path_factory) -> Path:
-    return build(tiny_bert, tmp_path_factory.mktemp("serve") / "a", settings=SETTINGS)
+    return build(tiny_bert, tmp_path_factory.mktemp("serve") / "a", settings=SMALL_WINDOWS)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +80,7 @@ def _close(a: dict, b: dict) -> bool:
 
 
 def test_answer_matches_engine(engine):
-    q, c = _pairs(1)[0]
+    q, c = qa_pairs(1)[0]
 
     async def go():
         async with _client(create_app(engine)) as cl:
@@ -126,7 +97,7 @@ def test_answer_matches_engine(engine):
 
 
 def test_concurrent_clients_get_their_own_answers(engine):
-    pairs = _pairs(48)
+    pairs = qa_pairs(48)
     ref = [a.to_dict() for a in engine.answer_batch(pairs)]
     app = create_app(engine, ServeConfig(BatchConfig(max_batch_tokens=300, max_wait_ms=20, max_queue=64)))
 
@@ -158,7 +129,7 @@ def _samples(text: str) -> dict[str, float]:
 def test_batcher_token_budget_and_order(engine):
     """Batches hold whole jobs within the token budget (a larger job runs alone); each job gets its own logits."""
     gated, backend = _gated(engine)
-    pairs = _pairs(21)
+    pairs = qa_pairs(21)
     jobs = [Job(engine.windows.windows(q, c)) for q, c in pairs]
     seen: list[tuple[int, int, int]] = []
     batcher = Batcher(
@@ -199,7 +170,7 @@ def test_two_workers_overlap_forwards_and_keep_answers_apart(engine):
                 inside[0] -= 1
 
     backend.forward_packed = counting
-    pairs = _pairs(6)
+    pairs = qa_pairs(6)
     jobs = [Job(engine.windows.windows(q, c)) for q, c in pairs]
     batcher = Batcher(gated, BatchConfig(max_batch_tokens=10_000, max_wait_ms=0, max_queue=64, workers=2))
     batcher.start()
@@ -236,7 +207,7 @@ def test_bad_requests_get_422_and_server_lives(engine, body, why):
     async def go():
         async with _client(create_app(engine)) as cl:
             bad = await cl.post("/v1/answer", content=body, headers={"content-type": "application/json"})
-            ok = await cl.post("/v1/answer", json=_body(*_pairs(1)[0]))
+            ok = await cl.post("/v1/answer", json=_body(*qa_pairs(1)[0]))
             return bad, ok
 
     bad, ok = asyncio.run(go())
@@ -247,7 +218,7 @@ def test_bad_requests_get_422_and_server_lives(engine, body, why):
 
 def test_oversize_gets_413(engine):
     cfg = ServeConfig(BatchConfig(max_queue=4), max_context_chars=200)
-    q, c = _pairs(1)[0]
+    q, c = qa_pairs(1)[0]
 
     async def go():
         async with _client(create_app(engine, cfg)) as cl:
@@ -267,7 +238,7 @@ def test_oversize_gets_413(engine):
 def test_queue_limit_503_with_retry_after(engine):
     gated, backend = _gated(engine)
     app = create_app(gated, ServeConfig(BatchConfig(max_wait_ms=0, max_queue=2, workers=1)))
-    pairs = _pairs(4)
+    pairs = qa_pairs(4)
 
     async def go():
         async with _client(app) as cl:
@@ -292,7 +263,7 @@ def test_client_disconnect_costs_nothing(engine):
     """A client that leaves while queued: its job never runs, others are unaffected."""
     gated, backend = _gated(engine)
     app = create_app(gated, ServeConfig(BatchConfig(max_wait_ms=0, max_queue=8, workers=1)))
-    pairs = _pairs(3)
+    pairs = qa_pairs(3)
 
     async def go():
         async with _client(app) as cl:
@@ -356,7 +327,7 @@ def test_engine_failure_is_500_and_worker_lives(engine):
 
     async def go():
         async with _client(create_app(gated)) as cl:
-            return [await cl.post("/v1/answer", json=_body(*p)) for p in _pairs(2)] + [await cl.get("/metrics")]
+            return [await cl.post("/v1/answer", json=_body(*p)) for p in qa_pairs(2)] + [await cl.get("/metrics")]
 
     bad, ok, metrics = asyncio.run(go())
     assert bad.status_code == 500 and ok.status_code == 200
@@ -368,7 +339,7 @@ def test_engine_failure_is_500_and_worker_lives(engine):
 def test_healthz_metrics_docs(engine):
     async def go():
         async with _client(create_app(engine)) as cl:
-            await cl.post("/v1/answer", json=_body(*_pairs(1)[0]))
+            await cl.post("/v1/answer", json=_body(*qa_pairs(1)[0]))
             return [await cl.get(p) for p in ("/healthz", "/metrics", "/docs", "/openapi.json", "/nope")]
 
     health, metrics, docs, openapi, missing = asyncio.run(go())
@@ -432,7 +403,7 @@ def test_real_server_sigterm_drains_in_flight(artifact, engine):
             except httpx.HTTPError:
                 assert time.time() < deadline and proc.poll() is None, "server did not start"
                 time.sleep(0.2)
-        pairs = _pairs(6)
+        pairs = qa_pairs(6)
 
         async def go():
             async with httpx.AsyncClient(base_url=url, timeout=60) as cl:

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from bench.roberta import minilm_roberta_artifact, squad_texts, train_bpe
 from engine.features import WindowSettings
+from tests.conftest import assert_same_tokens
 
 _C = pytest.importorskip("engine._C", reason="engine._C is not built (C++ toolchain or deps missing at install)")
 
@@ -102,28 +103,9 @@ def _pair(path: Path) -> tuple[Tokenizer, object]:
     return hf, _C.ByteLevelBPETokenizer(str(path))
 
 
-def _compare(hf: Tokenizer, cpp, texts: list[str], check_bytes: bool = True) -> None:
-    encs = hf.encode_batch(texts, add_special_tokens=False)
-    for text, enc in zip(texts, encs):
-        ids, offsets, byte_offsets = cpp.encode(text)
-        want = [tuple(o) for o in enc.offsets]
-        if ids != enc.ids or offsets != want:
-            i = next(
-                (k for k, (a, b) in enumerate(zip(zip(ids, offsets), zip(enc.ids, want))) if a != b),
-                min(len(ids), len(enc.ids)),
-            )
-            pytest.fail(
-                f"{text[:80]!r}: first difference at token {i}: C++ {list(zip(ids, offsets))[i : i + 3]} "
-                f"vs HF {list(zip(enc.ids, want))[i : i + 3]}"
-            )
-        if check_bytes:
-            data = text.encode("utf-8")
-            assert [data[a:b].decode("utf-8") for a, b in byte_offsets] == [text[a:b] for a, b in offsets]
-
-
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 def test_adversarial_text(tiny_bpe, variant):
-    _compare(*_pair(tiny_bpe[variant]), CORPUS + ADVERSARIAL)
+    assert_same_tokens(*_pair(tiny_bpe[variant]), CORPUS + ADVERSARIAL)
 
 
 def test_every_assigned_code_point(tiny_bpe):
@@ -140,7 +122,7 @@ def test_every_assigned_code_point(tiny_bpe):
         if not 0xD800 <= c <= 0xDFFF and (c < 0x40000 or 0xE0000 <= c < 0xF0000 or c % 97 == 0)
     ]
     texts = ["".join(f"a{chr(c)} {chr(c)}1" for c in cps[i : i + 1024]) for i in range(0, len(cps), 1024)]
-    _compare(hf, cpp, texts, check_bytes=False)
+    assert_same_tokens(hf, cpp, texts, check_bytes=False)
 
 
 def test_random_fragments(tiny_bpe):
@@ -149,7 +131,7 @@ def test_random_fragments(tiny_bpe):
     rng = random.Random(0)
     texts = ["".join(rng.choice(pool) for _ in range(rng.randint(1, 40))) for _ in range(3000)]
     for variant in VARIANTS:
-        _compare(*_pair(tiny_bpe[variant]), texts)
+        assert_same_tokens(*_pair(tiny_bpe[variant]), texts)
 
 
 def test_added_tokens_normalized_lstrip_rstrip(tiny_bpe, tmp_path):
@@ -180,13 +162,13 @@ def test_added_tokens_normalized_lstrip_rstrip(tiny_bpe, tmp_path):
     pool = ["the cat", " dog", "<x>", " ", "\t", "\u3000", "a", "é", "'s"]
     rng = random.Random(1)
     texts += ["".join(rng.choice(pool) for _ in range(rng.randint(1, 12))) for _ in range(2000)]
-    _compare(*_pair(path), texts)
+    assert_same_tokens(*_pair(path), texts)
 
 
 def test_fifty_thousand_character_contexts(tiny_bpe, dev_texts):
     long = [(" ".join(dev_texts[i::7]))[:50_000] for i in range(4)]
     assert all(len(t) == 50_000 for t in long)
-    _compare(*_pair(tiny_bpe[(False, True)]), long)
+    assert_same_tokens(*_pair(tiny_bpe[(False, True)]), long)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
@@ -194,11 +176,11 @@ def test_squad_dev_with_the_real_weight_tokenizer(squad_bpe_dir, dev_texts, tmp_
     """All 1,204 contexts and 11,873 questions of SQuAD 2.0 dev with the RoBERTa artifact's tokenizer."""
     assert len(dev_texts) == 1204 + 11873
     path = _variants(squad_bpe_dir, tmp_path)[variant]
-    _compare(*_pair(path), dev_texts + ADVERSARIAL)
+    assert_same_tokens(*_pair(path), dev_texts + ADVERSARIAL)
 
 
 def test_squad_dev_with_the_tiny_tokenizer(tiny_bpe, dev_texts):
-    _compare(*_pair(tiny_bpe[(False, True)]), dev_texts)
+    assert_same_tokens(*_pair(tiny_bpe[(False, True)]), dev_texts)
 
 
 def test_invalid_input_is_an_error(tiny_bpe):

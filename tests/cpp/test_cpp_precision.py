@@ -35,13 +35,13 @@ from engine.runtime import (  # noqa: E402
 from tests.conftest import NO_BF16_GEMM, needs_bf16_gemm, needs_exact_int8  # noqa: E402
 from tests.test_quant import (  # noqa: E402
     RAGGED,
-    SMALL,
     U_BF16,
     _capture_inputs,
     _int8_layer_bound,
     _int8_linear_inputs,
     _packed,
     _synthetic_squad,
+    precision_artifacts,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -67,16 +67,7 @@ def artifacts(tiny_bert, tiny_roberta, tmp_path_factory):
     spec, squad = root / "spec.json", root / "squad.json"
     spec.write_text(json.dumps(RAGGED))
     squad.write_text(json.dumps(_synthetic_squad()))
-    out = {}
-    for arch, src in (("bert", tiny_bert), ("roberta", tiny_roberta)):
-        for kind, dtype, cal in (
-            ("float32", "float32", None),
-            ("bfloat16", "bfloat16", None),
-            ("int8", "int8", None),
-            ("int8s", "int8", squad),
-        ):
-            out[arch, kind] = build(src, root / f"{arch}-{kind}", spec=spec, dtype=dtype, settings=SMALL, calibrate=cal)
-    return out
+    return precision_artifacts(tiny_bert, tiny_roberta, spec, squad, root)
 
 
 def _logits(backend, ids, types, cu, ms) -> torch.Tensor:

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
+from tests.conftest import assert_same_tokens
+
 _C = pytest.importorskip("engine._C", reason="engine._C is not built (C++ toolchain or deps missing at install)")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,27 +62,9 @@ def _pair(path: Path) -> tuple[Tokenizer, object]:
     return hf, _C.WordPieceTokenizer(str(path))
 
 
-def _compare(hf: Tokenizer, cpp, texts: list[str]) -> None:
-    encs = hf.encode_batch(texts, add_special_tokens=False)
-    for text, enc in zip(texts, encs):
-        ids, offsets, byte_offsets = cpp.encode(text)
-        want = [tuple(o) for o in enc.offsets]
-        if ids != enc.ids or offsets != want:
-            i = next(
-                (k for k, (a, b) in enumerate(zip(zip(ids, offsets), zip(enc.ids, want))) if a != b),
-                min(len(ids), len(enc.ids)),
-            )
-            pytest.fail(
-                f"{text[:80]!r}: first difference at token {i}: C++ {list(zip(ids, offsets))[i : i + 3]} "
-                f"vs HF {list(zip(enc.ids, want))[i : i + 3]}"
-            )
-        data = text.encode("utf-8")
-        assert [data[a:b].decode("utf-8") for a, b in byte_offsets] == [text[a:b] for a, b in offsets]
-
-
 @pytest.mark.parametrize("variant", VARIANTS, ids=["uncased", "lower_only", "cased"])
 def test_synthetic_unicode(tokenizer_files, variant):
-    _compare(*_pair(tokenizer_files[variant]), SYNTHETIC)
+    assert_same_tokens(*_pair(tokenizer_files[variant]), SYNTHETIC)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=["uncased", "lower_only", "cased"])
@@ -91,13 +75,13 @@ def test_every_code_point(tokenizer_files, variant):
     texts = [
         " ".join(f"a{chr(c)}b {chr(c)} X{chr(c)}{chr(c)}É" for c in cps[i : i + 256]) for i in range(0, len(cps), 256)
     ]
-    _compare(hf, cpp, texts)
+    assert_same_tokens(hf, cpp, texts)
 
 
 def test_manifest_flags_override_the_file(tokenizer_files):
     hf, _ = _pair(tokenizer_files[(False, False)])
     cpp = _C.WordPieceTokenizer(str(tokenizer_files[(True, True)]), lowercase=False, strip_accents=False)
-    _compare(hf, cpp, SYNTHETIC)
+    assert_same_tokens(hf, cpp, SYNTHETIC)
 
 
 def test_squad_dev_contexts_and_questions(tokenizer_files, squad_dev):
@@ -110,7 +94,7 @@ def test_squad_dev_contexts_and_questions(tokenizer_files, squad_dev):
             texts.append(p["context"])
             texts += [q["question"] for q in p["qas"]]
     assert len(texts) > 13000
-    _compare(hf, cpp, texts)
+    assert_same_tokens(hf, cpp, texts)
 
 
 def test_invalid_utf8_is_an_error(tokenizer_files):

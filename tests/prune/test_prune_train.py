@@ -19,7 +19,7 @@ from engine.packing import cu_seqlens_from_lengths
 from engine.prune.export import calibrate, deterministic_shape
 from engine.prune.gated import GatedQAModel, export_ragged
 from engine.prune.train import build_parser, prune
-from tests.conftest import ROOT, make_checkpoint
+from tests.conftest import ROOT, TINY_TRAIN_ARGS, make_checkpoint
 from tests.test_finetune import _squad
 
 
@@ -84,17 +84,7 @@ def _argv(data, out: Path, *extra: str) -> list[str]:
         str(root / "dev.json"),
         "--out",
         str(out),
-        "--batch",
-        "4",
-        "--max-seq-length",
-        "64",
-        "--doc-stride",
-        "16",
-        "--max-query-length",
-        "16",
-        "--no-progress",
-        "--threads",
-        "1",
+        *TINY_TRAIN_ARGS,
         "--log-every",
         "0",
         *extra,
