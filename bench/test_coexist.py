@@ -34,6 +34,8 @@ from engine.runtime import available_backends
 SHAPES = [(1, 128), (1, 384), (8, 384)]
 BACKENDS = ["cpp", "torch"]
 PAIRS = 100  # dev questions of the end-to-end test
+# rounds per condition: at batch 1 a p99 rests on its 10 slowest of 1,000 calls (of 100 it was the single slowest)
+ROUNDS = {1: 1000, 8: 40}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -106,7 +108,7 @@ def test_forward_after_other_work(benchmark, questions, backend, batch, seq):  #
         for _ in range(3):
             qa.forward(**x)
         env = _environment()
-        times = _interleaved(benchmark, before, lambda: qa.forward(**x), 100 if batch == 1 else 15)
+        times = _interleaved(benchmark, before, lambda: qa.forward(**x), ROUNDS[batch])
     stats = {k: _stats(v) for k, v in times.items()}
     alone = stats["alone"]["p50_ms"]
     benchmark.group = f"coexist {batch}x{seq}"
