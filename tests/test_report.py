@@ -274,9 +274,19 @@ def test_accuracy_rows_groups_teachers_flops_and_latency(two_artifacts, tmp_path
             for m, t in (("teacher-minilm", 0.2), ("l0-0.5", 0.08), ("hf-eager-dense", 0.8))
         ],
     )
+    _bench_file(
+        res / "students.json",
+        [
+            ({"provider": "engine-cpp", "model": m, "batch": 1, "seq": 384}, t)
+            for m, t in (("teacher-v2", 0.03), ("l0-v2-0.52", 0.01))
+        ],
+    )
     assert accuracy_rows.main(["--results", str(res)]) == 0
     acc = json.loads((res / "accuracy.json").read_text())
     cur, prev = acc["current"], acc["previous"]
+    small = cur["rows"][0]["latency"]["1x384"]  # against teacher-v2 of its own folder; no HF row there
+    assert small["ms"] == pytest.approx(10.0) and small["speedup_vs_teacher"] == pytest.approx(3.0)
+    assert "speedup_vs_hf_eager" not in small and "speedup" not in cur["rows"][0]  # no (8,384) median
     assert (cur["teacher"], prev["teacher"]) == ("teacher-v2", "teacher-minilm")
     assert [r["name"] for r in cur["rows"]] == ["l0-v2-0.52", "teacher-v2-int8", "teacher-v2"]
     full, cut = encoder_flops(load_artifact(dense).cfg, 1, 384), encoder_flops(load_artifact(pruned).cfg, 1, 384)
@@ -289,7 +299,7 @@ def test_accuracy_rows_groups_teachers_flops_and_latency(two_artifacts, tmp_path
     ]
     lat = prev["rows"][0]["latency"]["8x384"]
     assert lat["speedup_vs_teacher"] == pytest.approx(2.5) and lat["speedup_vs_hf_eager"] == pytest.approx(10.0)
-    assert prev["rows"][0]["speedup"] == pytest.approx(2.5) and "latency" not in cur["rows"][0]
+    assert prev["rows"][0]["speedup"] == pytest.approx(2.5) and "latency" not in cur["rows"][1]
     assert [q["name"] for q in acc["quoted"]] == [q["name"] for q in accuracy_rows.QUOTED]
     # rerun from its own output where the artifacts are ignored: the same rows
     assert accuracy_rows.main(["--results", str(res), "--stored-flops"]) == 0
