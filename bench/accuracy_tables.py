@@ -181,7 +181,7 @@ def accuracy_targets(points: list[dict[str, Any]], teacher: str | None) -> list[
         out.append(_target(what, f">= {need:.2f}", where, f"{t[key]:.2f}" if t else "", t[key] >= need if t else None))
     students = [p for p in points if t and not p["name"].startswith(("teacher",) + BASELINES)]
 
-    def where(p: dict[str, Any]) -> str:
+    def named(p: dict[str, Any]) -> str:
         sp = f", {p['speedup']:.2f}x at (8,384)" if p.get("speedup") else ""
         return f"{p['name']} (FLOPs {p['flops']:.3f}{sp})"
 
@@ -193,7 +193,7 @@ def accuracy_targets(points: list[dict[str, Any]], teacher: str | None) -> list[
             _target(
                 f"F1 lost by the best student at >= 2x fewer FLOPs ({label})",
                 "<= 1.00 (FLOPs fraction <= 0.5)",
-                where(best) if best else "l0-v2-* students",
+                named(best) if best else "l0-v2-* students",
                 f"{lost:+.2f}" if best else "",
                 lost <= 1.0 if best else None,
             )
@@ -205,7 +205,7 @@ def accuracy_targets(points: list[dict[str, Any]], teacher: str | None) -> list[
         _target(
             "F1 lost by the best student at >= 3.5x fewer FLOPs (thr 0)",
             "<= 2.50 (FLOPs fraction <= 0.286)",
-            where(best) if best else "l0-v2-* students",
+            named(best) if best else "l0-v2-* students",
             f"{lost['f1']:+.2f} (stored thr {lost['f1_stored']:+.2f}, HasAns {lost['HasAns_f1']:+.2f})" if lost else "",
             lost["f1"] <= 2.5 if lost else None,
         )
