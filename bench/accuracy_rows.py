@@ -1,26 +1,51 @@
 """`python -m bench.accuracy_rows`: write bench/results/accuracy.json for the report from evaluated runs.
 
-For every `bench/results/eval-NAME.json` (from `python -m engine.evaluate`), the row names the artifact's encoder
-FLOPs against the dense teacher at 384 tokens, and the command that produced it. Two quoted reference rows are
-added and labelled as quoted.
+Two groups, each with its own dense teacher (its `eval-teacher*.json` with the shortest name, i.e. the fp32 build):
+  current   bench/results/eval-NAME.json            the current teacher (teacher-v2) and its students
+  previous  bench/results/previous/eval-NAME.json   the superseded MiniLM teacher (teacher-minilm) and its students
+Every `eval-NAME.json` (from `python -m engine.evaluate`) becomes a row naming the artifact's encoder FLOPs at 384
+tokens, its group teacher's, and the command that produced it; CPU medians come from the `students.json` in the same
+folder (`make bench-students` writes bench/results/students.json for the current group). FLOPs are read from the
+artifact's manifest when the artifact is on this machine, else kept from the existing accuracy.json, so the file can
+be regenerated where the artifacts are gone. Two quoted reference rows are added and labelled as quoted.
+
+Output (`--out`, default RESULTS/accuracy.json):
+  {"current":  {"folder": "bench/results", "teacher": "teacher-v2" | null, "rows": [ROW, ...]},
+   "previous": {"folder": "bench/results/previous", "teacher": "teacher-minilm", "rows": [ROW, ...]},
+   "quoted":   [{"name", "note", "quoted": {"exact", "f1", "f1_stored", "HasAns_f1", "NoAns_f1", "flops", ...}}]}
+  ROW = {"name", "eval": path (relative to the repository root when inside it), "artifact_flops", "dense_flops",
+         "command", "latency": {"1x384"|"8x384": {"ms", "provider", "speedup_vs_teacher", "speedup_vs_hf_eager"}}
+         (optional), "speedup": the (8,384) speedup over the group teacher (optional)}
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from engine.artifact import read_manifest
 from engine.config import EncoderConfig
 from engine.flops import encoder_flops
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+GROUPS = {"current": ".", "previous": "previous"}  # group -> its folder inside the results folder
 QUOTED = [
     {
         "name": "always no answer (floor)",
         "note": "5,945 of the 11,873 dev questions are unanswerable (official metric)",
-        "quoted": {"exact": 50.07, "f1": 50.07, "HasAns_f1": 0.0, "NoAns_f1": 100.0, "flops": "-"},
+        "quoted": {
+            "exact": 50.07,
+            "f1": 50.07,
+            "f1_stored": 50.07,
+            "HasAns_f1": 0.0,
+            "HasAns_f1_stored": 0.0,
+            "NoAns_f1": 100.0,
+            "flops": "-",
+        },
     },
     {
         "name": "McCarley et al. 2019 (paper claim)",
@@ -30,10 +55,43 @@ QUOTED = [
 ]
 
 
-def _join_latency(rows: list[dict], teacher: str) -> None:
-    """Add CPU medians from bench/results/students.json (bench/test_students.py): ms per shape, the speedup over the
-    dense teacher on the same engine and over dense fp32 HF eager."""
-    path = ROOT / "bench" / "results" / "students.json"
+class RowsError(ValueError):
+    """An eval file that cannot become a row; the message names the fix."""
+
+
+def _rel(p: Path) -> str:
+    """`p` relative to the repository root when inside it, else absolute."""
+    p = p.resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
+def stored_rows(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """{(group, name): row} of an existing accuracy.json; the old flat list (one teacher) counts as 'previous'."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if isinstance(data, list):
+        return {("previous", r["name"]): r for r in data if "quoted" not in r}
+    return {(g, r["name"]): r for g in GROUPS if g in data for r in data[g]["rows"]}
+
+
+def artifact_flops(eval_path: Path, stored: dict[str, Any] | None, use_artifacts: bool = True) -> int:
+    """Encoder FLOPs of one (1,384) forward of the artifact an eval file scored: from its manifest when present,
+    else from the stored row."""
+    art = Path(json.loads(eval_path.read_text())["artifact"])
+    if use_artifacts and (art / "engine.json").is_file():
+        return encoder_flops(EncoderConfig.from_dict(read_manifest(art)["config"]), 1, 384)
+    if stored is None:
+        raise RowsError(
+            f"{eval_path}: its artifact {art} is not on this machine and accuracy.json has no row for it; "
+            "rebuild the artifact (scripts/reproduce_squad.sh eval NAME) or run where it exists"
+        )
+    return int(stored["artifact_flops"])
+
+
+def _join_latency(rows: list[dict[str, Any]], path: Path, teacher: str) -> None:
+    """Add CPU medians from a bench/test_students.py file: ms per shape, the speedup over the group's dense teacher on
+    the same engine and over dense fp32 HF eager."""
     if not path.is_file():
         return
     from bench.report import load_benchmarks
@@ -53,31 +111,62 @@ def _join_latency(rows: list[dict], teacher: str) -> None:
             row["speedup"] = row["latency"]["8x384"].get("speedup_vs_teacher")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point."""
-    rows = []
-    evals = sorted((ROOT / "bench" / "results").glob("eval-*.json"))
-    cfg_of = {p: EncoderConfig.from_dict(read_manifest(json.loads(p.read_text())["artifact"])["config"]) for p in evals}
+def group_rows(
+    group: str, folder: Path, stored: dict[tuple[str, str], dict[str, Any]], use_artifacts: bool = True
+) -> dict[str, Any]:
+    """{"folder", "teacher", "rows"} of one folder of eval-*.json files; an empty folder gives no teacher, no rows."""
+    evals = sorted(folder.glob("eval-*.json"))
+    out: dict[str, Any] = {"folder": _rel(folder), "teacher": None, "rows": []}
+    if not evals:
+        return out
     teachers = [p for p in evals if p.stem.startswith("eval-teacher")]
     if not teachers:
-        print("error: no bench/results/eval-teacher*.json: evaluate the dense teacher first", file=sys.stderr)
-        return 2
+        raise RowsError(f"{folder} has eval files but no eval-teacher*.json: evaluate the group's dense teacher first")
     teacher = min(teachers, key=lambda p: len(p.stem))  # the fp32 teacher, not its -int8 or -bfloat16 builds
-    dense_flops = encoder_flops(cfg_of[teacher], 1, 384)
+    name_of = {p: p.stem.removeprefix("eval-") for p in evals}
+    flops = {p: artifact_flops(p, stored.get((group, name_of[p])), use_artifacts) for p in evals}
     for p in evals:
-        name = p.stem.removeprefix("eval-")
-        rows.append(
+        out["rows"].append(
             {
-                "name": name,
-                "eval": str(p.relative_to(ROOT)),
-                "artifact_flops": encoder_flops(cfg_of[p], 1, 384),
-                "dense_flops": dense_flops,
-                "command": f"scripts/reproduce_squad.sh (run {name}); python -m engine.evaluate ... --data dev",
+                "name": name_of[p],
+                "eval": _rel(p),
+                "artifact_flops": flops[p],
+                "dense_flops": flops[teacher],
+                "command": f"scripts/reproduce_squad.sh (run {name_of[p]}); python -m engine.evaluate ... --data dev",
             }
         )
-    _join_latency(rows, teacher.stem.removeprefix("eval-"))
-    (ROOT / "bench" / "results" / "accuracy.json").write_text(json.dumps(rows + QUOTED, indent=1) + "\n")
-    print(f"{len(rows)} measured rows + {len(QUOTED)} quoted")
+    out["teacher"] = name_of[teacher]
+    _join_latency(out["rows"], folder / "students.json", name_of[teacher])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    ap = argparse.ArgumentParser(prog="python -m bench.accuracy_rows", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of eval-*.json and previous/eval-*.json")
+    ap.add_argument("--out", type=Path, help="default: RESULTS/accuracy.json (its rows also supply missing FLOPs)")
+    ap.add_argument(
+        "--stored-flops", action="store_true", help="never read artifacts: FLOPs of every row from the existing --out"
+    )
+    a = ap.parse_args(argv)
+    out = a.out or a.results / "accuracy.json"
+    stored = stored_rows(out)
+    try:
+        groups = {
+            g: group_rows(g, (a.results / sub).resolve(), stored, not a.stored_flops) for g, sub in GROUPS.items()
+        }
+    except RowsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not any(g["rows"] for g in groups.values()):
+        print(
+            f"error: no eval-*.json in {a.results} or {a.results / 'previous'}: run engine.evaluate first",
+            file=sys.stderr,
+        )
+        return 2
+    out.write_text(json.dumps({**groups, "quoted": QUOTED}, indent=1) + "\n")
+    counts = ", ".join(f"{g}: {len(v['rows'])} rows (teacher {v['teacher']})" for g, v in groups.items())
+    print(f"wrote {out}: {counts}, {len(QUOTED)} quoted")
     return 0
 
 

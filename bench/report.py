@@ -5,8 +5,8 @@ Inputs (all optional; missing ones leave their section out):
   bench/results/workload*.json     pytest-benchmark output of bench/test_workload.py
   bench/results/{train,coexist,tokenizer}.json   pytest-benchmark output of those suites; serve.json and
                                    batch_qa.json as bench/test_serve.py and engine.batch_qa's benchmark write them
-  bench/results/accuracy.json      list of rows {"name", "eval": path to engine.evaluate JSON, "artifact_flops",
-                                   "dense_flops", "command", "latency": {"1x384": ms, ...} (optional), "note"}
+  bench/results/accuracy.json      {"current" | "previous": {"folder", "teacher", "rows": [...]}, "quoted": [...]}
+                                   from `python -m bench.accuracy_rows` (its docstring has the row format)
 Quoted reference rows (the paper's claim, the always-no-answer floor) are labelled as quoted, not measured.
 """
 
@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from bench.accuracy_tables import accuracy_sections, accuracy_targets
 from bench.suite_tables import batch_qa_table, coexist_table, serve_table, tokenizer_line, train_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,11 +129,12 @@ def targets_table(
     ratios: list[dict[str, Any]],
     points: list[dict[str, Any]],
     repeats: list[list[dict[str, Any]]] | None = None,
+    teacher: str | None = None,
 ) -> str:
     """The issues' pass/fail targets in one table: C++ engine against ORT-fused and realized ÷ FLOP reduction per
-    shape (#3), and F1 lost by fp32 students at about 2x against the teacher (#6). `repeats` are further runs of
-    the CPU suite (bench/results/cpu-repeat-*.json): their values are listed beside, since batch-1 medians move by
-    several percent from one process to the next."""
+    shape (#3), and the accuracy targets judged on the current teacher's group (`points`, its teacher `teacher`;
+    bench/accuracy_tables.py). `repeats` are further runs of the CPU suite (bench/results/cpu-repeat-*.json): their
+    values are listed beside, since batch-1 medians move by several percent from one process to the next."""
     other = [_cpp_targets(r, latency_tables(r)[1]) for r in repeats or []]
     out = ["| target | requirement | where | measured | met | other runs |", "|---|---|---|---|---|---|"]
 
@@ -162,19 +164,7 @@ def targets_table(
             f"{q['ratio']:.2f} ({q['realized']:.2f}x of {q['flop_reduction']:.2f}x) | "
             f"{'yes' if q['ratio'] >= 0.95 else 'no'} | {runs(('flop', q['shape']), '{:.2f}')} |"
         )
-    teacher = next((p for p in points if p["name"] == "teacher-minilm"), None)
-    if teacher:
-        for p in points:
-            # SparseQA's method only (L0 gates + distillation, fp32); the baselines are in the accuracy table
-            fp32 = not p["name"].endswith(("-int8", "-bfloat16"))
-            if not p["name"].startswith("l0-") or not fp32 or not p.get("speedup") or not 1.7 <= p["speedup"] <= 2.6:
-                continue
-            lost = teacher["f1"] - p["f1"]
-            out.append(
-                f"| F1 lost at about 2x (fp32 student vs teacher, F1 at threshold 0) | <= 1.5 | {p['name']} "
-                f"({p['speedup']:.2f}x at (8,384)) | {lost:+.2f} (best-F1 {teacher['best_f1'] - p['best_f1']:+.2f})"
-                f" | {'yes' if lost <= 1.5 else 'no'} | - |"
-            )
+    out += accuracy_targets(points, teacher)
     return "\n".join(out)
 
 
@@ -248,101 +238,10 @@ def gpu_section(path: Path) -> str:
     return "\n".join(out)
 
 
-def accuracy_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    """Rows of EM/F1 at 0.0 and best thresholds, HasAns/NoAns F1, FLOPs and CPU latency, from engine.evaluate
-    outputs joined with bench/test_students.py by bench.accuracy_rows."""
-    out = [
-        "| model | EM | F1 (thr 0) | best F1 | HasAns F1 | NoAns F1 | encoder FLOPs vs dense | (8,384) ms | "
-        "speedup vs teacher (same engine) | vs HF eager dense | (1,384) ms | source |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    points = []
-    for r in rows:
-        if "quoted" in r:
-            q = r["quoted"]
-            out.append(
-                f"| {r['name']} | {q.get('exact', '-')} | {q.get('f1', '-')} | - | {q.get('HasAns_f1', '-')} | "
-                f"{q.get('NoAns_f1', '-')} | {q.get('flops', '-')} | - | {q.get('speedup', '-')} | - | - | "
-                f"quoted: {r['note']} |"
-            )
-            continue
-        ev = (
-            json.loads((ROOT / r["eval"]).read_text())
-            if (ROOT / r["eval"]).is_file()
-            else json.loads(Path(r["eval"]).read_text())
-        )
-        z = ev["at_zero"]
-        frac = r["artifact_flops"] / r["dense_flops"]
-        lat = r.get("latency", {})
-        big, small = lat.get("8x384", {}), lat.get("1x384", {})
-        fmt = lambda v, f: f.format(v) if v is not None else "not measured"  # noqa: E731
-        out.append(
-            f"| {r['name']} | {z['exact']:.2f} | {z['f1']:.2f} | {z['best_f1']:.2f} | {z['HasAns_f1']:.2f} | "
-            f"{z['NoAns_f1']:.2f} | {frac:.2f} | {fmt(big.get('ms'), '{:.1f}')} | "
-            f"{fmt(big.get('speedup_vs_teacher'), '{:.2f}x')} | {fmt(big.get('speedup_vs_hf_eager'), '{:.2f}x')} | "
-            f"{fmt(small.get('ms'), '{:.1f}')} | `{r['command']}` |"
-        )
-        points.append(
-            {
-                "name": r["name"],
-                "f1": z["f1"],
-                "best_f1": z["best_f1"],
-                "HasAns_f1": z["HasAns_f1"],
-                "flops": frac,
-                "speedup": r.get("speedup"),
-            }
-        )
-    return "\n".join(out), points
-
-
-def f1_loss_table(points: list[dict[str, Any]]) -> str:
-    """F1 lost by every evaluated model against the fp32 teacher (the pruning issue's target: <= 1.5 at ~2x)."""
-    teacher = next((p for p in points if p["name"] == "teacher-minilm"), None)
-    if teacher is None:
-        return ""
-    out = [
-        "| model | FLOPs vs dense | speedup vs teacher (8,384) | F1 lost (thr 0) | best-F1 lost | HasAns F1 lost |",
-        "|---|---|---|---|---|---|",
-    ]
-    for p in points:
-        if p is teacher:
-            continue
-        sp = f"{p['speedup']:.2f}x" if p.get("speedup") else "not measured"
-        out.append(
-            f"| {p['name']} | {p['flops']:.2f} | {sp} | {teacher['f1'] - p['f1']:+.2f} | "
-            f"{teacher['best_f1'] - p['best_f1']:+.2f} | {teacher['HasAns_f1'] - p['HasAns_f1']:+.2f} |"
-        )
-    return "\n".join(out)
-
-
-# (what it shows, SparseQA's run, the ablation or baseline run at the same target and training budget)
-ABLATIONS = [
-    ("distillation (same L0 gates, hard labels only)", "l0-0.5", "nodistill-0.5"),
-    ("L0 gates vs random heads/units (200 fine-tune steps)", "l0-0.5", "random-0.5"),
-    ("L0 gates vs importance scores (1000 fine-tune steps)", "l0-0.5-ft1000", "importance-0.5-ft1000"),
-    ("L0 gates vs importance scores (+1000 more)", "l0-0.5-ft1000+1000", "importance-0.5-ft1000+1000"),
-]
-
-
-def ablation_table(points: list[dict[str, Any]]) -> str:
-    """What distillation and L0 gates buy: SparseQA's run minus the ablation at the same target and budget."""
-    by = {p["name"]: p for p in points}
-    out = [
-        "| what it shows | SparseQA run | compared with | F1 (thr 0) gained | best F1 gained | HasAns F1 gained |",
-        "|---|---|---|---|---|---|",
-    ]
-    for what, ours, other in ABLATIONS:
-        if ours in by and other in by:
-            a, b = by[ours], by[other]
-            out.append(
-                f"| {what} | {ours} | {other} | {a['f1'] - b['f1']:+.2f} | {a['best_f1'] - b['best_f1']:+.2f} | "
-                f"{a['HasAns_f1'] - b['HasAns_f1']:+.2f} |"
-            )
-    return "\n".join(out) if len(out) > 2 else ""
-
-
-def plots(rows: list[dict[str, Any]], points: list[dict[str, Any]], outdir: Path) -> list[str]:
-    """latency-vs-FLOPs and F1-vs-speedup PNGs; returns the file names written."""
+def plots(
+    rows: list[dict[str, Any]], points: list[dict[str, Any]], outdir: Path, teacher: str | None = None
+) -> list[str]:
+    """latency-vs-FLOPs and F1-vs-speedup PNGs (the latter for one teacher's group); returns the file names written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -370,7 +269,7 @@ def plots(rows: list[dict[str, Any]], points: list[dict[str, Any]], outdir: Path
             for p in sp:
                 ax.scatter(p["speedup"], p[key])
                 ax.annotate(p["name"], (p["speedup"], p[key]), fontsize=7)
-            ax.set_xlabel("speedup over the dense teacher at (8,384) (same engine, CPU)")
+            ax.set_xlabel(f"speedup over the dense teacher {teacher or ''} at (8,384) (same engine, CPU)")
             ax.set_ylabel(label)
             ax.grid(True, alpha=0.3)
         fig.tight_layout()
@@ -417,26 +316,15 @@ def main(argv: list[str] | None = None) -> int:
             "\n\n" + workload_table(work)
         )
     acc_file = a.results / "accuracy.json"
-    points: list[dict[str, Any]] = []
-    if acc_file.is_file():
-        table, points = accuracy_table(json.loads(acc_file.read_text()))
-        parts.append("\n## Accuracy on the complete official SQuAD 2.0 dev set\n\n" + table)
-        parts.append(
-            "\nF1 at threshold 0 rewards abstaining on SQuAD 2.0's unanswerable half (the always-no-answer "
-            "floor scores 50.07 with no skill at all); HasAns F1 and best F1 show answering skill. Runs named "
-            "`l0-T` are SparseQA's method (L0 gates with distillation, T = fraction of encoder FLOPs removed, "
-            "400 gate + 200 fine-tune steps unless the name says `-ft1000` or `+1000`)."
-        )
-        losses = f1_loss_table(points)
-        if losses:
-            parts.append("\n### F1 lost against the fp32 teacher (positive = worse)\n\n" + losses)
-        ablations = ablation_table(points)
-        if ablations:
-            parts.append("\n### What distillation and L0 gates buy (same target, same budget)\n\n" + ablations)
+    acc = json.loads(acc_file.read_text()) if acc_file.is_file() else {}
+    points: dict[str, list[dict[str, Any]]] = {"current": [], "previous": []}
+    if acc:
+        text, points = accuracy_sections(acc)
+        parts.append(text)
     if rows:
         parts[targets_at] = (
             "\n## Targets at a glance\n\n"
-            + targets_table(rows, ratios, points, repeats)
+            + targets_table(rows, ratios, points["current"], repeats, acc.get("current", {}).get("teacher"))
             + (
                 f"\n\n'other runs': {len(repeats)} more runs of the same suite "
                 "(`bench/results/cpu-repeat-*.json`, each a separate process right after the recorded one)."
@@ -463,6 +351,20 @@ def main(argv: list[str] | None = None) -> int:
 ```
 make bench                                   # CPU latency, precision and workload suites -> bench/results/*.json
 make bench-full                              # + torch.compile, and the workload on all 11,873 dev questions
+RUNS=runs THREADS=2 scripts/reproduce_squad.sh teacher-v2       # current teacher: all train files, 2,200 x 32 windows
+RUNS=runs THREADS=2 scripts/reproduce_squad.sh teacher-v2-swaps # + 500 steps, question-swap negatives: teacher-v2s
+RUNS=runs THREADS=2 scripts/reproduce_squad.sh eval teacher-v2  # build + dev eval: bench/results/eval-teacher-v2.json
+RUNS=runs THREADS=2 scripts/reproduce_squad.sh eval NAME ...    # the same for each student run (l0-v2-*, baselines)
+python -m engine.build_model --model runs/RUN --out runs/art/RUN-int8 --dtype int8 --max-seq-length 256  # precisions
+python -m engine.evaluate runs/art/NAME --data ../shared/data/squad2/dev-v2.0.json.gz --out bench/results/eval-NAME.json
+make bench-students                          # CPU latency of every evaluated artifact -> bench/results/students.json
+python -m bench.accuracy_rows && python -m bench.report
+```
+
+The previous-teacher section came from these commands (their `eval-*.json` and `students.json` were then moved to
+`bench/results/previous/`):
+
+```
 RUNS=runs THREADS=1 scripts/reproduce_squad.sh teacher                          # MiniLM teacher (1600 steps)
 RUNS=runs THREADS=1 scripts/reproduce_squad.sh l0 0.5     # L0 student, 400 gate + 200 fine-tune steps -> runs/l0-0.5
 RUNS=runs THREADS=1 scripts/reproduce_squad.sh l0 0.4     # ... at 40% and 75% of encoder FLOPs removed, same budget
@@ -474,21 +376,18 @@ RUNS=runs THREADS=1 FT_STEPS=1000 TAG=-ft1000 scripts/reproduce_squad.sh importa
 RUNS=runs THREADS=1 FT_STEPS=1000 TAG=-ft1000 scripts/reproduce_squad.sh l0 0.5
 RUNS=runs THREADS=1 scripts/reproduce_squad.sh more l0-0.5-ft1000 1000          # one more distillation round
 RUNS=runs THREADS=1 scripts/reproduce_squad.sh more importance-0.5-ft1000 1000
-RUNS=runs THREADS=1 scripts/reproduce_squad.sh eval NAME ...                   # build + complete-dev evaluation
-python -m engine.build_model --model runs/l0-0.5 --out runs/art/l0-0.5-int8 --dtype int8 --max-seq-length 256
-python -m engine.evaluate runs/art/NAME --data ../shared/data/squad2/dev-v2.0.json.gz --out bench/results/eval-NAME.json
-make bench-students                          # CPU latency of every evaluated artifact -> bench/results/students.json
-python -m bench.accuracy_rows && python -m bench.report
 ```
 
-The teacher run behind the rows above used `--threads 1` (`docs/TRAINING.md` has its exact command); every
-artifact was built with `--max-seq-length 256` (the training length). "best F1" is the official script's
-best-threshold F1, i.e. with the threshold chosen on dev itself.
+`docs/TRAINING.md` describes both teacher runs (the previous one ran with `--threads 1`); every artifact was
+built with `--max-seq-length 256` (the training length). "best F1" is the official script's best-threshold F1,
+i.e. with the threshold chosen on dev itself.
 """)
-    pngs = plots(rows, points, a.out.parent)
+    group = "current" if any(p.get("speedup") for p in points["current"]) else "previous"
+    pngs = plots(rows, points[group], a.out.parent, acc.get(group, {}).get("teacher"))
     parts += [f"\n![{p}]({p})" for p in pngs]
     a.out.write_text("\n".join(parts) + "\n")
-    print(f"wrote {a.out} ({len(rows)} latency rows, {len(points)} accuracy rows, plots: {pngs})")
+    n = ", ".join(f"{len(v)} {g}" for g, v in points.items())
+    print(f"wrote {a.out} ({len(rows)} latency rows, accuracy rows: {n}; plots: {pngs})")
     return 0
 
 

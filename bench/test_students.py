@@ -1,6 +1,7 @@
 """CPU latency of every evaluated model of the reproduction run (teacher, students, baselines, precisions).
 
-Each `bench/results/eval-NAME.json` (from `python -m engine.evaluate`) names the artifact it scored; this suite
+Each `bench/results/eval-NAME.json` (from `python -m engine.evaluate`; the current teacher's group, while the previous
+teacher's rows and their medians stay in bench/results/previous/) names the artifact it scored; this suite
 times that artifact on the engine (`backend="auto"`: cpp when built) at (1,384) and (8,384), and dense fp32 HF
 eager on the packaged MiniLM (the teacher's architecture and shapes, so the same cost) as the common baseline.
 `python -m bench.accuracy_rows` joins the medians to the accuracy rows: speedup over the dense teacher on the same

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 
-from bench import report
+from bench import accuracy_rows, accuracy_tables, report
 
 
 def _bench_file(path: Path, rows: list[dict]) -> None:
@@ -36,16 +35,42 @@ def _info(model: str, provider: str, batch: int, seq: int, flops: float, dense_f
     )
 
 
-def _eval_file(path: Path, f1: float, best_f1: float, has: float) -> Path:
-    path.write_text(
-        json.dumps(
-            {
-                "artifact": "unused",
-                "at_zero": {"exact": f1 - 5, "f1": f1, "best_f1": best_f1, "HasAns_f1": has, "NoAns_f1": 2 * f1 - has},
-            }
-        )
-    )
+def _eval_file(
+    path: Path, f1: float, best_f1: float, has: float, f1_stored: float, has_stored: float, artifact: str = "unused"
+) -> Path:
+    """An engine.evaluate JSON with the given metrics at threshold 0 and at the stored threshold (-3.0)."""
+
+    def at(f: float, h: float) -> dict:
+        return {"exact": f - 5, "f1": f, "best_f1": best_f1, "HasAns_f1": h, "NoAns_f1": 2 * f - h}
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"artifact": artifact, "at_zero": at(f1, has), "stored_threshold": -3.0}
+    path.write_text(json.dumps({**body, "at_stored_threshold": at(f1_stored, has_stored)}))
     return path
+
+
+def _row(res: Path, name: str, flops: float, speedup: float | None = None, sub: str = ".") -> dict:
+    """An accuracy.json row of eval-NAME.json in `res/sub` at `flops` of the dense 8 GFLOP."""
+    row = {"name": name, "eval": str(res / sub / f"eval-{name}.json"), "artifact_flops": flops * 8e9}
+    row |= {"dense_flops": 8e9, "command": f"cmd {name}"}
+    if speedup:
+        row |= {"speedup": speedup, "latency": {"8x384": {"ms": 100 / speedup, "speedup_vs_teacher": speedup}}}
+    return row
+
+
+# name -> (F1 thr 0, best F1, HasAns F1 thr 0, F1 stored thr, HasAns F1 stored thr, FLOPs fraction, speedup)
+CURRENT = {
+    "teacher-v2": (60.0, 63.0, 76.0, 53.0, 70.0, 1.0, 1.0),
+    "l0-v2-0.52": (59.5, 62.6, 75.1, 52.2, 69.0, 0.48, 2.1),  # loses 0.50 / 0.80 / 0.90: meets the 2x target
+    "l0-v2-0.4": (59.9, 62.9, 75.9, 52.9, 69.9, 0.60, 1.6),  # better, but not 2x fewer FLOPs
+    "l0-v2-0.5": (59.8, 62.8, 75.8, 52.8, 69.8, 0.502, 2.0),  # 1.99x fewer FLOPs: not >= 2x
+    "nodistill-v2-0.5": (60.0, 63.0, 76.0, 53.0, 70.0, 0.45, 2.2),  # no loss, but a baseline, not a student
+    "l0-v2-0.75": (57.0, 61.0, 70.0, 50.0, 64.0, 0.25, 3.8),  # loses 3.00 at >= 3.5x: misses the 2.5 target
+}
+PREVIOUS = {
+    "teacher-minilm": (40.0, 55.0, 66.0, 43.0, 62.0, 1.0, 1.0),
+    "l0-0.5": (38.5, 54.0, 63.0, 42.0, 60.0, 0.5, 1.9),
+}
 
 
 @pytest.fixture
@@ -62,72 +87,242 @@ def results(tmp_path: Path) -> Path:
             _info("minilm-dense", "hf-eager", 8, 384, d, d, 0.800),
         ],
     )
-    teacher = _eval_file(res / "eval-teacher-minilm.json", 60.0, 62.0, 70.0)
-    student = _eval_file(res / "eval-l0-0.5.json", 58.5, 61.0, 67.0)
-    acc = [
-        {
-            "name": "teacher-minilm",
-            "eval": str(teacher),
-            "artifact_flops": d,
-            "dense_flops": d,
-            "command": "c1",
-            "latency": {"8x384": {"ms": 100.0, "speedup_vs_teacher": 1.0, "speedup_vs_hf_eager": 8.0}},
-        },
-        {
-            "name": "l0-0.5",
-            "eval": str(student),
-            "artifact_flops": h,
-            "dense_flops": d,
-            "command": "c2",
-            "speedup": 1.9,
-            "latency": {"8x384": {"ms": 52.6, "speedup_vs_teacher": 1.9, "speedup_vs_hf_eager": 15.2}},
-        },
-        {"name": "always no answer (floor)", "note": "quoted", "quoted": {"f1": 50.07}},
-    ]
+    acc = {"quoted": [{"name": "always no answer (floor)", "note": "quoted", "quoted": {"f1": 50.07}}]}
+    for group, sub, runs in (("current", ".", CURRENT), ("previous", "previous", PREVIOUS)):
+        for name, (f1, best, has, f1s, hass, _, _) in runs.items():
+            _eval_file(res / sub / f"eval-{name}.json", f1, best, has, f1s, hass)
+        rows = [_row(res, n, v[5], v[6], sub) for n, v in runs.items()]
+        acc[group] = {"folder": str(res / sub), "teacher": next(iter(runs)), "rows": rows}
     (res / "accuracy.json").write_text(json.dumps(acc))
     return res
+
+
+def _line(lines: list[str], start: str) -> str:
+    """The one line that starts with `start`."""
+    found = [line for line in lines if line.startswith(start)]
+    assert len(found) == 1, (start, found)
+    return found[0]
 
 
 def test_report_tables_and_ratios(results: Path, tmp_path: Path):
     out = tmp_path / "RESULTS.md"
     assert report.main(["--results", str(results), "--out", str(out)]) == 0
     text = out.read_text()
+    lines = text.splitlines()
     # realized 0.200/0.125 = 1.6x over a 2.0x FLOP reduction; 0.150/0.125 = 1.20x over ORT; 0.8/0.125 = 6.40x
-    row = next(line for line in text.splitlines() if line.startswith("| (8,384) | engine-cpp | 0.80"))
+    row = _line(lines, "| (8,384) | engine-cpp | 0.80")
     assert "1.20x" in row and "6.40x" in row
-    # F1 lost: 60.0 - 58.5 at threshold 0, 62 - 61 best, 70 - 67 HasAns
-    loss = next(line for line in text.splitlines() if line.startswith("| l0-0.5 | 0.50 |"))
-    assert re.search(r"\+1\.50 \| \+1\.00 \| \+3\.00", loss), loss
-    assert "1.90x" in loss
-    # the student row of the accuracy table carries its latency and both speedups; the quoted row says so
-    acc = next(line for line in text.splitlines() if line.startswith("| l0-0.5 | 53.50 |"))
-    assert "52.6" in acc and "1.90x" in acc and "15.20x" in acc
-    assert "quoted: quoted" in text
     assert (tmp_path / "latency_vs_flops.png").stat().st_size > 0
     assert (tmp_path / "f1_vs_speedup.png").stat().st_size > 0
-    # the targets in one table, each with its verdict
-    lines = text.splitlines()
     assert (
         "| pruned C++ engine vs ORT-fused | stretch >= 1.2x (must >= 1.0x) | minilm-half (8,384) | 1.20x | yes | - |"
         in lines
     )
-    assert any(
-        line.startswith(
-            "| realized speedup ÷ FLOP reduction (C++ engine) | >= 0.95 | minilm-half vs dense "
-            "(8,384) | 0.80 (1.60x of 2.00x) | no | - |"
-        )
-        for line in lines
+    assert _line(lines, "| realized speedup ÷ FLOP reduction (C++ engine) | >= 0.95 | minilm-half vs dense ").endswith(
+        "(8,384) | 0.80 (1.60x of 2.00x) | no | - |"
     )
-    f1_row = next(line for line in lines if line.startswith("| F1 lost at about 2x"))
-    assert "l0-0.5 (1.90x at (8,384))" in f1_row and "+1.50 (best-F1 +1.00) | yes | - |" in f1_row
+
+
+def test_each_group_is_judged_against_its_own_teacher(results: Path, tmp_path: Path):
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    current, previous = text.split("## Previous teacher (MiniLM fine-tuned on 25k windows, 1,600 steps)")
+    assert "## Accuracy on the complete official SQuAD 2.0 dev set" in current and "Superseded" in previous
+    previous = previous.split("\n## ")[0]  # up to the next section
+    assert "teacher-minilm" not in current and "teacher-v2" not in previous
+    # accuracy table: EM | F1 thr 0 | F1 stored | best | HasAns thr 0 | HasAns stored | NoAns (2 F1 - HasAns) | FLOPs
+    assert "| l0-v2-0.52 | 54.50 | 59.50 | 52.20 | 62.60 | 75.10 | 69.00 | 43.90 | 0.48 | 47.6 | 2.10x |" in current
+    assert "| l0-0.5 | 33.50 | 38.50 | 42.00 | 54.00 | 63.00 | 60.00 | 14.00 | 0.50 | 52.6 | 1.90x |" in previous
+    # F1 lost (thr 0 | stored thr | best | HasAns): against teacher-v2 in the current group ...
+    assert "| l0-v2-0.52 | 0.48 | 2.10x | +0.50 | +0.80 | +0.40 | +0.90 |" in current
+    assert "| l0-v2-0.75 | 0.25 | 3.80x | +3.00 | +3.00 | +2.00 | +6.00 |" in current
+    # ... and against teacher-minilm in the previous one (against teacher-v2 it would be +21.50)
+    assert "| l0-0.5 | 0.50 | 1.90x | +1.50 | +1.00 | +1.00 | +3.00 |" in previous
+    assert "F1 lost against the fp32 teacher `teacher-v2`" in current
+    assert "F1 lost against the fp32 teacher `teacher-minilm`" in previous
+    # ablations: current pairs only where both runs exist (random-v2, importance-v2 are missing)
+    abl = [line for line in current.splitlines() if line.startswith("| distillation") or line.startswith("| L0 gates")]
+    assert abl == [
+        "| distillation (same L0 gates, hard labels only) | l0-v2-0.5 | nodistill-v2-0.5 | -0.20 | -0.20 | "
+        "-0.20 | -0.20 |"
+    ]
+    assert "nodistill-0.5" not in previous  # the previous group's pairs are absent from it: no ablation table
+    assert "What distillation and L0 gates buy" not in previous
+
+
+def test_accuracy_targets_met_and_not_met(results: Path, tmp_path: Path):
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--results", str(results), "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert _line(lines, "| teacher HasAns F1 (thr 0) | >= 75.00 | teacher-v2 | 76.00 | yes |")
+    assert _line(
+        lines, "| teacher F1 at its stored threshold | >= 52.07 | teacher-v2 (stored thr -3.00) | 53.00 | yes |"
+    )
+    assert _line(lines, "| teacher best F1 | >= 62.00 | teacher-v2 | 63.00 | yes |")
+    # the best student at <= 0.5 of the FLOPs: l0-v2-0.52 (l0-v2-0.5 is at 0.502, nodistill is a baseline)
+    where = "| <= 1.00 (FLOPs fraction <= 0.5) | l0-v2-0.52 (FLOPs 0.480, 2.10x at (8,384)) |"
+    assert _line(lines, "| F1 lost by the best student at >= 2x fewer FLOPs (thr 0) ").endswith(
+        f"{where} +0.50 | yes | - |"
+    )
+    assert _line(lines, "| F1 lost by the best student at >= 2x fewer FLOPs (stored thr) ").endswith(
+        f"{where} +0.80 | yes | - |"
+    )
+    assert _line(lines, "| F1 lost by the best student at >= 2x fewer FLOPs (HasAns F1, thr 0) ").endswith(
+        f"{where} +0.90 | yes | - |"
+    )
+    assert _line(lines, "| F1 lost by the best student at >= 3.5x fewer FLOPs (thr 0) ").endswith(
+        "| l0-v2-0.75 (FLOPs 0.250, 3.80x at (8,384)) | +3.00 (stored thr +3.00, HasAns +6.00) | no | - |"
+    )
+    assert not any("F1 lost at about 2x" in line for line in lines)  # the previous teacher's target is gone
+
+
+def test_accuracy_targets_not_yet_measured():
+    pts = lambda runs: [  # noqa: E731
+        {
+            "name": n,
+            "f1": v[0],
+            "best_f1": v[1],
+            "HasAns_f1": v[2],
+            "f1_stored": v[3],
+            "HasAns_f1_stored": v[4],
+            "flops": v[5],
+            "speedup": v[6],
+            "threshold": -3.0,
+        }
+        for n, v in runs.items()
+    ]
+    empty = accuracy_tables.accuracy_targets([], None)
+    assert len(empty) == 7 and all("| not yet measured | - | - |" in line for line in empty)
+    # a teacher below its targets, and no student at 2x or 3.5x yet
+    weak = {
+        "teacher-v2": (50.0, 61.9, 74.9, 52.0, 70.0, 1.0, None),
+        "l0-v2-0.4": (49.0, 61.0, 74.0, 51.0, 69.0, 0.6, None),
+    }
+    lines = accuracy_tables.accuracy_targets(pts(weak), "teacher-v2")
+    assert [line.split(" | ")[-2] for line in lines[:3]] == ["no", "no", "no"]
+    assert "74.90" in lines[0] and "52.00" in lines[1] and "61.90" in lines[2]
+    assert all("| l0-v2-* students | not yet measured |" in line for line in lines[3:])
+    # a student without a teacher row is not judged
+    assert all("not yet measured" in line for line in accuracy_tables.accuracy_targets(pts(weak)[1:], "teacher-v2"))
+
+
+def test_report_without_current_rows_says_so(results: Path, tmp_path: Path):
+    acc = json.loads((results / "accuracy.json").read_text())
+    acc["current"] = {"folder": str(results), "teacher": None, "rows": []}
+    (results / "accuracy.json").write_text(json.dumps(acc))
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "No current-teacher rows yet" in text and "| l0-0.5 | 0.50 | 1.90x | +1.50 |" in text
+    assert sum("| not yet measured | - | - |" in line for line in text.splitlines()) == 7
+    assert (tmp_path / "f1_vs_speedup.png").stat().st_size > 0  # plotted from the previous group
 
 
 def test_report_without_accuracy_has_no_loss_table(results: Path, tmp_path: Path):
     (results / "accuracy.json").unlink()
     out = tmp_path / "RESULTS.md"
     assert report.main(["--results", str(results), "--out", str(out)]) == 0
-    assert "F1 lost" not in out.read_text()
+    assert "F1 lost against" not in out.read_text()
     assert not (tmp_path / "f1_vs_speedup.png").exists()
+
+
+def test_report_refuses_the_old_one_teacher_format(results: Path, tmp_path: Path):
+    (results / "accuracy.json").write_text(json.dumps([{"name": "x"}]))
+    with pytest.raises(SystemExit, match="bench.accuracy_rows"):
+        report.main(["--results", str(results), "--out", str(tmp_path / "RESULTS.md")])
+
+
+@pytest.fixture(scope="module")
+def two_artifacts(tiny_bert, tmp_path_factory) -> tuple[Path, Path]:
+    """A dense tiny artifact and one with heads and FFN units removed."""
+    from engine.build_model import build
+    from engine.features import WindowSettings
+
+    d = tmp_path_factory.mktemp("arts")
+    spec = d / "spec.json"
+    spec.write_text(json.dumps({"layers": [{"heads": [3, 1]}, {"heads": [], "ffn": []}, {"ffn": [0]}]}))
+    settings = WindowSettings(96, 16, 24)
+    return build(tiny_bert, d / "dense", settings=settings), build(
+        tiny_bert, d / "pruned", spec=spec, settings=settings
+    )
+
+
+def test_accuracy_rows_groups_teachers_flops_and_latency(two_artifacts, tmp_path: Path, capsys):
+    from engine.artifact import load_artifact
+    from engine.flops import encoder_flops
+
+    dense, pruned = two_artifacts
+    res = tmp_path / "results"
+    # current group: FLOPs from the artifacts' manifests; the teacher is the shortest eval-teacher* name
+    _eval_file(res / "eval-teacher-v2.json", 60, 63, 76, 53, 70, artifact=str(dense))
+    _eval_file(res / "eval-teacher-v2-int8.json", 60, 63, 76, 53, 70, artifact=str(dense))
+    _eval_file(res / "eval-l0-v2-0.52.json", 59, 62, 75, 52, 69, artifact=str(pruned))
+    # previous group: artifacts gone; FLOPs from the old flat (one-teacher) accuracy.json, latency from its own file
+    _eval_file(res / "previous" / "eval-teacher-minilm.json", 40, 55, 66, 43, 62, artifact=str(tmp_path / "gone-t"))
+    _eval_file(res / "previous" / "eval-l0-0.5.json", 38, 54, 63, 42, 60, artifact=str(tmp_path / "gone-s"))
+    old = [
+        {"name": "teacher-minilm", "artifact_flops": 900, "dense_flops": 900},
+        {"name": "l0-0.5", "artifact_flops": 450, "dense_flops": 900},
+        {"name": "floor", "quoted": {}},
+    ]
+    (res / "accuracy.json").write_text(json.dumps(old))
+    _bench_file(
+        res / "previous" / "students.json",
+        [
+            ({"provider": "engine-cpp", "model": m, "batch": 8, "seq": 384}, t)
+            for m, t in (("teacher-minilm", 0.2), ("l0-0.5", 0.08), ("hf-eager-dense", 0.8))
+        ],
+    )
+    _bench_file(
+        res / "students.json",
+        [
+            ({"provider": "engine-cpp", "model": m, "batch": 1, "seq": 384}, t)
+            for m, t in (("teacher-v2", 0.03), ("l0-v2-0.52", 0.01))
+        ],
+    )
+    assert accuracy_rows.main(["--results", str(res)]) == 0
+    acc = json.loads((res / "accuracy.json").read_text())
+    cur, prev = acc["current"], acc["previous"]
+    small = cur["rows"][0]["latency"]["1x384"]  # against teacher-v2 of its own folder; no HF row there
+    assert small["ms"] == pytest.approx(10.0) and small["speedup_vs_teacher"] == pytest.approx(3.0)
+    assert "speedup_vs_hf_eager" not in small and "speedup" not in cur["rows"][0]  # no (8,384) median
+    assert (cur["teacher"], prev["teacher"]) == ("teacher-v2", "teacher-minilm")
+    assert [r["name"] for r in cur["rows"]] == ["l0-v2-0.52", "teacher-v2-int8", "teacher-v2"]
+    full, cut = encoder_flops(load_artifact(dense).cfg, 1, 384), encoder_flops(load_artifact(pruned).cfg, 1, 384)
+    assert cut < full
+    assert [(r["artifact_flops"], r["dense_flops"]) for r in cur["rows"]] == [(cut, full), (full, full), (full, full)]
+    assert cur["rows"][0]["eval"] == str((res / "eval-l0-v2-0.52.json").resolve())
+    assert [(r["name"], r["artifact_flops"], r["dense_flops"]) for r in prev["rows"]] == [
+        ("l0-0.5", 450, 900),
+        ("teacher-minilm", 900, 900),
+    ]
+    lat = prev["rows"][0]["latency"]["8x384"]
+    assert lat["speedup_vs_teacher"] == pytest.approx(2.5) and lat["speedup_vs_hf_eager"] == pytest.approx(10.0)
+    assert prev["rows"][0]["speedup"] == pytest.approx(2.5) and "latency" not in cur["rows"][1]
+    assert [q["name"] for q in acc["quoted"]] == [q["name"] for q in accuracy_rows.QUOTED]
+    # rerun from its own output where the artifacts are ignored: the same rows
+    assert accuracy_rows.main(["--results", str(res), "--stored-flops"]) == 0
+    assert json.loads((res / "accuracy.json").read_text()) == acc
+    # an eval whose artifact is gone and has no stored row: a clear error naming the file
+    _eval_file(res / "eval-l0-v2-0.75.json", 50, 60, 70, 50, 60, artifact=str(tmp_path / "gone-new"))
+    assert accuracy_rows.main(["--results", str(res)]) == 2
+    assert "eval-l0-v2-0.75.json" in capsys.readouterr().err
+
+
+def test_accuracy_rows_empty_current_group_and_missing_teacher(tmp_path: Path, capsys):
+    res = tmp_path / "results"
+    _eval_file(res / "previous" / "eval-teacher-minilm.json", 40, 55, 66, 43, 62, artifact=str(tmp_path / "gone"))
+    (res / "accuracy.json").write_text(
+        json.dumps({"previous": {"rows": [{"name": "teacher-minilm", "artifact_flops": 9, "dense_flops": 9}]}})
+    )
+    assert accuracy_rows.main(["--results", str(res)]) == 0
+    acc = json.loads((res / "accuracy.json").read_text())
+    assert acc["current"]["rows"] == [] and acc["current"]["teacher"] is None
+    assert [r["name"] for r in acc["previous"]["rows"]] == ["teacher-minilm"]
+    _eval_file(res / "eval-l0-v2-0.5.json", 50, 60, 70, 50, 60, artifact=str(tmp_path / "gone"))
+    assert accuracy_rows.main(["--results", str(res)]) == 2
+    assert "no eval-teacher*.json" in capsys.readouterr().err
 
 
 def test_workload_table_compares_with_the_hf_pipeline(tmp_path: Path):
@@ -198,13 +393,15 @@ def test_gpu_section_names_the_card_or_says_why_not(tmp_path: Path):
 
 def test_ablation_table_subtracts_the_baseline_at_the_same_budget():
     pts = [
-        {"name": "l0-0.5", "f1": 36.0, "best_f1": 54.0, "HasAns_f1": 62.0},
-        {"name": "nodistill-0.5", "f1": 35.0, "best_f1": 52.5, "HasAns_f1": 57.0},
-        {"name": "importance-0.5-ft1000", "f1": 30.0, "best_f1": 50.0, "HasAns_f1": 40.0},
+        {"name": "l0-0.5", "f1": 36.0, "f1_stored": 44.0, "best_f1": 54.0, "HasAns_f1": 62.0},
+        {"name": "nodistill-0.5", "f1": 35.0, "f1_stored": 41.5, "best_f1": 52.5, "HasAns_f1": 57.0},
+        {"name": "importance-0.5-ft1000", "f1": 30.0, "f1_stored": 40.0, "best_f1": 50.0, "HasAns_f1": 40.0},
     ]  # its L0 pair is absent
-    lines = report.ablation_table(pts).splitlines()
-    assert len(lines) == 3 and "| l0-0.5 | nodistill-0.5 | +1.00 | +1.50 | +5.00 |" in lines[2]
-    assert report.ablation_table(pts[1:]) == ""
+    pairs = accuracy_tables.ABLATIONS["previous"]
+    lines = accuracy_tables.ablation_table(pts, pairs).splitlines()
+    assert len(lines) == 3 and "| l0-0.5 | nodistill-0.5 | +1.00 | +2.50 | +1.50 | +5.00 |" in lines[2]
+    assert accuracy_tables.ablation_table(pts[1:], pairs) == ""
+    assert accuracy_tables.ablation_table(pts, accuracy_tables.ABLATIONS["current"]) == ""
 
 
 def test_repeated_cpu_runs_are_listed_beside_the_recorded_one(results: Path, tmp_path: Path):
