@@ -21,9 +21,9 @@ ABLATIONS = {
         ("L0 gates vs importance scores (+1000 more)", "l0-0.5-ft1000+1000", "importance-0.5-ft1000+1000"),
     ],
     "current": [
-        ("distillation (same L0 gates, hard labels only)", "l0-v2-0.5", "nodistill-v2-0.5"),
-        ("L0 gates vs random heads/units", "l0-v2-0.5", "random-v2-0.5"),
-        ("L0 gates vs importance scores", "l0-v2-0.5", "importance-v2-0.5"),
+        ("distillation (same L0 gates, hard labels only)", "l0-v2-0.52", "nodistill-v2-0.52"),
+        ("L0 gates vs random heads/units", "l0-v2-0.52", "random-v2-0.52"),
+        ("L0 gates vs importance scores", "l0-v2-0.52", "importance-v2-0.52"),
     ],
 }
 BASELINES = ("nodistill-", "random-", "importance-")  # ablation runs: not candidates for the student targets

