@@ -137,7 +137,10 @@ def answer_samples(eng: QAEngine) -> None:
     for smp in SAMPLES:
         a = eng.answer(smp.question, smp.context)
         ms = _median_ms(lambda: eng.answer(smp.question, smp.context), LATENCY_REPS)
-        shown = "(no answer)" if a.no_answer else f"{a.text!r} = context[{a.start}:{a.end}]"
+        shown = f"{a.text!r} = context[{a.start}:{a.end}]"
+        if a.no_answer:  # say which span the threshold held back, so a near miss is visible
+            best = eng.answer(smp.question, smp.context, null_threshold=float("inf"))
+            shown = f"(no answer; best span {best.text!r} = context[{best.start}:{best.end}] held back)"
         expect = "abstain" if smp.expect is None else repr(smp.expect)
         print(f"Q: {smp.question}\nA: {shown}  (expected {expect})")
         print(

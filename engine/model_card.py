@@ -46,9 +46,10 @@ inferred |
   of answers where that could be checked; expect about 0.6% of these answers to point at an earlier, identical mention.
 - **Few real unanswerables.** Only the 348 of the SQuAD 2.0 subset. The trainers add generated negatives (the question
   paired with its paragraph minus the answer sentence, `--negatives-ratio`), so abstention is learned mostly from
-  those and may transfer imperfectly to real unanswerable questions.
-- **Held out.** The null threshold and model selection use a held-out slice of *train articles* (`--eval-fraction`,
-  by title), never the dev set. The dev set shares no article with any training file.
+  those and transfers imperfectly to real unanswerable questions (compare NoAns F1 and the AUC below).
+- **Held out.** Model selection and the stored null threshold use held-out *train articles*, named in the commands
+  below (`--eval-titles`, or a seeded `--eval-fraction` of titles), never the dev set. The dev set shares no article
+  with any training file.
 - **License.** SQuAD 1.1 and 2.0 are CC BY-SA 4.0. Attribution: Rajpurkar, Zhang, Lopyrev & Liang (2016), "SQuAD:
   100,000+ Questions for Machine Comprehension of Text"; Rajpurkar, Jia & Liang (2018), "Know What You Don't Know:
   Unanswerable Questions for SQuAD"; https://rajpurkar.github.io/SQuAD-explorer/. Share-alike applies to
@@ -269,8 +270,9 @@ def render(art: Artifact, base: Base, ev: dict[str, Any], commands: str, teacher
         f"medical, code) and languages; the tokenizer is English, lower-cased={art.tokenizer.do_lower_case}.",
         f"- Contexts are read in {seq}-token windows (stride {tok.doc_stride}); answers longer than 30 tokens "
         "(the decoder's default) are not produced; it does no retrieval: the context must hold the answer.",
-        "- Abstention uses the stored null threshold, tuned on held-out train articles with mostly generated "
-        "negatives (see Training data); the NoAns figures above measure how it transfers to real unanswerables.",
+        "- Abstention uses the stored null threshold, the one that maximised F1 on the held-out train articles (see "
+        "Training data). It trades answered questions for abstentions: compare HasAns F1 at threshold 0 and at the "
+        "stored threshold above. Pass `null_threshold=` (Python) or `--null-threshold` to answer more often.",
         "- Answers are spans of the context, not verified facts: it can return a confident wrong span. Do not use it "
         "for safety-critical, medical, legal or financial decisions, or without human review where errors matter.",
         "- It inherits the biases of Wikipedia, SQuAD's crowd-written questions and the base model's training data.",

@@ -94,7 +94,7 @@ def test_bundled_demo_prints_the_answers(bundled):
     start = s.context.index(s.expect)
     assert f"QA model {bundled}" in r.stdout
     assert f"A: {s.expect!r} = context[{start}:{start + len(s.expect)}]" in r.stdout, r.stdout
-    assert f"Q: {demo.NO_ANSWER_SAMPLE.question}\nA: (no answer)" in r.stdout, r.stdout
+    assert f"Q: {demo.NO_ANSWER_SAMPLE.question}\nA: (no answer; best span " in r.stdout, r.stdout
 
 
 def test_bundled_fits_the_budget_and_has_a_card(bundled):
@@ -168,8 +168,12 @@ def test_demo_prints_abstentions(abstaining, monkeypatch, capsys):
     monkeypatch.setenv(defaults.ENV_VAR, str(abstaining))
     assert demo.main(["--no-table", "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    assert out.count("A: (no answer)") == len(demo.SAMPLES) and out.count("abstained yes") == len(demo.SAMPLES)
-    assert "context[" not in out
+    assert out.count("abstained yes") == len(demo.SAMPLES)
+    eng = QAEngine.load(abstaining)
+    for s in demo.SAMPLES:  # the span the threshold held back is the one an infinite threshold answers
+        best = eng.answer(s.question, s.context, null_threshold=float("inf"))
+        assert best.text and s.context[best.start : best.end] == best.text
+        assert f"A: (no answer; best span {best.text!r} = context[{best.start}:{best.end}] held back)" in out, out
 
 
 def test_demo_without_a_bundled_model_prints_a_notice_then_the_table(no_bundle, monkeypatch, capsys):
