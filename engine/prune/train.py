@@ -315,7 +315,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
     )
     metrics = {
         "schema_version": 1,
-        "target": _target_info(args),
+        "target": _target_info(args, by, target),
         "achieved_flop_sparsity": achieved_sparsity(cfg, dense, args.flops_seq_len, "flops"),
         "achieved_param_sparsity": achieved_sparsity(cfg, dense, args.flops_seq_len, "params"),
         "heads": list(cfg.heads),
@@ -350,14 +350,13 @@ def _sparsity_target(
     return "flops", args.target_sparsity  # None with --spec: no gates are trained
 
 
-def _target_info(args: argparse.Namespace) -> dict[str, Any]:
-    """metrics.json's `target` (the latency form is engine.prune_fast's)."""
+def _target_info(args: argparse.Namespace, by: str, target: float | None) -> dict[str, Any]:
+    """metrics.json's `target` from `_sparsity_target`'s (by, target) (the latency form is engine.prune_fast's)."""
     if args.spec is not None:
         return {"by": "spec", "spec": str(args.spec)}
-    if has_latency_target(args):
+    if by == "latency":
         return latency_target_info(args)
-    by, value = ("params", args.target_params) if args.target_params is not None else ("flops", args.target_sparsity)
-    return {"by": by, "value": value, "seq_len": args.flops_seq_len}
+    return {"by": by, "value": target, "seq_len": args.flops_seq_len}
 
 
 def main(argv: list[str] | None = None) -> int:
