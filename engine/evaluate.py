@@ -28,11 +28,12 @@ def evaluate_artifact(
     batch_size: int = 64,
     limit: int | None = None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run an artifact over a SQuAD file; returns metrics at threshold 0 and at the stored threshold."""
     from engine.qa import QAEngine
 
-    eng = QAEngine.load(artifact, backend=backend, threads=threads)
+    eng = QAEngine.load(artifact, device=device, backend=backend, threads=threads)
     dataset = read_squad_json(data)
     examples = load_squad(dataset)[:limit]
     if limit is not None:
@@ -63,6 +64,7 @@ def evaluate_artifact(
         "artifact": str(artifact),
         "data": str(data),
         "backend": eng.backend_name,
+        "device": device,
         "questions": len(examples),
         "seconds": seconds,
         "questions_per_s": len(examples) / seconds,
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--data", required=True, type=Path, help="SQuAD 2.0 (or 1.1) JSON, .json or .json.gz")
-    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--backend", default="auto", help="auto: triton on CUDA, else cpp if built, else torch")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--batch-size", type=int, default=64, help="windows per forward")
     ap.add_argument("--limit", type=int, help="only the first N questions (quick checks)")
@@ -88,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     try:
-        m = evaluate_artifact(a.artifact, a.data, a.backend, a.threads, a.batch_size, a.limit, not a.no_progress)
+        m = evaluate_artifact(
+            a.artifact, a.data, a.backend, a.threads, a.batch_size, a.limit, not a.no_progress, a.device
+        )
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

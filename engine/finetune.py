@@ -26,7 +26,17 @@ from engine.data.predict import evaluate_model
 from engine.data.squad import Example, examples_to_squad, load_squad, split_by_title, train_features
 from engine.features import WindowMaker, WindowSettings, load_tokenizer
 from engine.model import RaggedQAModel
-from engine.train import Hooks, Precision, TrainConfig, default_threads, resolve_precision, train, weight_groups
+from engine.prune.distributed import Dist
+from engine.train import (
+    Hooks,
+    Precision,
+    TrainConfig,
+    default_threads,
+    resolve_device,
+    resolve_precision,
+    train,
+    weight_groups,
+)
 
 DROPOUT = 0.1
 
@@ -107,7 +117,12 @@ def add_data_args(ap: argparse.ArgumentParser) -> None:
 
 
 def add_speed_args(ap: argparse.ArgumentParser) -> None:
-    """--threads, --precision and --no-group-by-length, shared by engine.finetune and engine.prune."""
+    """--device, --threads, --precision and --no-group-by-length, shared by engine.finetune and engine.prune."""
+    ap.add_argument(
+        "--device",
+        default="auto",
+        help="where to train: cpu, cuda, cuda:N, or auto (the first GPU torch sees, else the CPU)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     ap.add_argument(
         "--precision",
@@ -231,8 +246,9 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     """Run fine-tuning as configured by the parsed CLI `args`; returns the metrics.json content."""
     t_start = time.monotonic()
     threads = setup_threads(args.threads)
+    device = resolve_device(args.device)
     epochs = args.epochs if args.epochs is not None else (None if args.max_steps else 2.0)
-    cfg = train_config(args, "train", epochs or 0.0, args.max_steps)
+    cfg = train_config(args, "train", epochs or 0.0, args.max_steps, device)
     out: Path = args.out
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise FileExistsError(f"{out} is not empty; pass --resume to continue that run or choose another --out")
@@ -250,6 +266,7 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model = RaggedQAModel(src.cfg, dropout=DROPOUT)
     model.load_state_dict(src.state)
+    model.to(device)
     tokenizer = None
 
     def evaluate(step: int, meta: dict[str, Any]) -> None:
@@ -294,6 +311,7 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         weight_groups(model, args.lr, args.weight_decay),
         out / "checkpoints",
         hooks=Hooks(evaluate=evaluate),
+        dist=Dist(device=device),
     )
     step = meta["steps"]
     if meta["best"] is None or not meta["history"] or meta["history"][-1]["step"] != step:
@@ -313,6 +331,7 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
             "windows": meta["windows"],
             "windows_per_s": meta["windows"] / max(meta["elapsed_s"], 1e-9),
             "precision": cfg.precision.value,
+            "device": str(device),
             "threads": threads,
         },
         "loss": {"first": meta["losses"][:10], "last": meta["losses"][-10:]},

@@ -54,4 +54,4 @@ def positions(cu_seqlens: torch.Tensor, offset: int = 0) -> torch.Tensor:
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.long)
     total = int(cu_seqlens[-1])
     starts = torch.repeat_interleave(cu_seqlens[:-1].to(torch.long), lengths)
-    return torch.arange(total, dtype=torch.long) - starts + offset
+    return torch.arange(total, dtype=torch.long, device=cu_seqlens.device) - starts + offset

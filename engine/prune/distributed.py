@@ -19,13 +19,14 @@ class Dist:
     device: torch.device = torch.device("cpu")
 
     @classmethod
-    def from_env(cls) -> Dist:
-        """Join the process group if torchrun set WORLD_SIZE > 1."""
+    def from_env(cls, device: torch.device = torch.device("cpu")) -> Dist:
+        """Join the process group if torchrun set WORLD_SIZE > 1; `device` is the one --device resolved to (each
+        rank of a CUDA job takes the GPU of its LOCAL_RANK)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
-            return cls()
+            return cls(device=device)
         rank = int(os.environ["RANK"])
-        if torch.cuda.is_available():
+        if device.type == "cuda":
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
             device, backend = torch.device("cuda", local), "nccl"

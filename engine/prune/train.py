@@ -53,7 +53,7 @@ from engine.prune.distributed import Dist
 from engine.prune.export import achieved_sparsity, calibrate, calibrate_measured
 from engine.prune.gated import GatedQAModel, export_ragged
 from engine.prune.l0 import LagrangianController, target_schedule
-from engine.train import DistillConfig, Hooks, ParamGroup, train, weight_groups
+from engine.train import DistillConfig, Hooks, ParamGroup, resolve_device, train, weight_groups
 from engine.train.teacher import PRECISIONS, LiveTeacher, TeacherSource, cached_teacher
 
 DROPOUT = 0.1
@@ -97,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-query-length", type=int, default=64)
     ap.add_argument("--checkpoint-every", type=int, default=200)
     ap.add_argument("--keep-checkpoints", type=int, default=2, help="how many resumable states to keep per phase")
-    ap.add_argument("--eval-every", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="score the student on the held-out data every N fine-tune steps (metrics.json finetune_curve)",
+    )
     ap.add_argument(
         "--teacher-logits",
         choices=["cached", "live"],
@@ -130,21 +135,24 @@ class GateTrainer(nn.Module):
         self.controller = LagrangianController()
 
 
-def _teacher(args: argparse.Namespace) -> RaggedQAModel:
+def _teacher(args: argparse.Namespace, device: torch.device) -> RaggedQAModel:
     ck = load_checkpoint(args.teacher)
     t = RaggedQAModel(ck.cfg).eval()
     t.load_state_dict(ck.state)
+    t.to(device)
     for p in t.parameters():
         p.requires_grad_(False)
     return t
 
 
-def _teacher_source(args: argparse.Namespace, settings: WindowSettings, features, threads: int) -> TeacherSource | None:
+def _teacher_source(
+    args: argparse.Namespace, settings: WindowSettings, features, threads: int, device: torch.device
+) -> TeacherSource | None:
     """Live teacher, cached teacher logits, or None (--no-distill)."""
     if args.no_distill:
         return None
     if args.teacher_logits == "live" or args.hidden_weight > 0:
-        return LiveTeacher(_teacher(args))
+        return LiveTeacher(_teacher(args, device))
     cache = args.teacher_cache or args.out.resolve().parent / "teacher-logits"
     return cached_teacher(
         args.teacher, settings, features, cache, args.teacher_precision, threads=threads, progress=not args.no_progress
@@ -169,7 +177,7 @@ def metrics_row(result: dict[str, Any]) -> dict[str, Any]:
 
 def prune(args: argparse.Namespace) -> dict[str, Any]:
     """Run both phases; returns metrics.json's content (rank 0) or {} (other ranks)."""
-    dist = Dist.from_env()
+    dist = Dist.from_env(resolve_device(args.device))
     t0 = time.monotonic()
     threads = setup_threads(args.threads)
     out: Path = args.out
@@ -193,9 +201,9 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
     teacher = None
     if not args.no_distill:
         if dist.is_main:
-            teacher = _teacher_source(args, settings, features, threads)
+            teacher = _teacher_source(args, settings, features, threads, dist.device)
         dist.barrier()  # other ranks then read the cache rank 0 wrote
-        teacher = teacher or _teacher_source(args, settings, features, threads)
+        teacher = teacher or _teacher_source(args, settings, features, threads, dist.device)
     distill = None if args.no_distill else DistillConfig(args.distill_weight, args.temperature, args.hidden_weight)
     by, target = _sparsity_target(args, table, budget_ms)
     common = dict(teacher=teacher, distill=distill, dist=dist)
@@ -214,7 +222,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(args.seed)
         base = RaggedQAModel(init.cfg, dropout=DROPOUT)
         base.load_state_dict(init.state)
-        trainer = GateTrainer(GatedQAModel(base, sublayer_gates=args.sublayer_gates))
+        trainer = GateTrainer(GatedQAModel(base, sublayer_gates=args.sublayer_gates)).to(dist.device)
 
         def penalty(step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
             """The Lagrangian on expected sparsity, with the target ramped up over --target-warmup."""
@@ -253,6 +261,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
             hooks=Hooks(penalty=penalty),
             **common,
         )
+        trainer.cpu()  # calibration and export run on the CPU, whatever device trained the gates
         trainer.gated.eval()
         if table is not None and args.latency_iterations > 0 and dist.is_main:  # only rank 0's export is kept
             cal = calibrate_measured(args, trainer.gated, dense, table, budget_ms)
@@ -284,6 +293,16 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed + 1)
     student = RaggedQAModel(cfg, dropout=DROPOUT)
     student.load_state_dict(state)
+    student.to(dist.device)
+    curve: list[dict[str, Any]] = []
+
+    def curve_point(step: int, meta: dict[str, Any]) -> None:
+        """The held-out step curve of the fixed-structure phase (kept in the trainer's resumable meta)."""
+        row = {"step": step, **metrics_row(evaluate_model(student, evals, maker, progress=False))}
+        meta.setdefault("curve", []).append(row)
+        curve[:] = meta["curve"]
+        print(f"[finetune] held-out @ step {step}: f1 {row['f1']:.2f} best_f1 {row['best_f1']:.2f}", file=sys.stderr)
+
     if args.finetune_epochs > 0 or args.finetune_max_steps:
         cfg_ft = train_config(args, "finetune", args.finetune_epochs, args.finetune_max_steps, dist.device)
         train(
@@ -292,6 +311,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
             cfg_ft,
             weight_groups(student, args.lr, args.weight_decay),
             out / "checkpoints" / "finetune",
+            hooks=Hooks(evaluate=curve_point if args.eval_every else None),
             **common,
         )
     if not dist.is_main:
@@ -301,7 +321,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
     # ---------------------------------------------------------------- evaluation and output
     student.eval()
     res_s = evaluate_model(student, evals, maker, progress=not args.no_progress)
-    teacher_eval = _teacher(args)
+    teacher_eval = _teacher(args, dist.device)
     res_t = evaluate_model(teacher_eval, evals, maker, progress=not args.no_progress)
     from transformers import AutoTokenizer
 
@@ -325,6 +345,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
         "teacher": metrics_row(res_t),
         "student": metrics_row(res_s),
         "f1_loss": res_t["at_zero"]["f1"] - res_s["at_zero"]["f1"],
+        "finetune_curve": curve,
         "gates": {k: v for k, v in gate_info.items() if k != "log_alpha"},
         "distillation": not args.no_distill,
         "data": data_info,

@@ -3,7 +3,15 @@
 resumable state (`state`). `engine.finetune` and `engine.prune` supply only the model, the groups and the hooks.
 """
 
-from engine.train.config import ParamGroup, Precision, TrainConfig, default_threads, resolve_precision, weight_groups
+from engine.train.config import (
+    ParamGroup,
+    Precision,
+    TrainConfig,
+    default_threads,
+    resolve_device,
+    resolve_precision,
+    weight_groups,
+)
 from engine.train.loop import Hooks, train
 from engine.train.losses import DistillConfig
 
@@ -14,6 +22,7 @@ __all__ = [
     "Precision",
     "TrainConfig",
     "default_threads",
+    "resolve_device",
     "resolve_precision",
     "train",
     "weight_groups",

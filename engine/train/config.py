@@ -39,6 +39,18 @@ def resolve_precision(p: Precision | str, device: torch.device) -> Precision:
     return p
 
 
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> the first CUDA device if torch sees one, else the CPU; `cuda` without a CUDA device is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA device here; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: training runs on cpu or cuda")
+    return device
+
+
 def default_threads() -> int:
     """All cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -57,14 +57,16 @@ def save_training_state(
     tmp = root / (final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     opt = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on a GPU draws from its own generator
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     scalars: dict[str, dict[str, Any]] = {}
     for idx, st in opt["state"].items():
         for name, value in st.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{idx}.{name}"] = value.detach().contiguous()
+                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(idx), {})[name] = value
     save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -101,4 +103,6 @@ def load_training_state(path: str | Path, model: nn.Module, optimizer: torch.opt
         state.setdefault(int(idx), {}).update(values)
     optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     return int(info["step"]), info["meta"]

@@ -185,7 +185,7 @@ class CachedTeacher(TeacherSource):
             raise ValueError("cached teacher logits carry no hidden states; use --teacher-logits live")
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         lo, hi = self.offsets[idx], self.offsets[idx + 1]
-        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(torch.long)
+        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(device="cpu", dtype=torch.long)  # batch: any device
         if not torch.equal(hi - lo, lengths):
             raise StaleTeacherCacheError(f"teacher-logit cache {self.path}: window lengths differ from the batch's")
         rows = torch.cat([torch.arange(a, b) for a, b in zip(lo.tolist(), hi.tolist())])

