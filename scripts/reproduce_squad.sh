@@ -2,7 +2,8 @@
 # Reproduce the accuracy/speed rows of RESULTS.md on real SQuAD 2.0 (CPU). Stages can be run one at a time:
 #   scripts/reproduce_squad.sh teacher|teacher-v2|teacher-v2-swaps|teacher-v3|l0|l0-speedup [X]|importance|random|nodistill|
 #                              more RUN STEPS|fast [T]|fast-speedup [X]|importance-noft [T]|eval|all
-# Outputs go to $RUNS (default ./runs, git-ignored); evaluation JSON to bench/results/.
+# Outputs go to $RUNS (default ./runs, git-ignored); evaluation JSON to bench/results/ (GEN=v3, the current teacher),
+# bench/results/v2/ (GEN=v2) or bench/results/previous/ (GEN=v1, the first teacher).
 # GEN=v2 (after the teacher-v2 stage) points every student stage at teacher v2, e.g.
 #   GEN=v2 scripts/reproduce_squad.sh l0 0.52
 # GEN=v3 is the GPU generation (DEVICE=cuda; scripts/gpu_v3.sh runs it all on one GPU): teacher-v3 sees the data for
@@ -39,10 +40,12 @@ BUDGET=()                            # PHASE_BUDGET_MIN=M stops each training ph
 [ -z "${PHASE_BUDGET_MIN:-}" ] || BUDGET=(--time-budget-min "$PHASE_BUDGET_MIN")
 V3=("${V2[@]}" --device "$DEVICE" --checkpoint-every "${CKPT_EVERY:-1000}" --log-every 100 --no-progress "${BUDGET[@]}")
 GEN=${GEN:-v1}
+RESULTS=bench/results/previous
 G=""
 DISTILL=()
 HELD_OUT=(--eval-fraction 0.08 --negatives-ratio 0.6)
 if [ "$GEN" = v2 ]; then
+  RESULTS=bench/results/v2
   TEACHER="$RUNS/teacher-v2"
   COMMON=("${V2[@]}")
   G="-v2"
@@ -51,6 +54,7 @@ if [ "$GEN" = v2 ]; then
   PRUNE_STEPS=${PRUNE_STEPS_V2:-400}  # 32 windows each
   FT_STEPS=${FT_STEPS_V2:-400}
 elif [ "$GEN" = v3 ]; then
+  RESULTS=bench/results
   TEACHER="$RUNS/teacher-v3"
   COMMON=("${V3[@]}")
   G="-v3"
@@ -132,7 +136,7 @@ save_checkpoint(sys.argv[3], cfg, state, ck.hf_config, AutoTokenizer.from_pretra
       "$TEACHER" "$spec" "$RUNS/importance-noft$G-${1:-0.4}"
 }
 evaluate() {  # build an engine for each finished run (or the named ones) and score it on the complete official dev set
-  mkdir -p bench/results
+  mkdir -p "$RESULTS"
   local runs=("$@")
   [ ${#runs[@]} -gt 0 ] || runs=("$TEACHER" "$RUNS"/l0-* "$RUNS"/nodistill-* "$RUNS"/importance-* "$RUNS"/random-* \
                                  "$RUNS"/fast-*)
@@ -143,7 +147,7 @@ evaluate() {  # build an engine for each finished run (or the named ones) and sc
     $PY -m engine.build_model --model "$run" --out "$RUNS/art/$name" --max-seq-length 256 --force
     $PY -m engine.evaluate "$RUNS/art/$name" --data "$DEV" --threads "$THREADS" --no-progress \
         --device "$EVAL_DEVICE" --backend "$EVAL_BACKEND" \
-        --out "bench/results/eval-$name.json"
+        --out "$RESULTS/eval-$name.json"
   done
 }
 case "${1:-all}" in
