@@ -1,18 +1,24 @@
 """`python -m bench.accuracy_rows`: write bench/results/accuracy.json for the report from evaluated runs.
 
-Two groups, each with its own dense teacher (its `eval-teacher*.json` with the shortest name, i.e. the fp32 build):
-  current   bench/results/eval-NAME.json            the current teacher (teacher-v2) and its students
+Three groups (bench.accuracy_tables.GROUPS, newest first), each with its own dense teacher (its `eval-teacher*.json`
+with the shortest name, i.e. the fp32 build):
+  current   bench/results/eval-NAME.json            the current teacher (teacher-v3) and its students
+  v2        bench/results/v2/eval-NAME.json         the superseded teacher-v2 and its students
   previous  bench/results/previous/eval-NAME.json   the superseded MiniLM teacher (teacher-minilm) and its students
 Every `eval-NAME.json` (from `python -m engine.evaluate`) becomes a row naming the artifact's encoder FLOPs at 384
 tokens, its group teacher's, and the command that produced it; CPU medians come from the `students.json` in the same
 folder (`make bench-students` writes bench/results/students.json for the current group). FLOPs are read from the
-artifact's manifest when the artifact is on this machine, else kept from the existing accuracy.json, so the file can
-be regenerated where the artifacts are gone. Two quoted reference rows are added and labelled as quoted.
+artifact's manifest when the artifact is on this machine, else kept from the existing accuracy.json (the row of the
+same group and name, else the only row of that name in any group: eval files moved to another group's folder keep
+their FLOPs), so the file can be regenerated where the artifacts are gone. Two quoted reference rows are added and
+labelled as quoted.
 
 Output (`--out`, default RESULTS/accuracy.json):
-  {"current":  {"folder": "bench/results", "teacher": "teacher-v2" | null, "rows": [ROW, ...]},
-   "previous": {"folder": "bench/results/previous", "teacher": "teacher-minilm", "rows": [ROW, ...]},
+  {"current":  {"folder": "bench/results", "teacher": "teacher-v3" | null, "rows": [ROW, ...]},
+   "v2":       {"folder": "bench/results/v2", "teacher": "teacher-v2" | null, "rows": [ROW, ...]},
+   "previous": {"folder": "bench/results/previous", "teacher": "teacher-minilm" | null, "rows": [ROW, ...]},
    "quoted":   [{"name", "note", "quoted": {"exact", "f1", "f1_stored", "HasAns_f1", "NoAns_f1", "flops", ...}}]}
+  Older files (a flat list = one teacher, read as "previous"; or only "current" and "previous") are still read.
   ROW = {"name", "eval": path (relative to the repository root when inside it), "artifact_flops", "dense_flops",
          "command", "latency": {"1x384"|"8x384": {"ms", "provider", "speedup_vs_teacher", "speedup_vs_hf_eager"}}
          (optional), "speedup": the (8,384) speedup over the group teacher (optional)}
@@ -26,13 +32,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.accuracy_tables import GROUPS
 from engine.artifact import read_manifest
 from engine.config import EncoderConfig
 from engine.flops import encoder_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-GROUPS = {"current": ".", "previous": "previous"}  # group -> its folder inside the results folder
 QUOTED = [
     {
         "name": "always no answer (floor)",
@@ -66,13 +72,23 @@ def _rel(p: Path) -> str:
 
 
 def stored_rows(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    """{(group, name): row} of an existing accuracy.json; the old flat list (one teacher) counts as 'previous'."""
+    """{(group, name): row} of an existing accuracy.json (any of its groups); the old flat list (one teacher) counts as
+    'previous'."""
     if not path.is_file():
         return {}
     data = json.loads(path.read_text())
     if isinstance(data, list):
         return {("previous", r["name"]): r for r in data if "quoted" not in r}
-    return {(g, r["name"]): r for g in GROUPS if g in data for r in data[g]["rows"]}
+    return {(g, r["name"]): r for g, v in data.items() if isinstance(v, dict) for r in v["rows"]}
+
+
+def stored_row(stored: dict[tuple[str, str], dict[str, Any]], group: str, name: str) -> dict[str, Any] | None:
+    """The stored row of `name` in `group`, else the only stored row of that name in any group (its eval file moved
+    to another group's folder), else None."""
+    if (group, name) in stored:
+        return stored[(group, name)]
+    same = [r for (_, n), r in stored.items() if n == name]
+    return same[0] if len(same) == 1 else None
 
 
 def artifact_flops(eval_path: Path, stored: dict[str, Any] | None, use_artifacts: bool = True) -> int:
@@ -124,7 +140,7 @@ def group_rows(
         raise RowsError(f"{folder} has eval files but no eval-teacher*.json: evaluate the group's dense teacher first")
     teacher = min(teachers, key=lambda p: len(p.stem))  # the fp32 teacher, not its -int8 or -bfloat16 builds
     name_of = {p: p.stem.removeprefix("eval-") for p in evals}
-    flops = {p: artifact_flops(p, stored.get((group, name_of[p])), use_artifacts) for p in evals}
+    flops = {p: artifact_flops(p, stored_row(stored, group, name_of[p]), use_artifacts) for p in evals}
     for p in evals:
         out["rows"].append(
             {
@@ -143,7 +159,8 @@ def group_rows(
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     ap = argparse.ArgumentParser(prog="python -m bench.accuracy_rows", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of eval-*.json and previous/eval-*.json")
+    folders = ", ".join(f"{g.folder}/eval-*.json" for g in GROUPS)
+    ap.add_argument("--results", type=Path, default=RESULTS, help=f"folder of {folders}")
     ap.add_argument("--out", type=Path, help="default: RESULTS/accuracy.json (its rows also supply missing FLOPs)")
     ap.add_argument(
         "--stored-flops", action="store_true", help="never read artifacts: FLOPs of every row from the existing --out"
@@ -153,16 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     stored = stored_rows(out)
     try:
         groups = {
-            g: group_rows(g, (a.results / sub).resolve(), stored, not a.stored_flops) for g, sub in GROUPS.items()
+            g.name: group_rows(g.name, (a.results / g.folder).resolve(), stored, not a.stored_flops) for g in GROUPS
         }
     except RowsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not any(g["rows"] for g in groups.values()):
-        print(
-            f"error: no eval-*.json in {a.results} or {a.results / 'previous'}: run engine.evaluate first",
-            file=sys.stderr,
-        )
+        where = ", ".join(str(a.results / g.folder) for g in GROUPS)
+        print(f"error: no eval-*.json in any of {where}: run engine.evaluate first", file=sys.stderr)
         return 2
     out.write_text(json.dumps({**groups, "quoted": QUOTED}, indent=1) + "\n")
     counts = ", ".join(f"{g}: {len(v['rows'])} rows (teacher {v['teacher']})" for g, v in groups.items())

@@ -1,52 +1,84 @@
 """The accuracy sections of RESULTS.md (bench/report.py) from bench/results/accuracy.json (bench/accuracy_rows.py).
 
-Each group (current teacher, previous teacher) gets its accuracy table, the F1 lost by every row against ITS teacher,
-and its ablations; the issue's accuracy targets are judged on the current group only.
+Each group in GROUPS (one per teacher generation: current, v2, previous) gets its accuracy table, the F1 lost by every
+row against ITS teacher, and its ablations; the issue's accuracy targets are judged on the current group only.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# (what it shows, SparseQA's run, the ablation or baseline run at the same target and training budget), per group
-ABLATIONS = {
-    "previous": [
-        ("distillation (same L0 gates, hard labels only)", "l0-0.5", "nodistill-0.5"),
-        ("L0 gates vs random heads/units (200 fine-tune steps)", "l0-0.5", "random-0.5"),
-        ("L0 gates vs importance scores (1000 fine-tune steps)", "l0-0.5-ft1000", "importance-0.5-ft1000"),
-        ("L0 gates vs importance scores (+1000 more)", "l0-0.5-ft1000+1000", "importance-0.5-ft1000+1000"),
-    ],
-    "current": [
-        ("distillation (same L0 gates, hard labels only)", "l0-v2-0.52", "nodistill-v2-0.52"),
-        ("L0 gates vs random heads/units", "l0-v2-0.52", "random-v2-0.52"),
-        ("L0 gates vs importance scores", "l0-v2-0.52", "importance-v2-0.52"),
-    ],
-}
-BASELINES = ("nodistill-", "random-", "importance-")  # ablation runs: not candidates for the student targets
-HEADINGS = {
-    "current": "## Accuracy on the complete official SQuAD 2.0 dev set",
-    "previous": "## Previous teacher (MiniLM fine-tuned on 25k windows, 1,600 steps)",
-}
-NOTES = {
-    "current": (
-        "Runs named `l0-v2-T` are SparseQA's method (L0 gates with distillation from `teacher-v2`, T = fraction of "
-        "encoder FLOPs removed); `-fp16`: fp16 weights with int8 word embeddings (the bundled default model's "
-        "precision); `nodistill-v2`, `random-v2`, `importance-v2` are the ablations at the same target and budget."
+
+@dataclass(frozen=True)
+class Group:
+    """One teacher generation: its eval files' folder (inside bench/results), its section and its ablation pairs."""
+
+    name: str  # key in accuracy.json
+    folder: str  # "." = the results folder itself
+    heading: str
+    note: str
+    ablations: tuple[tuple[str, str, str], ...] = ()  # (what it shows, SparseQA's run, the ablation at its budget)
+    empty: str | None = None  # shown when the group has no rows; None leaves the section out
+
+
+# every teacher generation, newest first; the issue's accuracy targets are judged on TARGETS_GROUP only
+GROUPS = (
+    Group(
+        "current",
+        ".",
+        "## Accuracy on the complete official SQuAD 2.0 dev set",
+        "Runs named `l0-v3-T` are SparseQA's method (L0 gates with distillation from `teacher-v3`, trained on a GPU; "
+        "T = fraction of encoder FLOPs removed); `-fp16`: fp16 weights with int8 word embeddings (the bundled default "
+        "model's precision); `+400`: one more 400-step distillation round; `fast-v3-*`: post-training pruning of "
+        "`teacher-v3` with no retraining (`engine.prune_fast`); `nodistill-v3`, `random-v3`, `importance-v3` are the "
+        "ablations at the same target and budget.",
+        (
+            ("distillation (same L0 gates, hard labels only)", "l0-v3-0.52", "nodistill-v3-0.52"),
+            ("L0 gates vs random heads/units", "l0-v3-0.52", "random-v3-0.52"),
+            ("L0 gates vs importance scores", "l0-v3-0.52", "importance-v3-0.52"),
+        ),
+        "No current-teacher rows yet: evaluate `teacher-v3` and its students into `bench/results/eval-NAME.json` "
+        "(`scripts/reproduce_squad.sh eval NAME`), then run `python -m bench.accuracy_rows`.",
     ),
-    "previous": (
+    Group(
+        "v2",
+        "v2",
+        "## Teacher v2 (every train file, 2,200 steps of 32 windows on 2 CPU cores)",
+        "**Superseded** by the current teacher above; kept for the record (`bench/results/v2/`). Runs named `l0-v2-T` "
+        "are SparseQA's method (L0 gates with distillation from `teacher-v2`, T = fraction of encoder FLOPs removed); "
+        "`-fp16`: fp16 weights with int8 word embeddings (the bundled default model's precision); `fast-v2-*`: "
+        "post-training pruning of `teacher-v2` with no retraining (`engine.prune_fast`); `nodistill-v2`, `random-v2`, "
+        "`importance-v2` are the ablations at the same target and budget.",
+        (
+            ("distillation (same L0 gates, hard labels only)", "l0-v2-0.52", "nodistill-v2-0.52"),
+            ("L0 gates vs random heads/units", "l0-v2-0.52", "random-v2-0.52"),
+            ("L0 gates vs importance scores", "l0-v2-0.52", "importance-v2-0.52"),
+        ),
+    ),
+    Group(
+        "previous",
+        "previous",
+        "## Previous teacher (MiniLM fine-tuned on 25k windows, 1,600 steps)",
         "**Superseded** by the current teacher above; kept for the record (`bench/results/previous/`). Runs named "
         "`l0-T` are SparseQA's method (L0 gates with distillation from `teacher-minilm`, T = fraction of encoder "
-        "FLOPs removed, 400 gate + 200 fine-tune steps unless the name says `-ft1000` or `+1000`)."
+        "FLOPs removed, 400 gate + 200 fine-tune steps unless the name says `-ft1000` or `+1000`).",
+        (
+            ("distillation (same L0 gates, hard labels only)", "l0-0.5", "nodistill-0.5"),
+            ("L0 gates vs random heads/units (200 fine-tune steps)", "l0-0.5", "random-0.5"),
+            ("L0 gates vs importance scores (1000 fine-tune steps)", "l0-0.5-ft1000", "importance-0.5-ft1000"),
+            ("L0 gates vs importance scores (+1000 more)", "l0-0.5-ft1000+1000", "importance-0.5-ft1000+1000"),
+        ),
     ),
-}
-EMPTY_CURRENT = (
-    "No current-teacher rows yet: evaluate `teacher-v2` and its students into `bench/results/eval-NAME.json` "
-    "(`scripts/reproduce_squad.sh eval NAME`), then run `python -m bench.accuracy_rows`."
 )
+GROUP = {g.name: g for g in GROUPS}
+TARGETS_GROUP = "current"
+BASELINES = ("nodistill-", "random-", "importance-")  # ablation runs: not candidates for the student targets
 THRESHOLDS = (
     "F1 at threshold 0 rewards abstaining on SQuAD 2.0's unanswerable half (the always-no-answer floor scores 50.07 "
     "with no skill at all); HasAns F1 and best F1 show answering skill. 'stored thr' is the null threshold stored in "
@@ -137,7 +169,7 @@ def f1_loss_table(points: list[dict[str, Any]], teacher: str) -> str:
     return "\n".join(out)
 
 
-def ablation_table(points: list[dict[str, Any]], pairs: list[tuple[str, str, str]]) -> str:
+def ablation_table(points: list[dict[str, Any]], pairs: Iterable[tuple[str, str, str]]) -> str:
     """What distillation and L0 gates buy: SparseQA's run minus the ablation at the same target and budget; pairs
     with a missing run are left out, and '' when none is complete."""
     by = {p["name"]: p for p in points}
@@ -193,7 +225,7 @@ def accuracy_targets(points: list[dict[str, Any]], teacher: str | None) -> list[
             _target(
                 f"F1 lost by the best student at >= 2x fewer FLOPs ({label})",
                 "<= 1.00 (FLOPs fraction <= 0.5)",
-                named(best) if best else "l0-v2-* students",
+                named(best) if best else "l0-v3-* students",
                 f"{lost:+.2f}" if best else "",
                 lost <= 1.0 if best else None,
             )
@@ -205,7 +237,7 @@ def accuracy_targets(points: list[dict[str, Any]], teacher: str | None) -> list[
         _target(
             "F1 lost by the best student at >= 3.5x fewer FLOPs (thr 0)",
             "<= 2.50 (FLOPs fraction <= 0.286)",
-            named(best) if best else "l0-v2-* students",
+            named(best) if best else "l0-v3-* students",
             f"{lost['f1']:+.2f} (stored thr {lost['f1_stored']:+.2f}, HasAns {lost['HasAns_f1']:+.2f})" if lost else "",
             lost["f1"] <= 2.5 if lost else None,
         )
@@ -214,24 +246,24 @@ def accuracy_targets(points: list[dict[str, Any]], teacher: str | None) -> list[
 
 
 def accuracy_sections(acc: dict[str, Any]) -> tuple[str, dict[str, list[dict[str, Any]]]]:
-    """The current-teacher and previous-teacher sections, and each group's points."""
+    """One section per group of GROUPS, in its order, and each group's points."""
     if isinstance(acc, list):
         raise SystemExit("accuracy.json is in the old one-teacher format: rerun `python -m bench.accuracy_rows`")
     parts, points = [], {}
-    for group in ("current", "previous"):
-        g = acc.get(group, {"rows": [], "teacher": None})
-        points[group] = load_points(g["rows"])
-        if not points[group]:
-            if group == "current":
-                parts.append(f"\n{HEADINGS[group]}\n\n{EMPTY_CURRENT}")
+    for group in GROUPS:
+        g = acc.get(group.name, {"rows": [], "teacher": None})
+        pts = points[group.name] = load_points(g["rows"])
+        if not pts:
+            if group.empty:
+                parts.append(f"\n{group.heading}\n\n{group.empty}")
             continue
-        parts.append(f"\n{HEADINGS[group]}\n\n{NOTES[group]}\n\nTeacher: `{g['teacher']}`.\n")
-        parts.append(accuracy_table(points[group], acc.get("quoted", [])))
+        parts.append(f"\n{group.heading}\n\n{group.note}\n\nTeacher: `{g['teacher']}`.\n")
+        parts.append(accuracy_table(pts, acc.get("quoted", [])))
         parts.append(f"\n{THRESHOLDS}")
-        loss = f1_loss_table(points[group], g["teacher"])
+        loss = f1_loss_table(pts, g["teacher"])
         if loss:
             parts.append(f"\n### F1 lost against the fp32 teacher `{g['teacher']}` (positive = worse)\n\n{loss}")
-        abl = ablation_table(points[group], ABLATIONS[group])
+        abl = ablation_table(pts, group.ablations)
         if abl:
             parts.append(f"\n### What distillation and L0 gates buy (same target, same budget)\n\n{abl}")
     return "\n".join(parts), points

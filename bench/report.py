@@ -5,8 +5,9 @@ Inputs (all optional; missing ones leave their section out):
   bench/results/workload*.json     pytest-benchmark output of bench/test_workload.py
   bench/results/{train,coexist,tokenizer}.json   pytest-benchmark output of those suites; serve.json and
                                    batch_qa.json as bench/test_serve.py and engine.batch_qa's benchmark write them
-  bench/results/accuracy.json      {"current" | "previous": {"folder", "teacher", "rows": [...]}, "quoted": [...]}
-                                   from `python -m bench.accuracy_rows` (its docstring has the row format)
+  bench/results/accuracy.json      {"current" | "v2" | "previous": {"folder", "teacher", "rows": [...]},
+                                   "quoted": [...]} from `python -m bench.accuracy_rows` (its docstring has the row
+                                   format; the groups are bench.accuracy_tables.GROUPS)
 Quoted reference rows (the paper's claim, the always-no-answer floor) are labelled as quoted, not measured.
 """
 
@@ -18,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.accuracy_tables import accuracy_sections, accuracy_targets
+from bench.accuracy_tables import GROUPS, TARGETS_GROUP, accuracy_sections, accuracy_targets
 from bench.suite_tables import batch_qa_table, coexist_table, serve_table, tokenizer_line, train_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -317,14 +318,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     acc_file = a.results / "accuracy.json"
     acc = json.loads(acc_file.read_text()) if acc_file.is_file() else {}
-    points: dict[str, list[dict[str, Any]]] = {"current": [], "previous": []}
+    points: dict[str, list[dict[str, Any]]] = {g.name: [] for g in GROUPS}
     if acc:
         text, points = accuracy_sections(acc)
         parts.append(text)
     if rows:
         parts[targets_at] = (
             "\n## Targets at a glance\n\n"
-            + targets_table(rows, ratios, points["current"], repeats, acc.get("current", {}).get("teacher"))
+            + targets_table(rows, ratios, points[TARGETS_GROUP], repeats, acc.get(TARGETS_GROUP, {}).get("teacher"))
             + (
                 f"\n\n'other runs': {len(repeats)} more runs of the same suite "
                 "(`bench/results/cpu-repeat-*.json`, each a separate process right after the recorded one)."
@@ -385,7 +386,8 @@ RUNS=runs THREADS=1 scripts/reproduce_squad.sh more importance-0.5-ft1000 1000
 built with `--max-seq-length 256` (the training length). "best F1" is the official script's best-threshold F1,
 i.e. with the threshold chosen on dev itself.
 """)
-    group = "current" if any(p.get("speedup") for p in points["current"]) else "previous"
+    # the newest group with a measured speedup (else the last, which plots nothing)
+    group = next((g.name for g in GROUPS if any(p.get("speedup") for p in points[g.name])), GROUPS[-1].name)
     pngs = plots(rows, points[group], a.out.parent, acc.get(group, {}).get("teacher"))
     parts += [f"\n![{p}]({p})" for p in pngs]
     a.out.write_text("\n".join(parts) + "\n")

@@ -60,12 +60,19 @@ def _row(res: Path, name: str, flops: float, speedup: float | None = None, sub: 
 
 # name -> (F1 thr 0, best F1, HasAns F1 thr 0, F1 stored thr, HasAns F1 stored thr, FLOPs fraction, speedup)
 CURRENT = {
-    "teacher-v2": (60.0, 63.0, 76.0, 53.0, 70.0, 1.0, 1.0),
-    "l0-v2-0.52": (59.5, 62.6, 75.1, 52.2, 69.0, 0.48, 2.1),  # loses 0.50 / 0.80 / 0.90: meets the 2x target
-    "l0-v2-0.4": (59.9, 62.9, 75.9, 52.9, 69.9, 0.60, 1.6),  # better, but not 2x fewer FLOPs
-    "l0-v2-0.5": (59.8, 62.8, 75.8, 52.8, 69.8, 0.502, 2.0),  # 1.99x fewer FLOPs: not >= 2x
-    "nodistill-v2-0.52": (60.0, 63.0, 76.0, 53.0, 70.0, 0.45, 2.2),  # no loss, but a baseline, not a student
-    "l0-v2-0.75": (57.0, 61.0, 70.0, 50.0, 64.0, 0.25, 3.8),  # loses 3.00 at >= 3.5x: misses the 2.5 target
+    "teacher-v3": (60.0, 63.0, 76.0, 53.0, 70.0, 1.0, 1.0),
+    "l0-v3-0.52": (59.5, 62.6, 75.1, 52.2, 69.0, 0.48, 2.1),  # loses 0.50 / 0.80 / 0.90: meets the 2x target
+    "l0-v3-0.4": (59.9, 62.9, 75.9, 52.9, 69.9, 0.60, 1.6),  # better, but not 2x fewer FLOPs
+    "l0-v3-0.5": (59.8, 62.8, 75.8, 52.8, 69.8, 0.502, 2.0),  # 1.99x fewer FLOPs: not >= 2x
+    "nodistill-v3-0.52": (60.0, 63.0, 76.0, 53.0, 70.0, 0.45, 2.2),  # no loss, but a baseline, not a student
+    "l0-v3-0.75": (57.0, 61.0, 70.0, 50.0, 64.0, 0.25, 3.8),  # loses 3.00 at >= 3.5x: misses the 2.5 target
+}
+# a weaker superseded teacher whose students would meet every target against it: the targets never look here
+V2 = {
+    "teacher-v2": (50.0, 58.0, 70.0, 48.0, 66.0, 1.0, 1.0),
+    "l0-v2-0.52": (49.0, 57.0, 69.0, 47.0, 65.0, 0.48, 2.2),
+    "random-v2-0.52": (45.0, 55.0, 60.0, 44.0, 58.0, 0.48, 2.2),
+    "fast-v2-0.3": (50.0, 58.0, 70.0, 48.0, 66.0, 0.2, 4.5),
 }
 PREVIOUS = {
     "teacher-minilm": (40.0, 55.0, 66.0, 43.0, 62.0, 1.0, 1.0),
@@ -88,7 +95,7 @@ def results(tmp_path: Path) -> Path:
         ],
     )
     acc = {"quoted": [{"name": "always no answer (floor)", "note": "quoted", "quoted": {"f1": 50.07}}]}
-    for group, sub, runs in (("current", ".", CURRENT), ("previous", "previous", PREVIOUS)):
+    for group, sub, runs in (("current", ".", CURRENT), ("v2", "v2", V2), ("previous", "previous", PREVIOUS)):
         for name, (f1, best, has, f1s, hass, _, _) in runs.items():
             _eval_file(res / sub / f"eval-{name}.json", f1, best, has, f1s, hass)
         rows = [_row(res, n, v[5], v[6], sub) for n, v in runs.items()]
@@ -127,25 +134,41 @@ def test_each_group_is_judged_against_its_own_teacher(results: Path, tmp_path: P
     out = tmp_path / "RESULTS.md"
     assert report.main(["--results", str(results), "--out", str(out)]) == 0
     text = out.read_text()
-    current, previous = text.split("## Previous teacher (MiniLM fine-tuned on 25k windows, 1,600 steps)")
-    assert "## Accuracy on the complete official SQuAD 2.0 dev set" in current and "Superseded" in previous
+    current, rest = text.split("## Teacher v2 (every train file, 2,200 steps of 32 windows on 2 CPU cores)")
+    v2, previous = rest.split("## Previous teacher (MiniLM fine-tuned on 25k windows, 1,600 steps)")
+    current = current.split("## Accuracy on the complete official SQuAD 2.0 dev set")[1]  # in GROUPS order
+    assert "`l0-v3-T`" in current and "Superseded" not in current
+    assert "Superseded" in v2 and "`bench/results/v2/`" in v2 and "`l0-v2-T`" in v2
+    assert "Superseded" in previous and "`bench/results/previous/`" in previous
     previous = previous.split("\n## ")[0]  # up to the next section
-    assert "teacher-minilm" not in current and "teacher-v2" not in previous
+    assert "teacher-v2" not in current and "teacher-minilm" not in current + v2
+    assert "teacher-v3" not in v2 + previous and "teacher-v2" not in previous
     # accuracy table: EM | F1 thr 0 | F1 stored | best | HasAns thr 0 | HasAns stored | NoAns (2 F1 - HasAns) | FLOPs
-    assert "| l0-v2-0.52 | 54.50 | 59.50 | 52.20 | 62.60 | 75.10 | 69.00 | 43.90 | 0.48 | 47.6 | 2.10x |" in current
+    assert "| l0-v3-0.52 | 54.50 | 59.50 | 52.20 | 62.60 | 75.10 | 69.00 | 43.90 | 0.48 | 47.6 | 2.10x |" in current
+    assert "| l0-v2-0.52 | 44.00 | 49.00 | 47.00 | 57.00 | 69.00 | 65.00 | 29.00 | 0.48 | 45.5 | 2.20x |" in v2
     assert "| l0-0.5 | 33.50 | 38.50 | 42.00 | 54.00 | 63.00 | 60.00 | 14.00 | 0.50 | 52.6 | 1.90x |" in previous
-    # F1 lost (thr 0 | stored thr | best | HasAns): against teacher-v2 in the current group ...
-    assert "| l0-v2-0.52 | 0.48 | 2.10x | +0.50 | +0.80 | +0.40 | +0.90 |" in current
-    assert "| l0-v2-0.75 | 0.25 | 3.80x | +3.00 | +3.00 | +2.00 | +6.00 |" in current
-    # ... and against teacher-minilm in the previous one (against teacher-v2 it would be +21.50)
+    # F1 lost (thr 0 | stored thr | best | HasAns): against teacher-v3 in the current group ...
+    assert "| l0-v3-0.52 | 0.48 | 2.10x | +0.50 | +0.80 | +0.40 | +0.90 |" in current
+    assert "| l0-v3-0.75 | 0.25 | 3.80x | +3.00 | +3.00 | +2.00 | +6.00 |" in current
+    # ... against teacher-v2 in the v2 group (against teacher-v3 it would be +10.50) ...
+    assert "| l0-v2-0.52 | 0.48 | 2.20x | +1.00 | +1.00 | +1.00 | +1.00 |" in v2
+    assert "| fast-v2-0.3 | 0.20 | 4.50x | +0.00 | +0.00 | +0.00 | +0.00 |" in v2
+    # ... and against teacher-minilm in the previous one (against teacher-v3 it would be +21.50)
     assert "| l0-0.5 | 0.50 | 1.90x | +1.50 | +1.00 | +1.00 | +3.00 |" in previous
-    assert "F1 lost against the fp32 teacher `teacher-v2`" in current
+    assert "F1 lost against the fp32 teacher `teacher-v3`" in current
+    assert "F1 lost against the fp32 teacher `teacher-v2`" in v2
     assert "F1 lost against the fp32 teacher `teacher-minilm`" in previous
-    # ablations: current pairs only where both runs exist (random-v2, importance-v2 are missing)
-    abl = [line for line in current.splitlines() if line.startswith("| distillation") or line.startswith("| L0 gates")]
-    assert abl == [
-        "| distillation (same L0 gates, hard labels only) | l0-v2-0.52 | nodistill-v2-0.52 | -0.50 | -0.80 | "
+
+    def ablations(section: str) -> list[str]:
+        return [line for line in section.splitlines() if line.startswith(("| distillation", "| L0 gates"))]
+
+    # ablations: each group's own pairs, only where both runs exist
+    assert ablations(current) == [
+        "| distillation (same L0 gates, hard labels only) | l0-v3-0.52 | nodistill-v3-0.52 | -0.50 | -0.80 | "
         "-0.40 | -0.90 |"
+    ]
+    assert ablations(v2) == [
+        "| L0 gates vs random heads/units | l0-v2-0.52 | random-v2-0.52 | +4.00 | +3.00 | +2.00 | +9.00 |"
     ]
     assert "nodistill-0.5" not in previous  # the previous group's pairs are absent from it: no ablation table
     assert "What distillation and L0 gates buy" not in previous
@@ -155,13 +178,14 @@ def test_accuracy_targets_met_and_not_met(results: Path, tmp_path: Path):
     out = tmp_path / "RESULTS.md"
     assert report.main(["--results", str(results), "--out", str(out)]) == 0
     lines = out.read_text().splitlines()
-    assert _line(lines, "| teacher HasAns F1 (thr 0) | >= 75.00 | teacher-v2 | 76.00 | yes |")
+    # judged on the current group only: teacher-v3, not the weaker teacher-v2 nor its loss-free fast-v2-0.3
+    assert _line(lines, "| teacher HasAns F1 (thr 0) | >= 75.00 | teacher-v3 | 76.00 | yes |")
     assert _line(
-        lines, "| teacher F1 at its stored threshold | >= 52.07 | teacher-v2 (stored thr -3.00) | 53.00 | yes |"
+        lines, "| teacher F1 at its stored threshold | >= 52.07 | teacher-v3 (stored thr -3.00) | 53.00 | yes |"
     )
-    assert _line(lines, "| teacher best F1 | >= 62.00 | teacher-v2 | 63.00 | yes |")
-    # the best student at <= 0.5 of the FLOPs: l0-v2-0.52 (l0-v2-0.5 is at 0.502, nodistill is a baseline)
-    where = "| <= 1.00 (FLOPs fraction <= 0.5) | l0-v2-0.52 (FLOPs 0.480, 2.10x at (8,384)) |"
+    assert _line(lines, "| teacher best F1 | >= 62.00 | teacher-v3 | 63.00 | yes |")
+    # the best student at <= 0.5 of the FLOPs: l0-v3-0.52 (l0-v3-0.5 is at 0.502, nodistill is a baseline)
+    where = "| <= 1.00 (FLOPs fraction <= 0.5) | l0-v3-0.52 (FLOPs 0.480, 2.10x at (8,384)) |"
     assert _line(lines, "| F1 lost by the best student at >= 2x fewer FLOPs (thr 0) ").endswith(
         f"{where} +0.50 | yes | - |"
     )
@@ -172,7 +196,7 @@ def test_accuracy_targets_met_and_not_met(results: Path, tmp_path: Path):
         f"{where} +0.90 | yes | - |"
     )
     assert _line(lines, "| F1 lost by the best student at >= 3.5x fewer FLOPs (thr 0) ").endswith(
-        "| l0-v2-0.75 (FLOPs 0.250, 3.80x at (8,384)) | +3.00 (stored thr +3.00, HasAns +6.00) | no | - |"
+        "| l0-v3-0.75 (FLOPs 0.250, 3.80x at (8,384)) | +3.00 (stored thr +3.00, HasAns +6.00) | no | - |"
     )
     assert not any("F1 lost at about 2x" in line for line in lines)  # the previous teacher's target is gone
 
@@ -196,15 +220,15 @@ def test_accuracy_targets_not_yet_measured():
     assert len(empty) == 7 and all("| not yet measured | - | - |" in line for line in empty)
     # a teacher below its targets, and no student at 2x or 3.5x yet
     weak = {
-        "teacher-v2": (50.0, 61.9, 74.9, 52.0, 70.0, 1.0, None),
-        "l0-v2-0.4": (49.0, 61.0, 74.0, 51.0, 69.0, 0.6, None),
+        "teacher-v3": (50.0, 61.9, 74.9, 52.0, 70.0, 1.0, None),
+        "l0-v3-0.4": (49.0, 61.0, 74.0, 51.0, 69.0, 0.6, None),
     }
-    lines = accuracy_tables.accuracy_targets(pts(weak), "teacher-v2")
+    lines = accuracy_tables.accuracy_targets(pts(weak), "teacher-v3")
     assert [line.split(" | ")[-2] for line in lines[:3]] == ["no", "no", "no"]
     assert "74.90" in lines[0] and "52.00" in lines[1] and "61.90" in lines[2]
-    assert all("| l0-v2-* students | not yet measured |" in line for line in lines[3:])
+    assert all("| l0-v3-* students | not yet measured |" in line for line in lines[3:])
     # a student without a teacher row is not judged
-    assert all("not yet measured" in line for line in accuracy_tables.accuracy_targets(pts(weak)[1:], "teacher-v2"))
+    assert all("not yet measured" in line for line in accuracy_tables.accuracy_targets(pts(weak)[1:], "teacher-v3"))
 
 
 def test_report_without_current_rows_says_so(results: Path, tmp_path: Path):
@@ -214,9 +238,10 @@ def test_report_without_current_rows_says_so(results: Path, tmp_path: Path):
     out = tmp_path / "RESULTS.md"
     assert report.main(["--results", str(results), "--out", str(out)]) == 0
     text = out.read_text()
-    assert "No current-teacher rows yet" in text and "| l0-0.5 | 0.50 | 1.90x | +1.50 |" in text
-    assert sum("| not yet measured | - | - |" in line for line in text.splitlines()) == 7
-    assert (tmp_path / "f1_vs_speedup.png").stat().st_size > 0  # plotted from the previous group
+    assert "No current-teacher rows yet: evaluate `teacher-v3`" in text and "| l0-0.5 | 0.50 | 1.90x | +1.50 |" in text
+    assert "| l0-v2-0.52 | 0.48 | 2.20x | +1.00 |" in text
+    assert sum("| not yet measured | - | - |" in line for line in text.splitlines()) == 7  # v2 rows are not judged
+    assert (tmp_path / "f1_vs_speedup.png").stat().st_size > 0  # plotted from the v2 group
 
 
 def test_report_without_accuracy_has_no_loss_table(results: Path, tmp_path: Path):
@@ -255,9 +280,9 @@ def test_accuracy_rows_groups_teachers_flops_and_latency(two_artifacts, tmp_path
     dense, pruned = two_artifacts
     res = tmp_path / "results"
     # current group: FLOPs from the artifacts' manifests; the teacher is the shortest eval-teacher* name
-    _eval_file(res / "eval-teacher-v2.json", 60, 63, 76, 53, 70, artifact=str(dense))
-    _eval_file(res / "eval-teacher-v2-int8.json", 60, 63, 76, 53, 70, artifact=str(dense))
-    _eval_file(res / "eval-l0-v2-0.52.json", 59, 62, 75, 52, 69, artifact=str(pruned))
+    _eval_file(res / "eval-teacher-v3.json", 60, 63, 76, 53, 70, artifact=str(dense))
+    _eval_file(res / "eval-teacher-v3-int8.json", 60, 63, 76, 53, 70, artifact=str(dense))
+    _eval_file(res / "eval-l0-v3-0.52.json", 59, 62, 75, 52, 69, artifact=str(pruned))
     # previous group: artifacts gone; FLOPs from the old flat (one-teacher) accuracy.json, latency from its own file
     _eval_file(res / "previous" / "eval-teacher-minilm.json", 40, 55, 66, 43, 62, artifact=str(tmp_path / "gone-t"))
     _eval_file(res / "previous" / "eval-l0-0.5.json", 38, 54, 63, 42, 60, artifact=str(tmp_path / "gone-s"))
@@ -278,21 +303,21 @@ def test_accuracy_rows_groups_teachers_flops_and_latency(two_artifacts, tmp_path
         res / "students.json",
         [
             ({"provider": "engine-cpp", "model": m, "batch": 1, "seq": 384}, t)
-            for m, t in (("teacher-v2", 0.03), ("l0-v2-0.52", 0.01))
+            for m, t in (("teacher-v3", 0.03), ("l0-v3-0.52", 0.01))
         ],
     )
     assert accuracy_rows.main(["--results", str(res)]) == 0
     acc = json.loads((res / "accuracy.json").read_text())
     cur, prev = acc["current"], acc["previous"]
-    small = cur["rows"][0]["latency"]["1x384"]  # against teacher-v2 of its own folder; no HF row there
+    small = cur["rows"][0]["latency"]["1x384"]  # against teacher-v3 of its own folder; no HF row there
     assert small["ms"] == pytest.approx(10.0) and small["speedup_vs_teacher"] == pytest.approx(3.0)
     assert "speedup_vs_hf_eager" not in small and "speedup" not in cur["rows"][0]  # no (8,384) median
-    assert (cur["teacher"], prev["teacher"]) == ("teacher-v2", "teacher-minilm")
-    assert [r["name"] for r in cur["rows"]] == ["l0-v2-0.52", "teacher-v2-int8", "teacher-v2"]
+    assert (cur["teacher"], prev["teacher"]) == ("teacher-v3", "teacher-minilm")
+    assert [r["name"] for r in cur["rows"]] == ["l0-v3-0.52", "teacher-v3-int8", "teacher-v3"]
     full, cut = encoder_flops(load_artifact(dense).cfg, 1, 384), encoder_flops(load_artifact(pruned).cfg, 1, 384)
     assert cut < full
     assert [(r["artifact_flops"], r["dense_flops"]) for r in cur["rows"]] == [(cut, full), (full, full), (full, full)]
-    assert cur["rows"][0]["eval"] == str((res / "eval-l0-v2-0.52.json").resolve())
+    assert cur["rows"][0]["eval"] == str((res / "eval-l0-v3-0.52.json").resolve())
     assert [(r["name"], r["artifact_flops"], r["dense_flops"]) for r in prev["rows"]] == [
         ("l0-0.5", 450, 900),
         ("teacher-minilm", 900, 900),
@@ -305,9 +330,61 @@ def test_accuracy_rows_groups_teachers_flops_and_latency(two_artifacts, tmp_path
     assert accuracy_rows.main(["--results", str(res), "--stored-flops"]) == 0
     assert json.loads((res / "accuracy.json").read_text()) == acc
     # an eval whose artifact is gone and has no stored row: a clear error naming the file
-    _eval_file(res / "eval-l0-v2-0.75.json", 50, 60, 70, 50, 60, artifact=str(tmp_path / "gone-new"))
+    _eval_file(res / "eval-l0-v3-0.75.json", 50, 60, 70, 50, 60, artifact=str(tmp_path / "gone-new"))
     assert accuracy_rows.main(["--results", str(res)]) == 2
-    assert "eval-l0-v2-0.75.json" in capsys.readouterr().err
+    assert "eval-l0-v3-0.75.json" in capsys.readouterr().err
+
+
+def test_accuracy_rows_three_groups_from_a_two_group_file(two_artifacts, tmp_path: Path):
+    """teacher-v2's eval files moved from the results folder to v2/ (artifacts gone) keep the FLOPs the old
+    two-group accuracy.json stored for them under "current"; the new current teacher gets its own group."""
+    dense, pruned = two_artifacts
+    res = tmp_path / "results"
+    _eval_file(res / "eval-teacher-v3.json", 60, 63, 76, 53, 70, artifact=str(dense))
+    _eval_file(res / "eval-l0-v3-0.52.json", 59, 62, 75, 52, 69, artifact=str(pruned))
+    _eval_file(res / "v2" / "eval-teacher-v2.json", 50, 58, 70, 48, 66, artifact=str(tmp_path / "gone-t"))
+    _eval_file(res / "v2" / "eval-l0-v2-0.52.json", 49, 57, 69, 47, 65, artifact=str(tmp_path / "gone-s"))
+    _eval_file(res / "previous" / "eval-teacher-minilm.json", 40, 55, 66, 43, 62, artifact=str(tmp_path / "gone-m"))
+    rows = lambda *r: {"rows": [{"name": n, "artifact_flops": f, "dense_flops": d} for n, f, d in r]}  # noqa: E731
+    old = {
+        "current": rows(("teacher-v2", 800, 800), ("l0-v2-0.52", 380, 800)),
+        "previous": rows(("teacher-minilm", 900, 900)),
+        "quoted": [],
+    }
+    (res / "accuracy.json").write_text(json.dumps(old))
+    assert set(accuracy_rows.stored_rows(res / "accuracy.json")) == {
+        ("current", "teacher-v2"),
+        ("current", "l0-v2-0.52"),
+        ("previous", "teacher-minilm"),
+    }
+    assert accuracy_rows.main(["--results", str(res)]) == 0
+    acc = json.loads((res / "accuracy.json").read_text())
+    assert list(acc) == ["current", "v2", "previous", "quoted"]
+    assert [(acc[g]["teacher"], acc[g]["folder"]) for g in ("current", "v2", "previous")] == [
+        ("teacher-v3", str(res.resolve())),
+        ("teacher-v2", str((res / "v2").resolve())),
+        ("teacher-minilm", str((res / "previous").resolve())),
+    ]
+    assert [r["name"] for r in acc["current"]["rows"]] == ["l0-v3-0.52", "teacher-v3"]
+    assert [(r["name"], r["artifact_flops"], r["dense_flops"]) for r in acc["v2"]["rows"]] == [
+        ("l0-v2-0.52", 380, 800),
+        ("teacher-v2", 800, 800),
+    ]
+    # a name stored in two groups is ambiguous: no fallback, the artifact must be there
+    assert accuracy_rows.stored_row({("a", "x"): {"n": 1}, ("b", "x"): {"n": 2}}, "c", "x") is None
+    assert accuracy_rows.stored_row({("a", "x"): {"n": 1}, ("b", "x"): {"n": 2}}, "b", "x") == {"n": 2}
+
+
+def test_plots_come_from_the_newest_group_with_speedups(results: Path, tmp_path: Path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(report, "plots", lambda rows, points, outdir, teacher=None: seen.append(teacher) or [])
+    acc = json.loads((results / "accuracy.json").read_text())
+    for drop in ("current", "v2"):
+        assert report.main(["--results", str(results), "--out", str(tmp_path / "RESULTS.md")]) == 0
+        acc[drop]["rows"] = []
+        (results / "accuracy.json").write_text(json.dumps(acc))
+    assert report.main(["--results", str(results), "--out", str(tmp_path / "RESULTS.md")]) == 0
+    assert seen == ["teacher-v3", "teacher-v2", "teacher-minilm"]
 
 
 def test_accuracy_rows_empty_current_group_and_missing_teacher(tmp_path: Path, capsys):
@@ -397,11 +474,11 @@ def test_ablation_table_subtracts_the_baseline_at_the_same_budget():
         {"name": "nodistill-0.5", "f1": 35.0, "f1_stored": 41.5, "best_f1": 52.5, "HasAns_f1": 57.0},
         {"name": "importance-0.5-ft1000", "f1": 30.0, "f1_stored": 40.0, "best_f1": 50.0, "HasAns_f1": 40.0},
     ]  # its L0 pair is absent
-    pairs = accuracy_tables.ABLATIONS["previous"]
+    pairs = accuracy_tables.GROUP["previous"].ablations
     lines = accuracy_tables.ablation_table(pts, pairs).splitlines()
     assert len(lines) == 3 and "| l0-0.5 | nodistill-0.5 | +1.00 | +2.50 | +1.50 | +5.00 |" in lines[2]
     assert accuracy_tables.ablation_table(pts[1:], pairs) == ""
-    assert accuracy_tables.ablation_table(pts, accuracy_tables.ABLATIONS["current"]) == ""
+    assert accuracy_tables.ablation_table(pts, accuracy_tables.GROUP["current"].ablations) == ""
 
 
 def test_repeated_cpu_runs_are_listed_beside_the_recorded_one(results: Path, tmp_path: Path):
