@@ -352,17 +352,28 @@ def main(argv: list[str] | None = None) -> int:
 ```
 make bench                                   # CPU latency, precision and workload suites -> bench/results/*.json
 make bench-full                              # + torch.compile, and the workload on all 11,873 dev questions
-RUNS=runs THREADS=2 scripts/reproduce_squad.sh teacher-v2       # current teacher: all train files, 2,200 x 32 windows
-RUNS=runs THREADS=2 scripts/reproduce_squad.sh teacher-v2-swaps # + 500 steps, question-swap negatives: teacher-v2s
-RUNS=runs THREADS=2 scripts/reproduce_squad.sh eval teacher-v2  # build + dev eval: bench/results/eval-teacher-v2.json
-RUNS=runs THREADS=2 GEN=v2 scripts/reproduce_squad.sh l0 0.52  # L0 student of teacher-v2, 400 + 400 steps of 32
-RUNS=runs THREADS=2 GEN=v2 scripts/reproduce_squad.sh nodistill 0.52  # ablations at the same target and budget
-RUNS=runs THREADS=2 GEN=v2 scripts/reproduce_squad.sh random 0.52     # (also: importance 0.52, l0 0.4, l0 0.75)
-RUNS=runs THREADS=2 scripts/reproduce_squad.sh eval NAME ...    # the same for each student run (l0-v2-*, baselines)
+scripts/gpu_v3.sh pack                       # here: data + MiniLM for the GPU machine (.gpu/, git-ignored)
+scripts/gpu_v3.sh run 540                    # on one GPU (H200): every GEN=v3 DEVICE=cuda stage below, timed to fit
+#   = GEN=v3 DEVICE=cuda scripts/reproduce_squad.sh teacher-v3        (current teacher, 1 epoch of 143k windows)
+#     GEN=v3 DEVICE=cuda scripts/reproduce_squad.sh l0 0.52 | l0 0.4 | l0 0.75 | nodistill 0.52 | random 0.52
+#     EVAL_DEVICE=cuda EVAL_BACKEND=torch GEN=v3 scripts/reproduce_squad.sh eval NAME   -> bench/results/eval-NAME.json
+scripts/gpu_v3.sh teacher                    # on the GPU machine: teacher-v3 back in fp16 pieces
+RUNS=runs THREADS=2 GEN=v3 DEVICE=cpu CKPT_EVERY=50 scripts/reproduce_squad.sh more l0-v3-0.52 400 --eval-every 100
+RUNS=runs THREADS=2 GEN=v3 scripts/reproduce_squad.sh eval l0-v3-0.52+400   # on this CPU, cpp backend
 python -m engine.build_model --model runs/RUN --out runs/art/RUN-int8 --dtype int8 --max-seq-length 256  # precisions
 python -m engine.evaluate runs/art/NAME --data ../shared/data/squad2/dev-v2.0.json.gz --out bench/results/eval-NAME.json
 make bench-students                          # CPU latency of every evaluated artifact -> bench/results/students.json
 python -m bench.accuracy_rows && python -m bench.report
+```
+
+The teacher-v2 section came from these commands (its `eval-*.json` were then moved to `bench/results/v2/`):
+
+```
+RUNS=runs THREADS=2 scripts/reproduce_squad.sh teacher-v2       # all train files, 2,200 x 32 windows on 2 CPU cores
+RUNS=runs THREADS=2 GEN=v2 scripts/reproduce_squad.sh eval teacher-v2
+RUNS=runs THREADS=2 GEN=v2 scripts/reproduce_squad.sh l0 0.52  # L0 student of teacher-v2, 400 + 400 steps of 32
+RUNS=runs THREADS=2 GEN=v2 scripts/reproduce_squad.sh fast 0.3 # post-training pruning (also: fast 0.4)
+RUNS=runs THREADS=2 GEN=v2 scripts/reproduce_squad.sh eval NAME ...
 ```
 
 The previous-teacher section came from these commands (their `eval-*.json` and `students.json` were then moved to
@@ -382,7 +393,7 @@ RUNS=runs THREADS=1 scripts/reproduce_squad.sh more l0-0.5-ft1000 1000          
 RUNS=runs THREADS=1 scripts/reproduce_squad.sh more importance-0.5-ft1000 1000
 ```
 
-`docs/TRAINING.md` describes both teacher runs (the previous one ran with `--threads 1`); every artifact was
+`docs/TRAINING.md` describes the three teacher runs (the first ran with `--threads 1`); every artifact was
 built with `--max-seq-length 256` (the training length). "best F1" is the official script's best-threshold F1,
 i.e. with the threshold chosen on dev itself.
 """)
