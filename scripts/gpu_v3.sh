@@ -8,6 +8,8 @@
 #   scripts/gpu_v3.sh smoke           there: the CUDA tests and the step-rate probe
 #   scripts/gpu_v3.sh run SECONDS     there: everything, sized to end within SECONDS; results under $OUT
 #   scripts/gpu_v3.sh teacher         there, afterwards: teacher-v3 (fp16) in 15 MiB pieces under $OUT
+#   scripts/gpu_v3.sh restore DIR...  here: the folders the two calls' $OUT came back in -> fp32 checkpoints
+#                                     $RUNS/teacher-v3 and $RUNS/l0-v3-0.52 (from its bundle), results, logs
 # Step budgets (the `run` defaults assume RATE steps/s from `smoke`): RATE=... TEACHER_SHARE=0.45
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -117,10 +119,47 @@ s = load_file(sys.argv[1]); save_file({k: v.half() if v.is_floating_point() else
   ls -la "$OUT"
 }
 
+restore() {  # here, after `run` and `teacher`: their $OUT folders -> fp32 checkpoints under $LOCAL_RUNS (runs)
+  local runs=${LOCAL_RUNS:-runs} got=${LOCAL_RUNS:-runs}/gpu
+  mkdir -p "$got/art" "$got/ck" "$runs"
+  for d in "$@"; do
+    for f in "$d"/*.tar.aa; do
+      [ -e "$f" ] || continue
+      case $f in *teacher-v3-fp16.tar.aa) to=$got/ck ;; *) to=$got/art ;; esac
+      cat "${f%.aa}".* | tar xf - -C "$to"
+    done
+    [ ! -f "$d/results.tgz" ] || tar xzf "$d/results.tgz" -C "$got"
+  done
+  # The teacher came back rounded to fp16 and the 2x student as its fp16 + int8-embedding bundle: both become fp32
+  # training checkpoints again (the student's word embeddings dequantized), for the CPU stages that follow.
+  .venv/bin/python - "$got" "$runs" << 'EOF'
+import shutil, sys
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+from engine.artifact import load_artifact
+from engine.checkpoint import load_checkpoint, save_checkpoint
+
+got, runs = sys.argv[1:]
+teacher = f"{runs}/teacher-v3"
+shutil.rmtree(teacher, ignore_errors=True)
+shutil.copytree(f"{got}/ck/teacher-v3-fp16", teacher)
+state = load_file(f"{teacher}/model.safetensors")
+save_file({k: v.float() for k, v in state.items()}, f"{teacher}/model.safetensors", metadata={"format": "pt"})
+ck = load_checkpoint(teacher)
+art = load_artifact(f"{got}/art/l0-v3-0.52-fp16")
+student = f"{runs}/l0-v3-0.52"
+shutil.rmtree(student, ignore_errors=True)
+save_checkpoint(student, art.cfg, {k: v.float() for k, v in art.state.items()}, ck.hf_config,
+                AutoTokenizer.from_pretrained(teacher), art.null_threshold)
+print(f"restored {teacher} and {student} (heads {list(art.cfg.heads)}, ffn {list(art.cfg.ffn)})")
+EOF
+}
+
 case "${1:-}" in
   pack) pack ;;
   smoke) smoke ;;
   run) run "${2:-540}" ;;
   teacher) teacher ;;
-  *) echo "usage: $0 pack|smoke|run [SECONDS]|teacher" >&2; exit 2 ;;
+  restore) shift; restore "$@" ;;
+  *) echo "usage: $0 pack|smoke|run [SECONDS]|teacher|restore DIR..." >&2; exit 2 ;;
 esac
