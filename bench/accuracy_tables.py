@@ -37,7 +37,9 @@ GROUPS = (
         "T = fraction of encoder FLOPs removed); `-fp16`: fp16 weights with int8 word embeddings (the bundled default "
         "model's precision); `+400`: one more 400-step distillation round; `fast-v3-*`: post-training pruning of "
         "`teacher-v3` with no retraining (`engine.prune_fast`); `nodistill-v3`, `random-v3`, `importance-v3` are the "
-        "ablations at the same target and budget.",
+        "ablations at the same target and budget; `minilm-l6-squad2-l0-2.1x` is the bundled default model "
+        "(`l0-v3-0.52+400` in fp16 with int8 word embeddings), scored on the 2-core CPU (cpp backend); the other v3 "
+        "rows were scored on the H200 (torch backend, fp32 artifacts).",
         (
             ("distillation (same L0 gates, hard labels only)", "l0-v3-0.52", "nodistill-v3-0.52"),
             ("L0 gates vs random heads/units", "l0-v3-0.52", "random-v3-0.52"),
