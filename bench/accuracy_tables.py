@@ -35,7 +35,8 @@ GROUPS = (
         "## Accuracy on the complete official SQuAD 2.0 dev set",
         "Runs named `l0-v3-T` are SparseQA's method (L0 gates with distillation from `teacher-v3`, trained on a GPU; "
         "T = fraction of encoder FLOPs removed); `-fp16`: fp16 weights with int8 word embeddings (the bundled default "
-        "model's precision); `+400`: one more 400-step distillation round; `fast-v3-*`: post-training pruning of "
+        "model's precision); `+400`: one more 400-step distillation round; `-cpu`: trained on the 2-core CPU "
+        "(400 gate + 400 fine-tune steps) instead of the GPU; `fast-v3-*`: post-training pruning of "
         "`teacher-v3` with no retraining (`engine.prune_fast`); `nodistill-v3`, `random-v3`, `importance-v3` are the "
         "ablations at the same target and budget; `minilm-l6-squad2-l0-2.1x` is the bundled default model "
         "(`l0-v3-0.52+400` in fp16 with int8 word embeddings), scored on the 2-core CPU (cpp backend); the other v3 "
