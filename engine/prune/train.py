@@ -294,18 +294,17 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
     student = RaggedQAModel(cfg, dropout=DROPOUT)
     student.load_state_dict(state)
     student.to(dist.device)
-    curve: list[dict[str, Any]] = []
 
     def curve_point(step: int, meta: dict[str, Any]) -> None:
         """The held-out step curve of the fixed-structure phase (kept in the trainer's resumable meta)."""
         row = {"step": step, **metrics_row(evaluate_model(student, evals, maker, progress=False))}
         meta.setdefault("curve", []).append(row)
-        curve[:] = meta["curve"]
         print(f"[finetune] held-out @ step {step}: f1 {row['f1']:.2f} best_f1 {row['best_f1']:.2f}", file=sys.stderr)
 
+    ft_meta: dict[str, Any] = {}
     if args.finetune_epochs > 0 or args.finetune_max_steps:
         cfg_ft = train_config(args, "finetune", args.finetune_epochs, args.finetune_max_steps, dist.device)
-        train(
+        ft_meta = train(
             student,
             features,
             cfg_ft,
@@ -345,7 +344,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
         "teacher": metrics_row(res_t),
         "student": metrics_row(res_s),
         "f1_loss": res_t["at_zero"]["f1"] - res_s["at_zero"]["f1"],
-        "finetune_curve": curve,
+        "finetune_curve": ft_meta.get("curve", []),
         "gates": {k: v for k, v in gate_info.items() if k != "log_alpha"},
         "distillation": not args.no_distill,
         "data": data_info,

@@ -121,8 +121,6 @@ def train(
                     output_hidden_states=want_hidden,
                 )
             t_out = teacher.logits(micro, batch, want_hidden) if teacher is not None else None
-            if t_out is not None and t_out[0].device != dist.device:  # a logit cache lives on the CPU
-                t_out = (t_out[0].to(dist.device), t_out[1].to(dist.device), t_out[2])
             loss = task_and_distill(
                 out[0].float(),
                 out[1].float(),

@@ -58,7 +58,8 @@ class TeacherSource:
     def logits(
         self, indices: Sequence[int], batch: PackedBatch, want_hidden: bool
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
-        """Packed start, end `[T]` (and layer outputs `[T, d]` if `want_hidden`) of the windows `indices`."""
+        """Packed start, end `[T]` (and layer outputs `[T, d]` if `want_hidden`) of the windows `indices`, on the
+        device of `batch`."""
         raise NotImplementedError
 
 
@@ -189,7 +190,8 @@ class CachedTeacher(TeacherSource):
         if not torch.equal(hi - lo, lengths):
             raise StaleTeacherCacheError(f"teacher-logit cache {self.path}: window lengths differ from the batch's")
         rows = torch.cat([torch.arange(a, b) for a, b in zip(lo.tolist(), hi.tolist())])
-        return self.start[rows], self.end[rows], None
+        device = batch.input_ids.device  # the cache lives on the CPU; the batch may be on a GPU
+        return self.start[rows].to(device), self.end[rows].to(device), None
 
 
 @torch.inference_mode()
