@@ -36,15 +36,24 @@ GROUPS = (
         "Runs named `l0-v3-T` are SparseQA's method (L0 gates with distillation from `teacher-v3`, trained on a GPU; "
         "T = fraction of encoder FLOPs removed); `-fp16`: fp16 weights with int8 word embeddings (the bundled default "
         "model's precision); `+400`: one more 400-step distillation round; `-cpu`: trained on the 2-core CPU "
-        "(400 gate + 400 fine-tune steps) instead of the GPU; `fast-v3-*`: post-training pruning of "
-        "`teacher-v3` with no retraining (`engine.prune_fast`); `nodistill-v3`, `random-v3`, `importance-v3` are the "
+        "(400 gate + 400 fine-tune steps) instead of the GPU; `-x1.5`: pruned to a measured 1.5x speedup over the "
+        "teacher at (8,384) on the cpp engine instead of a FLOP target; `fast-v3-*`: post-training pruning of "
+        "`teacher-v3` with no retraining (`engine.prune_fast`); `importance-noft-v3-0.4`: Michel et al.'s "
+        "importance cut at 40% with no fine-tuning at all; `nodistill-v3`, `random-v3`, `importance-v3` are the "
         "ablations at the same target and budget; `minilm-l6-squad2-l0-2.1x` is the bundled default model "
-        "(`l0-v3-0.52+400` in fp16 with int8 word embeddings), scored on the 2-core CPU (cpp backend); the other v3 "
-        "rows were scored on the H200 (torch backend, fp32 artifacts).",
+        "(`l0-v3-0.52+400` in fp16 with int8 word embeddings). The bundle and the `-cpu`, `fast-v3-*` and "
+        "`importance-noft` rows were scored on the 2-core CPU (cpp backend); the other v3 rows on the H200 (torch "
+        "backend, fp32 artifacts).",
         (
             ("distillation (same L0 gates, hard labels only)", "l0-v3-0.52", "nodistill-v3-0.52"),
             ("L0 gates vs random heads/units", "l0-v3-0.52", "random-v3-0.52"),
             ("L0 gates vs importance scores", "l0-v3-0.52", "importance-v3-0.52"),
+            (
+                "Fisher search + rearrangement + tuning vs importance, no retraining (40%)",
+                "fast-v3-0.4",
+                "importance-noft-v3-0.4",
+            ),
+            ("L0 + distillation vs post-training, same 1.5x latency target", "l0-v3-x1.5-cpu", "fast-v3-x1.5"),
         ),
         "No current-teacher rows yet: evaluate `teacher-v3` and its students into `bench/results/eval-NAME.json` "
         "(`scripts/reproduce_squad.sh eval NAME`), then run `python -m bench.accuracy_rows`.",
