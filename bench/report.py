@@ -360,6 +360,11 @@ scripts/gpu_v3.sh run 540                    # on one GPU (H200): every GEN=v3 D
 scripts/gpu_v3.sh teacher                    # on the GPU machine: teacher-v3 back in fp16 pieces
 RUNS=runs THREADS=2 GEN=v3 DEVICE=cpu CKPT_EVERY=50 scripts/reproduce_squad.sh more l0-v3-0.52 400 --eval-every 100
 RUNS=runs THREADS=2 GEN=v3 scripts/reproduce_squad.sh eval l0-v3-0.52+400   # on this CPU, cpp backend
+RUNS=runs THREADS=2 GEN=v3 scripts/reproduce_squad.sh fast 0.3  # post-training (also 0.333, 0.4, 0.5); on this CPU
+RUNS=runs THREADS=2 GEN=v3 scripts/reproduce_squad.sh fast-speedup 1.5    # post-training to 1.5x at (8,384), cpp
+RUNS=runs THREADS=2 GEN=v3 DEVICE=cpu CKPT_EVERY=50 PRUNE_STEPS_V3=400 FT_STEPS_V3=400 TAG=-cpu \
+    scripts/reproduce_squad.sh l0-speedup 1.5                                # L0 to the same target, on this CPU
+RUNS=runs THREADS=2 GEN=v3 scripts/reproduce_squad.sh importance-noft 0.4   # Michel et al., no fine-tuning
 python -m engine.build_model --model runs/RUN --out runs/art/RUN-int8 --dtype int8 --max-seq-length 256  # precisions
 python -m engine.evaluate runs/art/NAME --data ../shared/data/squad2/dev-v2.0.json.gz --out bench/results/eval-NAME.json
 make bench-students                          # CPU latency of every evaluated artifact -> bench/results/students.json
