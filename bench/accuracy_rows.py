@@ -20,8 +20,9 @@ Output (`--out`, default RESULTS/accuracy.json):
    "quoted":   [{"name", "note", "quoted": {"exact", "f1", "f1_stored", "HasAns_f1", "NoAns_f1", "flops", ...}}]}
   Older files (a flat list = one teacher, read as "previous"; or only "current" and "previous") are still read.
   ROW = {"name", "eval": path (relative to the repository root when inside it), "artifact_flops", "dense_flops",
-         "command", "latency": {"1x384"|"8x384": {"ms", "provider", "speedup_vs_teacher", "speedup_vs_hf_eager"}}
-         (optional), "speedup": the (8,384) speedup over the group teacher (optional)}
+         "command", "latency": {"1x384"|"8x384": {"ms", "provider", "speedup_vs_teacher", "speedup_vs_hf_eager",
+         "stand_in" (the teacher row, timed as DENSE_ENGINE_MODEL)}} (optional),
+         "speedup": the (8,384) speedup over the group teacher (optional)}
 """
 
 from __future__ import annotations
@@ -107,18 +108,31 @@ def artifact_flops(eval_path: Path, stored: dict[str, Any] | None, use_artifacts
 
 def _join_latency(rows: list[dict[str, Any]], path: Path, teacher: str) -> None:
     """Add CPU medians from a bench/test_students.py file: ms per shape, the speedup over the group's dense teacher on
-    the same engine and over dense fp32 HF eager."""
+    the same engine and over dense fp32 HF eager. A teacher whose artifact was not timed (it was built on another
+    machine) is timed through its stand-in, the dense MiniLM on the same engine in the same file
+    (`DENSE_ENGINE_MODEL`), when that has exactly the teacher's encoder FLOPs; its latency entry then says so."""
     if not path.is_file():
         return
+    from bench.common import DENSE_ENGINE_MODEL
     from bench.report import load_benchmarks
 
-    ms = {(r["model"], f"{r['batch']}x{r['seq']}"): (r["median_ms"], r["provider"]) for r in load_benchmarks([path])}
+    bench = load_benchmarks([path])
+    ms = {(r["model"], f"{r['batch']}x{r['seq']}"): (r["median_ms"], r["provider"]) for r in bench}
+    t_row = next((r for r in rows if r["name"] == teacher), None)
+    stand_in_flops = {
+        r["flops"] for r in bench if r["model"] == DENSE_ENGINE_MODEL and (r["batch"], r["seq"]) == (1, 384)
+    }
+    stand_in = t_row is not None and stand_in_flops == {t_row["artifact_flops"]}
+    for shape in ("1x384", "8x384"):
+        if (teacher, shape) not in ms and stand_in and (DENSE_ENGINE_MODEL, shape) in ms:
+            ms[(teacher, shape)] = ms[(DENSE_ENGINE_MODEL, shape)]
+            t_row.setdefault("latency", {})[shape] = {"stand_in": DENSE_ENGINE_MODEL}
     for row in rows:
         for shape in ("1x384", "8x384"):
             if (row["name"], shape) not in ms:
                 continue
             t, provider = ms[(row["name"], shape)]
-            row.setdefault("latency", {})[shape] = {"ms": t, "provider": provider}
+            row.setdefault("latency", {}).setdefault(shape, {}).update(ms=t, provider=provider)
             if (teacher, shape) in ms:
                 row["latency"][shape]["speedup_vs_teacher"] = ms[(teacher, shape)][0] / t
             if ("hf-eager-dense", shape) in ms:

@@ -18,6 +18,9 @@ from engine.flops import encoder_flops
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "build" / "bench-artifacts"
 THREADS = int(os.environ.get("SPARSEQA_THREADS", "2"))
+# bench/test_students.py times the packaged dense MiniLM on the engine under this name: the stand-in for a dense
+# teacher of the same shapes whose own artifact is not on this machine (latency depends on shapes and dtype only)
+DENSE_ENGINE_MODEL = "engine-dense-minilm"
 SHAPES = [(1, 128), (1, 384), (8, 384), (32, 128)]
 
 

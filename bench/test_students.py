@@ -3,7 +3,9 @@
 Each `bench/results/eval-NAME.json` (from `python -m engine.evaluate`; the current teacher's group, while the previous
 teacher's rows and their medians stay in bench/results/previous/) names the artifact it scored; this suite
 times that artifact on the engine (`backend="auto"`: cpp when built) at (1,384) and (8,384), and dense fp32 HF
-eager on the packaged MiniLM (the teacher's architecture and shapes, so the same cost) as the common baseline.
+eager on the packaged MiniLM (the teacher's architecture and shapes, so the same cost) as the common baseline. The
+packaged dense MiniLM is also timed on the engine: the stand-in for a dense teacher whose artifact was built on another
+machine (teacher v3's, on the GPU machine), since latency depends on the shapes and dtype, not on the weights.
 `python -m bench.accuracy_rows` joins the medians to the accuracy rows: speedup over the dense teacher on the same
 engine, and over HF eager.
 
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.common import THREADS, inputs, minilm, record
+from bench.common import DENSE_ENGINE_MODEL, THREADS, inputs, minilm, record
 from bench.providers import hf_masked_provider
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +61,19 @@ def test_hf_eager_dense(benchmark, batch, seq):
     m = minilm("dense")
     cfg = load_artifact(m.artifact).cfg
     _run(benchmark, hf_masked_provider(m, "eager"), cfg, cfg, batch, seq, "hf-eager", "hf-eager-dense", "float32")
+
+
+@pytest.mark.parametrize("batch, seq", SHAPES, ids=[f"{b}x{s}" for b, s in SHAPES])
+def test_engine_dense(benchmark, batch, seq):
+    """The dense MiniLM on the engine: the stand-in for a dense teacher whose own artifact was built elsewhere."""
+    from engine.artifact import load_artifact
+    from engine.qa import QAEngine
+
+    art = minilm("dense").artifact
+    cfg = load_artifact(art).cfg
+    eng = QAEngine.load(art, backend="auto")
+    fwd = lambda x: eng.forward(x["input_ids"], x["attention_mask"], x["token_type_ids"])  # noqa: E731
+    _run(benchmark, fwd, cfg, cfg, batch, seq, f"engine-{eng.backend.name}", DENSE_ENGINE_MODEL, "float32")
 
 
 NO_STUDENTS = "no bench/results/eval-*.json with its artifact on this machine: run scripts/reproduce_squad.sh first"

@@ -335,6 +335,37 @@ def test_accuracy_rows_groups_teachers_flops_and_latency(two_artifacts, tmp_path
     assert "eval-l0-v3-0.75.json" in capsys.readouterr().err
 
 
+def test_a_teacher_timed_elsewhere_is_timed_through_the_dense_stand_in(two_artifacts, tmp_path: Path):
+    """teacher v3's artifact was built on the GPU machine: its speedup denominator is the dense MiniLM timed on the
+    same engine in the same file, but only when that stand-in has exactly the teacher's encoder FLOPs."""
+    from bench.common import DENSE_ENGINE_MODEL
+    from engine.artifact import load_artifact
+    from engine.flops import encoder_flops
+
+    dense, pruned = two_artifacts
+    res = tmp_path / "results"
+    _eval_file(res / "eval-teacher-v3.json", 60, 63, 76, 53, 70, artifact=str(dense))
+    _eval_file(res / "eval-l0-v3-0.52.json", 59, 62, 75, 52, 69, artifact=str(pruned))
+    full = encoder_flops(load_artifact(dense).cfg, 1, 384)
+
+    def timed(stand_in_flops: float) -> dict:
+        rows = [({"provider": "engine-cpp", "model": "l0-v3-0.52", "batch": 8, "seq": 384}, 0.08)]
+        for batch, median in ((1, 0.03), (8, 0.2)):
+            info = {"provider": "engine-cpp", "model": DENSE_ENGINE_MODEL, "batch": batch, "seq": 384}
+            rows.append(({**info, "flops": stand_in_flops * batch}, median))
+        _bench_file(res / "students.json", rows)
+        assert accuracy_rows.main(["--results", str(res)]) == 0
+        return {r["name"]: r for r in json.loads((res / "accuracy.json").read_text())["current"]["rows"]}
+
+    rows = timed(full)
+    assert rows["l0-v3-0.52"]["speedup"] == pytest.approx(2.5)
+    t = rows["teacher-v3"]["latency"]
+    assert t["8x384"]["stand_in"] == DENSE_ENGINE_MODEL and t["8x384"]["ms"] == pytest.approx(200.0)
+    assert t["8x384"]["speedup_vs_teacher"] == pytest.approx(1.0) and t["1x384"]["ms"] == pytest.approx(30.0)
+    rows = timed(full + 1)  # another architecture is no stand-in: no speedup rather than a wrong one
+    assert rows["l0-v3-0.52"].get("speedup") is None and "latency" not in rows["teacher-v3"]
+
+
 def test_accuracy_rows_three_groups_from_a_two_group_file(two_artifacts, tmp_path: Path):
     """teacher-v2's eval files moved from the results folder to v2/ (artifacts gone) keep the FLOPs the old
     two-group accuracy.json stored for them under "current"; the new current teacher gets its own group."""
