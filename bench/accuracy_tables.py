@@ -42,9 +42,11 @@ GROUPS = (
         "with no tuned null threshold, so its stored threshold is 0); `importance-noft-v3-0.4`: Michel et al.'s "
         "importance cut at 40% with no fine-tuning at all; `nodistill-v3`, `random-v3`, `importance-v3` are the "
         "ablations at the same target and budget; `minilm-l6-squad2-l0-2.1x` is the bundled default model "
-        "(`l0-v3-0.52+400` in fp16 with int8 word embeddings). The bundle and the `-cpu`, `fast-v3-*` and "
-        "`importance-noft` rows were scored on the 2-core CPU (cpp backend); the other v3 rows on the H200 (torch "
-        "backend, fp32 artifacts).",
+        "(`l0-v3-0.52+400` in fp16 with int8 word embeddings). `teacher-v3c` is `teacher-v3` continued on the CPU "
+        "for 1,200 steps with its learning rate decayed to 0 (docs/TRAINING.md); the losses below are still against "
+        "`teacher-v3`, which every student row distils from. The bundle and the `-cpu`, `fast-v3-*`, "
+        "`importance-noft` and `teacher-v3c` rows were scored on the 2-core CPU (cpp backend); the other v3 rows on "
+        "the H200 (torch backend, fp32 artifacts).",
         (
             ("distillation (same L0 gates, hard labels only)", "l0-v3-0.52", "nodistill-v3-0.52"),
             ("L0 gates vs random heads/units", "l0-v3-0.52", "random-v3-0.52"),

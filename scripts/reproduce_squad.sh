@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the accuracy/speed rows of RESULTS.md on real SQuAD 2.0 (CPU). Stages can be run one at a time:
-#   scripts/reproduce_squad.sh teacher|teacher-v2|teacher-v2-swaps|teacher-v3|l0|l0-speedup [X]|importance|random|nodistill|
+#   scripts/reproduce_squad.sh teacher|teacher-v2|teacher-v2-swaps|teacher-v3|teacher-v3c|l0|l0-speedup [X]|importance|
+#                              random|nodistill|
 #                              more RUN STEPS|fast [T]|fast-speedup [X]|importance-noft [T]|eval|all
 # Outputs go to $RUNS (default ./runs, git-ignored); evaluation JSON to bench/results/ (GEN=v3, the current teacher),
 # bench/results/v2/ (GEN=v2) or bench/results/previous/ (GEN=v1, the first teacher).
@@ -45,7 +46,7 @@ G=""
 DISTILL=()
 HELD_OUT=(--eval-fraction 0.08 --negatives-ratio 0.6)
 if [ "$GEN" = v2 ] || [ "$GEN" = v3 ]; then
-  TEACHER="$RUNS/teacher-$GEN"
+  TEACHER="$RUNS/${TEACHER_RUN:-teacher-$GEN}"  # TEACHER_RUN=teacher-v3c distils the v3 students from teacher v3c
   G="-$GEN"
   DISTILL=(--teacher-logits live)
   HELD_OUT=(--eval-titles "Spectre_(2015_film)" --negatives-ratio 0.5 --doc-stride 128)
@@ -68,6 +69,11 @@ teacher_v2() {
 teacher_v3() {  # TEACHER_V3_STEPS (default 3 epochs of the 4,400 steps of 32 windows), at --lr 1e-4
   $PY -m engine.finetune --model "$MINILM" "${V3[@]}" --out "$RUNS/teacher-v3" --max-steps "${TEACHER_V3_STEPS:-13200}" \
       --lr 1e-4 --warmup 0.06 --eval-every "${TEACHER_V3_EVAL_EVERY:-1100}" --resume
+}
+teacher_v3c() {  # teacher v3 continued on the CPU: its GPU run stopped mid-schedule (lr 5.3e-5); 1,200 more steps of
+  # 32 windows (0.27 epoch, new shuffle), lr 3e-5 decayed to 0, held-out evaluation every 300 steps (72 min on 2 cores)
+  $PY -m engine.finetune --model "$RUNS/teacher-v3" "${V2[@]}" --device "$DEVICE" --out "$RUNS/teacher-v3c" \
+      --max-steps 1200 --lr 3e-5 --warmup 0.03 --seed 1 --eval-every 300 --log-every 25 --no-progress --resume
 }
 teacher_v2_swaps() {
   $PY -m engine.finetune --model "$RUNS/teacher-v2" "${V2[@]}" --swap-share 0.5 --out "$RUNS/teacher-v2s" \
@@ -102,7 +108,7 @@ more() {  # $1 = a finished run, $2 = steps: one more fixed-structure distillati
   $PY -c "import json, sys; from engine.checkpoint import load_checkpoint
 json.dump({'layers': [{}] * load_checkpoint(sys.argv[1]).cfg.num_layers}, open(sys.argv[2], 'w'))" "$RUNS/$1" "$keep"
   $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --student-init "$RUNS/$1" --spec "$keep" \
-      --out "$RUNS/$1+$2" --finetune-max-steps "$2" "${DISTILL[@]}" --resume "${@:3}"
+      --out "$RUNS/$1+$2$TAG" --finetune-max-steps "$2" "${DISTILL[@]}" --resume "${@:3}"
 }
 FAST=(--train $TRAIN "${HELD_OUT[@]}" --max-seq-length 256 --threads "$THREADS"
       --samples 2048 --save-stages --latency-shape 8,384 --backend cpp --resume)
@@ -147,6 +153,7 @@ case "${1:-all}" in
   teacher-v2) teacher_v2 ;;
   teacher-v2-swaps) teacher_v2_swaps ;;
   teacher-v3) teacher_v3 ;;
+  teacher-v3c) teacher_v3c ;;
   l0) l0 "${2:-0.5}" "${@:3}" ;;
   l0-speedup) l0_speedup "${2:-1.5}" ;;
   nodistill) nodistill "${2:-0.5}" ;;
@@ -158,7 +165,8 @@ case "${1:-all}" in
   importance-noft) importance_noft "${2:-0.4}" ;;
   eval) shift; evaluate "$@" ;;
   all) teacher; l0 0.5; baseline importance; evaluate ;;
-  *) echo "usage: $0 teacher|teacher-v2|teacher-v2-swaps|teacher-v3|l0 [target]|l0-speedup [x]|nodistill|importance|random|" \
+  *) echo "usage: $0 teacher|teacher-v2|teacher-v2-swaps|teacher-v3|teacher-v3c|l0 [target]|l0-speedup [x]|" \
+          "nodistill|importance|random|" \
           "more RUN STEPS|fast [target]|" \
           "fast-speedup [x]|importance-noft [target]|eval [RUN ...]|all" >&2; exit 2 ;;
 esac
