@@ -46,7 +46,9 @@ GROUPS = (
         "for 1,200 steps with its learning rate decayed to 0 (docs/TRAINING.md); the losses below are still against "
         "`teacher-v3`, which every student row distils from. The bundle and the `-cpu`, `fast-v3-*`, "
         "`importance-noft` and `teacher-v3c` rows were scored on the 2-core CPU (cpp backend); the other v3 rows on "
-        "the H200 (torch backend, fp32 artifacts).",
+        "the H200 (torch backend, fp32 artifacts). The ms and speedup columns come from `make bench-students` (each "
+        "model in turn, 3 rounds at (8,384); two builds of the dense teacher differ by 3% there); a latency target "
+        "is checked with the interleaved, paired `python -m engine.latency --check` instead (docs/PRUNING.md).",
         (
             ("distillation (same L0 gates, hard labels only)", "l0-v3-0.52", "nodistill-v3-0.52"),
             ("L0 gates vs random heads/units", "l0-v3-0.52", "random-v3-0.52"),
