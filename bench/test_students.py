@@ -63,17 +63,22 @@ def test_hf_eager_dense(benchmark, batch, seq):
     _run(benchmark, hf_masked_provider(m, "eager"), cfg, cfg, batch, seq, "hf-eager", "hf-eager-dense", "float32")
 
 
-@pytest.mark.parametrize("batch, seq", SHAPES, ids=[f"{b}x{s}" for b, s in SHAPES])
-def test_engine_dense(benchmark, batch, seq):
-    """The dense MiniLM on the engine: the stand-in for a dense teacher whose own artifact was built elsewhere."""
+def _engine(benchmark, art: Path, name: str, batch: int, seq: int) -> None:
+    """Time artifact `art` on the engine (`backend="auto"`) under `name`, its FLOPs against the dense MiniLM's."""
     from engine.artifact import load_artifact
     from engine.qa import QAEngine
 
-    art = minilm("dense").artifact
-    cfg = load_artifact(art).cfg
+    a = load_artifact(art)
     eng = QAEngine.load(art, backend="auto")
     fwd = lambda x: eng.forward(x["input_ids"], x["attention_mask"], x["token_type_ids"])  # noqa: E731
-    _run(benchmark, fwd, cfg, cfg, batch, seq, f"engine-{eng.backend.name}", DENSE_ENGINE_MODEL, "float32")
+    dense = load_artifact(minilm("dense").artifact).cfg
+    _run(benchmark, fwd, a.cfg, dense, batch, seq, f"engine-{eng.backend.name}", name, a.dtype)
+
+
+@pytest.mark.parametrize("batch, seq", SHAPES, ids=[f"{b}x{s}" for b, s in SHAPES])
+def test_engine_dense(benchmark, batch, seq):
+    """The dense MiniLM on the engine: the stand-in for a dense teacher whose own artifact was built elsewhere."""
+    _engine(benchmark, minilm("dense").artifact, DENSE_ENGINE_MODEL, batch, seq)
 
 
 NO_STUDENTS = "no bench/results/eval-*.json with its artifact on this machine: run scripts/reproduce_squad.sh first"
@@ -83,11 +88,4 @@ STUDENTS = ARTIFACTS or [pytest.param("none", None, marks=pytest.mark.skip(reaso
 @pytest.mark.parametrize("batch, seq", SHAPES, ids=[f"{b}x{s}" for b, s in SHAPES])
 @pytest.mark.parametrize("name, art", STUDENTS, ids=[n for n, _ in ARTIFACTS] or ["none"])
 def test_engine_student(benchmark, name, art, batch, seq):
-    from engine.artifact import load_artifact
-    from engine.qa import QAEngine
-
-    a = load_artifact(art)
-    eng = QAEngine.load(art, backend="auto")
-    fwd = lambda x: eng.forward(x["input_ids"], x["attention_mask"], x["token_type_ids"])  # noqa: E731
-    dense = load_artifact(minilm("dense").artifact).cfg
-    _run(benchmark, fwd, a.cfg, dense, batch, seq, f"engine-{eng.backend.name}", name, a.dtype)
+    _engine(benchmark, art, name, batch, seq)
