@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the accuracy/speed rows of RESULTS.md on real SQuAD 2.0 (CPU). Stages can be run one at a time:
-#   scripts/reproduce_squad.sh teacher|teacher-v2|teacher-v2-swaps|teacher-v3|teacher-v3c|l0|l0-speedup [X]|importance|
+#   scripts/reproduce_squad.sh teacher|teacher-v2|teacher-v3|teacher-v3c|teacher-v3s|l0|l0-speedup [X]|importance|
 #                              random|nodistill|
 #                              more RUN STEPS|fast [T]|fast-speedup [X]|importance-noft [T]|eval|all
 # Outputs go to $RUNS (default ./runs, git-ignored); evaluation JSON to bench/results/ (GEN=v3, the current teacher),
@@ -24,8 +24,7 @@ PRUNE_STEPS=${PRUNE_STEPS:-400}      # gate-training steps (16 windows each)
 FT_STEPS=${FT_STEPS:-200}            # fixed-structure fine-tune steps, the same budget for every student
 TAG=${TAG:-}                         # suffix of the run directories, e.g. TAG=-ft1000 for a longer budget
 # Teacher v2 (issue #13): every train file, Spectre_(2015_film) held out (548 questions, 274 real unanswerables),
-# batch 32 x 2,200 steps (~70k windows, ~0.5 epoch of the 143k), resumable. `teacher-v2-swaps` continues it for
-# 500 steps with question-swap negatives (docs/TRAINING.md "Harder negatives").
+# batch 32 x 2,200 steps (~70k windows, ~0.5 epoch of the 143k), resumable.
 V2_TRAIN=("$DATA/squad2/train-subset-v2.0.json.gz" "$DATA/squad1/train-extra-v1.1.json.gz"
           "$DATA/squad1/train-rest-v1.1-explorer.json.gz")  # the order the v2 runs used
 V2=(--train "${V2_TRAIN[@]}" --eval-titles "Spectre_(2015_film)" --negatives-ratio 0.5 --max-seq-length 256
@@ -75,9 +74,12 @@ teacher_v3c() {  # teacher v3 continued on the CPU: its GPU run stopped mid-sche
   $PY -m engine.finetune --model "$RUNS/teacher-v3" "${V2[@]}" --device "$DEVICE" --out "$RUNS/teacher-v3c" \
       --max-steps 1200 --lr 3e-5 --warmup 0.03 --seed 1 --eval-every 300 --log-every 25 --no-progress --resume
 }
-teacher_v2_swaps() {
-  $PY -m engine.finetune --model "$RUNS/teacher-v2" "${V2[@]}" --swap-share 0.5 --out "$RUNS/teacher-v2s" \
-      --max-steps 500 --lr 3e-5 --warmup 0.05 --eval-every 250 --log-every 25 --resume
+teacher_v3s() {  # teacher v3c continued with question-swap negatives (docs/TRAINING.md "Harder negatives"): half of
+  # the generated negatives swap a name or number of the question; 800 steps of 32 windows, lr 3e-5 decayed to 0,
+  # held-out evaluation every 200 steps (about 50 min on 2 cores)
+  $PY -m engine.finetune --model "$RUNS/teacher-v3c" "${V2[@]}" --device "$DEVICE" --swap-share "${SWAP_SHARE:-0.5}" \
+      --out "$RUNS/teacher-v3s$TAG" --max-steps "${TEACHER_V3S_STEPS:-800}" --lr 3e-5 --warmup 0.05 --seed 2 \
+      --eval-every 200 --log-every 25 --no-progress --resume
 }
 l0() {  # $1 = target FLOP sparsity; any further arguments go to engine.prune (e.g. --eval-every 250)
   $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --target-sparsity "${1:-0.5}" \
@@ -151,9 +153,9 @@ evaluate() {  # build an engine for each finished run (or the named ones) and sc
 case "${1:-all}" in
   teacher) teacher ;;
   teacher-v2) teacher_v2 ;;
-  teacher-v2-swaps) teacher_v2_swaps ;;
   teacher-v3) teacher_v3 ;;
   teacher-v3c) teacher_v3c ;;
+  teacher-v3s) teacher_v3s ;;
   l0) l0 "${2:-0.5}" "${@:3}" ;;
   l0-speedup) l0_speedup "${2:-1.5}" ;;
   nodistill) nodistill "${2:-0.5}" ;;
@@ -165,7 +167,7 @@ case "${1:-all}" in
   importance-noft) importance_noft "${2:-0.4}" ;;
   eval) shift; evaluate "$@" ;;
   all) teacher; l0 0.5; baseline importance; evaluate ;;
-  *) echo "usage: $0 teacher|teacher-v2|teacher-v2-swaps|teacher-v3|teacher-v3c|l0 [target]|l0-speedup [x]|" \
+  *) echo "usage: $0 teacher|teacher-v2|teacher-v3|teacher-v3c|teacher-v3s|l0 [target]|l0-speedup [x]|" \
           "nodistill|importance|random|" \
           "more RUN STEPS|fast [target]|" \
           "fast-speedup [x]|importance-noft [target]|eval [RUN ...]|all" >&2; exit 2 ;;
