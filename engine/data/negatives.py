@@ -14,18 +14,25 @@ of its article was measured to be too easy (null-score AUC 0.46 on dev). Three s
       or a nearby year / a scaled number. The paragraph still holds a plausible answer, so the model must check
       that the question and the passage agree, not merely that an answer-shaped span exists.
 `make_negatives` returns only negatives; `with_negatives` returns the answerable examples plus them.
+
+Judge a generator before trusting it: `python -m engine.data.negatives ARTIFACT --eval-set EVAL.json` prints, for
+each kind, the AUC of the model's null score separating that kind from the held-out answerable questions. A kind
+the model already separates far better than the real unanswerables teaches it little about them.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import random
 import re
+import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from engine.data.squad import Example
-from engine.data.squad_metric import normalize_answer
+from engine.data.squad import Example, load_squad
+from engine.data.squad_metric import auc, normalize_answer
 
 # A sentence ends at . ! or ? (optionally followed by a closing quote or bracket) before whitespace + a capital.
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[A-Z])")
@@ -101,6 +108,12 @@ def _swapped_number(text: str, context: str, rng: random.Random) -> str | None:
     return None
 
 
+def question_names(examples: Sequence[Example]) -> list[str]:
+    """The names (sorted, unique) that the examples' questions share with their paragraphs: what swaps draw from."""
+    slots = ((e.question, question_slots(e.question, e.context)) for e in examples)
+    return sorted({question[a:b] for question, spans in slots for a, b, kind in spans if kind == "name"})
+
+
 def swap_question(e: Example, names: Sequence[str], rng: random.Random) -> str | None:
     """e.question with one name or number that its paragraph mentions replaced by one it does not, or None."""
     slots = question_slots(e.question, e.context)
@@ -158,13 +171,7 @@ def make_negatives(
     order = list(range(len(answerable)))
     rng.shuffle(order)
     used: set[int] = set()
-    names = (
-        sorted(
-            {e.question[a:b] for e in answerable for a, b, k in question_slots(e.question, e.context) if k == "name"}
-        )
-        if n_swap > len(out)
-        else []
-    )
+    names = question_names(answerable) if n_swap > len(out) else []
     for i in order if names else ():
         if len(out) >= n_swap:
             break
@@ -205,3 +212,98 @@ def with_negatives(examples: Sequence[Example], ratio: float, seed: int, **gener
     out += make_negatives(examples, ratio, seed, **generators)
     random.Random(seed + 1).shuffle(out)
     return out
+
+
+KINDS = ("real", "swap", "nosent", "nopara")
+
+
+def negatives_by_kind(
+    examples: Sequence[Example], seed: int = 0, names: Sequence[str] | None = None
+) -> dict[str, list[Example]]:
+    """The real unanswerables of `examples`, plus one negative of each generated kind per answerable question.
+
+    Unlike `make_negatives`, no kind makes up for another's shortfall, so each list holds only its own kind.
+    `names` (default: the names in the examples' own questions) are what swaps draw from.
+    """
+    rng = random.Random(seed)
+    answerable = [e for e in examples if not e.is_impossible]
+    if names is None:
+        names = question_names(answerable)
+    by_title: dict[str, list[str]] = defaultdict(list)
+    for e in examples:
+        if e.context not in by_title[e.title]:
+            by_title[e.title].append(e.context)
+    out: dict[str, list[Example]] = {k: [] for k in KINDS}
+    out["real"] = [e for e in examples if e.is_impossible]
+    for e in answerable:
+        question = swap_question(e, names, rng) if names else None
+        if question is not None:
+            out["swap"].append(Example(f"{e.qid}_swap", question, e.context, (), True, e.title))
+        context = remove_answer_sentences(e)
+        if context is not None:
+            out["nosent"].append(Example(f"{e.qid}_nosent", e.question, context, (), True, e.title))
+        context = _other_paragraph(e, by_title[e.title], rng)
+        if context is not None:
+            out["nopara"].append(Example(f"{e.qid}_nopara", e.question, context, (), True, e.title))
+    return out
+
+
+def auc_by_kind(
+    null_score_diff: Mapping[str, float], answerable: Sequence[Example], kinds: Mapping[str, Sequence[Example]]
+) -> dict[str, dict[str, float]]:
+    """{kind: {"n": count, "auc": AUC of null_score_diff, that kind against the answerable questions}}."""
+    if not answerable:
+        raise ValueError("need answerable questions to compare the negatives with")
+    gold_pos = {e.qid: [t for t, _ in e.answers] or [""] for e in answerable}
+    out = {}
+    for kind, negs in kinds.items():
+        if negs:
+            gold = {**gold_pos, **{e.qid: [] for e in negs}}
+            out[kind] = {"n": len(negs), "auc": auc(null_score_diff, gold)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: AUC of an artifact's null score against each kind of negative on a held-out set."""
+    ap = argparse.ArgumentParser(
+        prog="python -m engine.data.negatives",
+        description="How well an engine artifact's null score separates each kind of unanswerable question (real, "
+        "question swap, sentence removal, other paragraph) from the answerable questions of a held-out set.",
+    )
+    ap.add_argument("artifact", help="engine artifact directory (python -m engine.build_model)")
+    ap.add_argument("--eval-set", required=True, help="held-out SQuAD 2.0 JSON (e.g. a run's eval-set.json)")
+    ap.add_argument(
+        "--names-from",
+        nargs="+",
+        default=None,
+        help="train files whose questions' names swaps draw from, as in training (default: the eval set's own)",
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="also write the result JSON here")
+    args = ap.parse_args(argv)
+    from engine.qa import QAEngine
+
+    examples = load_squad(args.eval_set)
+    names = None
+    if args.names_from is not None:
+        pool = [e for f in args.names_from for e in load_squad(f) if not e.is_impossible]
+        names = question_names(pool)
+    kinds = negatives_by_kind(examples, args.seed, names)
+    answerable = [e for e in examples if not e.is_impossible]
+    eng = QAEngine.load(args.artifact, threads=args.threads)
+    scored = answerable + [e for negs in kinds.values() for e in negs]
+    answers = eng.answer_batch([(e.question, e.context) for e in scored], null_threshold=float("inf"))
+    diff = {e.qid: a.null_score_diff for e, a in zip(scored, answers)}
+    result = {"artifact": str(args.artifact), "eval_set": str(args.eval_set), "answerable": len(answerable)}
+    result["kinds"] = auc_by_kind(diff, answerable, kinds)
+    for kind, r in result["kinds"].items():
+        print(f"{kind:7s} n={r['n']:5d}  AUC {r['auc']:.3f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

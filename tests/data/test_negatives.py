@@ -6,7 +6,10 @@ from pathlib import Path
 import pytest
 
 from engine.data.negatives import (
+    auc_by_kind,
+    main,
     make_negatives,
+    negatives_by_kind,
     question_slots,
     remove_answer_sentences,
     sentence_spans,
@@ -173,6 +176,83 @@ def test_make_negatives_swap_share_keeps_the_context_and_is_deterministic():
     assert make_negatives(pool, 1.0, 0, 0) == make_negatives(pool, 1.0, 0, 0, swap_share=0.0)  # old behaviour
     with pytest.raises(ValueError, match="swap_share"):
         make_negatives(pool, 1.0, 0, other_paragraph_share=0.6, swap_share=0.6)
+
+
+def _named_pool() -> list[Example]:
+    """Two articles whose questions name what their paragraphs mention (so swaps exist), plus real unanswerables."""
+    out = []
+    for i, name in enumerate(["Gustave Eiffel", "Ada Lovelace", "Alan Turing", "Marie Curie", "Nikola Tesla", "Pele"]):
+        year = str(1880 + i)
+        ctx = f"In {year} {name} built a tower. Critics hated it. Paris later loved it."
+        out.append(Example(f"a{i}", f"When did {name} build a tower?", ctx, ((year, 3),), False, f"T{i % 2}"))
+    out += [Example(f"u{k}", "What did Eiffel paint?", out[k].context, (), True, out[k].title) for k in range(2)]
+    return out
+
+
+def test_negatives_by_kind_keeps_each_kind_to_itself():
+    pool = _named_pool()
+    kinds = negatives_by_kind(pool, seed=0)
+    assert set(kinds) == {"real", "swap", "nosent", "nopara"}
+    assert [e.qid for e in kinds["real"]] == ["u0", "u1"]
+    by_qid = {e.qid: e for e in pool}
+    for kind in ("swap", "nosent", "nopara"):
+        assert kinds[kind], kind
+        assert len(kinds[kind]) <= 6  # at most one per answerable question
+        for e in kinds[kind]:
+            src = by_qid[e.qid.removesuffix(f"_{kind}")]
+            assert e.is_impossible and e.answers == () and e.title == src.title
+            if kind == "swap":
+                assert e.context == src.context and e.question != src.question
+            else:
+                assert e.question == src.question and src.answers[0][0] not in e.context
+    assert kinds == negatives_by_kind(pool, seed=0)
+    assert negatives_by_kind(pool, seed=0, names=[])["swap"] == []  # nothing to swap in
+
+
+def test_auc_by_kind_scores_each_kind_against_the_answerables():
+    pool = _named_pool()
+    kinds = negatives_by_kind(pool, seed=0)
+    answerable = [e for e in pool if not e.is_impossible]
+    # A model that is sure about swaps, blind to sentence removals, and backwards on real unanswerables.
+    diff = {e.qid: 0.0 for e in answerable}
+    diff |= {e.qid: 5.0 for e in kinds["swap"]} | {e.qid: 0.0 for e in kinds["nosent"]}
+    diff |= {e.qid: -5.0 for e in kinds["real"]} | {e.qid: 1.0 + i for i, e in enumerate(kinds["nopara"])}
+    got = auc_by_kind(diff, answerable, kinds)
+    assert got["swap"] == {"n": len(kinds["swap"]), "auc": 1.0}
+    assert got["nosent"]["auc"] == 0.5 and got["real"]["auc"] == 0.0 and got["nopara"]["auc"] == 1.0
+    assert "swap" not in auc_by_kind(diff, answerable, {**kinds, "swap": []})
+    with pytest.raises(ValueError, match="answerable"):
+        auc_by_kind(diff, [], kinds)
+
+
+def test_cli_scores_an_artifact_on_a_held_out_set(tiny_bert, tmp_path, capsys):
+    import json
+
+    from engine.build_model import build
+    from engine.features import WindowSettings
+
+    art = build(tiny_bert, tmp_path / "a", settings=WindowSettings(96, 16, 24))
+    pool = _named_pool()
+    paragraphs = {}
+    for e in pool:
+        qa = {"id": e.qid, "question": e.question, "is_impossible": e.is_impossible}
+        qa["answers"] = [{"text": t, "answer_start": s} for t, s in e.answers]
+        paragraphs.setdefault((e.title, e.context), []).append(qa)
+    articles = {}
+    for (title, ctx), qas in paragraphs.items():
+        articles.setdefault(title, []).append({"context": ctx, "qas": qas})
+    data = {"version": "v2.0", "data": [{"title": t, "paragraphs": ps} for t, ps in articles.items()]}
+    path = tmp_path / "held-out.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "kinds.json"
+    assert main([str(art), "--eval-set", str(path), "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["answerable"] == 6 and set(result["kinds"]) == {"real", "swap", "nosent", "nopara"}
+    assert result["kinds"]["real"]["n"] == 2 and all(0.0 <= r["auc"] <= 1.0 for r in result["kinds"].values())
+    printed = capsys.readouterr().out
+    assert all(kind in printed for kind in result["kinds"])
+    with pytest.raises(SystemExit):
+        main([str(art)])  # --eval-set is required
 
 
 @needs_data
