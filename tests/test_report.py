@@ -148,13 +148,13 @@ def test_each_group_is_judged_against_its_own_teacher(results: Path, tmp_path: P
     assert "| l0-v2-0.52 | 44.00 | 49.00 | 47.00 | 57.00 | 69.00 | 65.00 | 29.00 | 0.48 | 45.5 | 2.20x |" in v2
     assert "| l0-0.5 | 33.50 | 38.50 | 42.00 | 54.00 | 63.00 | 60.00 | 14.00 | 0.50 | 52.6 | 1.90x |" in previous
     # F1 lost (thr 0 | stored thr | best | HasAns): against teacher-v3 in the current group ...
-    assert "| l0-v3-0.52 | 0.48 | 2.10x | +0.50 | +0.80 | +0.40 | +0.90 |" in current
-    assert "| l0-v3-0.75 | 0.25 | 3.80x | +3.00 | +3.00 | +2.00 | +6.00 |" in current
+    assert "| l0-v3-0.52 | teacher-v3 | 0.48 | 2.10x | +0.50 | +0.80 | +0.40 | +0.90 |" in current
+    assert "| l0-v3-0.75 | teacher-v3 | 0.25 | 3.80x | +3.00 | +3.00 | +2.00 | +6.00 |" in current
     # ... against teacher-v2 in the v2 group (against teacher-v3 it would be +10.50) ...
-    assert "| l0-v2-0.52 | 0.48 | 2.20x | +1.00 | +1.00 | +1.00 | +1.00 |" in v2
-    assert "| fast-v2-0.3 | 0.20 | 4.50x | +0.00 | +0.00 | +0.00 | +0.00 |" in v2
+    assert "| l0-v2-0.52 | teacher-v2 | 0.48 | 2.20x | +1.00 | +1.00 | +1.00 | +1.00 |" in v2
+    assert "| fast-v2-0.3 | teacher-v2 | 0.20 | 4.50x | +0.00 | +0.00 | +0.00 | +0.00 |" in v2
     # ... and against teacher-minilm in the previous one (against teacher-v3 it would be +21.50)
-    assert "| l0-0.5 | 0.50 | 1.90x | +1.50 | +1.00 | +1.00 | +3.00 |" in previous
+    assert "| l0-0.5 | teacher-minilm | 0.50 | 1.90x | +1.50 | +1.00 | +1.00 | +3.00 |" in previous
     assert "F1 lost against the fp32 teacher `teacher-v3`" in current
     assert "F1 lost against the fp32 teacher `teacher-v2`" in v2
     assert "F1 lost against the fp32 teacher `teacher-minilm`" in previous
@@ -231,6 +231,40 @@ def test_accuracy_targets_not_yet_measured():
     assert all("not yet measured" in line for line in accuracy_tables.accuracy_targets(pts(weak)[1:], "teacher-v3"))
 
 
+def test_students_are_judged_against_their_own_teacher():
+    def pt(name, f1, best, has, stored, flops):
+        return {"name": name, "f1": f1, "best_f1": best, "HasAns_f1": has, "f1_stored": stored, "flops": flops,
+                "HasAns_f1_stored": has, "speedup": None, "threshold": -3.0}  # fmt: skip
+
+    points = [
+        pt("teacher-v3", 50.0, 60.0, 74.0, 58.0, 1.0),
+        pt("teacher-v3c", 49.0, 61.0, 77.0, 59.0, 1.0),
+        pt("teacher-v3s", 52.0, 62.5, 76.0, 60.0, 1.0),
+        pt("l0-v3-0.52", 48.0, 59.0, 72.0, 57.0, 0.48),  # loses 2.0 / 1.0 / 2.0 to teacher-v3
+        pt("l0-v3-0.52+400+v3s-fp16", 51.5, 62.0, 75.5, 59.5, 0.48),  # loses 0.5 each to teacher-v3s
+        pt("l0-v3-0.52+400+v3s+400+v3c", 48.0, 60.0, 76.0, 58.5, 0.48),  # the last round's teacher: v3c
+        pt("l0-v3-0.52+v3x", 10.0, 10.0, 10.0, 10.0, 0.48),  # no teacher-v3x row: the group's teacher
+    ]
+    by = {p["name"]: p for p in points}
+    own = lambda name: accuracy_tables.own_teacher(points, by[name], by["teacher-v3"])["name"]  # noqa: E731
+    assert own("l0-v3-0.52") == "teacher-v3" and own("l0-v3-0.52+400+v3s-fp16") == "teacher-v3s"
+    assert own("l0-v3-0.52+400+v3s+400+v3c") == "teacher-v3c" and own("l0-v3-0.52+v3x") == "teacher-v3"
+    table = accuracy_tables.f1_loss_table(points, "teacher-v3")
+    assert "| l0-v3-0.52+400+v3s-fp16 | teacher-v3s | 0.48 | not measured | +0.50 | +0.50 | +0.50 | +0.50 |" in table
+    assert "| teacher-v3s | teacher-v3 | 1.00 |" in table  # a later teacher is compared with the group's
+    lines = accuracy_tables.accuracy_targets(points[:5], "teacher-v3")
+    has_ans = [line for line in lines if line.startswith("| teacher HasAns F1")]
+    assert [line.split(" | ")[2:5] for line in has_ans] == [
+        ["teacher-v3", "74.00", "no"],
+        ["teacher-v3c", "77.00", "yes"],
+        ["teacher-v3s", "76.00", "yes"],
+    ]
+    assert _line(lines, "| teacher best F1 | >= 62.00 | teacher-v3s | 62.50 | yes |")
+    where = "l0-v3-0.52+400+v3s-fp16 (FLOPs 0.480, vs teacher-v3s)"
+    two = [line for line in lines if "at >= 2x" in line]
+    assert len(two) == 3 and all(f"| {where} | +0.50 | yes | - |" in line for line in two)
+
+
 def test_report_without_current_rows_says_so(results: Path, tmp_path: Path):
     acc = json.loads((results / "accuracy.json").read_text())
     acc["current"] = {"folder": str(results), "teacher": None, "rows": []}
@@ -238,8 +272,9 @@ def test_report_without_current_rows_says_so(results: Path, tmp_path: Path):
     out = tmp_path / "RESULTS.md"
     assert report.main(["--results", str(results), "--out", str(out)]) == 0
     text = out.read_text()
-    assert "No current-teacher rows yet: evaluate `teacher-v3`" in text and "| l0-0.5 | 0.50 | 1.90x | +1.50 |" in text
-    assert "| l0-v2-0.52 | 0.48 | 2.20x | +1.00 |" in text
+    assert "No current-teacher rows yet: evaluate `teacher-v3`" in text
+    assert "| l0-0.5 | teacher-minilm | 0.50 | 1.90x | +1.50 |" in text
+    assert "| l0-v2-0.52 | teacher-v2 | 0.48 | 2.20x | +1.00 |" in text
     assert sum("| not yet measured | - | - |" in line for line in text.splitlines()) == 7  # v2 rows are not judged
     assert (tmp_path / "f1_vs_speedup.png").stat().st_size > 0  # plotted from the v2 group
 
