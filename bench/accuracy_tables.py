@@ -46,13 +46,13 @@ GROUPS = (
         " embeddings). `teacher-v3c` is `teacher-v3` continued on the CPU for 1,200 steps with its learning rate "
         "decayed to 0, and `teacher-v3s` is `teacher-v3c` continued for 800 steps with question-swap negatives "
         "(docs/TRAINING.md); `+v3c`, `+v3s`: that round was distilled from `teacher-v3c` or `teacher-v3s` (with "
-        "`+v3s`, on the same swap negatives). The losses below are still against `teacher-v3`, which the other student"
-        " rows distil from; docs/TRAINING.md gives each `+v3c`/`+v3s` row's loss against its own teacher. The bundle "
-        "and the `-cpu`, `+v3c`, `+v3s`, `fast-v3-*`, `importance-noft` and `teacher-v3c`/`teacher-v3s` rows were "
-        "scored on the 2-core CPU (cpp backend); the other v3 rows on the H200 (torch backend, fp32 artifacts). The ms"
-        " and speedup columns come from `make bench-students` (each model in turn, 3 rounds at (8,384); two builds of "
-        "the dense teacher differ by 3% there); a latency target is checked with the interleaved, paired `python -m "
-        "engine.latency --check` instead (docs/PRUNING.md).",
+        "`+v3s`, on the same swap negatives). Each row's losses are against the teacher it was last distilled from "
+        "(the 'against' column: `teacher-v3` for the rows without `+v3c`/`+v3s`; the later teachers against "
+        "`teacher-v3`). The bundle and the `-cpu`, `+v3c`, `+v3s`, `fast-v3-*`, `importance-noft` and "
+        "`teacher-v3c`/`teacher-v3s` rows were scored on the 2-core CPU (cpp backend); the other v3 rows on the H200 "
+        "(torch backend, fp32 artifacts). The ms and speedup columns come from `make bench-students` (each model in "
+        "turn, 3 rounds at (8,384); two builds of the dense teacher differ by 3% there); a latency target is checked "
+        "with the interleaved, paired `python -m engine.latency --check` instead (docs/PRUNING.md).",
         (
             ("distillation (same L0 gates, hard labels only)", "l0-v3-0.52", "nodistill-v3-0.52"),
             ("L0 gates vs random heads/units", "l0-v3-0.52", "random-v3-0.52"),
@@ -306,7 +306,8 @@ def accuracy_sections(acc: dict[str, Any]) -> tuple[str, dict[str, list[dict[str
         parts.append(f"\n{THRESHOLDS}")
         loss = f1_loss_table(pts, g["teacher"])
         if loss:
-            parts.append(f"\n### F1 lost against the fp32 teacher `{g['teacher']}` (positive = worse)\n\n{loss}")
+            head = f"F1 lost against the fp32 teacher `{g['teacher']}` or the later teacher named under 'against'"
+            parts.append(f"\n### {head} (positive = worse)\n\n{loss}")
         abl = ablation_table(pts, group.ablations)
         if abl:
             parts.append(f"\n### What distillation and L0 gates buy (same target, same budget)\n\n{abl}")
