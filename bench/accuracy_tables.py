@@ -170,10 +170,13 @@ def losses(teacher: dict[str, Any], p: dict[str, Any]) -> dict[str, float]:
     return {k: teacher[k] - p[k] for k in keys}
 
 
+_TEACHER_ROW = re.compile(r"teacher-\w+")  # a teacher's own fp32 row (teacher-v3c), not a build of it (-fp16)
+
+
 def own_teacher(points: list[dict[str, Any]], p: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
     """The teacher row `p` was last distilled from: a round distilled from `teacher-X` adds `+X` to the run's name
     (`l0-v3-0.52+400+400+v3c+400+v3s-fp16`: teacher-v3s), else the group's teacher `default`."""
-    teachers = {q["name"]: q for q in points if q["name"].startswith("teacher-")}
+    teachers = {q["name"]: q for q in points if _TEACHER_ROW.fullmatch(q["name"])}
     tags = [t for t in re.findall(r"\+([a-z]\w*)(?=$|[-+])", p["name"]) if f"teacher-{t}" in teachers]
     return teachers[f"teacher-{tags[-1]}"] if tags else default
 
@@ -237,7 +240,7 @@ def accuracy_targets(points: list[dict[str, Any]], teacher: str | None) -> list[
     t = next((p for p in points if p["name"] == teacher), None)
     out = []
     # the group's teacher, then every later teacher row of the group (e.g. teacher-v3c), each judged on its own
-    later = [p for p in points if t and p is not t and re.fullmatch(r"teacher-\w+", p["name"])]
+    later = [p for p in points if t and p is not t and _TEACHER_ROW.fullmatch(p["name"])]
     others = sorted(later, key=lambda p: p["name"])
     for what, key, need in (
         ("teacher HasAns F1 (thr 0)", "HasAns_f1", 75.0),

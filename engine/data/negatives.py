@@ -70,6 +70,20 @@ def remove_answer_sentences(e: Example) -> str | None:
     return context
 
 
+def _contexts_by_title(examples: Sequence[Example]) -> dict[str, list[str]]:
+    """{title: its distinct contexts, in order of first appearance}: where other-paragraph pairs are drawn from."""
+    by_title: dict[str, list[str]] = defaultdict(list)
+    for e in examples:
+        if e.context not in by_title[e.title]:
+            by_title[e.title].append(e.context)
+    return by_title
+
+
+def _unanswerable(e: Example, kind: str, question: str | None = None, context: str | None = None) -> Example:
+    """The negative `{qid}_{kind}` made from answerable `e` with its question or context replaced."""
+    return Example(f"{e.qid}_{kind}", question or e.question, context or e.context, (), True, e.title)
+
+
 def _other_paragraph(e: Example, contexts: Sequence[str], rng: random.Random) -> str | None:
     """A random other context of e's article that contains none of e's answer texts, or None."""
     answers = [t.lower() for t, _ in e.answers]
@@ -178,7 +192,7 @@ def make_negatives(
         question = swap_question(answerable[i], names, rng)
         if question is not None:
             e = answerable[i]
-            out.append(Example(f"{e.qid}_swap", question, e.context, (), True, e.title))
+            out.append(_unanswerable(e, "swap", question=question))
             used.add(i)
     for i in order:
         if len(out) >= budget - n_other:
@@ -188,12 +202,9 @@ def make_negatives(
         context = remove_answer_sentences(answerable[i])
         if context is not None:
             e = answerable[i]
-            out.append(Example(f"{e.qid}_nosent", e.question, context, (), True, e.title))
+            out.append(_unanswerable(e, "nosent", context=context))
             used.add(i)
-    by_title: dict[str, list[str]] = defaultdict(list)
-    for e in examples:
-        if e.context not in by_title[e.title]:
-            by_title[e.title].append(e.context)
+    by_title = _contexts_by_title(examples)
     for i in order:
         if len(out) >= budget:
             break
@@ -202,7 +213,7 @@ def make_negatives(
         e = answerable[i]
         context = _other_paragraph(e, by_title[e.title], rng)
         if context is not None:
-            out.append(Example(f"{e.qid}_nopara", e.question, context, (), True, e.title))
+            out.append(_unanswerable(e, "nopara", context=context))
     return out
 
 
@@ -229,22 +240,19 @@ def negatives_by_kind(
     answerable = [e for e in examples if not e.is_impossible]
     if names is None:
         names = question_names(answerable)
-    by_title: dict[str, list[str]] = defaultdict(list)
-    for e in examples:
-        if e.context not in by_title[e.title]:
-            by_title[e.title].append(e.context)
+    by_title = _contexts_by_title(examples)
     out: dict[str, list[Example]] = {k: [] for k in KINDS}
     out["real"] = [e for e in examples if e.is_impossible]
     for e in answerable:
         question = swap_question(e, names, rng) if names else None
         if question is not None:
-            out["swap"].append(Example(f"{e.qid}_swap", question, e.context, (), True, e.title))
+            out["swap"].append(_unanswerable(e, "swap", question=question))
         context = remove_answer_sentences(e)
         if context is not None:
-            out["nosent"].append(Example(f"{e.qid}_nosent", e.question, context, (), True, e.title))
+            out["nosent"].append(_unanswerable(e, "nosent", context=context))
         context = _other_paragraph(e, by_title[e.title], rng)
         if context is not None:
-            out["nopara"].append(Example(f"{e.qid}_nopara", e.question, context, (), True, e.title))
+            out["nopara"].append(_unanswerable(e, "nopara", context=context))
     return out
 
 
