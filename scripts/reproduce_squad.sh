@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the accuracy/speed rows of RESULTS.md on real SQuAD 2.0 (CPU). Stages can be run one at a time:
-#   scripts/reproduce_squad.sh teacher|teacher-v2|teacher-v3|teacher-v3c|teacher-v3s|l0|l0-speedup [X]|importance|
-#                              random|nodistill|
+#   scripts/reproduce_squad.sh teacher|teacher-v2|teacher-v3|teacher-v3c|teacher-v3s|teacher-cpu|l0|l0-speedup [X]|
+#                              importance|random|nodistill|
 #                              more RUN STEPS|fast [T]|fast-speedup [X]|importance-noft [T]|eval|all
 # Outputs go to $RUNS (default ./runs, git-ignored); evaluation JSON to bench/results/ (GEN=v3, the current teacher),
 # bench/results/v2/ (GEN=v2) or bench/results/previous/ (GEN=v1, the first teacher).
@@ -9,6 +9,8 @@
 #   GEN=v2 scripts/reproduce_squad.sh l0 0.52
 # GEN=v3 is the GPU generation (DEVICE=cuda; scripts/gpu_v3.sh runs it all on one GPU): teacher-v3 sees the data for
 # several epochs, its students train many more steps; every v3 stage also runs on a CPU, only slower.
+# GEN=cpu: teacher-cpu, a dense teacher one 2-core session trains, and post-training pruning from it, e.g.
+#   GEN=cpu scripts/reproduce_squad.sh teacher-cpu; GEN=cpu REFIT=all TAG=-all scripts/reproduce_squad.sh fast 0.3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -44,13 +46,15 @@ RESULTS=bench/results/previous
 G=""
 DISTILL=()
 HELD_OUT=(--eval-fraction 0.08 --negatives-ratio 0.6)
-if [ "$GEN" = v2 ] || [ "$GEN" = v3 ]; then
+if [ "$GEN" = v2 ] || [ "$GEN" = v3 ] || [ "$GEN" = cpu ]; then
   TEACHER="$RUNS/${TEACHER_RUN:-teacher-$GEN}"  # TEACHER_RUN=teacher-v3c distils the v3 students from teacher v3c
   G="-$GEN"
   DISTILL=(--teacher-logits live)
   HELD_OUT=(--eval-titles "Spectre_(2015_film)" --negatives-ratio 0.5 --doc-stride 128)
   if [ "$GEN" = v2 ]; then  # steps of 32 windows each
     RESULTS=bench/results/v2 COMMON=("${V2[@]}") PRUNE_STEPS=${PRUNE_STEPS_V2:-400} FT_STEPS=${FT_STEPS_V2:-400}
+  elif [ "$GEN" = cpu ]; then  # teacher-cpu (below) and the post-training runs from it (docs/PRUNING.md)
+    RESULTS=bench/results/cpu COMMON=("${V2[@]}")
   else
     RESULTS=bench/results COMMON=("${V3[@]}") PRUNE_STEPS=${PRUNE_STEPS_V3:-1500} FT_STEPS=${FT_STEPS_V3:-1500}
   fi
@@ -68,6 +72,11 @@ teacher_v2() {
 teacher_v3() {  # TEACHER_V3_STEPS (default 3 epochs of the 4,400 steps of 32 windows), at --lr 1e-4
   $PY -m engine.finetune --model "$MINILM" "${V3[@]}" --out "$RUNS/teacher-v3" --max-steps "${TEACHER_V3_STEPS:-13200}" \
       --lr 1e-4 --warmup 0.06 --eval-every "${TEACHER_V3_EVAL_EVERY:-1100}" --resume
+}
+teacher_cpu() {  # a dense teacher that one CPU session can train: 1,600 steps of 32 windows (0.36 epoch) on the v2
+  # data and held-out article, lr 1e-4; 48 minutes on 2 cores. Post-training pruning experiments start from it.
+  $PY -m engine.finetune --model "$MINILM" "${V2[@]}" --out "$RUNS/teacher-cpu" --max-steps 1600 --lr 1e-4 \
+      --warmup 0.06 --eval-every 800 --log-every 25 --no-progress --resume
 }
 teacher_v3c() {  # teacher v3 continued on the CPU: its GPU run stopped mid-schedule (lr 5.3e-5); 1,200 more steps of
   # 32 windows (0.27 epoch, new shuffle), lr 3e-5 decayed to 0, held-out evaluation every 300 steps (72 min on 2 cores)
@@ -112,7 +121,9 @@ json.dump({'layers': [{}] * load_checkpoint(sys.argv[1]).cfg.num_layers}, open(s
   $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --student-init "$RUNS/$1" --spec "$keep" \
       --out "$RUNS/$1+$2$TAG" --finetune-max-steps "$2" "${DISTILL[@]}" --resume "${@:3}"
 }
-FAST=(--train $TRAIN "${HELD_OUT[@]}" --max-seq-length 256 --threads "$THREADS"
+# REFIT: engine.prune_fast's --refit; the recorded v2/v3 rows ran Kwon et al.'s method as published (none), the
+# GEN=cpu rows both (TAG=-none / TAG=-all)
+FAST=(--train $TRAIN "${HELD_OUT[@]}" --max-seq-length 256 --threads "$THREADS" --refit "${REFIT:-none}"
       --samples 2048 --save-stages --latency-shape 8,384 --backend cpp --resume)
 fast() {  # post-training pruning (Kwon et al.) at $1 of the FLOPs removed; stage ablations as RUN-search, RUN-rearrange
   local run="$RUNS/fast$G-${1:-0.4}$TAG"
@@ -154,6 +165,7 @@ case "${1:-all}" in
   teacher) teacher ;;
   teacher-v2) teacher_v2 ;;
   teacher-v3) teacher_v3 ;;
+  teacher-cpu) teacher_cpu ;;
   teacher-v3c) teacher_v3c ;;
   teacher-v3s) teacher_v3s ;;
   l0) l0 "${2:-0.5}" "${@:3}" ;;
@@ -167,7 +179,7 @@ case "${1:-all}" in
   importance-noft) importance_noft "${2:-0.4}" ;;
   eval) shift; evaluate "$@" ;;
   all) teacher; l0 0.5; baseline importance; evaluate ;;
-  *) echo "usage: $0 teacher|teacher-v2|teacher-v3|teacher-v3c|teacher-v3s|l0 [target]|l0-speedup [x]|" \
+  *) echo "usage: $0 teacher|teacher-v2|teacher-v3|teacher-v3c|teacher-v3s|teacher-cpu|l0 [target]|l0-speedup [x]|" \
           "nodistill|importance|random|" \
           "more RUN STEPS|fast [target]|" \
           "fast-speedup [x]|importance-noft [target]|eval [RUN ...]|all" >&2; exit 2 ;;

@@ -15,7 +15,7 @@ from engine.flops import encoder_flops
 from engine.model import RaggedQAModel
 from engine.prune_fast.masked import fisher, fold_masks, mask_gradients, masked_forward
 from engine.prune_fast.search import flops_cost, pruned_objective, rearrange, search
-from engine.prune_fast.tune import solve_scales, tune_masks
+from engine.prune_fast.tune import refit_projections, refit_solve, solve_scales, tune_masks
 from engine.train.batching import collate
 from engine.train.losses import span_loss
 from tests.conftest import slow_pruned_timer
@@ -209,6 +209,91 @@ def test_tuning_reduces_reconstruction_error():
     assert err_tuned < err_binary
 
 
+# ----------------------------------------------------------------------------------------------------- refit
+
+
+def test_refit_solve_recovers_a_known_linear_map():
+    """Noise-free targets of a linear map with bias: the ridge solve returns that map (to the ridge's bias)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(500, 7, generator=g, dtype=torch.float64)
+    w_true = torch.randn(8, 5, generator=g, dtype=torch.float64)  # 7 features + the bias row
+    x1 = torch.cat([x, torch.ones(500, 1, dtype=torch.float64)], 1)
+    w = refit_solve(x1.t() @ x1, x1.t() @ (x1 @ w_true), torch.zeros(8, 5, dtype=torch.float64), ridge=1e-12)
+    torch.testing.assert_close(w, w_true, atol=1e-8, rtol=1e-8)
+    # the ridge pulls toward w0: with w0 = the answer, any ridge returns it
+    w = refit_solve(x1.t() @ x1, x1.t() @ (x1 @ w_true), w_true, ridge=10.0)
+    torch.testing.assert_close(w, w_true, atol=1e-8, rtol=1e-8)
+    bad = torch.full((3, 3), float("nan"), dtype=torch.float64)
+    w0 = torch.ones(3, 2, dtype=torch.float64)
+    assert refit_solve(bad, torch.ones(3, 2, dtype=torch.float64), w0) is w0
+
+
+def test_refit_recovers_perturbed_projections_exactly():
+    """The student is the teacher with every output projection and the QA head perturbed (ragged shapes, a layer
+    with no heads and one with no FFN units): the sequential refit must give the teacher's maps back."""
+    cfg = CFG.with_shape((2, 0, 3), (5, 4, 0))
+    torch.manual_seed(4)
+    teacher = RaggedQAModel(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            if "ln" not in name:
+                p.normal_(0, 0.3)
+    student = RaggedQAModel(cfg).double().eval()
+    student.load_state_dict(teacher.state_dict())
+    names = [n for n, _ in student.named_parameters() if n.startswith("qa.") or ".o." in n or ".ffn_out." in n]
+    with torch.no_grad():
+        for n, p in student.named_parameters():
+            if n in names:
+                p.add_(torch.randn_like(p) * 0.2)
+    refit, info = refit_projections(student, teacher, _features(40), batch=7, progress=False, ridge=1e-12)
+    assert set(refit) == set(names)
+    ref = teacher.state_dict()
+    for n in names:
+        if not n.startswith("qa."):  # the head's inputs are LayerNorm outputs, one direction short of full rank
+            torch.testing.assert_close(refit[n], ref[n], atol=1e-5, rtol=1e-5)
+    student.load_state_dict({**student.state_dict(), **refit})
+    packed, _, _ = collate(_features(9, seed=5))
+    args = (packed.input_ids, packed.token_type_ids, packed.cu_seqlens, packed.max_seqlen)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.stack(student(*args)), torch.stack(teacher(*args)), atol=1e-6, rtol=1e-6)
+    for layer in info["layers"]:
+        for kind in ("attention", "ffn"):
+            assert layer[f"{kind}_rel_err_after"] < 1e-8 <= layer[f"{kind}_rel_err_before"]
+    assert info["head"]["qa_rel_err_after"] < 1e-8
+
+
+def test_refit_lowers_the_error_of_a_pruned_model():
+    """A real pruning problem (tuned scales folded in): refitting never raises a sublayer's own least-squares error
+    on the fitting windows, and brings the logits closer to the unpruned teacher's on held-out windows."""
+    teacher = _model(seed=1)
+    hk, fk = _masks(11)
+    feats, held = _features(48), _features(16, seed=9)
+    hm, fm, _ = tune_masks(teacher, feats, hk, fk, batch=8, progress=False)
+    cfg, state = fold_masks(teacher, hm, fm)
+    student = RaggedQAModel(cfg).eval()
+    student.load_state_dict(state)
+    packed, _, _ = collate(held)
+    args = (packed.input_ids, packed.token_type_ids, packed.cu_seqlens, packed.max_seqlen)
+    with torch.no_grad():
+        ref = torch.stack(teacher(*args), 1)
+        before = (torch.stack(student(*args), 1) - ref).pow(2).mean()
+    for layers, head in ((False, True), (True, False), (True, True)):
+        s = RaggedQAModel(cfg).eval()
+        s.load_state_dict(state)
+        refit, info = refit_projections(s, teacher, feats, batch=8, layers=layers, head=head, progress=False)
+        assert any(n.startswith("qa.") for n in refit) == head
+        assert any(n.startswith("layers.") for n in refit) == layers
+        for layer in info["layers"]:
+            for kind in ("attention", "ffn") if layers else ():
+                assert layer[f"{kind}_rel_err_after"] <= layer[f"{kind}_rel_err_before"] + 1e-9
+        if head:
+            assert info["head"]["qa_rel_err_after"] <= info["head"]["qa_rel_err_before"] + 1e-9
+        s.load_state_dict({**state, **refit})
+        with torch.no_grad():
+            after = (torch.stack(s(*args), 1) - ref).pow(2).mean()
+        assert after < before
+
+
 # ------------------------------------------------------------------------------------------------------- CLI
 
 
@@ -265,8 +350,9 @@ def test_cli_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, capsys):
     assert ck.null_threshold is not None
     assert 0.25 <= m["achieved_flop_sparsity"] <= 0.6
     assert m["method"] == "post-training" and m["student"]["f1"] is not None and m["teacher"] is not None
-    assert set(m["stages"]) == {"fisher", "search", "rearrange", "tune"}
-    for stage in ("search", "rearrange"):
+    assert set(m["stages"]) == {"fisher", "search", "rearrange", "tune", "refit"}
+    assert m["stages"]["refit"]["what"] == "all" and m["stages"]["refit"]["head"]["qa_rel_err_after"] >= 0
+    for stage in ("search", "rearrange", "tune"):
         assert (out / "stages" / stage / "config.json").is_file()
     from engine.features import WindowSettings
 
@@ -274,7 +360,7 @@ def test_cli_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, capsys):
     weights = (out / "model.safetensors").read_bytes()
 
     # Interrupted after the search: the later stages and outputs are gone; --resume redoes only those.
-    for name in ("rearrange.json", "tune.json"):
+    for name in ("rearrange.json", "tune.json", "refit.json", "refit.safetensors"):
         (out / "state" / name).unlink()
     (out / "model.safetensors").unlink()
     assert main(_cli_args(tiny_bert, squad_train, out, "--target-sparsity", "0.3", "--save-stages", "--resume")) == 0
@@ -288,7 +374,7 @@ def test_cli_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, capsys):
     partial = {k: (v[:1] if k.startswith(("head.", "ffn.")) else v) for k, v in full.items()}
     partial["batches"] = torch.tensor(1)
     save_file(partial, str(state / "fisher.partial.safetensors"))
-    for name in ("fisher.safetensors", "search.json", "rearrange.json", "tune.json"):
+    for name in ("fisher.safetensors", "search.json", "rearrange.json", "tune.json", "refit.json"):
         (state / name).unlink()
     assert main(_cli_args(tiny_bert, squad_train, out, "--target-sparsity", "0.3", "--save-stages", "--resume")) == 0
     torch.testing.assert_close(load_file(str(state / "fisher.safetensors"))["head.1"], full["head.1"])
@@ -299,6 +385,26 @@ def test_cli_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, capsys):
     assert "other arguments" in capsys.readouterr().err
     assert main(_cli_args(tiny_bert, squad_train, out, "--target-sparsity", "0.3")) == 2
     assert "not empty" in capsys.readouterr().err
+
+    # Kwon et al. as published (--refit none): the same shape and tuned model, without the refitted tensors.
+    kwon = tmp_path / "kwon"
+    assert main(_cli_args(tiny_bert, squad_train, kwon, "--target-sparsity", "0.3", "--refit", "none")) == 0
+    assert json.loads((kwon / "metrics.json").read_text())["stages"]["refit"]["skipped"]
+    a, b = load_checkpoint(kwon), load_checkpoint(out)
+    assert a.cfg == b.cfg
+    tuned = load_checkpoint(out / "stages" / "tune")
+    torch.testing.assert_close(a.state["layers.0.o.weight"], tuned.state["layers.0.o.weight"])
+    assert not torch.equal(a.state["qa.weight"], b.state["qa.weight"])
+
+    # --refit-samples beyond --samples: the Fisher and tuning windows stay the first 24 of the same shuffle.
+    more = tmp_path / "more"
+    assert main(_cli_args(tiny_bert, squad_train, more, "--target-sparsity", "0.3", "--refit-samples", "40")) == 0
+    m = json.loads((more / "metrics.json").read_text())
+    assert m["stages"]["refit"]["samples"] == 40 and m["data"]["train"]["windows_used"] == 40
+    assert load_checkpoint(more).cfg == b.cfg
+    from safetensors.torch import load_file as load
+
+    torch.testing.assert_close(load(str(more / "state" / "fisher.safetensors"))["head.1"], full["head.1"])
 
 
 @pytest.mark.slow
@@ -317,6 +423,9 @@ def test_cli_bad_inputs(tiny_bert, squad_train, tmp_path, capsys):
     assert "--latency-shape" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(_cli_args(tiny_bert, squad_train, tmp_path / "d", "--target-sparsity", "1.2"))
+    with pytest.raises(SystemExit):
+        main(_cli_args(tiny_bert, squad_train, tmp_path / "e", "--target-sparsity", "0.3", "--refit-samples", "3"))
+    assert "--refit-samples" in capsys.readouterr().err
 
 
 def test_latency_search_corrects_a_biased_table(monkeypatch):

@@ -13,8 +13,12 @@ Stages (Kwon et al., NeurIPS 2022); each one's result is saved under OUT/state/ 
                 measured to predicted latency over the rounds so far) until within --latency-tolerance;
   3. rearrange  within each layer, a greedy swap lowers the pruned units' full (not diagonal) Fisher quadratic form;
   4. tune       kept masks become real scales, fitted layer by layer by least squares against the dense teacher;
-then the scales are folded into `o.weight` / `ffn_out.weight` columns, the null threshold is tuned on held-out
-data (as engine.prune), and OUT gets a ragged checkpoint and metrics.json (docs/PRUNING.md).
+then the scales are folded into `o.weight` / `ffn_out.weight` columns, and (SparseQA's addition, --refit)
+  5. refit      every kept output projection (`o`, `ffn_out`, with bias), layer by layer, and the QA head are
+                refitted by ridge least squares against the teacher on the same windows (--refit head: the QA
+                head alone; --refit none: Kwon et al.'s method as published);
+the null threshold is tuned on held-out data (as engine.prune), and OUT gets a ragged checkpoint and metrics.json
+(docs/PRUNING.md).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from engine.latency_target import (
 from engine.model import RaggedQAModel
 from engine.prune_fast.masked import fisher, fold_masks, mask_gradients
 from engine.prune_fast.search import CostFn, SearchResult, flops_cost, pruned_objective, rearrange, search
-from engine.prune_fast.tune import tune_masks
+from engine.prune_fast.tune import REFIT_RIDGE, refit_projections, tune_masks
 
 MIN_SAMPLES = 16
 FISHER_SAVE_EVERY = 8  # mini-batches between partial saves of the Fisher stage
@@ -78,6 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=32, help="windows per Fisher mini-batch (one gradient row each)")
     ap.add_argument("--no-rearrange", action="store_true", help="skip mask rearrangement (ablation)")
     ap.add_argument("--no-tune", action="store_true", help="skip mask tuning: kept masks stay 1 (ablation)")
+    ap.add_argument(
+        "--refit",
+        choices=("all", "layers", "head", "none"),
+        default="all",
+        help="after tuning, refit by least squares against the teacher every kept output projection and the QA "
+        "head (all), the projections alone (layers), the QA head alone (head), or nothing (none: Kwon et al.'s "
+        "method as published)",
+    )
+    ap.add_argument(
+        "--refit-samples",
+        type=int,
+        help="train windows for the refit (default: the tuning windows); more than --samples draws further "
+        "windows from the same seeded shuffle (a forward pass each, no gradients)",
+    )
+    ap.add_argument(
+        "--refit-ridge",
+        type=float,
+        default=REFIT_RIDGE,
+        help="the refit's ridge toward the tuned weights, relative to each system's mean Gram diagonal",
+    )
     ap.add_argument(
         "--save-stages",
         action="store_true",
@@ -328,6 +352,44 @@ def stage_tune(
     return hm, fm, {"time_s": saved["time_s"], "cpu_s": saved["cpu_s"], "samples": min(n, len(feats)), "layers": infos}
 
 
+def stage_refit(
+    store: StageStore,
+    args: argparse.Namespace,
+    teacher: RaggedQAModel,
+    cfg: EncoderConfig,
+    state: dict[str, torch.Tensor],
+    feats: list[TrainFeature],
+    progress: bool,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Least-squares refit of the folded model's output projections and QA head (`tune.refit_projections`) on the
+    tuning windows or the first --refit-samples of `feats`; the refitted tensors are saved, so a resumed run reuses
+    them."""
+    if args.refit == "none":
+        return state, {"skipped": True, "time_s": 0.0, "cpu_s": 0.0}
+    saved, info = store.tensors("refit.safetensors"), store.json("refit.json")
+    if saved is None or info is None:
+        t0, c0 = time.monotonic(), time.process_time()
+        student = RaggedQAModel(cfg)
+        student.load_state_dict(state)
+        n = args.refit_samples or args.tune_samples or args.samples
+        saved, info = refit_projections(
+            student,
+            teacher,
+            feats[:n],
+            args.batch,
+            layers=args.refit in ("all", "layers"),
+            head=args.refit in ("all", "head"),
+            progress=progress,
+            ridge=args.refit_ridge,
+        )
+        info.update(
+            what=args.refit, samples=min(n, len(feats)), time_s=time.monotonic() - t0, cpu_s=time.process_time() - c0
+        )
+        store.put_tensors("refit.safetensors", saved)
+        store.put_json("refit.json", info)
+    return {**state, **saved}, info
+
+
 # ------------------------------------------------------------------------------------------------- the run
 
 
@@ -389,8 +451,9 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
     settings.validate(dense.architecture, dense.max_position_embeddings)
     maker = WindowMaker(load_tokenizer(args.teacher), dense.architecture, settings)
     train, evals, data_info = prepare_data(args)
-    feats = sample_features(train, maker, args.samples, args.seed)
-    data_info["train"]["windows_used"] = len(feats)
+    pool = sample_features(train, maker, max(args.samples, args.refit_samples or 0), args.seed)
+    feats = pool[: args.samples]  # a prefix: the same windows as sampling --samples alone
+    data_info["train"]["windows_used"] = len(pool)
     model = RaggedQAModel(dense)
     model.load_state_dict(teacher_ck.state)
     model.eval()
@@ -405,7 +468,16 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
         _save_stage_model(out, "rearrange", model, hk, fk, teacher_ck.hf_config, tokenizer)
     hm, fm, tune_info = stage_tune(store, args, model, feats, hk, fk, progress)
     cfg, state = fold_masks(model, hm, fm)
-    stages = {"fisher": fisher_info, "search": search_info, "rearrange": rearrange_info, "tune": tune_info}
+    if args.save_stages and args.refit != "none":
+        save_checkpoint(out / "stages" / "tune", cfg, state, teacher_ck.hf_config, tokenizer=tokenizer)
+    state, refit_info = stage_refit(store, args, model, cfg, state, pool, progress)
+    stages = {
+        "fisher": fisher_info,
+        "search": search_info,
+        "rearrange": rearrange_info,
+        "tune": tune_info,
+        "refit": refit_info,
+    }
     prune_time = sum(s["time_s"] for s in stages.values())
     prune_cpu = sum(s["cpu_s"] for s in stages.values())
 
@@ -463,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--samples {args.samples} is too few for stable Fisher scores: use at least {MIN_SAMPLES} "
             f"(Kwon et al. use 2048)"
         )
+    if args.refit_samples is not None and args.refit_samples < MIN_SAMPLES:
+        ap.error(f"--refit-samples must be at least {MIN_SAMPLES}; got {args.refit_samples}")
     if args.batch < 1 or args.samples < args.batch:
         ap.error(f"--batch must lie in [1, --samples]; got {args.batch}")
     err = latency_args_error(args)

@@ -39,6 +39,19 @@ class _Chunk:
     ctx: torch.Tensor | None = None  # the student's kept-head context `[T, K*dh]` of the current layer
 
 
+def embedded_chunks(
+    teacher: RaggedQAModel, student: RaggedQAModel, features: Sequence[TrainFeature], batch: int
+) -> list[_Chunk]:
+    """The windows packed `batch` at a time, with both models' embeddings: each layer's first inputs."""
+    chunks = []
+    for i in range(0, len(features), batch):
+        packed, _, _ = collate(features[i : i + batch])
+        x_t = teacher.embeddings(packed.input_ids, packed.token_type_ids, packed.cu_seqlens)
+        x_s = student.embeddings(packed.input_ids, packed.token_type_ids, packed.cu_seqlens)
+        chunks.append(_Chunk(packed.cu_seqlens, packed.max_seqlen, x_t, x_s))
+    return chunks
+
+
 def solve_scales(gram: torch.Tensor, rhs: torch.Tensor, damping: float = 1e-10) -> torch.Tensor | None:
     """Solve `gram @ m = rhs` (float64, lightly damped); None when the solution is non-finite or beyond MAX_SCALE."""
     if gram.numel() == 0:
@@ -63,15 +76,24 @@ def head_outputs(layer: Layer, ctx: torch.Tensor, keep: torch.Tensor) -> torch.T
     return torch.einsum("tkc,dkc->tkd", c, w)
 
 
+def teacher_attention(t_layer: Layer, chunk: _Chunk) -> torch.Tensor:
+    """The teacher's pre-LN1 output `[T, d]` on its own input `chunk.teacher`: the attention sublayer's target."""
+    if not t_layer.heads:
+        return chunk.teacher + t_layer.o.bias
+    ctx_t = head_context(t_layer, chunk.teacher, chunk.cu_seqlens, chunk.max_seqlen)
+    return chunk.teacher + torch.addmm(t_layer.o.bias, ctx_t, t_layer.o.weight.t())
+
+
+def teacher_ffn(t_layer: Layer, h_t: torch.Tensor) -> torch.Tensor:
+    """The teacher's pre-LN2 output `[T, d]` on its own post-LN1 state `h_t`: the FFN sublayer's target."""
+    return h_t + t_layer.ffn_out(t_layer.act(t_layer.ffn_in(h_t)))
+
+
 def attention_system(
     t_layer: Layer, layer: Layer, chunk: _Chunk, keep: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Gram `[K, K]`, rhs `[K]`, teacher pre-LN target) of the attention sublayer on one chunk."""
-    if t_layer.heads:
-        ctx_t = head_context(t_layer, chunk.teacher, chunk.cu_seqlens, chunk.max_seqlen)
-        z = chunk.teacher + torch.addmm(t_layer.o.bias, ctx_t, t_layer.o.weight.t())  # (T, d) teacher pre-LN1
-    else:
-        z = chunk.teacher + t_layer.o.bias
+    z = teacher_attention(t_layer, chunk)
     if not layer.heads or not bool(keep.any()):
         return torch.zeros(0, 0), torch.zeros(0), z
     chunk.ctx = head_context(layer, chunk.student, chunk.cu_seqlens, chunk.max_seqlen, keep)  # reused after solving
@@ -84,7 +106,7 @@ def ffn_system(
     t_layer: Layer, layer: Layer, h_t: torch.Tensor, h_s: torch.Tensor, keep: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(activation Gram `[K, K]` (times `W_2^T W_2` gives the system), rhs `[K]`, teacher pre-LN target)."""
-    z = h_t + t_layer.ffn_out(t_layer.act(t_layer.ffn_in(h_t)))  # (T, d) teacher pre-LN2
+    z = teacher_ffn(t_layer, h_t)
     if not bool(keep.any()):
         return torch.zeros(0, 0), torch.zeros(0), z
     w_in, b_in, w2 = layer.ffn_in.weight[keep], layer.ffn_in.bias[keep], layer.ffn_out.weight[:, keep]
@@ -115,12 +137,7 @@ def tune_masks(
     teacher = (teacher if teacher is not None else model).eval()
     model.eval()
     cfg = model.cfg
-    chunks = []
-    for i in range(0, len(features), batch):
-        packed, _, _ = collate(features[i : i + batch])
-        x_t = teacher.embeddings(packed.input_ids, packed.token_type_ids, packed.cu_seqlens)
-        x_s = model.embeddings(packed.input_ids, packed.token_type_ids, packed.cu_seqlens)
-        chunks.append(_Chunk(packed.cu_seqlens, packed.max_seqlen, x_t, x_s))
+    chunks = embedded_chunks(teacher, model, features, batch)
     head_scales, ffn_scales, infos = [], [], []
     bar = tqdm(total=cfg.num_layers * len(chunks) * 3, desc="tune", unit="batch", disable=not progress)
     for l, (t_layer, layer) in enumerate(zip(teacher.layers, model.layers)):
@@ -199,3 +216,163 @@ def _ffn_out(layer: Layer, h: torch.Tensor, scales: torch.Tensor) -> torch.Tenso
         return layer.ffn_out.bias
     a = layer.act(torch.addmm(layer.ffn_in.bias[keep], h, layer.ffn_in.weight[keep].t())) * scales[keep]
     return torch.addmm(layer.ffn_out.bias, a, layer.ffn_out.weight[:, keep].t())
+
+
+# ------------------------------------------------------------------------------- refit (SparseQA's fifth stage)
+
+REFIT_RIDGE = 1e-4  # ridge toward the tuned weights, relative to the mean diagonal of each system's Gram matrix
+
+
+def refit_solve(gram: torch.Tensor, rhs: torch.Tensor, w0: torch.Tensor, ridge: float = REFIT_RIDGE) -> torch.Tensor:
+    """`argmin_W ||X W - R||^2 + lam ||W - W0||^2` from `gram = X^T X` `[n, n]` and `rhs = X^T R` `[n, d]`, with
+    `lam = ridge * mean(diag(gram))`; `w0` `[n, d]` is returned unchanged when the solution is not finite."""
+    if gram.numel() == 0:
+        return w0
+    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
+    eye = torch.eye(len(gram), dtype=torch.float64)
+    try:
+        w = torch.linalg.solve(gram.double() + lam * eye, rhs.double() + lam * w0.double())
+    except RuntimeError:
+        return w0
+    return w.to(w0.dtype) if bool(torch.isfinite(w).all()) else w0
+
+
+class _Normal:
+    """Accumulated normal equations `[X 1]^T [X 1]`, `[X 1]^T R` (float64) and the residual of the current
+    weights, for one least-squares system whose features are `X` `[T, n]` and targets `R` `[T, d]`."""
+
+    def __init__(self, n: int, d: int):
+        self.gram = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+        self.rhs = torch.zeros(n + 1, d, dtype=torch.float64)
+        self.err = self.norm = 0.0
+
+    def add(self, x: torch.Tensor, r: torch.Tensor, w0: torch.Tensor) -> None:
+        """One chunk: features `x` `[T, n]`, targets `r` `[T, d]`, current weights `w0` `[n + 1, d]` (bias last)."""
+        x1 = torch.cat([x, x.new_ones(len(x), 1)], 1)
+        self.gram += (x1.t() @ x1).double()
+        self.rhs += (x1.t() @ r).double()
+        self.err += float((x1 @ w0 - r).pow(2).sum())
+        self.norm += float(r.pow(2).sum())
+
+    def solve(self, w0: torch.Tensor, info: dict, kind: str, ridge: float) -> torch.Tensor:
+        """The refitted `[n + 1, d]` weights; records the relative error before and after in `info`."""
+        w = refit_solve(self.gram, self.rhs, w0, ridge)
+        # ||X w - R||^2 = w^T G w - 2 w^T (X^T R) + ||R||^2, so the error after needs no second pass
+        wd = w.double()
+        after = float((wd * (self.gram @ wd)).sum() - 2 * (wd * self.rhs).sum()) + self.norm
+        info[f"{kind}_rel_err_before"] = self.err / max(self.norm, 1e-30)
+        info[f"{kind}_rel_err_after"] = max(after, 0.0) / max(self.norm, 1e-30)
+        return w
+
+
+def _stacked(linear: torch.nn.Linear) -> torch.Tensor:
+    """`[n + 1, d]`: a linear layer's weight transposed, with its bias as the last row."""
+    return torch.cat([linear.weight.t(), linear.bias[None, :]], 0).detach().clone()
+
+
+def _unstack(linear: torch.nn.Linear, w: torch.Tensor) -> None:
+    linear.weight.copy_(w[:-1].t())
+    linear.bias.copy_(w[-1])
+
+
+def _student_context(layer: Layer, c: _Chunk) -> torch.Tensor:
+    """The student's attention context `[T, h*dh]` on its own input (`[T, 0]` for a layer with no heads)."""
+    if not layer.heads:
+        return c.student.new_zeros(len(c.student), 0)
+    return head_context(layer, c.student, c.cu_seqlens, c.max_seqlen)
+
+
+def _refit_sublayer(
+    chunks: list[_Chunk],
+    teacher_out: Callable[[_Chunk], torch.Tensor],
+    features: Callable[[_Chunk], torch.Tensor],
+    linear: torch.nn.Linear,
+    norms: tuple[torch.nn.Module, torch.nn.Module],
+    fit: tuple[dict, str, float] | None,
+    bar: tqdm,
+) -> None:
+    """One sublayer of `refit_projections`: with `fit` = (info, name, ridge), refit `linear` (in place) so that
+    `X_s + linear(features)` matches the teacher's pre-LN output `teacher_out`; then move both models' hidden states
+    past the sublayer's LayerNorms (`norms` = teacher's, student's)."""
+    w0, system, kept = _stacked(linear), _Normal(linear.in_features, linear.out_features), []
+    for c in chunks:
+        z, x = teacher_out(c), features(c)
+        system.add(x, z - c.student, w0)
+        kept.append((z, x))
+        bar.update(1)
+    if fit is not None:
+        _unstack(linear, system.solve(w0, *fit))
+    for c, (z, x) in zip(chunks, kept):
+        c.teacher = norms[0](z)
+        c.student = norms[1](c.student + torch.addmm(linear.bias, x, linear.weight.t()))
+
+
+@torch.inference_mode()
+def refit_projections(
+    student: RaggedQAModel,
+    teacher: RaggedQAModel,
+    features: Sequence[TrainFeature],
+    batch: int = 32,
+    layers: bool = True,
+    head: bool = True,
+    progress: bool = True,
+    ridge: float = REFIT_RIDGE,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Refit the pruned (folded) model's linear maps into the residual stream by least squares against the teacher,
+    layer by layer in order, then its QA head. Returns the refitted tensors (state-dict names) and solver info.
+
+    Mask tuning fits one scale per kept unit; this fits the whole output projection of each sublayer (and its bias)
+    on the same windows. Layer l, attention: features `[ctx_s 1]` (the kept heads' context on the student's own
+    input `X_s`), target `Z - X_s`, with `Z` the teacher's pre-LN1 output as in `attention_system`; FFN: features
+    `[a_s 1]` (kept-unit activations), target the teacher's pre-LN2 output minus `H_s`. Each is an `[n+1, n+1]`
+    ridge system (n = kept width), regularised toward the tuned weights; a layer with no heads or units refits
+    its bias alone. The QA head: features `[H_s 1]` (the student's last hidden state), target the teacher's start
+    and end logits, so the pruned model's span and no-answer scores are put back on the teacher's scale.
+    """
+    teacher.eval()
+    student.eval()
+    chunks = embedded_chunks(teacher, student, features, batch)
+    d = student.cfg.hidden
+    out: dict[str, torch.Tensor] = {}
+    infos: list[dict] = []
+    bar = tqdm(
+        total=student.cfg.num_layers * len(chunks) * 2 + len(chunks) * head,
+        desc="refit",
+        unit="batch",
+        disable=not progress,
+    )
+    for l, (t_layer, layer) in enumerate(zip(teacher.layers, student.layers)):
+        info: dict = {}
+        _refit_sublayer(
+            chunks,
+            lambda c, t_layer=t_layer: teacher_attention(t_layer, c),
+            lambda c, layer=layer: _student_context(layer, c),
+            layer.o,
+            (t_layer.ln1, layer.ln1),
+            (info, "attention", ridge) if layers else None,
+            bar,
+        )
+        _refit_sublayer(
+            chunks,
+            lambda c, t_layer=t_layer: teacher_ffn(t_layer, c.teacher),
+            lambda c, layer=layer: layer.act(layer.ffn_in(c.student)),
+            layer.ffn_out,
+            (t_layer.ln2, layer.ln2),
+            (info, "ffn", ridge) if layers else None,
+            bar,
+        )
+        if layers:
+            for name in ("o", "ffn_out"):
+                lin = getattr(layer, name)
+                out[f"layers.{l}.{name}.weight"], out[f"layers.{l}.{name}.bias"] = lin.weight.clone(), lin.bias.clone()
+        infos.append(info)
+    head_info: dict = {}
+    if head:
+        w0, system = _stacked(student.qa), _Normal(d, 2)
+        for c in chunks:
+            system.add(c.student, teacher.qa(c.teacher), w0)
+            bar.update(1)
+        _unstack(student.qa, system.solve(w0, head_info, "qa", ridge))
+        out["qa.weight"], out["qa.bias"] = student.qa.weight.clone(), student.qa.bias.clone()
+    bar.close()
+    return out, {"layers": infos, "head": head_info}
