@@ -1,8 +1,9 @@
 """`python -m bench.accuracy_rows`: write bench/results/accuracy.json for the report from evaluated runs.
 
-Three groups (bench.accuracy_tables.GROUPS, newest first), each with its own dense teacher (its `eval-teacher*.json`
+Four groups (bench.accuracy_tables.GROUPS), each with its own dense teacher (its `eval-teacher*.json`
 with the shortest name, i.e. the fp32 build):
   current   bench/results/eval-NAME.json            the current teacher (teacher-v3) and its students
+  cpu       bench/results/cpu/eval-NAME.json        teacher-cpu (one CPU session) and post-training runs from it
   v2        bench/results/v2/eval-NAME.json         the superseded teacher-v2 and its students
   previous  bench/results/previous/eval-NAME.json   the superseded MiniLM teacher (teacher-minilm) and its students
 Every `eval-NAME.json` (from `python -m engine.evaluate`) becomes a row naming the artifact's encoder FLOPs at 384
@@ -15,6 +16,7 @@ labelled as quoted.
 
 Output (`--out`, default RESULTS/accuracy.json):
   {"current":  {"folder": "bench/results", "teacher": "teacher-v3" | null, "rows": [ROW, ...]},
+   "cpu":      {"folder": "bench/results/cpu", "teacher": "teacher-cpu" | null, "rows": [ROW, ...]},
    "v2":       {"folder": "bench/results/v2", "teacher": "teacher-v2" | null, "rows": [ROW, ...]},
    "previous": {"folder": "bench/results/previous", "teacher": "teacher-minilm" | null, "rows": [ROW, ...]},
    "quoted":   [{"name", "note", "quoted": {"exact", "f1", "f1_stored", "HasAns_f1", "NoAns_f1", "flops", ...}}]}

@@ -1,6 +1,6 @@
 """The accuracy sections of RESULTS.md (bench/report.py) from bench/results/accuracy.json (bench/accuracy_rows.py).
 
-Each group in GROUPS (one per teacher generation: current, v2, previous) gets its accuracy table, the F1 lost by every
+Each group in GROUPS (one per teacher: current, cpu, v2, previous) gets its accuracy table, the F1 lost by every
 row against ITS teacher, and its ablations; the issue's accuracy targets are judged on the current group only.
 """
 
@@ -26,6 +26,7 @@ class Group:
     note: str
     ablations: tuple[tuple[str, str, str], ...] = ()  # (what it shows, SparseQA's run, the ablation at its budget)
     empty: str | None = None  # shown when the group has no rows; None leaves the section out
+    ablation_heading: str = "What distillation and L0 gates buy (same target, same budget)"
 
 
 # every teacher generation, newest first; the issue's accuracy targets are judged on TARGETS_GROUP only
@@ -66,6 +67,27 @@ GROUPS = (
         ),
         "No current-teacher rows yet: evaluate `teacher-v3` and its students into `bench/results/eval-NAME.json` "
         "(`scripts/reproduce_squad.sh eval NAME`), then run `python -m bench.accuracy_rows`.",
+    ),
+    Group(
+        "cpu",
+        "cpu",
+        "## Teacher-cpu (one 2-core session) and post-training pruning from it, with and without the refit",
+        "A dense teacher one 2-core session trains (`GEN=cpu scripts/reproduce_squad.sh teacher-cpu`: 1,600 steps of "
+        "32 windows of teacher v2's data, 48 minutes), used to measure engine.prune_fast's refit stage after teacher "
+        "v3's checkpoints were lost with the machine that held them (docs/PRUNING.md). `fast-cpu-T-R`: post-training "
+        "pruning of `teacher-cpu` at T of the encoder FLOPs removed, `--refit R` (`none` = Kwon et al. as published; "
+        "`all`, the default, refits every kept output projection and the QA head; `layers`, `head`: one of the two). "
+        "Scored on the 2-core CPU (cpp backend, fp32).",
+        (
+            (
+                "refit of every projection and the head vs Kwon et al. as published (30%)",
+                "fast-cpu-0.3-all",
+                "fast-cpu-0.3-none",
+            ),
+            ("refit vs Kwon et al. as published (40%)", "fast-cpu-0.4-all", "fast-cpu-0.4-none"),
+            ("refit of the projections vs of the QA head alone (30%)", "fast-cpu-0.3-layers", "fast-cpu-0.3-head"),
+        ),
+        ablation_heading="What the refit buys (same teacher, search, rearrangement and tuning)",
     ),
     Group(
         "v2",
@@ -313,5 +335,5 @@ def accuracy_sections(acc: dict[str, Any]) -> tuple[str, dict[str, list[dict[str
             parts.append(f"\n### {head} (positive = worse)\n\n{loss}")
         abl = ablation_table(pts, group.ablations)
         if abl:
-            parts.append(f"\n### What distillation and L0 gates buy (same target, same budget)\n\n{abl}")
+            parts.append(f"\n### {group.ablation_heading}\n\n{abl}")
     return "\n".join(parts), points

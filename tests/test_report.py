@@ -425,7 +425,8 @@ def test_accuracy_rows_three_groups_from_a_two_group_file(two_artifacts, tmp_pat
     }
     assert accuracy_rows.main(["--results", str(res)]) == 0
     acc = json.loads((res / "accuracy.json").read_text())
-    assert list(acc) == ["current", "v2", "previous", "quoted"]
+    assert list(acc) == ["current", "cpu", "v2", "previous", "quoted"]
+    assert acc["cpu"] == {"folder": str((res / "cpu").resolve()), "teacher": None, "rows": []}
     assert [(acc[g]["teacher"], acc[g]["folder"]) for g in ("current", "v2", "previous")] == [
         ("teacher-v3", str(res.resolve())),
         ("teacher-v2", str((res / "v2").resolve())),
