@@ -8,7 +8,8 @@ with the shortest name, i.e. the fp32 build):
   previous  bench/results/previous/eval-NAME.json   the superseded MiniLM teacher (teacher-minilm) and its students
 Every `eval-NAME.json` (from `python -m engine.evaluate`) becomes a row naming the artifact's encoder FLOPs at 384
 tokens, its group teacher's, and the command that produced it; CPU medians come from the `students.json` in the same
-folder (`make bench-students` writes bench/results/students.json for the current group). FLOPs are read from the
+folder (`make bench-students` writes bench/results/students.json for the current group; bench/test_students.py
+with SPARSEQA_STUDENTS_DIR set, another group's). FLOPs are read from the
 artifact's manifest when the artifact is on this machine, else kept from the existing accuracy.json (the row of the
 same group and name, else the only row of that name in any group: eval files moved to another group's folder keep
 their FLOPs), so the file can be regenerated where the artifacts are gone. Two quoted reference rows are added and

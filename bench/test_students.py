@@ -10,12 +10,15 @@ machine (teacher v3's, on the GPU machine), since latency depends on the shapes 
 engine, and over HF eager.
 
 Run: `pytest bench/test_students.py --benchmark-json=bench/results/students.json` (`make bench-students`).
+Another group's folder: `SPARSEQA_STUDENTS_DIR=bench/results/cpu pytest bench/test_students.py
+--benchmark-json=bench/results/cpu/students.json`.
 Skips, saying why, when no evaluated artifact is present (they come from scripts/reproduce_squad.sh).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -31,7 +34,8 @@ SHAPES = [(1, 384), (8, 384)]
 def evaluated_artifacts() -> list[tuple[str, Path]]:
     """(name, artifact dir) of every eval-NAME.json whose artifact still exists on this machine."""
     out = []
-    for p in sorted((ROOT / "bench" / "results").glob("eval-*.json")):
+    folder = Path(os.environ.get("SPARSEQA_STUDENTS_DIR", ROOT / "bench" / "results"))
+    for p in sorted(folder.glob("eval-*.json")):
         art = Path(json.loads(p.read_text())["artifact"])
         if (art / "engine.json").is_file():
             out.append((p.stem.removeprefix("eval-"), art))
