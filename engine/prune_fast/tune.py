@@ -52,20 +52,26 @@ def embedded_chunks(
     return chunks
 
 
+def ridge_solve(
+    gram: torch.Tensor, rhs: torch.Tensor, ridge: float, prior: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """`argmin_w ||X w - R||^2 + lam ||w - prior||^2` (prior 0 when None) from `gram = X^T X` and `rhs = X^T R`,
+    with `lam = ridge * mean(diag(gram))`, in float64; None when the solve fails or the solution is not finite."""
+    lam = ridge * float(gram.diagonal().double().mean().clamp_min(1e-30))
+    rhs = rhs.double() if prior is None else rhs.double() + lam * prior.double()
+    try:
+        w = torch.linalg.solve(gram.double() + lam * torch.eye(len(gram), dtype=torch.float64), rhs)
+    except RuntimeError:
+        return None
+    return w if bool(torch.isfinite(w).all()) else None
+
+
 def solve_scales(gram: torch.Tensor, rhs: torch.Tensor, damping: float = 1e-10) -> torch.Tensor | None:
     """Solve `gram @ m = rhs` (float64, lightly damped); None when the solution is non-finite or beyond MAX_SCALE."""
     if gram.numel() == 0:
         return torch.zeros(0, dtype=torch.float64)
-    g = gram.double() + damping * gram.diagonal().double().mean().clamp_min(1e-30) * torch.eye(
-        len(gram), dtype=torch.float64
-    )
-    try:
-        m = torch.linalg.solve(g, rhs.double())
-    except RuntimeError:
-        return None
-    if not bool(torch.isfinite(m).all()) or float(m.abs().max()) > MAX_SCALE:
-        return None
-    return m
+    m = ridge_solve(gram, rhs, damping)
+    return None if m is None or float(m.abs().max()) > MAX_SCALE else m
 
 
 def head_outputs(layer: Layer, ctx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -228,13 +234,8 @@ def refit_solve(gram: torch.Tensor, rhs: torch.Tensor, w0: torch.Tensor, ridge: 
     `lam = ridge * mean(diag(gram))`; `w0` `[n, d]` is returned unchanged when the solution is not finite."""
     if gram.numel() == 0:
         return w0
-    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
-    eye = torch.eye(len(gram), dtype=torch.float64)
-    try:
-        w = torch.linalg.solve(gram.double() + lam * eye, rhs.double() + lam * w0.double())
-    except RuntimeError:
-        return w0
-    return w.to(w0.dtype) if bool(torch.isfinite(w).all()) else w0
+    w = ridge_solve(gram, rhs, ridge, prior=w0)
+    return w0 if w is None else w.to(w0.dtype)
 
 
 class _Normal:
@@ -244,24 +245,26 @@ class _Normal:
     def __init__(self, n: int, d: int):
         self.gram = torch.zeros(n + 1, n + 1, dtype=torch.float64)
         self.rhs = torch.zeros(n + 1, d, dtype=torch.float64)
-        self.err = self.norm = 0.0
+        self.norm = 0.0
 
-    def add(self, x: torch.Tensor, r: torch.Tensor, w0: torch.Tensor) -> None:
-        """One chunk: features `x` `[T, n]`, targets `r` `[T, d]`, current weights `w0` `[n + 1, d]` (bias last)."""
+    def add(self, x: torch.Tensor, r: torch.Tensor) -> None:
+        """One chunk: features `x` `[T, n]`, targets `r` `[T, d]`."""
         x1 = torch.cat([x, x.new_ones(len(x), 1)], 1)
         self.gram += (x1.t() @ x1).double()
         self.rhs += (x1.t() @ r).double()
-        self.err += float((x1 @ w0 - r).pow(2).sum())
         self.norm += float(r.pow(2).sum())
+
+    def rel_err(self, w: torch.Tensor) -> float:
+        """`||[X 1] w - R||^2 / ||R||^2` of weights `w` `[n + 1, d]`, from the accumulated sums alone:
+        `||X w - R||^2 = w^T G w - 2 w^T (X^T R) + ||R||^2`."""
+        wd = w.double()
+        err = float((wd * (self.gram @ wd)).sum() - 2 * (wd * self.rhs).sum()) + self.norm
+        return max(err, 0.0) / max(self.norm, 1e-30)
 
     def solve(self, w0: torch.Tensor, info: dict, kind: str, ridge: float) -> torch.Tensor:
         """The refitted `[n + 1, d]` weights; records the relative error before and after in `info`."""
         w = refit_solve(self.gram, self.rhs, w0, ridge)
-        # ||X w - R||^2 = w^T G w - 2 w^T (X^T R) + ||R||^2, so the error after needs no second pass
-        wd = w.double()
-        after = float((wd * (self.gram @ wd)).sum() - 2 * (wd * self.rhs).sum()) + self.norm
-        info[f"{kind}_rel_err_before"] = self.err / max(self.norm, 1e-30)
-        info[f"{kind}_rel_err_after"] = max(after, 0.0) / max(self.norm, 1e-30)
+        info[f"{kind}_rel_err_before"], info[f"{kind}_rel_err_after"] = self.rel_err(w0), self.rel_err(w)
         return w
 
 
@@ -297,7 +300,7 @@ def _refit_sublayer(
     w0, system, kept = _stacked(linear), _Normal(linear.in_features, linear.out_features), []
     for c in chunks:
         z, x = teacher_out(c), features(c)
-        system.add(x, z - c.student, w0)
+        system.add(x, z - c.student)
         kept.append((z, x))
         bar.update(1)
     if fit is not None:
@@ -332,7 +335,6 @@ def refit_projections(
     teacher.eval()
     student.eval()
     chunks = embedded_chunks(teacher, student, features, batch)
-    d = student.cfg.hidden
     out: dict[str, torch.Tensor] = {}
     infos: list[dict] = []
     bar = tqdm(
@@ -368,9 +370,9 @@ def refit_projections(
         infos.append(info)
     head_info: dict = {}
     if head:
-        w0, system = _stacked(student.qa), _Normal(d, 2)
+        w0, system = _stacked(student.qa), _Normal(student.qa.in_features, 2)
         for c in chunks:
-            system.add(c.student, teacher.qa(c.teacher), w0)
+            system.add(c.student, teacher.qa(c.teacher))
             bar.update(1)
         _unstack(student.qa, system.solve(w0, head_info, "qa", ridge))
         out["qa.weight"], out["qa.bias"] = student.qa.weight.clone(), student.qa.bias.clone()
