@@ -434,7 +434,7 @@ def test_latency_search_corrects_a_biased_table(monkeypatch):
     import argparse
 
     import engine.latency as lat
-    from engine.prune_fast.cli import _latency_search
+    from engine.prune_fast.stages import _latency_search
 
     dense = CFG.with_shape((12, 12, 12), (400, 400, 400))
 
