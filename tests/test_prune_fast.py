@@ -350,7 +350,7 @@ def test_cli_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, capsys):
     assert ck.null_threshold is not None
     assert 0.25 <= m["achieved_flop_sparsity"] <= 0.6
     assert m["method"] == "post-training" and m["student"]["f1"] is not None and m["teacher"] is not None
-    assert set(m["stages"]) == {"fisher", "search", "rearrange", "tune", "refit"}
+    assert set(m["stages"]) == {"fisher", "scores", "search", "rearrange", "tune", "refit"}
     assert m["stages"]["refit"]["what"] == "all" and m["stages"]["refit"]["head"]["qa_rel_err_after"] >= 0
     for stage in ("search", "rearrange", "tune"):
         assert (out / "stages" / stage / "config.json").is_file()

@@ -17,7 +17,10 @@ then the scales are folded into `o.weight` / `ffn_out.weight` columns, and (Spar
   5. refit      every kept output projection (`o`, `ffn_out`, with bias), layer by layer, and the QA head are
                 refitted by ridge least squares against the teacher on the same windows (--refit head: the QA
                 head alone; --refit none: Kwon et al.'s method as published);
-the null threshold is tuned on held-out data (as engine.prune), and OUT gets a ragged checkpoint and metrics.json
+SparseQA's reconstruction-aware options (engine/prune_fast/obs.py): --scores obs has the search rank units by what a
+least-squares refit leaves of their removal (a stage between 1 and 2); --select obs replaces stages 3-5 by choosing
+each layer's heads and units greedily by that refit's error, refitting as it goes.
+The null threshold is tuned on held-out data (as engine.prune), and OUT gets a ragged checkpoint and metrics.json
 (docs/PRUNING.md).
 """
 
@@ -48,8 +51,10 @@ from engine.prune_fast.stages import (
     StageStore,
     sample_features,
     stage_fisher,
+    stage_obs,
     stage_rearrange,
     stage_refit,
+    stage_scores,
     stage_search,
     stage_tune,
 )
@@ -77,6 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--samples", type=int, default=2048, help="train windows for Fisher scores and mask tuning")
     ap.add_argument("--tune-samples", type=int, help="windows for mask tuning (default: all --samples)")
     ap.add_argument("--batch", type=int, default=32, help="windows per Fisher mini-batch (one gradient row each)")
+    ap.add_argument(
+        "--scores",
+        choices=("fisher", "obs"),
+        default="fisher",
+        help="per-unit scores the search allocates the budget by: fisher = diagonal Fisher (Kwon et al.); obs = "
+        "what a least-squares refit leaves of each removal, on the Fisher scale (docs/PRUNING.md)",
+    )
+    ap.add_argument(
+        "--score-samples",
+        type=int,
+        default=1024,
+        help="windows (the first of --samples) on which --scores obs runs the removal paths",
+    )
+    ap.add_argument(
+        "--select",
+        choices=("fisher", "obs"),
+        default="fisher",
+        help="which heads and units each layer keeps (the search fixes how many): fisher = Kwon et al.'s "
+        "rearrangement, then tuning and --refit; obs = chosen layer by layer by the error a least-squares refit of "
+        "the output projection is left with, and refitted as chosen (replaces rearrange, tune and the layers' refit)",
+    )
     ap.add_argument("--no-rearrange", action="store_true", help="skip mask rearrangement (ablation)")
     ap.add_argument("--no-tune", action="store_true", help="skip mask tuning: kept masks stay 1 (ablation)")
     ap.add_argument(
@@ -186,24 +212,22 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(str(args.teacher))
 
     hg, fg, fisher_info = stage_fisher(store, model, feats, args.batch, progress)
-    hk, fk, search_info = stage_search(store, args, dense, hg, fg, progress)
+    hs, fs, scores_info = stage_scores(store, args, model, pool, hg, fg, progress)
+    hk, fk, search_info = stage_search(store, args, dense, hs, fs, progress)
     if args.save_stages:
         _save_stage_model(out, "search", model, hk, fk, teacher_ck.hf_config, tokenizer)
-    hk, fk, rearrange_info = stage_rearrange(store, args, dense, hg, fg, hk, fk)
-    if args.save_stages:
-        _save_stage_model(out, "rearrange", model, hk, fk, teacher_ck.hf_config, tokenizer)
-    hm, fm, tune_info = stage_tune(store, args, model, feats, hk, fk, progress)
-    cfg, state = fold_masks(model, hm, fm)
-    if args.save_stages and args.refit != "none":
-        save_checkpoint(out / "stages" / "tune", cfg, state, teacher_ck.hf_config, tokenizer=tokenizer)
-    state, refit_info = stage_refit(store, args, model, cfg, state, pool, progress)
-    stages = {
-        "fisher": fisher_info,
-        "search": search_info,
-        "rearrange": rearrange_info,
-        "tune": tune_info,
-        "refit": refit_info,
-    }
+    stages: dict[str, Any] = {"fisher": fisher_info, "scores": scores_info, "search": search_info}
+    if args.select == "obs":
+        cfg, state, stages["obs"] = stage_obs(store, args, model, hk, fk, pool, progress)
+    else:
+        hk, fk, stages["rearrange"] = stage_rearrange(store, args, dense, hg, fg, hk, fk)
+        if args.save_stages:
+            _save_stage_model(out, "rearrange", model, hk, fk, teacher_ck.hf_config, tokenizer)
+        hm, fm, stages["tune"] = stage_tune(store, args, model, feats, hk, fk, progress)
+        cfg, state = fold_masks(model, hm, fm)
+        if args.save_stages and args.refit != "none":
+            save_checkpoint(out / "stages" / "tune", cfg, state, teacher_ck.hf_config, tokenizer=tokenizer)
+        state, stages["refit"] = stage_refit(store, args, model, cfg, state, pool, progress)
     prune_time = sum(s["time_s"] for s in stages.values())
     prune_cpu = sum(s["cpu_s"] for s in stages.values())
 
@@ -263,6 +287,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.refit_samples is not None and args.refit_samples < MIN_SAMPLES:
         ap.error(f"--refit-samples must be at least {MIN_SAMPLES}; got {args.refit_samples}")
+    if args.score_samples < MIN_SAMPLES:
+        ap.error(f"--score-samples must be at least {MIN_SAMPLES}; got {args.score_samples}")
+    if args.select == "obs" and args.refit not in ("all", "layers"):
+        ap.error(
+            "--select obs refits every layer's output projection as it selects; --refit must be all (and the QA "
+            "head) or layers"
+        )
+    if args.select == "obs" and (args.no_rearrange or args.no_tune):
+        ap.error("--no-rearrange and --no-tune are ablations of --select fisher")
     if args.batch < 1 or args.samples < args.batch:
         ap.error(f"--batch must lie in [1, --samples]; got {args.batch}")
     err = latency_args_error(args)

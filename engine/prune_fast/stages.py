@@ -1,5 +1,6 @@
 """The stages of `python -m engine.prune_fast` (engine/prune_fast/cli.py), each saved under OUT/state/ by a
-`StageStore` and reused by --resume: Fisher scores, search, rearrangement, tuning and refit."""
+`StageStore` and reused by --resume: Fisher scores, the search's scores, search, rearrangement, tuning and refit,
+or (--select obs) the reconstruction-aware selection."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from engine.latency_target import (
     resolve_latency_target,
 )
 from engine.model import RaggedQAModel
-from engine.prune_fast.masked import fisher, mask_gradients
+from engine.prune_fast.masked import fisher, fold_masks, mask_gradients
 from engine.prune_fast.search import CostFn, SearchResult, flops_cost, pruned_objective, rearrange, search
 from engine.prune_fast.tune import refit_projections, tune_masks
 
@@ -143,16 +144,16 @@ def stage_search(
     store: StageStore,
     args: argparse.Namespace,
     dense: EncoderConfig,
-    hg: list[torch.Tensor],
-    fg: list[torch.Tensor],
+    hs: list[torch.Tensor],
+    fs: list[torch.Tensor],
     progress: bool,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
-    """Kwon et al.'s search under a FLOP or latency budget; latency results are re-measured on the engine."""
+    """Kwon et al.'s search under a FLOP or latency budget, on per-unit scores `hs`, `fs` (diagonal Fisher, or
+    `stage_obs_scores`); latency results are re-measured on the engine."""
     saved = store.json("search.json")
     if saved is not None:
         return *_masks_from_json(saved["masks"], dense), saved["info"]
     t0, c0 = time.monotonic(), time.process_time()
-    hs, fs = fisher(hg), fisher(fg)
     if args.target_sparsity is not None:
         cost = flops_cost(dense, args.flops_seq_len)
         budget = (1 - args.target_sparsity) * cost(dense.heads, dense.ffn)
@@ -194,6 +195,38 @@ def _latency_search(
         "cost": best.cost,
     }
     return best, info
+
+
+def stage_scores(
+    store: StageStore,
+    args: argparse.Namespace,
+    model: RaggedQAModel,
+    feats: list[TrainFeature],
+    hg: list[torch.Tensor],
+    fg: list[torch.Tensor],
+    progress: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+    """The search's per-unit scores: diagonal Fisher (--scores fisher), or what a refit leaves of each removal on
+    the Fisher scale (--scores obs: `obs.obs_scores` on the first --score-samples windows), saved for --resume."""
+    if args.scores == "fisher":
+        return fisher(hg), fisher(fg), {"by": "fisher", "time_s": 0.0, "cpu_s": 0.0}
+    from engine.prune_fast.obs import obs_scores
+
+    saved, info = store.tensors("scores.safetensors"), store.json("scores.json")
+    n = model.cfg.num_layers
+    if saved is None or info is None:
+        t0, c0 = time.monotonic(), time.process_time()
+        hs, fs = obs_scores(model, feats[: args.score_samples], fisher(hg), fisher(fg), args.batch, progress)
+        saved = {**{f"head.{l}": hs[l] for l in range(n)}, **{f"ffn.{l}": fs[l] for l in range(n)}}
+        info = {
+            "by": "obs",
+            "samples": min(args.score_samples, len(feats)),
+            "time_s": time.monotonic() - t0,
+            "cpu_s": time.process_time() - c0,
+        }
+        store.put_tensors("scores.safetensors", saved)
+        store.put_json("scores.json", info)
+    return [saved[f"head.{l}"] for l in range(n)], [saved[f"ffn.{l}"] for l in range(n)], info
 
 
 def stage_rearrange(
@@ -301,3 +334,44 @@ def stage_refit(
         store.put_tensors("refit.safetensors", saved)
         store.put_json("refit.json", info)
     return {**state, **saved}, info
+
+
+def stage_obs(
+    store: StageStore,
+    args: argparse.Namespace,
+    teacher: RaggedQAModel,
+    hk: list[torch.Tensor],
+    fk: list[torch.Tensor],
+    feats: list[TrainFeature],
+    progress: bool,
+) -> tuple[EncoderConfig, dict[str, torch.Tensor], dict]:
+    """--select obs: keep the searched number of heads and units per layer, chosen and refitted layer by layer
+    (`obs.obs_prune`) on the first --refit-samples (default --samples) windows; returns the ragged config and
+    state. The result is saved, so a resumed run reuses it."""
+    from engine.prune_fast.obs import obs_prune
+
+    saved, info = store.tensors("obs.safetensors"), store.json("obs.json")
+    if saved is None or info is None:
+        t0, c0 = time.monotonic(), time.process_time()
+        n = args.refit_samples or args.samples
+        hk, fk, saved, info = obs_prune(
+            teacher,
+            feats[:n],
+            [int(m.sum()) for m in hk],
+            [int(m.sum()) for m in fk],
+            args.batch,
+            head=args.refit == "all",
+            ridge=args.refit_ridge,
+            progress=progress,
+        )
+        info.update(
+            masks=_masks_to_json(hk, fk),
+            samples=min(n, len(feats)),
+            time_s=time.monotonic() - t0,
+            cpu_s=time.process_time() - c0,
+        )
+        store.put_tensors("obs.safetensors", saved)
+        store.put_json("obs.json", info)
+    hk, fk = _masks_from_json(info["masks"], teacher.cfg)
+    cfg, state = fold_masks(teacher, [m.float() for m in hk], [m.float() for m in fk])
+    return cfg, {**state, **saved}, info
