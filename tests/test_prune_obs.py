@@ -12,7 +12,7 @@ from engine.checkpoint import load_checkpoint
 from engine.model import RaggedQAModel
 from engine.prune_fast.obs import obs_prune, obs_remove
 from engine.train.batching import collate
-from tests.test_prune_fast import CFG, _cli_args, _features, squad_train  # noqa: F401 (a fixture)
+from tests.test_prune_fast import CFG, _cli_args, _features, assert_same_logits, squad_train  # noqa: F401 (a fixture)
 
 
 def _system(seed: int, groups: int, group: int, d: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,10 +120,7 @@ def test_obs_prune_finds_dead_units_and_reproduces_the_teacher():
     assert {k: v.shape for k, v in refit.items()} == {k: state[k].shape for k in refit}
     student = RaggedQAModel(cfg).double().eval()
     student.load_state_dict({**state, **refit})
-    packed, _, _ = collate(_features(9, seed=5))
-    args = (packed.input_ids, packed.token_type_ids, packed.cu_seqlens, packed.max_seqlen)
-    with torch.no_grad():
-        torch.testing.assert_close(torch.stack(student(*args)), torch.stack(teacher(*args)), atol=1e-6, rtol=1e-6)
+    assert_same_logits(student, teacher)
     for layer in info["layers"]:
         for kind in ("attention", "ffn"):
             assert layer[f"{kind}_rel_err_after"] < 1e-8
