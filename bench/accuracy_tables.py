@@ -71,13 +71,15 @@ GROUPS = (
     Group(
         "cpu",
         "cpu",
-        "## Teacher-cpu (one 2-core session) and post-training pruning from it, with and without the refit",
+        "## Teacher-cpu (one 2-core session) and post-training pruning from it: the refit and the "
+        "reconstruction-aware choices",
         "A dense teacher one 2-core session trains (`GEN=cpu scripts/reproduce_squad.sh teacher-cpu`: 1,600 steps of "
         "32 windows of teacher v2's data, 48 minutes), used to measure engine.prune_fast's refit stage after teacher "
         "v3's checkpoints were lost with the machine that held them (docs/PRUNING.md). `fast-cpu-T-R`: post-training "
         "pruning of `teacher-cpu` at T of the encoder FLOPs removed, `--refit R` (`none` = Kwon et al. as published; "
-        "`all`, the default, refits every kept output projection and the QA head; `layers`, `head`: one of the two). "
-        "Scored on the 2-core CPU (cpp backend, fp32).",
+        "`all`, the default, refits every kept output projection and the QA head; `layers`, `head`: one of the two; "
+        "`obs`: `--select obs`, heads and units chosen by the refit's own error; `obs2`: `--scores obs --select obs`, "
+        "the search's allocation priced by that error too). Scored on the 2-core CPU (cpp backend, fp32).",
         (
             (
                 "refit of every projection and the head vs Kwon et al. as published (30%)",
@@ -86,8 +88,28 @@ GROUPS = (
             ),
             ("refit vs Kwon et al. as published (40%)", "fast-cpu-0.4-all", "fast-cpu-0.4-none"),
             ("refit of the projections vs of the QA head alone (30%)", "fast-cpu-0.3-layers", "fast-cpu-0.3-head"),
+            (
+                "units chosen by the refit's error vs rearrangement + tuning + refit (30%)",
+                "fast-cpu-0.3-obs",
+                "fast-cpu-0.3-all",
+            ),
+            (
+                "units chosen by the refit's error vs rearrangement + tuning + refit (40%)",
+                "fast-cpu-0.4-obs",
+                "fast-cpu-0.4-all",
+            ),
+            (
+                "search on the refit's error vs on diagonal Fisher, both --select obs (30%)",
+                "fast-cpu-0.3-obs2",
+                "fast-cpu-0.3-obs",
+            ),
+            (
+                "search on the refit's error vs on diagonal Fisher, both --select obs (40%)",
+                "fast-cpu-0.4-obs2",
+                "fast-cpu-0.4-obs",
+            ),
         ),
-        ablation_heading="What the refit buys (same teacher, search, rearrangement and tuning)",
+        ablation_heading="What the refit and the reconstruction-aware choices buy (same teacher and Fisher windows)",
     ),
     Group(
         "v2",
