@@ -30,6 +30,7 @@ from engine.prune_fast.tune import (
     _Normal,
     _stacked,
     embedded_chunks,
+    refit_head,
     refit_solve,
     teacher_attention,
     teacher_ffn,
@@ -99,15 +100,16 @@ def obs_remove(
 
 def _select_and_fit(
     system: _Normal, w0: torch.Tensor, group: int, keep_count: int, ridge: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keep mask over the groups, refitted `[kept features + 1, d]` weights) for one sublayer's system."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keep mask over the groups, kept-feature mask with the bias `[n]`, refitted `[kept features + 1, d]`
+    weights) for one sublayer's system."""
     n_groups = (system.gram.shape[0] - 1) // group
     keep = torch.ones(n_groups, dtype=torch.bool)
     keep[obs_remove(system.gram, system.rhs, group, n_groups - keep_count)[0]] = False
     cols = torch.cat([keep.repeat_interleave(group), torch.ones(1, dtype=torch.bool)])
     idx = torch.nonzero(cols).flatten()
     w = refit_solve(system.gram[idx][:, idx], system.rhs[idx], w0[idx], ridge)
-    return keep, w
+    return keep, cols, w
 
 
 @torch.inference_mode()
@@ -130,7 +132,7 @@ def obs_prune(
     """
     teacher.eval()
     cfg = teacher.cfg
-    chunks = embedded_chunks(teacher, teacher, features, batch)
+    chunks = embedded_chunks(teacher, None, features, batch)
     head_keep: list[torch.Tensor] = []
     ffn_keep: list[torch.Tensor] = []
     out: dict[str, torch.Tensor] = {}
@@ -150,11 +152,7 @@ def obs_prune(
         infos.append(info)
     head_info: dict = {}
     if head:
-        w0, system = _stacked(teacher.qa), _Normal(cfg.hidden, 2)
-        for c in chunks:
-            system.add(c.student, teacher.qa(c.teacher))
-            bar.update(1)
-        w = system.solve(w0, head_info, "qa", ridge)
+        w = refit_head(teacher.qa, teacher, chunks, head_info, ridge, bar)
         out["qa.weight"], out["qa.bias"] = w[:-1].t().contiguous(), w[-1].clone()
     bar.close()
     return head_keep, ffn_keep, out, {"layers": infos, "head": head_info}
@@ -183,8 +181,7 @@ def _attention(
         system.add(ctx if ctx is not None else z.new_zeros(len(z), 0), z - c.student)
         targets.append(z)
         bar.update(1)
-    keep, w = _select_and_fit(system, w0, dh, count, ridge)
-    cols = torch.cat([keep.repeat_interleave(dh), torch.ones(1, dtype=torch.bool)])
+    keep, cols, w = _select_and_fit(system, w0, dh, count, ridge)
     _record(system, w0, cols, w, info, "attention")
     for c, z in zip(chunks, targets):
         if bool(keep.any()):
@@ -210,8 +207,8 @@ def _ffn(
         system.add(t_layer.act(t_layer.ffn_in(c.student)), z - c.student)
         targets.append(z)
         bar.update(1)
-    keep, w = _select_and_fit(system, w0, 1, count, ridge)
-    _record(system, w0, torch.cat([keep, torch.ones(1, dtype=torch.bool)]), w, info, "ffn")
+    keep, cols, w = _select_and_fit(system, w0, 1, count, ridge)
+    _record(system, w0, cols, w, info, "ffn")
     w_in, b_in = t_layer.ffn_in.weight[keep], t_layer.ffn_in.bias[keep]
     for c, z in zip(chunks, targets):
         a = t_layer.act(torch.addmm(b_in, c.student, w_in.t()))
@@ -262,9 +259,7 @@ def obs_scores(
     Returns per-layer head scores `[h]` and FFN scores `[f]`.
     """
     teacher.eval()
-    chunks = embedded_chunks(teacher, teacher, features, batch)
-    for c in chunks:
-        c.student = c.teacher  # only the dense states are used; share, not copy
+    chunks = embedded_chunks(teacher, None, features, batch)
     hs: list[torch.Tensor] = []
     fs: list[torch.Tensor] = []
     bar = tqdm(total=teacher.cfg.num_layers * len(chunks) * 2, desc="obs scores", unit="batch", disable=not progress)

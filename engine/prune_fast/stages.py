@@ -350,8 +350,8 @@ def stage_obs(
     state. The result is saved, so a resumed run reuses it."""
     from engine.prune_fast.obs import obs_prune
 
-    saved, info = store.tensors("obs.safetensors"), store.json("obs.json")
-    if saved is None or info is None:
+    saved, done = store.tensors("obs.safetensors"), store.json("obs.json")
+    if saved is None or done is None:
         t0, c0 = time.monotonic(), time.process_time()
         n = args.refit_samples or args.samples
         hk, fk, saved, info = obs_prune(
@@ -364,14 +364,11 @@ def stage_obs(
             ridge=args.refit_ridge,
             progress=progress,
         )
-        info.update(
-            masks=_masks_to_json(hk, fk),
-            samples=min(n, len(feats)),
-            time_s=time.monotonic() - t0,
-            cpu_s=time.process_time() - c0,
-        )
+        info.update(samples=min(n, len(feats)), time_s=time.monotonic() - t0, cpu_s=time.process_time() - c0)
+        done = {"masks": _masks_to_json(hk, fk), "info": info}  # the masks stay here, as search.json's do
         store.put_tensors("obs.safetensors", saved)
-        store.put_json("obs.json", info)
-    hk, fk = _masks_from_json(info["masks"], teacher.cfg)
+        store.put_json("obs.json", done)
+    hk, fk = _masks_from_json(done["masks"], teacher.cfg)
+    info = done["info"]
     cfg, state = fold_masks(teacher, [m.float() for m in hk], [m.float() for m in fk])
     return cfg, {**state, **saved}, info

@@ -40,14 +40,15 @@ class _Chunk:
 
 
 def embedded_chunks(
-    teacher: RaggedQAModel, student: RaggedQAModel, features: Sequence[TrainFeature], batch: int
+    teacher: RaggedQAModel, student: RaggedQAModel | None, features: Sequence[TrainFeature], batch: int
 ) -> list[_Chunk]:
-    """The windows packed `batch` at a time, with both models' embeddings: each layer's first inputs."""
+    """The windows packed `batch` at a time, with both models' embeddings: each layer's first inputs (student None:
+    the teacher's layers pruned, so its embeddings, shared: every update of a chunk's state is a new tensor)."""
     chunks = []
     for i in range(0, len(features), batch):
         packed, _, _ = collate(features[i : i + batch])
         x_t = teacher.embeddings(packed.input_ids, packed.token_type_ids, packed.cu_seqlens)
-        x_s = student.embeddings(packed.input_ids, packed.token_type_ids, packed.cu_seqlens)
+        x_s = x_t if student is None else student.embeddings(packed.input_ids, packed.token_type_ids, packed.cu_seqlens)
         chunks.append(_Chunk(packed.cu_seqlens, packed.max_seqlen, x_t, x_s))
     return chunks
 
@@ -278,6 +279,18 @@ def _unstack(linear: torch.nn.Linear, w: torch.Tensor) -> None:
     linear.bias.copy_(w[-1])
 
 
+def refit_head(
+    qa: torch.nn.Linear, teacher: RaggedQAModel, chunks: list[_Chunk], info: dict, ridge: float, bar: tqdm
+) -> torch.Tensor:
+    """The QA head `qa` refitted (`[d + 1, 2]`, `_stacked` layout) so that the student's last hidden states give
+    the teacher's start and end logits; records the relative errors as `qa_rel_err_*` in `info`."""
+    w0, system = _stacked(qa), _Normal(qa.in_features, 2)
+    for c in chunks:
+        system.add(c.student, teacher.qa(c.teacher))
+        bar.update(1)
+    return system.solve(w0, info, "qa", ridge)
+
+
 def _student_context(layer: Layer, c: _Chunk) -> torch.Tensor:
     """The student's attention context `[T, h*dh]` on its own input (`[T, 0]` for a layer with no heads)."""
     if not layer.heads:
@@ -370,11 +383,7 @@ def refit_projections(
         infos.append(info)
     head_info: dict = {}
     if head:
-        w0, system = _stacked(student.qa), _Normal(student.qa.in_features, 2)
-        for c in chunks:
-            system.add(c.student, teacher.qa(c.teacher))
-            bar.update(1)
-        _unstack(student.qa, system.solve(w0, head_info, "qa", ridge))
+        _unstack(student.qa, refit_head(student.qa, teacher, chunks, head_info, ridge, bar))
         out["qa.weight"], out["qa.bias"] = student.qa.weight.clone(), student.qa.bias.clone()
     bar.close()
     return out, {"layers": infos, "head": head_info}
