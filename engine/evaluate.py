@@ -29,8 +29,14 @@ def evaluate_artifact(
     limit: int | None = None,
     progress: bool = True,
     device: str = "cpu",
+    predictions: Path | None = None,
 ) -> dict[str, Any]:
-    """Run an artifact over a SQuAD file; returns metrics at threshold 0 and at the stored threshold."""
+    """Run an artifact over a SQuAD file; returns metrics at threshold 0 and at the stored threshold.
+
+    `predictions`, when given, is a folder that receives the official evaluation script's two inputs:
+    `predictions.json` ({qid: best non-null span}, no threshold applied) and `na_probs.json` ({qid:
+    null_score_diff}), so per-question comparisons between models need no rerun.
+    """
     from engine.qa import QAEngine
 
     eng = QAEngine.load(artifact, device=device, backend=backend, threads=threads)
@@ -56,6 +62,10 @@ def evaluate_artifact(
             text[e.qid], diff[e.qid] = a.text, a.null_score_diff
     seconds = time.perf_counter() - t0
     threshold = eng.artifact.null_threshold
+    if predictions is not None:
+        predictions.mkdir(parents=True, exist_ok=True)
+        (predictions / "predictions.json").write_text(json.dumps(text, ensure_ascii=False) + "\n")
+        (predictions / "na_probs.json").write_text(json.dumps(diff) + "\n")
 
     def at(t: float) -> dict[str, Any]:
         return evaluate(dataset, predictions_at(text, diff, t), na_probs=diff, na_prob_thresh=t)
@@ -88,11 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64, help="windows per forward")
     ap.add_argument("--limit", type=int, help="only the first N questions (quick checks)")
     ap.add_argument("--out", type=Path, help="also write the metrics JSON here")
+    ap.add_argument(
+        "--predictions",
+        type=Path,
+        metavar="DIR",
+        help="also write DIR/predictions.json (best span per question) and DIR/na_probs.json (null_score_diff)",
+    )
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     try:
         m = evaluate_artifact(
-            a.artifact, a.data, a.backend, a.threads, a.batch_size, a.limit, not a.no_progress, a.device
+            a.artifact, a.data, a.backend, a.threads, a.batch_size, a.limit, not a.no_progress, a.device, a.predictions
         )
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

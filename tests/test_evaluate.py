@@ -30,5 +30,11 @@ def test_evaluate_artifact_matches_engine_answers(tiny_bert, tmp_path, capsys):
     assert m["questions"] == len(qas) and m["stored_threshold"] == 0.25
     assert m["at_stored_threshold"] == want
     assert {"HasAns_f1", "NoAns_f1", "best_f1", "best_f1_thresh"} <= set(m["at_zero"])
-    assert main([str(art), "--data", str(path), "--limit", "3", "--no-progress", "--backend", "torch"]) == 0
+    out = ["--predictions", str(tmp_path / "pred")]
+    assert main([str(art), "--data", str(path), "--limit", "3", "--no-progress", "--backend", "torch", *out]) == 0
     assert json.loads(capsys.readouterr().out)["questions"] == 3
+    pred = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    na = json.loads((tmp_path / "pred" / "na_probs.json").read_text())
+    first = qas[:3]
+    assert pred == {qid: eng.answer(q, c, null_threshold=float("inf")).text for qid, q, c in first}
+    assert na == {qid: answers[qid].null_score_diff for qid, _, _ in first}
