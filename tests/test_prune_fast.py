@@ -236,9 +236,11 @@ def test_refit_solve_recovers_a_known_linear_map():
     assert refit_solve(bad, torch.ones(3, 2, dtype=torch.float64), w0) is w0
 
 
-def test_refit_recovers_perturbed_projections_exactly():
+@pytest.mark.parametrize("ln_weighted", [False, True])
+def test_refit_recovers_perturbed_projections_exactly(ln_weighted):
     """The student is the teacher with every output projection and the QA head perturbed (ragged shapes, a layer
-    with no heads and one with no FFN units): the sequential refit must give the teacher's maps back."""
+    with no heads and one with no FFN units): the sequential refit must give the teacher's maps back, with the
+    errors weighted as after LayerNorm or not."""
     cfg = CFG.with_shape((2, 0, 3), (5, 4, 0))
     torch.manual_seed(4)
     teacher = RaggedQAModel(cfg).double().eval()
@@ -253,7 +255,9 @@ def test_refit_recovers_perturbed_projections_exactly():
         for n, p in student.named_parameters():
             if n in names:
                 p.add_(torch.randn_like(p) * 0.2)
-    refit, info = refit_projections(student, teacher, _features(40), batch=7, progress=False, ridge=1e-12)
+    refit, info = refit_projections(
+        student, teacher, _features(40), batch=7, progress=False, ridge=1e-12, ln_weighted=ln_weighted
+    )
     assert set(refit) == set(names)
     ref = teacher.state_dict()
     for n in names:

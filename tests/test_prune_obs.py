@@ -97,7 +97,8 @@ def _teacher_with_dead_units() -> tuple[RaggedQAModel, list[torch.Tensor], list[
     return teacher, [m.bool() for m in live_h], [m.bool() for m in live_f]
 
 
-def test_obs_prune_finds_dead_units_and_reproduces_the_teacher():
+@pytest.mark.parametrize("ln_weighted", [False, True])
+def test_obs_prune_finds_dead_units_and_reproduces_the_teacher(ln_weighted):
     """Asked to keep as many heads and units as are live, it keeps exactly the live ones (their removal is the only
     free one), including a layer left with no heads and one with no FFN units, and the ragged model it returns
     computes the teacher's logits."""
@@ -112,6 +113,7 @@ def test_obs_prune_finds_dead_units_and_reproduces_the_teacher():
         batch=7,
         ridge=1e-12,
         progress=False,
+        ln_weighted=ln_weighted,
     )
     for a, b in zip(hk + fk, live_h + live_f):
         assert torch.equal(a, b)
@@ -173,16 +175,19 @@ def test_obs_prune_beats_the_fisher_choice_it_replaces():
 
 
 @pytest.mark.slow
-def test_cli_select_obs_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, capsys):  # noqa: F811
+@pytest.mark.parametrize("extra", [(), ("--scores", "obs", "--fit-error", "ln")], ids=["plain", "obs-scores-ln"])
+def test_cli_select_obs_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, capsys, extra):  # noqa: F811
     from engine.build_model import build
     from engine.features import WindowSettings
     from engine.prune_fast.cli import main
 
     out = tmp_path / "obs"
-    argv = _cli_args(tiny_bert, squad_train, out, "--target-sparsity", "0.3", "--select", "obs")
+    argv = _cli_args(tiny_bert, squad_train, out, "--target-sparsity", "0.3", "--select", "obs", *extra)
     assert main(argv) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["stages"]) == {"fisher", "scores", "search", "obs"}
+    assert m["stages"]["scores"]["by"] == ("obs" if extra else "fisher")
+    assert m["args"]["fit_error"] == ("ln" if extra else "pre-ln")
     search = json.loads((out / "state" / "search.json").read_text())["masks"]
     ck = load_checkpoint(out)
     assert list(ck.cfg.heads) == [len(h) for h in search["heads"]]
@@ -206,3 +211,53 @@ def test_cli_select_obs_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, 
                 _cli_args(tiny_bert, squad_train, tmp_path / "bad", "--target-sparsity", "0.3", "--select", "obs", *bad)
             )
         assert "--select" in capsys.readouterr().err
+
+
+def test_ln_rows_make_the_system_weighted_least_squares():
+    """`ln_rows` is the LayerNorm's 1/sigma of each token, and a system accumulated with them is the weighted normal
+    equations `X^T diag(w^2) X`, `X^T diag(w^2) R` (the bias column weighted too)."""
+    from engine.prune_fast.tune import _Normal, ln_rows
+
+    torch.manual_seed(3)
+    ln = torch.nn.LayerNorm(6, eps=1e-5).double()
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    z = torch.randn(11, 6, dtype=torch.float64) * torch.logspace(-1, 2, 11, dtype=torch.float64)[:, None]
+    w = ln_rows(z, ln)
+    assert ln_rows(z, None) is None
+    torch.testing.assert_close(ln(z), (z - z.mean(-1, keepdim=True)) * w[:, None] * ln.weight + ln.bias)
+    x, r = torch.randn(11, 4, dtype=torch.float64), torch.randn(11, 6, dtype=torch.float64)
+    system = _Normal(4, 6)
+    system.add(x[:5], r[:5], w[:5])
+    system.add(x[5:], r[5:], w[5:])
+    x1 = torch.cat([x, torch.ones(11, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(system.gram, x1.t() @ (w.pow(2)[:, None] * x1))
+    torch.testing.assert_close(system.rhs, x1.t() @ (w.pow(2)[:, None] * r))
+
+
+def test_ln_weighted_refit_lowers_the_error_after_layernorm():
+    """When tokens' pre-LN scales differ widely (BERT's [CLS]/[SEP] outliers), the unweighted fit spends itself on
+    the large tokens, which LayerNorm then shrinks: the `ln_rows`-weighted fit leaves a lower error after LN."""
+    from engine.prune_fast.tune import _Normal, ln_rows, refit_solve
+
+    torch.manual_seed(4)
+    t, n, d = 600, 6, 12
+    ln = torch.nn.LayerNorm(d).double()
+    scale = torch.where(torch.rand(t) < 0.1, 40.0, 1.0).double()[:, None]
+    x_s = torch.randn(t, d, dtype=torch.float64) * scale  # the residual stream
+    feats = torch.randn(t, n, dtype=torch.float64)
+    mix = torch.randn(n, d, dtype=torch.float64)
+    # the teacher's sublayer output: linear in the features on ordinary tokens, otherwise on the outliers
+    big = scale.flatten() > 1
+    target = torch.where(big[:, None], torch.tanh(2 * feats) @ mix * 10, feats @ mix + 0.3 * feats.pow(2) @ mix)
+    z = x_s + target
+    errors = {}
+    for weighted in (False, True):
+        system = _Normal(n, d)
+        system.add(feats, z - x_s, ln_rows(z, ln if weighted else None))
+        w = refit_solve(system.gram, system.rhs, torch.zeros(n + 1, d, dtype=torch.float64), ridge=1e-9)
+        out = x_s + feats @ w[:-1] + w[-1]
+        with torch.no_grad():
+            errors[weighted] = float((ln(out) - ln(z)).pow(2).sum())
+    assert errors[True] < 0.85 * errors[False]

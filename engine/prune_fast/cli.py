@@ -126,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the refit's ridge toward the tuned weights, relative to each system's mean Gram diagonal",
     )
     ap.add_argument(
+        "--fit-error",
+        choices=("pre-ln", "ln"),
+        default="pre-ln",
+        help="the error that the refit and --select obs minimise: each sublayer's squared pre-LayerNorm error "
+        "(pre-ln), or that error weighted per token by 1/sigma^2 of its LayerNorm and per output by the LayerNorm "
+        "gain^2, which is the error after LayerNorm to first order (ln); --scores obs stays pre-ln",
+    )
+    ap.add_argument(
         "--save-stages",
         action="store_true",
         help="also write the untuned search and rearrange models as ragged checkpoints in OUT/stages/",

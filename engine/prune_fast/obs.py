@@ -30,6 +30,7 @@ from engine.prune_fast.tune import (
     _Normal,
     _stacked,
     embedded_chunks,
+    ln_rows,
     refit_head,
     refit_solve,
     teacher_attention,
@@ -99,13 +100,15 @@ def obs_remove(
 
 
 def _select_and_fit(
-    system: _Normal, w0: torch.Tensor, group: int, keep_count: int, ridge: float
+    system: _Normal, w0: torch.Tensor, group: int, keep_count: int, ridge: float, cols: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(keep mask over the groups, kept-feature mask with the bias `[n]`, refitted `[kept features + 1, d]`
-    weights) for one sublayer's system."""
+    weights) for one sublayer's system; `cols` `[d]` weighs each output's error in the selection by `cols**2`
+    (the LayerNorm gain; each output's refit is a separate regression, unchanged by it)."""
     n_groups = (system.gram.shape[0] - 1) // group
     keep = torch.ones(n_groups, dtype=torch.bool)
-    keep[obs_remove(system.gram, system.rhs, group, n_groups - keep_count)[0]] = False
+    rhs = system.rhs if cols is None else system.rhs * cols.double()[None, :]
+    keep[obs_remove(system.gram, rhs, group, n_groups - keep_count)[0]] = False
     cols = torch.cat([keep.repeat_interleave(group), torch.ones(1, dtype=torch.bool)])
     idx = torch.nonzero(cols).flatten()
     w = refit_solve(system.gram[idx][:, idx], system.rhs[idx], w0[idx], ridge)
@@ -122,9 +125,12 @@ def obs_prune(
     head: bool = True,
     ridge: float = REFIT_RIDGE,
     progress: bool = True,
+    ln_weighted: bool = False,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor], dict]:
     """Choose `head_counts[l]` heads and `ffn_counts[l]` FFN units of every layer of the dense `teacher` and refit
     their output projections (module docstring), then the QA head (with `head`) as `tune.refit_projections` does.
+    With `ln_weighted`, errors are measured after each sublayer's LayerNorm, to first order (`tune.ln_rows`, and
+    the LayerNorm gain on each output in the selection).
 
     Returns the keep masks (heads `[h]`, units `[f]` per layer), the refitted tensors by the *pruned* model's
     state-dict names (`layers.l.o.weight` `[d, K*dh]`, ..., `qa.weight`) and per-layer info (relative errors of
@@ -142,10 +148,10 @@ def obs_prune(
     )
     for l, t_layer in enumerate(teacher.layers):
         info: dict = {}
-        hk, w = _attention(t_layer, chunks, head_counts[l], ridge, info, bar)
+        hk, w = _attention(t_layer, chunks, head_counts[l], ridge, info, bar, ln_weighted)
         head_keep.append(hk)
         out[f"layers.{l}.o.weight"], out[f"layers.{l}.o.bias"] = w[:-1].t().contiguous(), w[-1].clone()
-        fk, w = _ffn(t_layer, chunks, ffn_counts[l], ridge, info, bar)
+        fk, w = _ffn(t_layer, chunks, ffn_counts[l], ridge, info, bar, ln_weighted)
         ffn_keep.append(fk)
         out[f"layers.{l}.ffn_out.weight"], out[f"layers.{l}.ffn_out.bias"] = w[:-1].t().contiguous(), w[-1].clone()
         info.update(heads_kept=int(hk.sum()), ffn_kept=int(fk.sum()))
@@ -168,7 +174,7 @@ def _record(system: _Normal, w0: torch.Tensor, keep_cols: torch.Tensor, w: torch
 
 
 def _attention(
-    t_layer: Layer, chunks: list[_Chunk], count: int, ridge: float, info: dict, bar: tqdm
+    t_layer: Layer, chunks: list[_Chunk], count: int, ridge: float, info: dict, bar: tqdm, ln_weighted: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select and refit one attention sublayer; moves both models' states past LN1. Returns (head keep `[h]`,
     weights `[K*dh + 1, d]`)."""
@@ -178,10 +184,12 @@ def _attention(
     for c in chunks:
         z = teacher_attention(t_layer, c)
         ctx = head_context(t_layer, c.student, c.cu_seqlens, c.max_seqlen) if t_layer.heads else None
-        system.add(ctx if ctx is not None else z.new_zeros(len(z), 0), z - c.student)
+        rows = ln_rows(z, t_layer.ln1 if ln_weighted else None)
+        system.add(ctx if ctx is not None else z.new_zeros(len(z), 0), z - c.student, rows)
         targets.append(z)
         bar.update(1)
-    keep, cols, w = _select_and_fit(system, w0, dh, count, ridge)
+    gain = t_layer.ln1.weight if ln_weighted else None
+    keep, cols, w = _select_and_fit(system, w0, dh, count, ridge, gain)
     _record(system, w0, cols, w, info, "attention")
     for c, z in zip(chunks, targets):
         if bool(keep.any()):
@@ -195,7 +203,7 @@ def _attention(
 
 
 def _ffn(
-    t_layer: Layer, chunks: list[_Chunk], count: int, ridge: float, info: dict, bar: tqdm
+    t_layer: Layer, chunks: list[_Chunk], count: int, ridge: float, info: dict, bar: tqdm, ln_weighted: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select and refit one FFN sublayer; moves both models' states past LN2. Returns (unit keep `[f]`, weights
     `[K + 1, d]`)."""
@@ -204,10 +212,12 @@ def _ffn(
     system, targets = _Normal(t_layer.ffn_width, d), []
     for c in chunks:
         z = teacher_ffn(t_layer, c.teacher)
-        system.add(t_layer.act(t_layer.ffn_in(c.student)), z - c.student)
+        rows = ln_rows(z, t_layer.ln2 if ln_weighted else None)
+        system.add(t_layer.act(t_layer.ffn_in(c.student)), z - c.student, rows)
         targets.append(z)
         bar.update(1)
-    keep, cols, w = _select_and_fit(system, w0, 1, count, ridge)
+    gain = t_layer.ln2.weight if ln_weighted else None
+    keep, cols, w = _select_and_fit(system, w0, 1, count, ridge, gain)
     _record(system, w0, cols, w, info, "ffn")
     w_in, b_in = t_layer.ffn_in.weight[keep], t_layer.ffn_in.bias[keep]
     for c, z in zip(chunks, targets):
@@ -255,7 +265,9 @@ def obs_scores(
     path (non-decreasing along it, so the k most important are the last k removed and the summed scores of the
     removed are the path's error). Errors are in each sublayer's output units, so each sublayer's scores are
     scaled by its Fisher per unit of error: (summed diagonal Fisher of its heads or units) / (summed error of
-    dropping each alone, with no refit). Scores then compare across layers and kinds as Fisher values do.
+    dropping each alone, with no refit). Scores then compare across layers and kinds as Fisher values do. The
+    errors are pre-LayerNorm whatever --fit-error says: weighting them as after LN (`tune.ln_rows`) was measured
+    and lost F1 (docs/PRUNING.md).
     Returns per-layer head scores `[h]` and FFN scores `[f]`.
     """
     teacher.eval()

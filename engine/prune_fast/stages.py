@@ -327,6 +327,7 @@ def stage_refit(
             head=args.refit in ("all", "head"),
             progress=progress,
             ridge=args.refit_ridge,
+            ln_weighted=args.fit_error == "ln",
         )
         info.update(
             what=args.refit, samples=min(n, len(feats)), time_s=time.monotonic() - t0, cpu_s=time.process_time() - c0
@@ -363,6 +364,7 @@ def stage_obs(
             head=args.refit == "all",
             ridge=args.refit_ridge,
             progress=progress,
+            ln_weighted=args.fit_error == "ln",
         )
         info.update(samples=min(n, len(feats)), time_s=time.monotonic() - t0, cpu_s=time.process_time() - c0)
         done = {"masks": _masks_to_json(hk, fk), "info": info}  # the masks stay here, as search.json's do

@@ -248,9 +248,12 @@ class _Normal:
         self.rhs = torch.zeros(n + 1, d, dtype=torch.float64)
         self.norm = 0.0
 
-    def add(self, x: torch.Tensor, r: torch.Tensor) -> None:
-        """One chunk: features `x` `[T, n]`, targets `r` `[T, d]`."""
+    def add(self, x: torch.Tensor, r: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """One chunk: features `x` `[T, n]`, targets `r` `[T, d]`; `rows` `[T]` weights each token's squared error
+        by `rows**2` (`ln_rows`)."""
         x1 = torch.cat([x, x.new_ones(len(x), 1)], 1)
+        if rows is not None:
+            x1, r = x1 * rows[:, None], r * rows[:, None]
         self.gram += (x1.t() @ x1).double()
         self.rhs += (x1.t() @ r).double()
         self.norm += float(r.pow(2).sum())
@@ -267,6 +270,16 @@ class _Normal:
         w = refit_solve(self.gram, self.rhs, w0, ridge)
         info[f"{kind}_rel_err_before"], info[f"{kind}_rel_err_after"] = self.rel_err(w0), self.rel_err(w)
         return w
+
+
+def ln_rows(z: torch.Tensor, ln: torch.nn.LayerNorm | None) -> torch.Tensor | None:
+    """Per-token weights `[T]` that turn a sublayer's squared pre-LayerNorm error into (to first order) its error
+    after `ln`: `1 / sigma_t`, sigma_t the LayerNorm's standard deviation of the target `z` `[T, d]` at token t.
+    Tokens whose pre-LN states are large (the [CLS]/[SEP] outliers of BERT) are shrunk by LN, so an unweighted fit
+    spends its capacity on them. None (unweighted) when `ln` is None."""
+    if ln is None:
+        return None
+    return torch.rsqrt(z.var(-1, unbiased=False) + ln.eps)
 
 
 def _stacked(linear: torch.nn.Linear) -> torch.Tensor:
@@ -306,14 +319,16 @@ def _refit_sublayer(
     norms: tuple[torch.nn.Module, torch.nn.Module],
     fit: tuple[dict, str, float] | None,
     bar: tqdm,
+    ln_weighted: bool = False,
 ) -> None:
     """One sublayer of `refit_projections`: with `fit` = (info, name, ridge), refit `linear` (in place) so that
-    `X_s + linear(features)` matches the teacher's pre-LN output `teacher_out`; then move both models' hidden states
-    past the sublayer's LayerNorms (`norms` = teacher's, student's)."""
+    `X_s + linear(features)` matches the teacher's pre-LN output `teacher_out` (weighted per token by `ln_rows`
+    with `ln_weighted`); then move both models' hidden states past the sublayer's LayerNorms (`norms` = teacher's,
+    student's)."""
     w0, system, kept = _stacked(linear), _Normal(linear.in_features, linear.out_features), []
     for c in chunks:
         z, x = teacher_out(c), features(c)
-        system.add(x, z - c.student)
+        system.add(x, z - c.student, ln_rows(z, norms[0] if ln_weighted else None))
         kept.append((z, x))
         bar.update(1)
     if fit is not None:
@@ -333,6 +348,7 @@ def refit_projections(
     head: bool = True,
     progress: bool = True,
     ridge: float = REFIT_RIDGE,
+    ln_weighted: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Refit the pruned (folded) model's linear maps into the residual stream by least squares against the teacher,
     layer by layer in order, then its QA head. Returns the refitted tensors (state-dict names) and solver info.
@@ -342,7 +358,8 @@ def refit_projections(
     input `X_s`), target `Z - X_s`, with `Z` the teacher's pre-LN1 output as in `attention_system`; FFN: features
     `[a_s 1]` (kept-unit activations), target the teacher's pre-LN2 output minus `H_s`. Each is an `[n+1, n+1]`
     ridge system (n = kept width), regularised toward the tuned weights; a layer with no heads or units refits
-    its bias alone. The QA head: features `[H_s 1]` (the student's last hidden state), target the teacher's start
+    its bias alone. With `ln_weighted`, each token's error is weighted as after the sublayer's LayerNorm
+    (`ln_rows`). The QA head: features `[H_s 1]` (the student's last hidden state), target the teacher's start
     and end logits, so the pruned model's span and no-answer scores are put back on the teacher's scale.
     """
     teacher.eval()
@@ -366,6 +383,7 @@ def refit_projections(
             (t_layer.ln1, layer.ln1),
             (info, "attention", ridge) if layers else None,
             bar,
+            ln_weighted,
         )
         _refit_sublayer(
             chunks,
@@ -375,6 +393,7 @@ def refit_projections(
             (t_layer.ln2, layer.ln2),
             (info, "ffn", ridge) if layers else None,
             bar,
+            ln_weighted,
         )
         if layers:
             for name in ("o", "ffn_out"):
