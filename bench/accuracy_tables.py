@@ -80,7 +80,8 @@ GROUPS = (
         "`all`, the default, refits every kept output projection and the QA head; `layers`, `head`: one of the two; "
         "`obs`: `--select obs`, heads and units chosen by the refit's own error; `obs2`: `--scores obs --select obs`, "
         "the search's allocation priced by that error too; `obs2L`: `obs2` with `--fit-error ln`, the selection's and "
-        "refit's errors weighted as after each sublayer's LayerNorm). Scored on the 2-core CPU (cpp backend, fp32).",
+        "refit's errors weighted as after each sublayer's LayerNorm; `allL`: `all` with `--fit-error ln`). "
+        "Scored on the 2-core CPU (cpp backend, fp32).",
         (
             (
                 "refit of every projection and the head vs Kwon et al. as published (30%)",
@@ -108,6 +109,11 @@ GROUPS = (
                 "search on the refit's error vs on diagonal Fisher, both --select obs (40%)",
                 "fast-cpu-0.4-obs2",
                 "fast-cpu-0.4-obs",
+            ),
+            (
+                "errors weighted as after LayerNorm vs pre-LayerNorm, refit all (30%)",
+                "fast-cpu-0.3-allL",
+                "fast-cpu-0.3-all",
             ),
             (
                 "errors weighted as after LayerNorm vs pre-LayerNorm, both --scores obs --select obs (30%)",
