@@ -100,14 +100,14 @@ def obs_remove(
 
 
 def _select_and_fit(
-    system: _Normal, w0: torch.Tensor, group: int, keep_count: int, ridge: float, cols: torch.Tensor | None = None
+    system: _Normal, w0: torch.Tensor, group: int, keep_count: int, ridge: float, gain: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(keep mask over the groups, kept-feature mask with the bias `[n]`, refitted `[kept features + 1, d]`
-    weights) for one sublayer's system; `cols` `[d]` weighs each output's error in the selection by `cols**2`
+    weights) for one sublayer's system; `gain` `[d]` weighs each output's error in the selection by `gain**2`
     (the LayerNorm gain; each output's refit is a separate regression, unchanged by it)."""
     n_groups = (system.gram.shape[0] - 1) // group
     keep = torch.ones(n_groups, dtype=torch.bool)
-    rhs = system.rhs if cols is None else system.rhs * cols.double()[None, :]
+    rhs = system.rhs if gain is None else system.rhs * gain.double()[None, :]
     keep[obs_remove(system.gram, rhs, group, n_groups - keep_count)[0]] = False
     cols = torch.cat([keep.repeat_interleave(group), torch.ones(1, dtype=torch.bool)])
     idx = torch.nonzero(cols).flatten()
