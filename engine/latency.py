@@ -509,8 +509,9 @@ def build_table(
     raw = LatencyTable(key, dense.heads, dense.ffn, base, 1.0, attn, ffn)
     parts = [raw.predict(h, f) - base for h, f in calib]
     measured = [ms[c] - base for c in calib]
-    # Least-squares scale through the base, weighting shapes by their relative (not absolute) error.
-    num = sum(m / p for m, p in zip(measured, parts) if p > 0)
+    # Least-squares scale through the base, weighting shapes by their relative (not absolute) error. A shape timed
+    # faster than the empty model is noise (layers cost no negative time): it counts as 0, so the scale is >= 0.
+    num = sum(max(m, 0.0) / p for m, p in zip(measured, parts) if p > 0)
     scale = num / sum(1 for p in parts if p > 0) if any(p > 0 for p in parts) else 1.0
     table = LatencyTable(key, dense.heads, dense.ffn, base, scale, attn, ffn, points)
     validation = tuple(
