@@ -359,7 +359,8 @@ def test_cli_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, capsys):
     assert ck.null_threshold is not None
     assert 0.25 <= m["achieved_flop_sparsity"] <= 0.6
     assert m["method"] == "post-training" and m["student"]["f1"] is not None and m["teacher"] is not None
-    assert set(m["stages"]) == {"fisher", "scores", "search", "rearrange", "tune", "refit"}
+    assert set(m["stages"]) == {"fisher", "scores", "search", "rearrange", "tune", "refit", "distill"}
+    assert m["stages"]["distill"]["skipped"] and not m["distillation"]
     assert m["stages"]["refit"]["what"] == "all" and m["stages"]["refit"]["head"]["qa_rel_err_after"] >= 0
     for stage in ("search", "rearrange", "tune"):
         assert (out / "stages" / stage / "config.json").is_file()
@@ -417,6 +418,68 @@ def test_cli_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("what", ["bias-ln", "all"])
+def test_cli_distill_steps(tiny_bert, squad_train, tmp_path, what):
+    """--distill-steps trains what --distill-params names (nothing else), brings the student's span distributions
+    closer to the teacher's on the pruning windows, and a resumed run reuses the stage."""
+    from engine.features import WindowMaker, WindowSettings, load_tokenizer
+    from engine.finetune import prepare_data
+    from engine.prune_fast.cli import build_parser, main
+    from engine.prune_fast.stages import sample_features
+    from engine.train.losses import distill_loss
+    from engine.packing import unpack
+
+    from transformers import AutoTokenizer
+
+    from engine.checkpoint import save_checkpoint
+
+    # The random tiny teacher's span logits are nearly flat; a sharper QA head gives distillation something to match.
+    t = load_checkpoint(tiny_bert)
+    sharp = tmp_path / "teacher"
+    state = {**t.state, "qa.weight": t.state["qa.weight"] * 40}
+    save_checkpoint(sharp, t.cfg, state, t.hf_config, tokenizer=AutoTokenizer.from_pretrained(str(tiny_bert)))
+    t = load_checkpoint(sharp)
+    base = ["--target-sparsity", "0.85", "--refit", "none", "--no-teacher-eval"]
+    plain, kd = tmp_path / "plain", tmp_path / "kd"
+    assert main(_cli_args(sharp, squad_train, plain, *base)) == 0
+    extra = ["--distill-steps", "6", "--distill-params", what, "--distill-lr", "3e-5", "--distill-weight", "1"]
+    assert main(_cli_args(sharp, squad_train, kd, *base, *extra)) == 0
+    m = json.loads((kd / "metrics.json").read_text())
+    assert m["distillation"] and m["stages"]["distill"]["steps"] == 6 and m["stages"]["distill"]["params"] == what
+    a, b = load_checkpoint(plain), load_checkpoint(kd)
+    assert a.cfg == b.cfg and a.state.keys() == b.state.keys()
+    changed = {k for k in a.state if not torch.equal(a.state[k], b.state[k])}
+    assert any(k.endswith(".bias") for k in changed)
+    if what == "bias-ln":
+        assert all(a.state[k].dim() < 2 for k in changed), sorted(changed)
+    else:
+        assert any(a.state[k].dim() == 2 for k in changed)
+
+    args = build_parser().parse_args(_cli_args(sharp, squad_train, kd, *base, *extra))
+    train, _, _ = prepare_data(args)
+    maker = WindowMaker(load_tokenizer(sharp), a.cfg.architecture, WindowSettings(96, 32, 24))
+    batch, _, _ = collate(sample_features(train, maker, 24, 0))
+
+    def logits(ck) -> list[torch.Tensor]:
+        model = RaggedQAModel(ck.cfg)
+        model.load_state_dict(ck.state)
+        with torch.no_grad():
+            out = model.eval()(batch.input_ids, batch.token_type_ids, batch.cu_seqlens, batch.max_seqlen)
+        return [unpack(x.float(), batch.cu_seqlens, batch.max_seqlen, fill=-1e4) for x in out[:2]]
+
+    ref = logits(t)
+    kl = [float(distill_loss(*logits(ck), *ref, temperature=2.0)) for ck in (a, b)]
+    assert kl[1] < kl[0], kl
+
+    weights = (kd / "model.safetensors").read_bytes()
+    for name in ("distill.safetensors", "distill.json"):
+        (kd / "state" / name).unlink()
+    (kd / "model.safetensors").unlink()
+    assert main(_cli_args(sharp, squad_train, kd, *base, *extra, "--resume")) == 0
+    assert (kd / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.slow
 def test_cli_bad_inputs(tiny_bert, squad_train, tmp_path, capsys):
     from engine.prune_fast.cli import main
 
@@ -435,6 +498,9 @@ def test_cli_bad_inputs(tiny_bert, squad_train, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(_cli_args(tiny_bert, squad_train, tmp_path / "e", "--target-sparsity", "0.3", "--refit-samples", "3"))
     assert "--refit-samples" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(_cli_args(tiny_bert, squad_train, tmp_path / "f", "--target-sparsity", "0.3", "--distill-steps", "-1"))
+    assert "--distill-steps" in capsys.readouterr().err
 
 
 def test_latency_search_corrects_a_biased_table(monkeypatch):

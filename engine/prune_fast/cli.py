@@ -19,7 +19,9 @@ then the scales are folded into `o.weight` / `ffn_out.weight` columns, and (Spar
                 head alone; --refit none: Kwon et al.'s method as published);
 SparseQA's reconstruction-aware options (engine/prune_fast/obs.py): --scores obs has the search rank units by what a
 least-squares refit leaves of their removal (a stage between 1 and 2); --select obs replaces stages 3-5 by choosing
-each layer's heads and units greedily by that refit's error, refitting as it goes.
+each layer's heads and units greedily by that refit's error, refitting as it goes. --distill-steps N (off by
+default) then trains the cut model for N steps of logit distillation from the dense teacher on the same windows:
+only its biases and LayerNorms (--distill-params bias-ln) or every weight (all); the shape stays.
 The null threshold is tuned on held-out data (as engine.prune), and OUT gets a ragged checkpoint and metrics.json
 (docs/PRUNING.md).
 """
@@ -55,6 +57,7 @@ from engine.prune_fast.stages import (
     stage_rearrange,
     stage_refit,
     stage_scores,
+    stage_distill,
     stage_search,
     stage_tune,
 )
@@ -133,6 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
         "(pre-ln), or that error weighted per token by 1/sigma^2 of its LayerNorm and per output by the LayerNorm "
         "gain^2, which is the error after LayerNorm to first order (ln); --scores obs stays pre-ln",
     )
+    ap.add_argument(
+        "--distill-steps",
+        type=int,
+        default=0,
+        help="after the least-squares stages, this many steps of --batch windows of logit distillation from the "
+        "dense teacher on the --samples windows (0, the default: none, no training at all)",
+    )
+    ap.add_argument(
+        "--distill-params",
+        choices=("bias-ln", "all"),
+        default="bias-ln",
+        help="what --distill-steps trains: the biases and LayerNorms only (bias-ln) or every weight (all)",
+    )
+    ap.add_argument("--distill-lr", type=float, default=1e-3, help="peak learning rate of --distill-steps")
+    ap.add_argument(
+        "--distill-weight", type=float, default=0.9, help="KD weight of --distill-steps (the span CE gets 1 - w)"
+    )
+    ap.add_argument("--distill-temperature", type=float, default=2.0, help="KD temperature of --distill-steps")
     ap.add_argument(
         "--save-stages",
         action="store_true",
@@ -236,6 +257,7 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
         if args.save_stages and args.refit != "none":
             save_checkpoint(out / "stages" / "tune", cfg, state, teacher_ck.hf_config, tokenizer=tokenizer)
         state, stages["refit"] = stage_refit(store, args, model, cfg, state, pool, progress)
+    state, stages["distill"] = stage_distill(store, args, model, (cfg, state), feats, progress)
     prune_time = sum(s["time_s"] for s in stages.values())
     prune_cpu = sum(s["cpu_s"] for s in stages.values())
 
@@ -260,7 +282,7 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
         "stages": stages,
         "prune_time_s": prune_time,
         "prune_cpu_s": prune_cpu,
-        "distillation": False,
+        "distillation": bool(args.distill_steps),
         "data": data_info,
     }
     if args.latency_shape is not None:
@@ -304,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.select == "obs" and (args.no_rearrange or args.no_tune):
         ap.error("--no-rearrange and --no-tune are ablations of --select fisher")
+    if args.distill_steps < 0 or args.distill_lr <= 0 or not 0 <= args.distill_weight <= 1:
+        ap.error("--distill-steps must be >= 0, --distill-lr > 0 and --distill-weight in [0, 1]")
     if args.batch < 1 or args.samples < args.batch:
         ap.error(f"--batch must lie in [1, --samples]; got {args.batch}")
     err = latency_args_error(args)

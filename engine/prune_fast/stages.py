@@ -374,3 +374,77 @@ def stage_obs(
     info = done["info"]
     cfg, state = fold_masks(teacher, [m.float() for m in hk], [m.float() for m in fk])
     return cfg, {**state, **saved}, info
+
+
+def stage_distill(
+    store: StageStore,
+    args: argparse.Namespace,
+    teacher: RaggedQAModel,
+    pruned: tuple[EncoderConfig, dict[str, torch.Tensor]],
+    feats: list[TrainFeature],
+    progress: bool,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """--distill-steps N (SparseQA's, off by default): N optimizer steps of logit distillation from the dense
+    teacher on the pruning windows, through the one training loop (`engine.train.loop.train`: checkpoints under
+    OUT/state/distill/, resumed mid-stage), updating only the biases and LayerNorms (--distill-params bias-ln) or
+    every weight (all). `pruned` is the cut model's (config, state); the shape does not change. The result is
+    saved, so a resumed run reuses it."""
+    cfg, state = pruned
+    if not args.distill_steps:
+        return state, {"skipped": True, "time_s": 0.0, "cpu_s": 0.0}
+    saved, info = store.tensors("distill.safetensors"), store.json("distill.json")
+    if saved is None or info is None:
+        from engine.train.config import ParamGroup, TrainConfig
+        from engine.train.loop import train
+        from engine.train.losses import DistillConfig
+        from engine.train.teacher import LiveTeacher
+
+        t0, c0 = time.monotonic(), time.process_time()
+        flags = [p.requires_grad for p in teacher.parameters()]
+        student = RaggedQAModel(cfg)
+        student.load_state_dict(state)
+        params = [p for p in student.parameters() if args.distill_params == "all" or p.dim() < 2]
+        for p in student.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        tc = TrainConfig(
+            name="distill",
+            max_steps=args.distill_steps,
+            batch=args.batch,
+            warmup=0.1,
+            seed=args.seed,
+            checkpoint_every=max(1, args.distill_steps // 4),
+            keep_checkpoints=1,
+            log_every=0,
+            resume=True,
+            progress=progress,
+        )
+        meta = train(
+            student,
+            feats,
+            tc,
+            [ParamGroup("distilled", tuple(params), args.distill_lr)],
+            store.root / "distill",
+            teacher=LiveTeacher(teacher),
+            distill=DistillConfig(weight=args.distill_weight, temperature=args.distill_temperature),
+        )
+        for p, flag in zip(teacher.parameters(), flags):  # LiveTeacher froze the dense model; restore it
+            p.requires_grad_(flag)
+        student.eval()
+        saved = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        losses = meta["losses"]
+        info = {
+            "params": args.distill_params,
+            "trained_parameters": sum(p.numel() for p in params),
+            "steps": meta["steps"],
+            "windows": meta["windows"],
+            "lr": args.distill_lr,
+            "loss_first": losses[0] if losses else None,
+            "loss_last": sum(losses[-8:]) / len(losses[-8:]) if losses else None,
+            "time_s": time.monotonic() - t0,
+            "cpu_s": time.process_time() - c0,
+        }
+        store.put_tensors("distill.safetensors", saved)
+        store.put_json("distill.json", info)
+    return {**state, **saved}, info
