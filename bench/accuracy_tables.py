@@ -80,8 +80,10 @@ GROUPS = (
         "`all`, the default, refits every kept output projection and the QA head; `layers`, `head`: one of the two; "
         "`obs`: `--select obs`, heads and units chosen by the refit's own error; `obs2`: `--scores obs --select obs`, "
         "the search's allocation priced by that error too; `obs2L`: `obs2` with `--fit-error ln`, the selection's and "
-        "refit's errors weighted as after each sublayer's LayerNorm; `allL`: `all` with `--fit-error ln`). "
-        "Scored on the 2-core CPU (cpp backend, fp32).",
+        "refit's errors weighted as after each sublayer's LayerNorm; `allL`: `all` with `--fit-error ln`). `-kdN`: "
+        "then N steps of 32 windows of distillation from the teacher on the same 2,048 windows (`--distill-steps N`: "
+        "biases and LayerNorms only; `all`: every weight, lr 5e-5; `w1`: KD loss alone, no span CE), i.e. a brief "
+        "retraining, not post-training alone. Scored on the 2-core CPU (cpp backend, fp32).",
         (
             (
                 "refit of every projection and the head vs Kwon et al. as published (30%)",
@@ -124,6 +126,16 @@ GROUPS = (
                 "errors weighted as after LayerNorm vs pre-LayerNorm, both --scores obs --select obs (40%)",
                 "fast-cpu-0.4-obs2L",
                 "fast-cpu-0.4-obs2",
+            ),
+            (
+                "64 steps of distillation of the biases and LayerNorms vs none, same pruned model (30%)",
+                "fast-cpu-0.3-obs2L-kd64",
+                "fast-cpu-0.3-obs2L",
+            ),
+            (
+                "64 steps of distillation of every weight vs of the biases and LayerNorms (30%)",
+                "fast-cpu-0.3-obs2L-kd64all",
+                "fast-cpu-0.3-obs2L-kd64",
             ),
         ),
         ablation_heading="What the refit and the reconstruction-aware choices buy (same teacher and Fisher windows)",

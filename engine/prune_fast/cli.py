@@ -64,6 +64,7 @@ from engine.prune_fast.stages import (
 from engine.prune_fast.tune import REFIT_RIDGE
 
 MIN_SAMPLES = 16
+DISTILL_LR = {"all": 5e-5, "bias-ln": 1e-3}  # --distill-lr defaults (docs/PRUNING.md: measured at 30%)
 _RESUME_IRRELEVANT = {"resume", "no_progress", "threads", "no_teacher_eval"}
 
 
@@ -145,13 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--distill-params",
-        choices=("bias-ln", "all"),
-        default="bias-ln",
-        help="what --distill-steps trains: the biases and LayerNorms only (bias-ln) or every weight (all)",
+        choices=("all", "bias-ln"),
+        default="all",
+        help="what --distill-steps trains: every weight (all) or the biases and LayerNorms only (bias-ln)",
     )
-    ap.add_argument("--distill-lr", type=float, default=1e-3, help="peak learning rate of --distill-steps")
     ap.add_argument(
-        "--distill-weight", type=float, default=0.9, help="KD weight of --distill-steps (the span CE gets 1 - w)"
+        "--distill-lr",
+        type=float,
+        help=f"peak learning rate of --distill-steps (default {DISTILL_LR['all']:g} for all, "
+        f"{DISTILL_LR['bias-ln']:g} for bias-ln)",
+    )
+    ap.add_argument(
+        "--distill-weight",
+        type=float,
+        default=1.0,
+        help="KD weight of --distill-steps; the span CE on the train labels gets 1 - w (default 1: match the "
+        "teacher alone)",
     )
     ap.add_argument("--distill-temperature", type=float, default=2.0, help="KD temperature of --distill-steps")
     ap.add_argument(
@@ -326,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.select == "obs" and (args.no_rearrange or args.no_tune):
         ap.error("--no-rearrange and --no-tune are ablations of --select fisher")
+    if args.distill_lr is None:
+        args.distill_lr = DISTILL_LR[args.distill_params]
     if args.distill_steps < 0 or args.distill_lr <= 0 or not 0 <= args.distill_weight <= 1:
         ap.error("--distill-steps must be >= 0, --distill-lr > 0 and --distill-weight in [0, 1]")
     if args.batch < 1 or args.samples < args.batch:
