@@ -137,6 +137,16 @@ GROUPS = (
                 "fast-cpu-0.3-obs2L-kd64all",
                 "fast-cpu-0.3-obs2L-kd64",
             ),
+            (
+                "distillation on the teacher's distributions alone vs with the span CE (w 0.9), every weight (30%)",
+                "fast-cpu-0.3-obs2L-kd64allw1",
+                "fast-cpu-0.3-obs2L-kd64all",
+            ),
+            (
+                "64 steps of distillation (every weight, KD alone) vs none, same pruned model (40%)",
+                "fast-cpu-0.4-obs2L-kd64allw1",
+                "fast-cpu-0.4-obs2L",
+            ),
         ),
         ablation_heading="What the refit and the reconstruction-aware choices buy (same teacher and Fisher windows)",
     ),
