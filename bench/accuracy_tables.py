@@ -143,6 +143,21 @@ GROUPS = (
                 "fast-cpu-0.3-obs2L-kd64all",
             ),
             (
+                "64 steps of distillation (every weight, KD alone) vs none, after the default stages (30%)",
+                "fast-cpu-0.3-all-kd64allw1",
+                "fast-cpu-0.3-all",
+            ),
+            (
+                "--fit-error ln + 64 steps of distillation vs neither, both --scores obs --select obs, 1.5x target",
+                "fast-cpu-x1.5-obs2L-kd64allw1",
+                "fast-cpu-x1.5-obs2",
+            ),
+            (
+                "--fit-error ln + 64 steps of distillation vs neither, both --scores obs --select obs (50%)",
+                "fast-cpu-0.5-obs2L-kd64allw1",
+                "fast-cpu-0.5-obs2",
+            ),
+            (
                 "64 steps of distillation (every weight, KD alone) vs none, same pruned model (40%)",
                 "fast-cpu-0.4-obs2L-kd64allw1",
                 "fast-cpu-0.4-obs2L",

@@ -422,16 +422,15 @@ def test_cli_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, capsys):
 def test_cli_distill_steps(tiny_bert, squad_train, tmp_path, what):
     """--distill-steps trains what --distill-params names (nothing else), brings the student's span distributions
     closer to the teacher's on the pruning windows, and a resumed run reuses the stage."""
-    from engine.features import WindowMaker, WindowSettings, load_tokenizer
-    from engine.finetune import prepare_data
-    from engine.prune_fast.cli import build_parser, main
-    from engine.prune_fast.stages import sample_features
-    from engine.train.losses import distill_loss
-    from engine.packing import unpack
-
     from transformers import AutoTokenizer
 
     from engine.checkpoint import save_checkpoint
+    from engine.features import WindowMaker, WindowSettings, load_tokenizer
+    from engine.finetune import prepare_data
+    from engine.packing import unpack
+    from engine.prune_fast.cli import build_parser, main
+    from engine.prune_fast.stages import sample_features
+    from engine.train.losses import distill_loss
 
     # The random tiny teacher's span logits are nearly flat; a sharper QA head gives distillation something to match.
     t = load_checkpoint(tiny_bert)

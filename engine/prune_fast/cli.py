@@ -52,12 +52,12 @@ from engine.prune_fast.masked import fold_masks
 from engine.prune_fast.stages import (
     StageStore,
     sample_features,
+    stage_distill,
     stage_fisher,
     stage_obs,
     stage_rearrange,
     stage_refit,
     stage_scores,
-    stage_distill,
     stage_search,
     stage_tune,
 )
