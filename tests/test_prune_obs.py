@@ -185,7 +185,8 @@ def test_cli_select_obs_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, 
     argv = _cli_args(tiny_bert, squad_train, out, "--target-sparsity", "0.3", "--select", "obs", *extra)
     assert main(argv) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert set(m["stages"]) == {"fisher", "scores", "search", "obs"}
+    assert set(m["stages"]) == {"fisher", "scores", "search", "obs", "distill"}
+    assert m["stages"]["distill"]["skipped"]  # --distill-steps defaults to 0
     assert m["stages"]["scores"]["by"] == ("obs" if extra else "fisher")
     assert m["args"]["fit_error"] == ("ln" if extra else "pre-ln")
     search = json.loads((out / "state" / "search.json").read_text())["masks"]
