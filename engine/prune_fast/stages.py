@@ -403,11 +403,9 @@ def stage_distill(
         flags = [p.requires_grad for p in teacher.parameters()]
         student = RaggedQAModel(cfg)
         student.load_state_dict(state)
-        params = [p for p in student.parameters() if args.distill_params == "all" or p.dim() < 2]
         for p in student.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
+            p.requires_grad_(args.distill_params == "all" or p.dim() < 2)
+        params = [p for p in student.parameters() if p.requires_grad]
         tc = TrainConfig(
             name="distill",
             max_steps=args.distill_steps,
