@@ -124,13 +124,15 @@ json.dump({'layers': [{}] * load_checkpoint(sys.argv[1]).cfg.num_layers}, open(s
 # REFIT: engine.prune_fast's --refit; the recorded v2/v3 rows ran Kwon et al.'s method as published (none), the
 # GEN=cpu rows both (TAG=-none / TAG=-all); SELECT, SCORES: its --select and --scores (the GEN=cpu -obs rows:
 # REFIT=all SELECT=obs TAG=-obs; -obs2: also SCORES=obs); FIT: its --fit-error; KD_STEPS (default 0: none), KD_PARAMS,
-# KD_LR, KD_WEIGHT: its --distill-steps, --distill-params, --distill-lr, --distill-weight (unset: the CLI's defaults;
+# KD_LR, KD_WEIGHT, KD_SAMPLES: its --distill-steps, --distill-params, --distill-lr, --distill-weight,
+# --distill-samples (unset: the CLI's defaults;
 # the -kd64allw1 rows: KD_STEPS=64 KD_PARAMS=all KD_LR=5e-5 KD_WEIGHT=1, which are those defaults)
 KD=()
 [ -z "${KD_STEPS:-}" ] || KD+=(--distill-steps "$KD_STEPS")
 [ -z "${KD_PARAMS:-}" ] || KD+=(--distill-params "$KD_PARAMS")
 [ -z "${KD_LR:-}" ] || KD+=(--distill-lr "$KD_LR")
 [ -z "${KD_WEIGHT:-}" ] || KD+=(--distill-weight "$KD_WEIGHT")
+[ -z "${KD_SAMPLES:-}" ] || KD+=(--distill-samples "$KD_SAMPLES")
 FAST=(--train $TRAIN "${HELD_OUT[@]}" --max-seq-length 256 --threads "$THREADS" --refit "${REFIT:-none}" --select "${SELECT:-fisher}" --scores "${SCORES:-fisher}" --fit-error "${FIT:-pre-ln}"
       --samples 2048 --save-stages --latency-shape 8,384 --backend cpp --resume "${KD[@]}")
 fast() {  # post-training pruning (Kwon et al.) at $1 of the FLOPs removed; stage ablations as RUN-search, RUN-rearrange

@@ -165,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--distill-temperature", type=float, default=2.0, help="KD temperature of --distill-steps")
     ap.add_argument(
+        "--distill-samples",
+        type=int,
+        help="train windows --distill-steps cycles through (default: --samples); more than --samples draws further "
+        "windows from the same seeded shuffle",
+    )
+    ap.add_argument(
         "--save-stages",
         action="store_true",
         help="also write the untuned search and rearrange models as ragged checkpoints in OUT/stages/",
@@ -242,7 +248,9 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
     settings.validate(dense.architecture, dense.max_position_embeddings)
     maker = WindowMaker(load_tokenizer(args.teacher), dense.architecture, settings)
     train, evals, data_info = prepare_data(args)
-    pool = sample_features(train, maker, max(args.samples, args.refit_samples or 0), args.seed)
+    pool = sample_features(
+        train, maker, max(args.samples, args.refit_samples or 0, args.distill_samples or 0), args.seed
+    )
     feats = pool[: args.samples]  # a prefix: the same windows as sampling --samples alone
     data_info["train"]["windows_used"] = len(pool)
     model = RaggedQAModel(dense)
@@ -267,7 +275,7 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
         if args.save_stages and args.refit != "none":
             save_checkpoint(out / "stages" / "tune", cfg, state, teacher_ck.hf_config, tokenizer=tokenizer)
         state, stages["refit"] = stage_refit(store, args, model, cfg, state, pool, progress)
-    state, stages["distill"] = stage_distill(store, args, model, (cfg, state), feats, progress)
+    state, stages["distill"] = stage_distill(store, args, model, (cfg, state), pool, progress)
     prune_time = sum(s["time_s"] for s in stages.values())
     prune_cpu = sum(s["cpu_s"] for s in stages.values())
 
@@ -340,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         args.distill_lr = DISTILL_LR[args.distill_params]
     if args.distill_steps < 0 or args.distill_lr <= 0 or not 0 <= args.distill_weight <= 1:
         ap.error("--distill-steps must be >= 0, --distill-lr > 0 and --distill-weight in [0, 1]")
+    if args.distill_samples is not None and args.distill_samples < args.batch:
+        ap.error(f"--distill-samples must be at least --batch ({args.batch}); got {args.distill_samples}")
     if args.batch < 1 or args.samples < args.batch:
         ap.error(f"--batch must lie in [1, --samples]; got {args.batch}")
     err = latency_args_error(args)

@@ -381,14 +381,14 @@ def stage_distill(
     args: argparse.Namespace,
     teacher: RaggedQAModel,
     pruned: tuple[EncoderConfig, dict[str, torch.Tensor]],
-    feats: list[TrainFeature],
+    pool: list[TrainFeature],
     progress: bool,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """--distill-steps N (SparseQA's, off by default): N optimizer steps of logit distillation from the dense
-    teacher on the pruning windows, through the one training loop (`engine.train.loop.train`: checkpoints under
-    OUT/state/distill/, resumed mid-stage), updating only the biases and LayerNorms (--distill-params bias-ln) or
-    every weight (all). `pruned` is the cut model's (config, state); the shape does not change. The result is
-    saved, so a resumed run reuses it."""
+    teacher on the first --distill-samples (default --samples) windows of the pool, through the one training loop
+    (`engine.train.loop.train`: checkpoints under OUT/state/distill/, resumed mid-stage), updating only the biases
+    and LayerNorms (--distill-params bias-ln) or every weight (all). `pruned` is the cut model's (config, state);
+    the shape does not change. The result is saved, so a resumed run reuses it."""
     cfg, state = pruned
     if not args.distill_steps:
         return state, {"skipped": True, "time_s": 0.0, "cpu_s": 0.0}
@@ -418,6 +418,7 @@ def stage_distill(
             resume=True,
             progress=progress,
         )
+        feats = pool[: args.distill_samples or args.samples]
         meta = train(
             student,
             feats,
@@ -437,6 +438,7 @@ def stage_distill(
             "trained_parameters": sum(p.numel() for p in params),
             "steps": meta["steps"],
             "windows": meta["windows"],
+            "samples": len(feats),
             "lr": args.distill_lr,
             "loss_first": losses[0] if losses else None,
             "loss_last": sum(losses[-8:]) / len(losses[-8:]) if losses else None,

@@ -1,0 +1,217 @@
+"""`python -m engine.prune_fast` end to end on a tiny random BERT and the real SQuAD 2.0 train subset: stages,
+resume, the distillation stage and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.checkpoint import load_checkpoint
+from engine.model import RaggedQAModel
+from engine.train.batching import collate
+
+
+def _cli_args(teacher: Path, train: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--teacher",
+        str(teacher),
+        "--train",
+        str(train),
+        "--eval-fraction",
+        "0.05",
+        "--out",
+        str(out),
+        "--samples",
+        "24",
+        "--batch",
+        "8",
+        "--max-seq-length",
+        "96",
+        "--doc-stride",
+        "32",
+        "--max-query-length",
+        "24",
+        "--eval-negatives-ratio",
+        "0.1",
+        "--no-progress",
+        "--threads",
+        "1",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def squad_train() -> Path:
+    from conftest import data_root
+
+    root = data_root()
+    path = root / "squad2" / "train-subset-v2.0.json.gz" if root else None
+    if path is None or not path.is_file():
+        pytest.skip("real SQuAD 2.0 train subset not found (set SPARSEQA_DATA or provide ../shared/data)")
+    return path
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, capsys):
+    from engine.build_model import build
+    from engine.prune_fast.cli import main
+
+    out = tmp_path / "fast"
+    assert main(_cli_args(tiny_bert, squad_train, out, "--target-sparsity", "0.3", "--save-stages")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    ck = load_checkpoint(out)
+    assert ck.is_ragged or ck.cfg.heads == load_checkpoint(tiny_bert).cfg.heads
+    assert ck.null_threshold is not None
+    assert 0.25 <= m["achieved_flop_sparsity"] <= 0.6
+    assert m["method"] == "post-training" and m["student"]["f1"] is not None and m["teacher"] is not None
+    assert set(m["stages"]) == {"fisher", "scores", "search", "rearrange", "tune", "refit", "distill"}
+    assert m["stages"]["distill"]["skipped"] and not m["distillation"]
+    assert m["stages"]["refit"]["what"] == "all" and m["stages"]["refit"]["head"]["qa_rel_err_after"] >= 0
+    for stage in ("search", "rearrange", "tune"):
+        assert (out / "stages" / stage / "config.json").is_file()
+    from engine.features import WindowSettings
+
+    build(out, tmp_path / "art", settings=WindowSettings(96, 32, 24))  # build_model takes it as it takes L0 output
+    weights = (out / "model.safetensors").read_bytes()
+
+    # Interrupted after the search: the later stages and outputs are gone; --resume redoes only those.
+    for name in ("rearrange.json", "tune.json", "refit.json", "refit.safetensors"):
+        (out / "state" / name).unlink()
+    (out / "model.safetensors").unlink()
+    assert main(_cli_args(tiny_bert, squad_train, out, "--target-sparsity", "0.3", "--save-stages", "--resume")) == 0
+    assert (out / "model.safetensors").read_bytes() == weights
+
+    # Mid-Fisher: a partial save is continued, with the same result.
+    state = out / "state"
+    from safetensors.torch import load_file, save_file
+
+    full = load_file(str(state / "fisher.safetensors"))
+    partial = {k: (v[:1] if k.startswith(("head.", "ffn.")) else v) for k, v in full.items()}
+    partial["batches"] = torch.tensor(1)
+    save_file(partial, str(state / "fisher.partial.safetensors"))
+    for name in ("fisher.safetensors", "search.json", "rearrange.json", "tune.json", "refit.json"):
+        (state / name).unlink()
+    assert main(_cli_args(tiny_bert, squad_train, out, "--target-sparsity", "0.3", "--save-stages", "--resume")) == 0
+    torch.testing.assert_close(load_file(str(state / "fisher.safetensors"))["head.1"], full["head.1"])
+    assert (out / "model.safetensors").read_bytes() == weights
+
+    # Other arguments on resume, or a non-empty OUT without --resume, are refused.
+    assert main(_cli_args(tiny_bert, squad_train, out, "--target-sparsity", "0.5", "--resume")) == 2
+    assert "other arguments" in capsys.readouterr().err
+    assert main(_cli_args(tiny_bert, squad_train, out, "--target-sparsity", "0.3")) == 2
+    assert "not empty" in capsys.readouterr().err
+
+    # Kwon et al. as published (--refit none): the same shape and tuned model, without the refitted tensors.
+    kwon = tmp_path / "kwon"
+    assert main(_cli_args(tiny_bert, squad_train, kwon, "--target-sparsity", "0.3", "--refit", "none")) == 0
+    assert json.loads((kwon / "metrics.json").read_text())["stages"]["refit"]["skipped"]
+    a, b = load_checkpoint(kwon), load_checkpoint(out)
+    assert a.cfg == b.cfg
+    tuned = load_checkpoint(out / "stages" / "tune")
+    torch.testing.assert_close(a.state["layers.0.o.weight"], tuned.state["layers.0.o.weight"])
+    assert not torch.equal(a.state["qa.weight"], b.state["qa.weight"])
+
+    # --refit-samples beyond --samples: the Fisher and tuning windows stay the first 24 of the same shuffle.
+    more = tmp_path / "more"
+    assert main(_cli_args(tiny_bert, squad_train, more, "--target-sparsity", "0.3", "--refit-samples", "40")) == 0
+    m = json.loads((more / "metrics.json").read_text())
+    assert m["stages"]["refit"]["samples"] == 40 and m["data"]["train"]["windows_used"] == 40
+    assert load_checkpoint(more).cfg == b.cfg
+    from safetensors.torch import load_file as load
+
+    torch.testing.assert_close(load(str(more / "state" / "fisher.safetensors"))["head.1"], full["head.1"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["bias-ln", "all"])
+def test_cli_distill_steps(tiny_bert, squad_train, tmp_path, what):
+    """--distill-steps trains what --distill-params names (nothing else), brings the student's span distributions
+    closer to the teacher's on the pruning windows, and a resumed run reuses the stage."""
+    from transformers import AutoTokenizer
+
+    from engine.checkpoint import save_checkpoint
+    from engine.features import WindowMaker, WindowSettings, load_tokenizer
+    from engine.finetune import prepare_data
+    from engine.packing import unpack
+    from engine.prune_fast.cli import build_parser, main
+    from engine.prune_fast.stages import sample_features
+    from engine.train.losses import distill_loss
+
+    # The random tiny teacher's span logits are nearly flat; a sharper QA head gives distillation something to match.
+    t = load_checkpoint(tiny_bert)
+    sharp = tmp_path / "teacher"
+    state = {**t.state, "qa.weight": t.state["qa.weight"] * 40}
+    save_checkpoint(sharp, t.cfg, state, t.hf_config, tokenizer=AutoTokenizer.from_pretrained(str(tiny_bert)))
+    t = load_checkpoint(sharp)
+    base = ["--target-sparsity", "0.85", "--refit", "none", "--no-teacher-eval"]
+    plain, kd = tmp_path / "plain", tmp_path / "kd"
+    assert main(_cli_args(sharp, squad_train, plain, *base)) == 0
+    extra = ["--distill-steps", "6", "--distill-params", what, "--distill-lr", "3e-5", "--distill-weight", "1"]
+    if what == "all":  # more windows than --samples 24: drawn further from the same shuffle
+        extra += ["--distill-samples", "40"]
+    assert main(_cli_args(sharp, squad_train, kd, *base, *extra)) == 0
+    m = json.loads((kd / "metrics.json").read_text())
+    assert m["distillation"] and m["stages"]["distill"]["steps"] == 6 and m["stages"]["distill"]["params"] == what
+    samples = 40 if what == "all" else 24
+    assert m["stages"]["distill"]["samples"] == samples and m["data"]["train"]["windows_used"] == samples
+    a, b = load_checkpoint(plain), load_checkpoint(kd)
+    assert a.cfg == b.cfg and a.state.keys() == b.state.keys()
+    changed = {k for k in a.state if not torch.equal(a.state[k], b.state[k])}
+    assert any(k.endswith(".bias") for k in changed)
+    if what == "bias-ln":
+        assert all(a.state[k].dim() < 2 for k in changed), sorted(changed)
+    else:
+        assert any(a.state[k].dim() == 2 for k in changed)
+
+    args = build_parser().parse_args(_cli_args(sharp, squad_train, kd, *base, *extra))
+    train, _, _ = prepare_data(args)
+    maker = WindowMaker(load_tokenizer(sharp), a.cfg.architecture, WindowSettings(96, 32, 24))
+    batch, _, _ = collate(sample_features(train, maker, 24, 0))
+
+    def logits(ck) -> list[torch.Tensor]:
+        model = RaggedQAModel(ck.cfg)
+        model.load_state_dict(ck.state)
+        with torch.no_grad():
+            out = model.eval()(batch.input_ids, batch.token_type_ids, batch.cu_seqlens, batch.max_seqlen)
+        return [unpack(x.float(), batch.cu_seqlens, batch.max_seqlen, fill=-1e4) for x in out[:2]]
+
+    ref = logits(t)
+    kl = [float(distill_loss(*logits(ck), *ref, temperature=2.0)) for ck in (a, b)]
+    assert kl[1] < kl[0], kl
+
+    weights = (kd / "model.safetensors").read_bytes()
+    for name in ("distill.safetensors", "distill.json"):
+        (kd / "state" / name).unlink()
+    (kd / "model.safetensors").unlink()
+    assert main(_cli_args(sharp, squad_train, kd, *base, *extra, "--resume")) == 0
+    assert (kd / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.slow
+def test_cli_bad_inputs(tiny_bert, squad_train, tmp_path, capsys):
+    from engine.prune_fast.cli import main
+
+    with pytest.raises(SystemExit):
+        main(_cli_args(tiny_bert, squad_train, tmp_path / "a", "--target-sparsity", "0.3", "--samples", "4"))
+    assert "too few" in capsys.readouterr().err
+    assert (
+        main(_cli_args(tiny_bert, squad_train, tmp_path / "b", "--target-sparsity", "0.3", "--samples", "100000")) == 2
+    )
+    assert "fewer than --samples" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(_cli_args(tiny_bert, squad_train, tmp_path / "c", "--target-speedup", "1.5"))
+    assert "--latency-shape" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(_cli_args(tiny_bert, squad_train, tmp_path / "d", "--target-sparsity", "1.2"))
+    with pytest.raises(SystemExit):
+        main(_cli_args(tiny_bert, squad_train, tmp_path / "e", "--target-sparsity", "0.3", "--refit-samples", "3"))
+    assert "--refit-samples" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(_cli_args(tiny_bert, squad_train, tmp_path / "f", "--target-sparsity", "0.3", "--distill-steps", "-1"))
+    assert "--distill-steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(_cli_args(tiny_bert, squad_train, tmp_path / "g", "--target-sparsity", "0.3", "--distill-samples", "4"))
+    assert "--distill-samples" in capsys.readouterr().err
