@@ -6,6 +6,7 @@ packed batches of at most `tokens_per_batch` tokens, decoded with `engine.decode
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -107,3 +108,64 @@ def evaluate_model(
         "predictions": best_text,
         "null_score_diff": diffs,
     }
+
+
+THRESHOLD_RULES = ("heldout", "teacher-rate")
+
+
+def add_threshold_arg(ap: argparse.ArgumentParser) -> None:
+    """--threshold-rule of the student CLIs (engine.prune, engine.prune_fast): how the stored null threshold is
+    chosen on the held-out data (`stored_threshold`)."""
+    ap.add_argument(
+        "--threshold-rule",
+        choices=THRESHOLD_RULES,
+        default="heldout",
+        help="the stored null threshold: the student's own held-out best-F1 threshold (heldout), or the one at which "
+        "it abstains on as many held-out questions as the teacher at the teacher's stored threshold (teacher-rate)",
+    )
+
+
+def rate_matched_threshold(
+    null_score_diff: Mapping[str, float], reference: Mapping[str, float], reference_threshold: float
+) -> float:
+    """The threshold at which a model abstains (null_score_diff > threshold) on as many of the shared questions as
+    `reference` (its teacher's null_score_diff) does at `reference_threshold`: the midpoint between the k-th and
+    (k+1)-th largest finite score. Needs no labels, so it is as stable as the question count allows."""
+    qids = [q for q in reference if q in null_score_diff]
+    if not qids:
+        raise ValueError("rate_matched_threshold: the two score sets share no question")
+    k = sum(reference[q] > reference_threshold for q in qids)
+    s = np.array([null_score_diff[q] for q in qids], dtype=np.float64)
+    k -= int(np.isposinf(s).sum())  # no span at all: abstains at any finite threshold
+    fin = np.sort(s[np.isfinite(s)])[::-1]
+    if len(fin) == 0:
+        return float(reference_threshold)
+    if k <= 0:
+        return float(fin[0])
+    if k >= len(fin):
+        return float(fin[-1] - 1.0)
+    return float((fin[k - 1] + fin[k]) / 2)
+
+
+def stored_threshold(
+    rule: str,
+    student: dict[str, Any],
+    teacher: dict[str, Any] | None,
+    teacher_threshold: float | None,
+    examples: Sequence[Example],
+) -> dict[str, Any]:
+    """`student` (an `evaluate_model` result on the held-out `examples`) re-scored at the null threshold that
+    `rule` picks, which becomes its "null_threshold" and "at_best": heldout = the student's own held-out best-F1
+    threshold (evaluate_model's); teacher-rate = the threshold at which the student abstains on as many held-out
+    questions as the teacher (`teacher`, its evaluate_model result) does at its stored `teacher_threshold` (or at
+    the teacher's held-out best when it stores none)."""
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; choose from {', '.join(THRESHOLD_RULES)}")
+    if rule == "heldout":
+        return {**student, "threshold_rule": rule}
+    if teacher is None:
+        raise ValueError("the teacher-rate threshold needs the teacher's held-out scores (drop --no-teacher-eval)")
+    ref = teacher["null_threshold"] if teacher_threshold is None else teacher_threshold
+    threshold = rate_matched_threshold(student["null_score_diff"], teacher["null_score_diff"], ref)
+    at = evaluate_gold(gold_of(examples), student["predictions"], student["null_score_diff"], na_prob_thresh=threshold)
+    return {**student, "at_best": at, "null_threshold": threshold, "threshold_rule": rule}

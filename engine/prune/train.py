@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.data.predict import evaluate_model
+from engine.data.predict import add_threshold_arg, evaluate_model, stored_threshold
 from engine.data.squad import train_features
 from engine.features import WindowMaker, WindowSettings, load_tokenizer
 from engine.finetune import (
@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="artifact precision the cached teacher logits are computed in",
     )
+    add_threshold_arg(ap)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--time-budget-min", type=float, help="per phase: stop (and save) after this many minutes")
     ap.add_argument("--resume", action="store_true", help="continue from OUT's newest checkpoint")
@@ -322,6 +323,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
     res_s = evaluate_model(student, evals, maker, progress=not args.no_progress)
     teacher_eval = _teacher(args, dist.device)
     res_t = evaluate_model(teacher_eval, evals, maker, progress=not args.no_progress)
+    res_s = stored_threshold(args.threshold_rule, res_s, res_t, teacher_ck.null_threshold, evals)
     from transformers import AutoTokenizer
 
     save_checkpoint(
@@ -347,6 +349,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
         "finetune_curve": ft_meta.get("curve", []),
         "gates": {k: v for k, v in gate_info.items() if k != "log_alpha"},
         "distillation": not args.no_distill,
+        "threshold_rule": args.threshold_rule,
         "data": data_info,
         "wall_time_s": time.monotonic() - t0,
         "args": cli_args(args),

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.data.predict import add_threshold_arg
 from engine.features import WindowMaker, WindowSettings, load_tokenizer
 from engine.finetune import add_data_args, add_negatives_args
 from engine.flops import encoder_params, flop_sparsity
@@ -65,7 +66,7 @@ from engine.prune_fast.tune import REFIT_RIDGE
 
 MIN_SAMPLES = 16
 DISTILL_LR = {"all": 5e-5, "bias-ln": 1e-3}  # --distill-lr defaults (docs/PRUNING.md: measured at 30%)
-_RESUME_IRRELEVANT = {"resume", "no_progress", "threads", "no_teacher_eval"}
+_RESUME_IRRELEVANT = {"resume", "no_progress", "threads", "no_teacher_eval", "threshold_rule"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, help="torch threads for pruning, and for latency measurement (default 2)")
     ap.add_argument("--no-teacher-eval", action="store_true", help="do not evaluate the teacher (no f1_loss)")
+    add_threshold_arg(ap)
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT")
     ap.add_argument("--no-progress", action="store_true")
     return ap
@@ -225,7 +227,7 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
     """Run every stage; returns metrics.json's content."""
     from transformers import AutoTokenizer
 
-    from engine.data.predict import evaluate_model
+    from engine.data.predict import evaluate_model, stored_threshold
     from engine.finetune import prepare_data
     from engine.prune.train import metrics_row
 
@@ -283,6 +285,7 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
     student.load_state_dict(state)
     res_s = evaluate_model(student.eval(), evals, maker, progress=progress)
     res_t = None if args.no_teacher_eval else evaluate_model(model, evals, maker, progress=progress)
+    res_s = stored_threshold(args.threshold_rule, res_s, res_t, teacher_ck.null_threshold, evals)
     save_checkpoint(out, cfg, state, teacher_ck.hf_config, tokenizer=tokenizer, null_threshold=res_s["null_threshold"])
     metrics = {
         "schema_version": 1,
@@ -301,6 +304,7 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
         "prune_time_s": prune_time,
         "prune_cpu_s": prune_cpu,
         "distillation": bool(args.distill_steps),
+        "threshold_rule": args.threshold_rule,
         "data": data_info,
     }
     if args.latency_shape is not None:
@@ -348,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         args.distill_lr = DISTILL_LR[args.distill_params]
     if args.distill_steps < 0 or args.distill_lr <= 0 or not 0 <= args.distill_weight <= 1:
         ap.error("--distill-steps must be >= 0, --distill-lr > 0 and --distill-weight in [0, 1]")
+    if args.threshold_rule == "teacher-rate" and args.no_teacher_eval:
+        ap.error("--threshold-rule teacher-rate needs the teacher's held-out scores: drop --no-teacher-eval")
     if args.distill_samples is not None and args.distill_samples < args.batch:
         ap.error(f"--distill-samples must be at least --batch ({args.batch}); got {args.distill_samples}")
     if args.batch < 1 or args.samples < args.batch:

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import math
 import os
 import random
 import warnings
@@ -205,6 +206,55 @@ def test_auc_matches_brute_force_pairs():
 def test_auc_needs_both_classes():
     with pytest.raises(ValueError, match="both classes"):
         auc({"n1": 0.0}, _gold_dataset({"n1": ["x"]}))
+
+
+def test_rate_matched_threshold_matches_the_teachers_abstention_count():
+    from engine.data.predict import rate_matched_threshold
+
+    rng = random.Random(1)
+    for n in (1, 2, 7, 300):
+        teacher = {f"q{i}": rng.gauss(0, 3) for i in range(n)}
+        student = {q: 2.5 * v + rng.gauss(-4, 1) for q, v in teacher.items()}  # other scale and offset
+        student["extra"] = 99.0  # a question the teacher was not scored on does not count
+        for t_thr in (-100.0, -1.0, 0.0, 2.0, 100.0):
+            k = sum(v > t_thr for v in teacher.values())
+            tau = rate_matched_threshold(student, teacher, t_thr)
+            assert math.isfinite(tau)
+            assert sum(student[q] > tau for q in teacher) == k, (n, t_thr)
+    # no span at all (+inf) abstains at any threshold; the rest fill the count
+    teacher = {"a": 5.0, "b": 4.0, "c": -1.0, "d": -2.0}
+    student = {"a": math.inf, "b": 0.5, "c": 1.0, "d": -3.0}
+    tau = rate_matched_threshold(student, teacher, 0.0)
+    assert sorted(q for q in student if student[q] > tau) == ["a", "c"] and tau == 0.75
+    assert rate_matched_threshold({"a": math.inf}, {"a": 1.0}, -1.5) == -1.5
+    with pytest.raises(ValueError, match="share no question"):
+        rate_matched_threshold({"a": 1.0}, {"b": 1.0}, 0.0)
+
+
+def test_stored_threshold_rules():
+    from engine.data.predict import stored_threshold
+    from engine.data.squad import Example
+
+    examples = [
+        Example("u1", "?", "x y", (), True),
+        Example("u2", "?", "x y", (), True),
+        Example("a1", "?", "x y", (("x", 0),), False),
+        Example("a2", "?", "x y", (("y", 2),), False),
+    ]
+    preds = {"u1": "x", "u2": "y", "a1": "x", "a2": "y"}
+    student = {"predictions": preds, "null_score_diff": {"u1": 3.0, "u2": 1.0, "a1": 2.0, "a2": -1.0}}
+    student |= {"null_threshold": -5.0, "at_best": {}}
+    teacher = {"null_score_diff": {"u1": 9.0, "u2": 8.0, "a1": 0.0, "a2": -3.0}, "null_threshold": 4.0}
+    assert stored_threshold("heldout", student, teacher, 1.0, examples)["null_threshold"] == -5.0
+    res = stored_threshold("teacher-rate", student, teacher, None, examples)  # the teacher abstains on 2 of 4
+    assert res["null_threshold"] == 1.5 and res["threshold_rule"] == "teacher-rate"
+    # abstains on u1 and a1: u1 right, a1 wrong, u2 answered wrong, a2 right -> 2 of 4
+    assert res["at_best"]["exact"] == pytest.approx(50.0)
+    assert stored_threshold("teacher-rate", student, teacher, -10.0, examples)["null_threshold"] < -1.0
+    with pytest.raises(ValueError, match="no-teacher-eval"):
+        stored_threshold("teacher-rate", student, None, 1.0, examples)
+    with pytest.raises(ValueError, match="unknown threshold rule"):
+        stored_threshold("best", student, teacher, 1.0, examples)
 
 
 # ------------------------------------------------------------------------------------------- reading, features

@@ -125,10 +125,14 @@ def test_prune_target_params_and_no_distill(data, tmp_path):
                 "--finetune-max-steps",
                 "1",
                 "--no-distill",
+                "--threshold-rule",
+                "teacher-rate",
             )
         )
     )
     assert abs(m["achieved_param_sparsity"] - 0.4) <= 0.02 and m["distillation"] is False
+    assert m["threshold_rule"] == "teacher-rate"  # the rule itself: tests/data/test_squad.py, test_prune_fast_cli.py
+    assert load_checkpoint(tmp_path / "o").null_threshold == m["student"]["null_threshold"]
 
 
 def test_resume_equals_uninterrupted(data, tmp_path, monkeypatch):
