@@ -133,6 +133,9 @@ KD=()
 [ -z "${KD_LR:-}" ] || KD+=(--distill-lr "$KD_LR")
 [ -z "${KD_WEIGHT:-}" ] || KD+=(--distill-weight "$KD_WEIGHT")
 [ -z "${KD_SAMPLES:-}" ] || KD+=(--distill-samples "$KD_SAMPLES")
+# THR: its --threshold-rule (unset: the CLI's default, teacher-rate; the GEN=cpu rows recorded before the
+# -s8k/-s16k rows of docs/PRUNING.md used heldout: THR=heldout reproduces their stored thresholds)
+[ -z "${THR:-}" ] || KD+=(--threshold-rule "$THR")
 FAST=(--train $TRAIN "${HELD_OUT[@]}" --max-seq-length 256 --threads "$THREADS" --refit "${REFIT:-none}" --select "${SELECT:-fisher}" --scores "${SCORES:-fisher}" --fit-error "${FIT:-pre-ln}"
       --samples 2048 --save-stages --latency-shape 8,384 --backend cpp --resume "${KD[@]}")
 fast() {  # post-training pruning (Kwon et al.) at $1 of the FLOPs removed; stage ablations as RUN-search, RUN-rearrange

@@ -104,12 +104,8 @@ def test_cli_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, capsys):
     assert main(_cli_args(tiny_bert, squad_train, out, "--target-sparsity", "0.3")) == 2
     assert "not empty" in capsys.readouterr().err
 
-    # --threshold-rule may change on resume (it only re-scores): teacher-rate stores the threshold at which the
-    # student abstains on as many held-out questions as the teacher at the teacher's threshold.
-    args = _cli_args(tiny_bert, squad_train, out, "--target-sparsity", "0.3", "--save-stages", "--resume")
-    assert main([*args, "--threshold-rule", "teacher-rate"]) == 0
-    assert (out / "model.safetensors").read_bytes() == weights
-    m = json.loads((out / "metrics.json").read_text())
+    # The default stored threshold (teacher-rate) is the one at which the student abstains on as many held-out
+    # questions as the teacher at the teacher's threshold; --threshold-rule may change on resume (it only re-scores).
     rated = load_checkpoint(out)
     assert m["threshold_rule"] == "teacher-rate" and rated.null_threshold == m["student"]["null_threshold"]
     from engine.data.predict import evaluate_model
@@ -117,6 +113,7 @@ def test_cli_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, capsys):
     from engine.finetune import prepare_data
     from engine.prune_fast.cli import build_parser
 
+    args = _cli_args(tiny_bert, squad_train, out, "--target-sparsity", "0.3", "--save-stages", "--resume")
     _, evals, _ = prepare_data(build_parser().parse_args(args))
     maker = WindowMaker(load_tokenizer(tiny_bert), rated.cfg.architecture, WindowSettings(96, 32, 24))
     teacher = load_checkpoint(tiny_bert)
@@ -127,6 +124,10 @@ def test_cli_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, capsys):
         diffs.append(evaluate_model(model.eval(), evals, maker, progress=False)["null_score_diff"])
     t_thr = teacher.null_threshold if teacher.null_threshold is not None else m["teacher"]["null_threshold"]
     assert sum(d > rated.null_threshold for d in diffs[0].values()) == sum(d > t_thr for d in diffs[1].values())
+    assert main([*args, "--threshold-rule", "heldout"]) == 0
+    assert (out / "model.safetensors").read_bytes() == weights
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["threshold_rule"] == "heldout" and load_checkpoint(out).null_threshold == m["student"]["best_f1_thresh"]
     with pytest.raises(SystemExit):
         main([*args, "--threshold-rule", "teacher-rate", "--no-teacher-eval"])
     assert "--no-teacher-eval" in capsys.readouterr().err

@@ -113,15 +113,16 @@ def evaluate_model(
 THRESHOLD_RULES = ("heldout", "teacher-rate")
 
 
-def add_threshold_arg(ap: argparse.ArgumentParser) -> None:
+def add_threshold_arg(ap: argparse.ArgumentParser, default: str | None) -> None:
     """--threshold-rule of the student CLIs (engine.prune, engine.prune_fast): how the stored null threshold is
-    chosen on the held-out data (`stored_threshold`)."""
+    chosen on the held-out data (`stored_threshold`). A `default` of None leaves the choice to the CLI."""
     ap.add_argument(
         "--threshold-rule",
         choices=THRESHOLD_RULES,
-        default="heldout",
+        default=default,
         help="the stored null threshold: the student's own held-out best-F1 threshold (heldout), or the one at which "
-        "it abstains on as many held-out questions as the teacher at the teacher's stored threshold (teacher-rate)",
+        "it abstains on as many held-out questions as the teacher at the teacher's stored threshold (teacher-rate)"
+        + (f"; default {default}" if default else ""),
     )
 
 

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="artifact precision the cached teacher logits are computed in",
     )
-    add_threshold_arg(ap)
+    add_threshold_arg(ap, "heldout")  # the recorded L0 rows (docs/PRUNING.md measures both on prune_fast)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--time-budget-min", type=float, help="per phase: stop (and save) after this many minutes")
     ap.add_argument("--resume", action="store_true", help="continue from OUT's newest checkpoint")

@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, help="torch threads for pruning, and for latency measurement (default 2)")
     ap.add_argument("--no-teacher-eval", action="store_true", help="do not evaluate the teacher (no f1_loss)")
-    add_threshold_arg(ap)
+    add_threshold_arg(ap, None)  # teacher-rate, or heldout under --no-teacher-eval (docs/PRUNING.md)
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT")
     ap.add_argument("--no-progress", action="store_true")
     return ap
@@ -352,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         args.distill_lr = DISTILL_LR[args.distill_params]
     if args.distill_steps < 0 or args.distill_lr <= 0 or not 0 <= args.distill_weight <= 1:
         ap.error("--distill-steps must be >= 0, --distill-lr > 0 and --distill-weight in [0, 1]")
+    if args.threshold_rule is None:
+        args.threshold_rule = "heldout" if args.no_teacher_eval else "teacher-rate"
     if args.threshold_rule == "teacher-rate" and args.no_teacher_eval:
         ap.error("--threshold-rule teacher-rate needs the teacher's held-out scores: drop --no-teacher-eval")
     if args.distill_samples is not None and args.distill_samples < args.batch:
