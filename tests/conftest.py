@@ -132,14 +132,24 @@ def data_root() -> Path | None:
     return None
 
 
+def _real_file(rel: str, what: str) -> Path:
+    root = data_root()
+    path = root / rel if root else None
+    if path is None or not path.is_file():
+        pytest.skip(f"{what} not found (set SPARSEQA_DATA or provide ../shared/data)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def squad_dev() -> Path:
     """Path of the official SQuAD 2.0 dev set; skips when the data directory is absent."""
-    root = data_root()
-    path = root / "squad2" / "dev-v2.0.json.gz" if root else None
-    if path is None or not path.is_file():
-        pytest.skip("real SQuAD 2.0 dev set not found (set SPARSEQA_DATA or provide ../shared/data)")
-    return path
+    return _real_file("squad2/dev-v2.0.json.gz", "real SQuAD 2.0 dev set")
+
+
+@pytest.fixture(scope="session")
+def squad_train() -> Path:
+    """Path of the real SQuAD 2.0 train subset (11 articles); skips when the data directory is absent."""
+    return _real_file("squad2/train-subset-v2.0.json.gz", "real SQuAD 2.0 train subset")
 
 
 def cpu_flags() -> set[str]:

@@ -43,17 +43,6 @@ def _cli_args(teacher: Path, train: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def squad_train() -> Path:
-    from conftest import data_root
-
-    root = data_root()
-    path = root / "squad2" / "train-subset-v2.0.json.gz" if root else None
-    if path is None or not path.is_file():
-        pytest.skip("real SQuAD 2.0 train subset not found (set SPARSEQA_DATA or provide ../shared/data)")
-    return path
-
-
 @pytest.mark.slow
 def test_cli_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, capsys):
     from engine.build_model import build

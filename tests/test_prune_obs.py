@@ -13,7 +13,7 @@ from engine.model import RaggedQAModel
 from engine.prune_fast.obs import obs_prune, obs_remove
 from engine.train.batching import collate
 from tests.test_prune_fast import CFG, _features, assert_same_logits
-from tests.test_prune_fast_cli import _cli_args, squad_train  # noqa: F401 (a fixture)
+from tests.test_prune_fast_cli import _cli_args
 
 
 def _system(seed: int, groups: int, group: int, d: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
