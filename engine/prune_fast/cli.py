@@ -20,9 +20,10 @@ then the scales are folded into `o.weight` / `ffn_out.weight` columns, and (Spar
 SparseQA's reconstruction-aware options (engine/prune_fast/obs.py): --scores obs has the search rank units by what a
 least-squares refit leaves of their removal (a stage between 1 and 2); --select obs replaces stages 3-5 by choosing
 each layer's heads and units greedily by that refit's error, refitting as it goes. --distill-steps N (off by
-default) then trains the cut model for N steps of logit distillation from the dense teacher on the same windows:
-only its biases and LayerNorms (--distill-params bias-ln) or every weight (all); the shape stays.
-The null threshold is tuned on held-out data (as engine.prune), and OUT gets a ragged checkpoint and metrics.json
+default) then trains the cut model for N steps of logit distillation from the dense teacher on the same windows
+(or on --distill-samples of them): only its biases and LayerNorms (--distill-params bias-ln) or every weight (all);
+the shape stays. The stored null threshold comes from held-out data: by default the one at which the student
+abstains as often as the teacher (--threshold-rule teacher-rate). OUT gets a ragged checkpoint and metrics.json
 (docs/PRUNING.md).
 """
 
