@@ -83,7 +83,12 @@ GROUPS = (
         "refit's errors weighted as after each sublayer's LayerNorm; `allL`: `all` with `--fit-error ln`). `-kdN`: "
         "then N steps of 32 windows of distillation from the teacher on the same 2,048 windows (`--distill-steps N`: "
         "biases and LayerNorms only; `all`: every weight, lr 5e-5; `w1`: KD loss alone, no span CE), i.e. a brief "
-        "retraining, not post-training alone. Scored on the 2-core CPU (cpp backend, fp32).",
+        "retraining, not post-training alone; `-kdNsMk`: N steps (every weight, KD alone, lr 5e-5) on M x 1,024 "
+        "windows of the same shuffle (`--distill-samples`). Rows up to the `-kd64`/`-kd96` ones store the held-out "
+        "best-F1 threshold (`--threshold-rule heldout`); the `-kdNsMk` rows store the threshold at which the student "
+        "abstains on as many held-out questions as the teacher (`teacher-rate`, now the default), and "
+        "`-thrheldout` is the same model with the held-out argmax instead. Scored on the 2-core CPU (cpp backend, "
+        "fp32).",
         (
             (
                 "refit of every projection and the head vs Kwon et al. as published (30%)",
@@ -161,6 +166,42 @@ GROUPS = (
                 "64 steps of distillation (every weight, KD alone) vs none, same pruned model (40%)",
                 "fast-cpu-0.4-obs2L-kd64allw1",
                 "fast-cpu-0.4-obs2L",
+            ),
+            (
+                "256 steps of distillation on 8,192 windows vs 64 on the 2,048 pruning windows, same pruned model and "
+                "threshold rule (50%)",
+                "fast-cpu-0.5-obs2L-kd256s8k-thrheldout",
+                "fast-cpu-0.5-obs2L-kd64allw1",
+            ),
+            (
+                "stored threshold by the teacher's abstention rate vs the held-out best-F1 argmax, same model (50%)",
+                "fast-cpu-0.5-obs2L-kd256s8k",
+                "fast-cpu-0.5-obs2L-kd256s8k-thrheldout",
+            ),
+            (
+                "stored threshold by the teacher's abstention rate vs the held-out best-F1 argmax, same model (75%)",
+                "fast-cpu-0.75-obs2L-kd256s8k",
+                "fast-cpu-0.75-obs2L-kd256s8k-thrheldout",
+            ),
+            (
+                "512 steps of distillation on 16,384 windows vs 256 on 8,192, same pruned model (50%)",
+                "fast-cpu-0.5-obs2L-kd512s16k",
+                "fast-cpu-0.5-obs2L-kd256s8k",
+            ),
+            (
+                "1,024 steps of distillation on 32,768 windows vs 512 on 16,384, same pruned model (50%)",
+                "fast-cpu-0.5-obs2L-kd1024s32k",
+                "fast-cpu-0.5-obs2L-kd512s16k",
+            ),
+            (
+                "512 steps of distillation on 16,384 windows vs 256 on 8,192, same pruned model (75%)",
+                "fast-cpu-0.75-obs2L-kd512s16k",
+                "fast-cpu-0.75-obs2L-kd256s8k",
+            ),
+            (
+                "1,024 steps of distillation on 32,768 windows vs 512 on 16,384, same pruned model (75%)",
+                "fast-cpu-0.75-obs2L-kd1024s32k",
+                "fast-cpu-0.75-obs2L-kd512s16k",
             ),
         ),
         ablation_heading="What the refit and the reconstruction-aware choices buy (same teacher and Fisher windows)",
