@@ -58,6 +58,20 @@ def add_negatives_args(ap: argparse.ArgumentParser) -> None:
         "paragraph does not mention",
     )
     ap.add_argument(
+        "--antonym-share",
+        type=float,
+        default=0.0,
+        help="share of generated negatives made by replacing a word of the question that the paragraph uses "
+        '("largest", "before") with its opposite, which the paragraph does not use',
+    )
+    ap.add_argument(
+        "--negation-share",
+        type=float,
+        default=0.0,
+        help='share of generated negatives made by negating the question\'s auxiliary ("did" -> "didn\'t") over a '
+        "paragraph that negates nothing",
+    )
+    ap.add_argument(
         "--other-paragraph-share",
         type=float,
         default=0.0,
@@ -186,6 +200,8 @@ def prepare_data(args: argparse.Namespace) -> tuple[list[Example], list[Example]
             real_factor=args.real_negatives_factor,
             other_paragraph_share=args.other_paragraph_share,
             swap_share=args.swap_share,
+            antonym_share=args.antonym_share,
+            negation_share=args.negation_share,
         )
 
     def counts(xs: list[Example]) -> dict[str, int]:

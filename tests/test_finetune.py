@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.checkpoint import load_checkpoint
-from engine.finetune import build_parser, finetune
+from engine.finetune import build_parser, finetune, prepare_data
 from engine.train.config import make_optimizer, weight_groups
 from engine.train.losses import span_loss
 from engine.train.state import NonFiniteLossError, check_finite, load_training_state, lr_at, save_training_state
@@ -161,6 +161,32 @@ def test_finetune_learns_and_writes_checkpoint(tiny_model: Path, squad_files: tu
     tok = AutoTokenizer.from_pretrained(str(out))
     enc = tok("What is the river of alpha?", "The river of alpha is bravo.", return_tensors="pt")
     assert hf(**enc).start_logits.shape == enc["input_ids"].shape
+
+
+def test_question_edit_negatives_reach_the_train_set(tiny_model: Path, squad_files: tuple[Path, Path], tmp_path: Path):
+    train, _ = squad_files
+    argv = _args(
+        tiny_model,
+        train,
+        tmp_path / "run",
+        "--negatives-ratio",
+        "0.5",
+        "--real-negatives-factor",
+        "0",
+        "--eval-fraction",
+        "0.2",
+    )
+    edits = ["--swap-share", "0.0", "--negation-share", "0.5", "--antonym-share", "0.25"]
+    base, _, _ = prepare_data(build_parser().parse_args(argv))
+    mixed, _, info = prepare_data(build_parser().parse_args(argv + edits))
+    kinds = {e.qid.rsplit("_", 1)[-1] for e in mixed if e.is_impossible}
+    assert {"negation", "nosent"} <= kinds and not any(e.qid.endswith("_negation") for e in base)
+    negated = [e for e in mixed if e.qid.endswith("_negation")]
+    assert all(e.question.startswith("What isn't the ") for e in negated)
+    assert sum(e.is_impossible for e in mixed) == sum(e.is_impossible for e in base)  # same budget, other kinds
+    assert info["train"]["unanswerable"] == sum(e.is_impossible for e in mixed)
+    with pytest.raises(ValueError, match="summing to at most 1"):
+        prepare_data(build_parser().parse_args(argv + ["--negation-share", "0.7", "--antonym-share", "0.7"]))
 
 
 def test_resume_matches_uninterrupted(tiny_model: Path, squad_files: tuple[Path, Path], tmp_path: Path):

@@ -12,7 +12,11 @@ of its article was measured to be too easy (null-score AUC 0.46 on dev). Three s
       unanswerable, "entity swap"): a name (a run of capitalized words after the first word) or a number of the
       question that occurs in the paragraph is replaced by one that does not, drawn from other questions' names,
       or a nearby year / a scaled number. The paragraph still holds a plausible answer, so the model must check
-      that the question and the passage agree, not merely that an answer-shaped span exists.
+      that the question and the passage agree, not merely that an answer-shaped span exists;
+  (e) optionally, two more of SQuAD 2.0's kinds over the untouched paragraph: an antonym edit (a lowercase word of
+      the question that the paragraph uses, such as "largest" or "before", becomes its opposite, which the
+      paragraph never uses) and a negation (the question's auxiliary verb becomes its negative contraction, "did"
+      -> "didn't", over a paragraph that negates nothing).
 `make_negatives` returns only negatives; `with_negatives` returns the answerable examples plus them.
 
 Judge a generator before trusting it: `python -m engine.data.negatives ARTIFACT --eval-set EVAL.json` prints, for
@@ -147,6 +151,66 @@ def swap_question(e: Example, names: Sequence[str], rng: random.Random) -> str |
     return e.question[:start] + new + e.question[end:]
 
 
+# Opposites for antonym edits, both ways: superlatives, comparatives, order, direction and polarity words of the
+# kind SQuAD 2.0's writers flipped ("antonym", 20% of its unanswerables). Single lowercase words only; a pair whose
+# words are also common names or nouns in questions ("fall", "rose", "end") is left out.
+_ANTONYM_PAIRS = (
+    "largest smallest", "biggest smallest", "highest lowest", "most least", "first last", "earliest latest",
+    "oldest youngest", "oldest newest", "longest shortest", "best worst", "maximum minimum", "before after",
+    "north south", "east west", "northern southern", "eastern western", "northernmost southernmost",
+    "easternmost westernmost", "increase decrease", "increased decreased", "larger smaller", "higher lower",
+    "older younger", "earlier later", "won lost", "win lose", "strongest weakest", "richest poorest",
+    "wealthiest poorest", "heaviest lightest", "fastest slowest", "top bottom", "upper lower", "inside outside",
+    "major minor", "positive negative", "success failure", "successful unsuccessful", "ancient modern",
+    "public private", "internal external", "import export", "imports exports", "majority minority",
+    "legal illegal", "common rare", "accepted rejected", "included excluded", "male female", "men women",
+)  # fmt: skip
+ANTONYMS: dict[str, str] = {}  # a word with two opposites ("smallest") takes the first listed ("largest")
+for _pair in _ANTONYM_PAIRS:
+    for _a, _b in (_pair.split(), _pair.split()[::-1]):
+        ANTONYMS.setdefault(_a, _b)
+_LOWER_WORD = re.compile(r"(?<![\w'-])[a-z]+(?![\w'-])")  # whole words: not "public" in "non-public"
+
+
+def antonym_question(e: Example) -> str | None:
+    """e.question with its first word that has an opposite in ANTONYMS, is used by the paragraph and whose opposite
+    is used by neither the paragraph nor the question, replaced by that opposite; None when there is no such word.
+    Capitalized words (names) and parts of compounds ("non-public") are never edited.
+    """
+    if e.is_impossible:
+        return None
+    used = set(re.findall(r"[a-z]+", e.context.lower()))  # loosely: "men's" and "non-public" use "men", "public"
+    asked = set(re.findall(r"[a-z]+", e.question.lower()))  # "men and women" must not become "men and men"
+    for m in _LOWER_WORD.finditer(e.question):
+        word = m.group(0)
+        if word in ANTONYMS and word in used and ANTONYMS[word] not in used | asked:
+            return e.question[: m.start()] + ANTONYMS[word] + e.question[m.end() :]
+    return None
+
+
+# The auxiliaries a wh-question puts 2nd to 4th ("When did ...", "In what year was ...") and their negatives.
+_NEGATIVE_OF = {
+    "did": "didn't", "does": "doesn't", "do": "don't", "is": "isn't", "was": "wasn't", "are": "aren't",
+    "were": "weren't", "can": "can't", "could": "couldn't", "would": "wouldn't", "will": "won't", "has": "hasn't",
+    "have": "haven't", "had": "hadn't", "should": "shouldn't",
+}  # fmt: skip
+_NEGATION = re.compile(r"\b(?:not|never|no|none|nor|neither|cannot|without)\b|n't|n’t", re.IGNORECASE)
+
+
+def negated_question(e: Example) -> str | None:
+    """e.question with its auxiliary (the 2nd-4th word, "did", "was", ...) made negative ("didn't", "wasn't"), or
+    None: no auxiliary there, or the paragraph negates something (then "What wasn't ...?" might have an answer).
+    """
+    if e.is_impossible or _NEGATION.search(e.context) or _NEGATION.search(e.question):
+        return None
+    words = e.question.split(" ")
+    for k in range(1, min(4, len(words))):
+        negative = _NEGATIVE_OF.get(words[k])
+        if negative is not None:
+            return " ".join(words[:k] + [negative] + words[k + 1 :])
+    return None
+
+
 def make_negatives(
     examples: Sequence[Example],
     ratio: float,
@@ -154,20 +218,24 @@ def make_negatives(
     real_factor: int = 2,
     other_paragraph_share: float = 0.0,
     swap_share: float = 0.0,
+    antonym_share: float = 0.0,
+    negation_share: float = 0.0,
 ) -> list[Example]:
     """Unanswerable examples numbering about `ratio` x (#answerable examples); deterministic in `seed`.
 
     The budget is filled first with the real unanswerables (each `real_factor` times, at most the budget), then
-    `swap_share` of the remainder with swapped questions, `other_paragraph_share` of the remainder with
-    other-paragraph pairs and the rest with sentence removals (one generated negative per answerable question at
-    most). If a generator runs short, the next one (sentence removal, then other-paragraph pairs) makes up the
-    difference. New qids are `{qid}_swap`, `{qid}_nosent`, `{qid}_nopara` and `{qid}_dup{k}`.
+    `swap_share`, `antonym_share` and `negation_share` of the remainder with those question edits (in that order),
+    `other_paragraph_share` of the remainder with other-paragraph pairs and the rest with sentence removals (one
+    generated negative per answerable question at most). If a generator runs short, the next one (sentence removal,
+    then other-paragraph pairs) makes up the difference. New qids are `{qid}_swap`, `{qid}_antonym`,
+    `{qid}_negation`, `{qid}_nosent`, `{qid}_nopara` and `{qid}_dup{k}`.
     """
-    shares_ok = 0.0 <= other_paragraph_share <= 1.0 and 0.0 <= swap_share <= 1.0
-    if ratio < 0 or real_factor < 0 or not shares_ok or other_paragraph_share + swap_share > 1.0:
+    shares = {"other_paragraph_share": other_paragraph_share, "swap_share": swap_share}
+    shares |= {"antonym_share": antonym_share, "negation_share": negation_share}
+    if ratio < 0 or real_factor < 0 or not all(0.0 <= v <= 1.0 for v in shares.values()) or sum(shares.values()) > 1:
         raise ValueError(
-            "need ratio >= 0, real_factor >= 0, shares in [0, 1] with other_paragraph_share + swap_share <= 1; got "
-            f"{ratio}, {real_factor}, {other_paragraph_share}, {swap_share}"
+            f"need ratio >= 0, real_factor >= 0, shares in [0, 1] summing to at most 1; got ratio {ratio}, "
+            f"real_factor {real_factor}, " + ", ".join(f"{k} {v}" for k, v in shares.items())
         )
     rng = random.Random(seed)
     answerable = [e for e in examples if not e.is_impossible]
@@ -181,19 +249,26 @@ def make_negatives(
     out = out[:budget]
     remaining = budget - len(out)
     n_other = round(other_paragraph_share * remaining)
-    n_swap = len(out) + round(swap_share * remaining)
     order = list(range(len(answerable)))
     rng.shuffle(order)
     used: set[int] = set()
-    names = question_names(answerable) if n_swap > len(out) else []
-    for i in order if names else ():
-        if len(out) >= n_swap:
-            break
-        question = swap_question(answerable[i], names, rng)
-        if question is not None:
-            e = answerable[i]
-            out.append(_unanswerable(e, "swap", question=question))
-            used.add(i)
+    names = question_names(answerable) if round(swap_share * remaining) > 0 else []
+    edits = (
+        ("swap", swap_share, (lambda e: swap_question(e, names, rng)) if names else None),
+        ("antonym", antonym_share, antonym_question),
+        ("negation", negation_share, negated_question),
+    )
+    for kind, share, edit in edits:
+        quota = len(out) + round(share * remaining)
+        for i in order if edit is not None and quota > len(out) else ():
+            if len(out) >= quota:
+                break
+            if i in used:
+                continue
+            question = edit(answerable[i])
+            if question is not None:
+                out.append(_unanswerable(answerable[i], kind, question=question))
+                used.add(i)
     for i in order:
         if len(out) >= budget - n_other:
             break
@@ -225,7 +300,7 @@ def with_negatives(examples: Sequence[Example], ratio: float, seed: int, **gener
     return out
 
 
-KINDS = ("real", "swap", "nosent", "nopara")
+KINDS = ("real", "swap", "antonym", "negation", "nosent", "nopara")
 
 
 def negatives_by_kind(
@@ -247,6 +322,10 @@ def negatives_by_kind(
         question = swap_question(e, names, rng) if names else None
         if question is not None:
             out["swap"].append(_unanswerable(e, "swap", question=question))
+        for kind, edit in (("antonym", antonym_question), ("negation", negated_question)):
+            question = edit(e)
+            if question is not None:
+                out[kind].append(_unanswerable(e, kind, question=question))
         context = remove_answer_sentences(e)
         if context is not None:
             out["nosent"].append(_unanswerable(e, "nosent", context=context))
@@ -276,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m engine.data.negatives",
         description="How well an engine artifact's null score separates each kind of unanswerable question (real, "
-        "question swap, sentence removal, other paragraph) from the answerable questions of a held-out set.",
+        "question swap, antonym edit, negation, sentence removal, other paragraph) from the answerable questions of "
+        "a held-out set.",
     )
     ap.add_argument("artifact", help="engine artifact directory (python -m engine.build_model)")
     ap.add_argument("--eval-set", required=True, help="held-out SQuAD 2.0 JSON (e.g. a run's eval-set.json)")
@@ -306,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"artifact": str(args.artifact), "eval_set": str(args.eval_set), "answerable": len(answerable)}
     result["kinds"] = auc_by_kind(diff, answerable, kinds)
     for kind, r in result["kinds"].items():
-        print(f"{kind:7s} n={r['n']:5d}  AUC {r['auc']:.3f}")
+        print(f"{kind:8s} n={r['n']:5d}  AUC {r['auc']:.3f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

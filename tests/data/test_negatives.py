@@ -1,14 +1,18 @@
 """Tests for engine.data.negatives: sentence removal never leaks the answer, and sampling is seeded."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 from engine.data.negatives import (
+    ANTONYMS,
+    antonym_question,
     auc_by_kind,
     main,
     make_negatives,
+    negated_question,
     negatives_by_kind,
     question_slots,
     remove_answer_sentences,
@@ -178,6 +182,74 @@ def test_make_negatives_swap_share_keeps_the_context_and_is_deterministic():
         make_negatives(pool, 1.0, 0, other_paragraph_share=0.6, swap_share=0.6)
 
 
+def _q(question: str, context: str, impossible: bool = False) -> Example:
+    return Example("q", question, context, () if impossible else ((context.split()[0], 0),), impossible, "T")
+
+
+def test_antonym_question_flips_a_word_the_paragraph_uses_into_one_it_does_not():
+    ctx = "Lyon is the largest city of the region, founded before the Romans came."
+    assert antonym_question(_q("Which is the largest city of the region?", ctx)) == (
+        "Which is the smallest city of the region?"
+    )
+    # the first word with a usable opposite wins; "largest" has one that the paragraph uses, so "before" is taken
+    both = ctx + " The smallest is Vienne."
+    assert antonym_question(_q("Was the largest city founded before the Romans?", both)) == (
+        "Was the largest city founded after the Romans?"
+    )
+    assert antonym_question(_q("Which is the largest city?", ctx, impossible=True)) is None
+    assert antonym_question(_q("Which is the oldest city?", ctx)) is None  # the paragraph never says "oldest"
+    # Capitalized words are names ("Last Supper", "Fall Out Boy"), never edited; matching is whole-word only.
+    named = "Lyon hosted the Last Supper show and the utmost care was taken."
+    assert antonym_question(_q("Where was the Last Supper show?", named)) is None
+    assert antonym_question(_q("What was taken with utmost care?", named)) is None
+    assert antonym_question(_q("Which non-public firm grew?", "The non-public firm grew.")) is None
+    assert antonym_question(_q("What did the men and women wear?", "The men wore hats.")) is None
+    assert ANTONYMS["smallest"] == "largest" and ANTONYMS["biggest"] == "smallest"  # the first listed pair wins
+    assert all(ANTONYMS[w] != w and ANTONYMS[w] in ANTONYMS for w in ANTONYMS)
+    assert all(w.islower() and " " not in w for w in ANTONYMS)
+
+
+def test_negated_question_negates_the_auxiliary_over_a_paragraph_that_negates_nothing():
+    ctx = "Gustave Eiffel built the tower in 1889 for the fair."
+    assert negated_question(_q("When did Gustave Eiffel build the tower?", ctx)) == (
+        "When didn't Gustave Eiffel build the tower?"
+    )
+    assert negated_question(_q("In what year was the tower built?", ctx)) == "In what year wasn't the tower built?"
+    assert negated_question(_q("Who built the tower?", ctx)) is None  # no auxiliary among words 2-4
+    assert negated_question(_q("When did Eiffel build it?", ctx, impossible=True)) is None
+    for negating in ("It was not cheap.", "He never slept.", "It wasn't cheap.", "It wasn’t cheap.", "No one came."):
+        assert negated_question(_q("When did Gustave Eiffel build the tower?", f"{ctx} {negating}")) is None
+    assert negated_question(_q("Why didn't Eiffel build it?", ctx)) is None  # already negative
+
+
+def test_make_negatives_antonym_and_negation_shares():
+    ctx = "In {y} the largest firm, run by Ada, grew."
+    pool = [
+        Example(
+            f"a{i}",
+            f"When did the largest firm grow in {1880 + i}?",
+            ctx.format(y=1880 + i),
+            (("Ada", 30),),
+            False,
+            "T",
+        )
+        for i in range(10)
+    ]
+    neg = make_negatives(pool, ratio=1.0, seed=0, real_factor=0, antonym_share=0.5, negation_share=0.5)
+    kinds = {e.qid.rsplit("_", 1)[1] for e in neg}
+    assert kinds == {"antonym", "negation"} and len(neg) == 10
+    assert sum(e.qid.endswith("_antonym") for e in neg) == 5  # each share of the budget, one edit per question
+    by_qid = {e.qid: e for e in pool}
+    for e in neg:
+        kind = e.qid.rsplit("_", 1)[1]
+        src = by_qid[e.qid.removesuffix(f"_{kind}")]
+        assert e.is_impossible and e.answers == () and e.context == src.context
+        assert ("smallest" in e.question) if kind == "antonym" else ("didn't" in e.question)
+    assert neg == make_negatives(pool, ratio=1.0, seed=0, real_factor=0, antonym_share=0.5, negation_share=0.5)
+    with pytest.raises(ValueError, match="negation_share 0.6"):
+        make_negatives(pool, 1.0, 0, antonym_share=0.5, negation_share=0.6)
+
+
 def _named_pool() -> list[Example]:
     """Two articles whose questions name what their paragraphs mention (so swaps exist), plus real unanswerables."""
     out = []
@@ -192,8 +264,10 @@ def _named_pool() -> list[Example]:
 def test_negatives_by_kind_keeps_each_kind_to_itself():
     pool = _named_pool()
     kinds = negatives_by_kind(pool, seed=0)
-    assert set(kinds) == {"real", "swap", "nosent", "nopara"}
+    assert set(kinds) == {"real", "swap", "antonym", "negation", "nosent", "nopara"}
     assert [e.qid for e in kinds["real"]] == ["u0", "u1"]
+    assert kinds["antonym"] == []  # no question here has a word with an opposite
+    assert [e.question for e in kinds["negation"]][:1] == ["When didn't Gustave Eiffel build a tower?"]
     by_qid = {e.qid: e for e in pool}
     for kind in ("swap", "nosent", "nopara"):
         assert kinds[kind], kind
@@ -217,8 +291,10 @@ def test_auc_by_kind_scores_each_kind_against_the_answerables():
     diff = {e.qid: 0.0 for e in answerable}
     diff |= {e.qid: 5.0 for e in kinds["swap"]} | {e.qid: 0.0 for e in kinds["nosent"]}
     diff |= {e.qid: -5.0 for e in kinds["real"]} | {e.qid: 1.0 + i for i, e in enumerate(kinds["nopara"])}
+    diff |= {e.qid: 5.0 for e in kinds["negation"]}
     got = auc_by_kind(diff, answerable, kinds)
-    assert got["swap"] == {"n": len(kinds["swap"]), "auc": 1.0}
+    assert "antonym" not in got  # an empty kind is left out
+    assert got["swap"] == {"n": len(kinds["swap"]), "auc": 1.0} == got["negation"]
     assert got["nosent"]["auc"] == 0.5 and got["real"]["auc"] == 0.0 and got["nopara"]["auc"] == 1.0
     assert "swap" not in auc_by_kind(diff, answerable, {**kinds, "swap": []})
     with pytest.raises(ValueError, match="answerable"):
@@ -247,7 +323,7 @@ def test_cli_scores_an_artifact_on_a_held_out_set(tiny_bert, tmp_path, capsys):
     out = tmp_path / "kinds.json"
     assert main([str(art), "--eval-set", str(path), "--threads", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["answerable"] == 6 and set(result["kinds"]) == {"real", "swap", "nosent", "nopara"}
+    assert result["answerable"] == 6 and set(result["kinds"]) == {"real", "swap", "negation", "nosent", "nopara"}
     assert result["kinds"]["real"]["n"] == 2 and all(0.0 <= r["auc"] <= 1.0 for r in result["kinds"].values())
     printed = capsys.readouterr().out
     assert all(kind in printed for kind in result["kinds"])
@@ -286,3 +362,25 @@ def test_real_train_swaps_ask_about_something_the_paragraph_lacks():
         tail = tail[tail.find(" ") :] if " " in tail else ""
         new = b[len(head) : len(b) - len(tail)].strip("?.,\"'")
         assert new and new.lower() not in e.context.lower(), (a, b, new)
+
+
+@needs_data
+def test_real_train_antonym_and_negation_edits_ask_what_the_paragraph_does_not_say():
+    examples = [e for p in find_train_files(Path(DATA)) for e in load_squad(p)][:20000]
+    neg = make_negatives(examples, ratio=0.3, seed=0, antonym_share=0.2, negation_share=0.8)
+    by_qid = {e.qid: e for e in examples}
+    antonyms = [e for e in neg if e.qid.endswith("_antonym")]
+    negations = [e for e in neg if e.qid.endswith("_negation")]
+    # each share of the generated budget is filled (antonyms are rarer: about one question in eight has one)
+    generated = round(0.3 * sum(not e.is_impossible for e in examples)) - 2 * sum(e.is_impossible for e in examples)
+    assert len(antonyms) == round(0.2 * generated) and len(negations) == round(0.8 * generated)
+    for e in antonyms:
+        src = by_qid[e.qid.removesuffix("_antonym")]
+        old, new = src.question.split(" "), e.question.split(" ")
+        changed = [(a, b) for a, b in zip(old, new, strict=True) if a != b]  # one word, in place
+        assert len(changed) == 1 and e.context == src.context, (src.question, e.question)
+        was, now = (w.strip("?,.;:\"'()") for w in changed[0])
+        assert ANTONYMS[was] == now and was in re.findall(r"[a-z]+", e.context.lower())
+        assert now not in re.findall(r"[a-z]+", e.context.lower())
+    for e in negations:
+        assert "n't" in e.question and "n't" not in by_qid[e.qid.removesuffix("_negation")].question
