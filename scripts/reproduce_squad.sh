@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the accuracy/speed rows of RESULTS.md on real SQuAD 2.0 (CPU). Stages can be run one at a time:
-#   scripts/reproduce_squad.sh teacher|teacher-v2|teacher-v3|teacher-v3c|teacher-v3s|teacher-cpu|l0|l0-speedup [X]|
+#   scripts/reproduce_squad.sh teacher|teacher-v2|teacher-v3|teacher-v3c|teacher-v3s|teacher-cpu|teacher-swap RUN|l0|l0-speedup [X]|
 #                              importance|random|nodistill|
 #                              more RUN STEPS|fast [T]|fast-speedup [X]|importance-noft [T]|eval|all
 # Outputs go to $RUNS (default ./runs, git-ignored); evaluation JSON to bench/results/ (GEN=v3, the current teacher),
@@ -75,19 +75,21 @@ teacher_v3() {  # TEACHER_V3_STEPS (default 3 epochs of the 4,400 steps of 32 wi
 }
 teacher_cpu() {  # a dense teacher that one CPU session can train: 1,600 steps of 32 windows (0.36 epoch) on the v2
   # data and held-out article, lr 1e-4; 48 minutes on 2 cores. Post-training pruning experiments start from it.
-  $PY -m engine.finetune --model "$MINILM" "${V2[@]}" --out "$RUNS/teacher-cpu" --max-steps 1600 --lr 1e-4 \
-      --warmup 0.06 --eval-every 800 --log-every 25 --no-progress --resume
+  # TEACHER_CPU_STEPS=4463 TAG=-e1: one whole epoch, the learning rate decayed to 0 (about 2 hours; resumable).
+  local steps=${TEACHER_CPU_STEPS:-1600}
+  $PY -m engine.finetune --model "$MINILM" "${V2[@]}" --out "$RUNS/teacher-cpu$TAG" --max-steps "$steps" --lr 1e-4 \
+      --warmup 0.06 --eval-every "${TEACHER_CPU_EVAL_EVERY:-$((steps / 2))}" --log-every 25 --no-progress --resume
 }
 teacher_v3c() {  # teacher v3 continued on the CPU: its GPU run stopped mid-schedule (lr 5.3e-5); 1,200 more steps of
   # 32 windows (0.27 epoch, new shuffle), lr 3e-5 decayed to 0, held-out evaluation every 300 steps (72 min on 2 cores)
   $PY -m engine.finetune --model "$RUNS/teacher-v3" "${V2[@]}" --device "$DEVICE" --out "$RUNS/teacher-v3c" \
       --max-steps 1200 --lr 3e-5 --warmup 0.03 --seed 1 --eval-every 300 --log-every 25 --no-progress --resume
 }
-teacher_v3s() {  # teacher v3c continued with question-swap negatives (docs/TRAINING.md "Harder negatives"): half of
+teacher_swap() {  # $1 continued with question-swap negatives into $2 (docs/TRAINING.md "Harder negatives"): half of
   # the generated negatives swap a name or number of the question; 800 steps of 32 windows, lr 3e-5 decayed to 0,
-  # held-out evaluation every 200 steps (about 50 min on 2 cores)
-  $PY -m engine.finetune --model "$RUNS/teacher-v3c" "${V2[@]}" --device "$DEVICE" --swap-share "${SWAP_SHARE:-0.5}" \
-      --out "$RUNS/teacher-v3s$TAG" --max-steps "${TEACHER_V3S_STEPS:-800}" --lr 3e-5 --warmup 0.05 --seed 2 \
+  # held-out evaluation every 200 steps (about 25-50 min on 2 cores). teacher-v3s is teacher v3c's.
+  $PY -m engine.finetune --model "$RUNS/$1" "${V2[@]}" --device "$DEVICE" --swap-share "${SWAP_SHARE:-0.5}" \
+      --out "$RUNS/$2" --max-steps "${TEACHER_V3S_STEPS:-800}" --lr 3e-5 --warmup 0.05 --seed 2 \
       --eval-every 200 --log-every 25 --no-progress --resume
 }
 l0() {  # $1 = target FLOP sparsity; any further arguments go to engine.prune (e.g. --eval-every 250)
@@ -180,7 +182,8 @@ case "${1:-all}" in
   teacher-v3) teacher_v3 ;;
   teacher-cpu) teacher_cpu ;;
   teacher-v3c) teacher_v3c ;;
-  teacher-v3s) teacher_v3s ;;
+  teacher-v3s) teacher_swap teacher-v3c "teacher-v3s$TAG" ;;
+  teacher-swap) teacher_swap "$2" "$2-s" ;;
   l0) l0 "${2:-0.5}" "${@:3}" ;;
   l0-speedup) l0_speedup "${2:-1.5}" ;;
   nodistill) nodistill "${2:-0.5}" ;;
@@ -192,7 +195,7 @@ case "${1:-all}" in
   importance-noft) importance_noft "${2:-0.4}" ;;
   eval) shift; evaluate "$@" ;;
   all) teacher; l0 0.5; baseline importance; evaluate ;;
-  *) echo "usage: $0 teacher|teacher-v2|teacher-v3|teacher-v3c|teacher-v3s|teacher-cpu|l0 [target]|l0-speedup [x]|" \
+  *) echo "usage: $0 teacher|teacher-v2|teacher-v3|teacher-v3c|teacher-v3s|teacher-cpu|teacher-swap RUN|l0 [target]|l0-speedup [x]|" \
           "nodistill|importance|random|" \
           "more RUN STEPS|fast [target]|" \
           "fast-speedup [x]|importance-noft [target]|eval [RUN ...]|all" >&2; exit 2 ;;
