@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the accuracy/speed rows of RESULTS.md on real SQuAD 2.0 (CPU). Stages can be run one at a time:
-#   scripts/reproduce_squad.sh teacher|teacher-v2|teacher-v3|teacher-v3c|teacher-v3s|teacher-cpu|teacher-swap RUN|l0|l0-speedup [X]|
+#   scripts/reproduce_squad.sh teacher|teacher-v2|teacher-v3|teacher-v3c|teacher-v3s|teacher-cpu|
+#                              teacher-swap RUN [SUFFIX]|l0|l0-speedup [X]|
 #                              importance|random|nodistill|
 #                              more RUN STEPS|fast [T]|fast-speedup [X]|importance-noft [T]|eval|all
 # Outputs go to $RUNS (default ./runs, git-ignored); evaluation JSON to bench/results/ (GEN=v3, the current teacher),
@@ -87,8 +88,10 @@ teacher_v3c() {  # teacher v3 continued on the CPU: its GPU run stopped mid-sche
 }
 teacher_swap() {  # $1 continued with question-swap negatives into $2 (docs/TRAINING.md "Harder negatives"): half of
   # the generated negatives swap a name or number of the question; 800 steps of 32 windows, lr 3e-5 decayed to 0,
-  # held-out evaluation every 200 steps (about 25-50 min on 2 cores). teacher-v3s is teacher v3c's.
+  # held-out evaluation every 200 steps (about 25-50 min on 2 cores). teacher-v3s is teacher v3c's. ANTONYM_SHARE and
+  # NEGATION_SHARE (default 0) give shares of the generated negatives to antonym edits and negations.
   $PY -m engine.finetune --model "$RUNS/$1" "${V2[@]}" --device "$DEVICE" --swap-share "${SWAP_SHARE:-0.5}" \
+      --antonym-share "${ANTONYM_SHARE:-0}" --negation-share "${NEGATION_SHARE:-0}" \
       --out "$RUNS/$2" --max-steps "${TEACHER_V3S_STEPS:-800}" --lr 3e-5 --warmup 0.05 --seed 2 \
       --eval-every 200 --log-every 25 --no-progress --resume
 }
@@ -183,7 +186,7 @@ case "${1:-all}" in
   teacher-cpu) teacher_cpu ;;
   teacher-v3c) teacher_v3c ;;
   teacher-v3s) teacher_swap teacher-v3c "teacher-v3s$TAG" ;;
-  teacher-swap) teacher_swap "$2" "$2-s" ;;
+  teacher-swap) teacher_swap "$2" "$2${3:--s}" ;;
   l0) l0 "${2:-0.5}" "${@:3}" ;;
   l0-speedup) l0_speedup "${2:-1.5}" ;;
   nodistill) nodistill "${2:-0.5}" ;;
@@ -195,7 +198,8 @@ case "${1:-all}" in
   importance-noft) importance_noft "${2:-0.4}" ;;
   eval) shift; evaluate "$@" ;;
   all) teacher; l0 0.5; baseline importance; evaluate ;;
-  *) echo "usage: $0 teacher|teacher-v2|teacher-v3|teacher-v3c|teacher-v3s|teacher-cpu|teacher-swap RUN|l0 [target]|l0-speedup [x]|" \
+  *) echo "usage: $0 teacher|teacher-v2|teacher-v3|teacher-v3c|teacher-v3s|teacher-cpu|teacher-swap RUN [SUFFIX]|" \
+          "l0 [target]|l0-speedup [x]|" \
           "nodistill|importance|random|" \
           "more RUN STEPS|fast [target]|" \
           "fast-speedup [x]|importance-noft [target]|eval [RUN ...]|all" >&2; exit 2 ;;
