@@ -27,8 +27,47 @@ _ACTIVATIONS = {
 }
 
 
+def _keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
+    """Bool mask of `shape`, each element True with probability 1 - p (p rounded to a multiple of 2^-16).
+
+    Each 64-bit draw of torch's generator gives four 16-bit uniforms, so a mask costs a quarter of the draws that
+    `bernoulli_` makes (one per element): on the CPU that is most of hidden-state dropout's time (docs/TRAINING.md).
+    """
+    n = shape.numel()
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)  # uniform 64-bit words
+    return words.view(torch.int16)[:n].view(shape) >= -32768 + round(p * 65536)
+
+
+class Dropout(nn.Module):
+    """Hidden-state dropout (as `nn.Dropout`; a no-op in eval). On the CPU its mask comes from `_keep_mask`."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu" or self.p == 1.0:
+            return F.dropout(x, self.p, True)
+        return x * _keep_mask(x.shape, self.p).to(x.dtype) * (1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 def attention_packed(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-    """Bidirectional attention over packed `qkv` `[T, 3, h, dh]` -> `[T, h*dh]`, one sequence never sees another."""
+    """Bidirectional attention over packed `qkv` `[T, 3, h, dh]` -> `[T, h*dh]`, one sequence never sees another.
+
+    bf16 `qkv` on the CPU (bf16 autocast training) is attended in fp32 and returned in fp32: the CPU's SDPA forward
+    + backward is slower in bf16 than in fp32 (docs/TRAINING.md, "Speed on CPU"), and bf16 only adds error there,
+    as in the engine's bf16 artifacts (docs/PRECISION.md).
+    """
+    if qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16:
+        with torch.autocast("cpu", enabled=False):
+            return attention_packed(qkv.float(), cu_seqlens, max_seqlen)
     total, _, h, dh = qkv.shape
     batch = cu_seqlens.numel() - 1
     if batch > 0 and total == batch * max_seqlen:
@@ -79,7 +118,7 @@ class Layer(nn.Module):
 
     def __init__(self, cfg: EncoderConfig, index: int, dropout: float = 0.0):
         super().__init__()
-        self.drop = nn.Dropout(dropout)  # training only; a no-op in eval
+        self.drop = Dropout(dropout)  # training only; a no-op in eval
         d, self.heads, self.head_dim, self.ffn_width = cfg.hidden, cfg.heads[index], cfg.head_dim, cfg.ffn[index]
         width = self.heads * self.head_dim
         with warnings.catch_warnings():  # pruned-away sublayers have zero-element weights; nothing to initialise
@@ -118,7 +157,7 @@ class RaggedQAModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embeddings = Embeddings(cfg)
-        self.emb_drop = nn.Dropout(dropout)
+        self.emb_drop = Dropout(dropout)
         self.layers = nn.ModuleList(Layer(cfg, i, dropout) for i in range(cfg.num_layers))
         self.qa = nn.Linear(cfg.hidden, 2)
 

@@ -180,3 +180,60 @@ def test_expected_flops_at_closed_open_gates_equal_exported_count(tmp_path, seq)
     assert float(gated.expected_sparsity(ck.cfg, seq)) == pytest.approx(
         1 - encoder_flops(cfg, 1, seq) / dense, abs=1e-6
     )
+
+
+@pytest.mark.parametrize("p", [0.1, 0.37, 0.5])
+def test_dropout_keeps_each_element_with_probability_one_minus_p(p):
+    from engine.model import Dropout
+
+    drop = Dropout(p).train()
+    x = torch.rand(1000, 1001) + 0.5  # no zeros of its own; an odd element count (not a multiple of 4)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    n = x.numel()
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5 + 2**-16
+    assert torch.equal(y[kept], x[kept] * (1.0 / (1.0 - p)))  # survivors scaled, as nn.Dropout does
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # seeded by torch's generator, so a resumed run draws the same masks
+    rows = kept.float().mean(1)  # no stripes: every row keeps about 1 - p of its elements
+    assert (rows - (1 - p)).abs().max() < 6 * (p * (1 - p) / x.shape[1]) ** 0.5
+    x.requires_grad_(True)
+    torch.manual_seed(1)
+    drop(x).sum().backward()
+    torch.manual_seed(1)
+    assert torch.equal(x.grad, drop(torch.ones_like(x)))  # gradient: the same mask, the same scale
+
+
+def test_dropout_edge_cases():
+    from engine.model import Dropout
+
+    x = torch.randn(7, 5)
+    assert Dropout(0.5).eval()(x) is x and Dropout(0.0).train()(x) is x
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+    y = Dropout(0.25).train()(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    assert Dropout(0.0).train()(torch.empty(0, 384)).shape == (0, 384)
+    assert Dropout(0.3).train()(torch.empty(0, 384)).shape == (0, 384)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="dropout probability"):
+            Dropout(bad)
+
+
+@pytest.mark.parametrize("lengths", [[37, 37, 37], [40, 33, 38], [5, 61, 1]])  # equal, padded, one call each
+def test_bf16_attention_on_cpu_runs_in_fp32(lengths):
+    from engine.model import attention_packed
+
+    torch.manual_seed(0)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    qkv = torch.randn(sum(lengths), 3, 3, 8).bfloat16()
+    want = attention_packed(qkv.float(), cu, max(lengths))  # fp32 attention of the bf16 inputs
+    got = attention_packed(qkv, cu, max(lengths))
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    with torch.autocast("cpu", torch.bfloat16):  # autocast does not send it back to bf16
+        assert torch.equal(attention_packed(qkv, cu, max(lengths)), want)
+    for k in range(len(lengths)):  # and each sequence attends only to itself
+        a, b = cu[k].item(), cu[k + 1].item()
+        q, kk, v = qkv[a:b].float().permute(1, 2, 0, 3).unbind(0)
+        ref = torch.softmax(q @ kk.transpose(-1, -2) / 8**0.5, -1) @ v
+        torch.testing.assert_close(got[a:b], ref.transpose(0, 1).reshape(b - a, 24), atol=1e-5, rtol=1e-5)
