@@ -22,13 +22,14 @@ def train_table(path: Path) -> str:
         f"Machine: {first['cpu']}, {first['threads']} threads; MiniLM-L6 at batch {first['batch']} x seq "
         f"{first['seq']} (real SQuAD windows); GEMM peak measured in the same run (GFLOP/s): {peaks}. "
         "Variants are timed interleaved in one process.\n",
-        "| step | windows/s | vs HF padded | train GFLOP/s | % of GEMM peak |",
-        "|---|---|---|---|---|",
+        "| step | precision | windows/s | vs HF padded | train GFLOP/s | % of that precision's GEMM peak |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
+        precision = r.get("precision", "bf16" if r["provider"] == "ours-bf16" else "fp32")
         out.append(
-            f"| {r['provider']} | {r['windows_per_s']:.2f} | {r['vs_hf_padded']:.2f}x | {r['train_gflops']:.1f} | "
-            f"{r['pct_of_peak']:.0f}% |"
+            f"| {r['provider']} | {precision} | {r['windows_per_s']:.2f} | {r['vs_hf_padded']:.2f}x | "
+            f"{r['train_gflops']:.1f} | {r['pct_of_peak']:.0f}% |"
         )
     return "\n".join(out)
 

@@ -8,6 +8,8 @@ interleaved round by round, at the same thread count:
   (c) ours-bf16   the same under bf16 autocast (skipped, with the reason, on CPUs without native bf16 GEMMs);
   (d) distill-cached  the student step with teacher logits read from a cache (engine.train.teacher);
   (e) distill-live    the same with the teacher run live.
+(d) and (e) run in the trainer's default precision (`--precision auto`: bf16 where the CPU has native bf16 GEMMs,
+else fp32), as engine.prune's and engine.prune_fast's students do; `extra_info["precision"]` says which.
 Training GFLOP/s counts 3x the encoder forward FLOPs of the real (unpadded) tokens; the fp32 and bf16 GEMM peaks
 are measured in the same run. Each provider's `extra_info` holds its interleaved median and its ratio to (a).
 """
@@ -114,13 +116,15 @@ def measured():
         hf_opt.step()
 
     cache = {id(b): teacher.logits(range(len(b)), collate(b)[0], False)[:2] for b in batches}
+    auto = bf16_native(torch.device("cpu"))  # what --precision auto picks here
     steps = {
         "hf-padded": baseline,
         "ours-fp32": ours,
         "ours-bf16": lambda b: ours(b, bf16=True),
-        "distill-cached": lambda b: ours(b, distill="cached"),
-        "distill-live": lambda b: ours(b, distill="live"),
+        "distill-cached": lambda b: ours(b, bf16=auto, distill="cached"),
+        "distill-live": lambda b: ours(b, bf16=auto, distill="live"),
     }
+    precision = {p: "bf16" if p == "ours-bf16" or (p.startswith("distill") and auto) else "fp32" for p in steps}
     skipped = (
         {}
         if bf16_native(torch.device("cpu"))
@@ -145,6 +149,7 @@ def measured():
         "flops": statistics.mean(flops),
         "peaks": peaks,
         "skipped": skipped,
+        "precision": precision,
     }
 
 
@@ -155,10 +160,12 @@ def test_train_throughput(benchmark, measured, provider):
     med = statistics.median(measured["times"][provider])
     base = statistics.median(measured["times"]["hf-padded"])
     gflops = measured["flops"] / med / 1e9
-    peak = measured["peaks"]["bf16" if provider == "ours-bf16" else "fp32"]
+    precision = measured["precision"][provider]
+    peak = measured["peaks"][precision]
     benchmark.extra_info.update(
         {
             "provider": provider,
+            "precision": precision,
             "model": "minilm-dense",
             "batch": BATCH,
             "seq": SEQ,
