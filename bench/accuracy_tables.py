@@ -87,7 +87,10 @@ GROUPS = (
         "windows of the same shuffle (`--distill-samples`). Rows up to the `-kd64`/`-kd96` ones store the held-out "
         "best-F1 threshold (`--threshold-rule heldout`); the `-kdNsMk` rows store the threshold at which the student "
         "abstains on as many held-out questions as the teacher (`teacher-rate`, now the default), and "
-        "`-thrheldout` is the same model with the held-out argmax instead. Scored on the 2-core CPU (cpp backend, "
+        "`-thrheldout` is the same model with the held-out argmax instead. `teacher-cpu-e1`: the teacher-cpu recipe "
+        "for one whole epoch (4,463 steps, `TEACHER_CPU_STEPS=4463 TAG=-e1`), and `teacher-cpu-e1-s`: that teacher "
+        "continued for 800 steps with question-swap negatives (`teacher-swap teacher-cpu-e1`; docs/TRAINING.md); "
+        "their losses are against teacher-cpu, so negative numbers are gains. Scored on the 2-core CPU (cpp backend, "
         "fp32).",
         (
             (
