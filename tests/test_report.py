@@ -580,7 +580,8 @@ def test_suite_sections_come_from_the_committed_results(tmp_path: Path):
         assert f"## {title}" in text or title in text, title
     for b in json.loads((committed / "train.json").read_text())["benchmarks"]:
         i = b["extra_info"]
-        assert f"| {i['provider']} | {i['windows_per_s']:.2f} | {i['vs_hf_padded']:.2f}x |" in text
+        precision = i.get("precision", "bf16" if i["provider"] == "ours-bf16" else "fp32")
+        assert f"| {i['provider']} | {precision} | {i['windows_per_s']:.2f} | {i['vs_hf_padded']:.2f}x |" in text
     serve = json.loads((committed / "serve.json").read_text())
     for r in serve["rows"]:
         assert f"| {r['server']} | {r['clients']} | {r['qps']:.1f} | {r['p50_ms']:.0f} |" in text
