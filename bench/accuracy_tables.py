@@ -89,8 +89,9 @@ GROUPS = (
         "abstains on as many held-out questions as the teacher (`teacher-rate`, now the default), and "
         "`-thrheldout` is the same model with the held-out argmax instead. `teacher-cpu-e1`: the teacher-cpu recipe "
         "for one whole epoch (4,463 steps, `TEACHER_CPU_STEPS=4463 TAG=-e1`), and `teacher-cpu-e1-s`: that teacher "
-        "continued for 800 steps with question-swap negatives (`teacher-swap teacher-cpu-e1`; docs/TRAINING.md); "
-        "their losses are against teacher-cpu, so negative numbers are gains. Scored on the 2-core CPU (cpp backend, "
+        "continued for 800 steps with question-swap negatives (`teacher-swap teacher-cpu-e1`; docs/TRAINING.md), "
+        "`-sn` the same with 30% swaps, 10% antonym edits and 10% negations; their losses are against teacher-cpu, "
+        "so negative numbers are gains. Scored on the 2-core CPU (cpp backend, "
         "fp32).",
         (
             (
