@@ -125,11 +125,7 @@ def measured():
         "distill-live": lambda b: ours(b, bf16=auto, distill="live"),
     }
     precision = {p: "bf16" if p == "ours-bf16" or (p.startswith("distill") and auto) else "fp32" for p in steps}
-    skipped = (
-        {}
-        if bf16_native(torch.device("cpu"))
-        else {"ours-bf16": "this CPU has no native bf16 GEMMs (no AVX512-BF16/AMX)"}
-    )
+    skipped = {} if auto else {"ours-bf16": "this CPU has no native bf16 GEMMs (no AVX512-BF16/AMX)"}
     times: dict[str, list[float]] = {p: [] for p in PROVIDERS if p not in skipped}
     for p in times:
         steps[p](batches[0])  # warm-up

@@ -180,10 +180,10 @@ def antonym_question(e: Example) -> str | None:
     if e.is_impossible:
         return None
     used = set(re.findall(r"[a-z]+", e.context.lower()))  # loosely: "men's" and "non-public" use "men", "public"
-    asked = set(re.findall(r"[a-z]+", e.question.lower()))  # "men and women" must not become "men and men"
+    taken = used | set(re.findall(r"[a-z]+", e.question.lower()))  # "men and women" must not become "men and men"
     for m in _LOWER_WORD.finditer(e.question):
         word = m.group(0)
-        if word in ANTONYMS and word in used and ANTONYMS[word] not in used | asked:
+        if word in ANTONYMS and word in used and ANTONYMS[word] not in taken:
             return e.question[: m.start()] + ANTONYMS[word] + e.question[m.end() :]
     return None
 
@@ -209,6 +209,10 @@ def negated_question(e: Example) -> str | None:
         if negative is not None:
             return " ".join(words[:k] + [negative] + words[k + 1 :])
     return None
+
+
+# The question edits that need nothing but the example itself, in the order make_negatives fills them.
+_QUESTION_EDITS = (("antonym", antonym_question), ("negation", negated_question))
 
 
 def make_negatives(
@@ -253,13 +257,9 @@ def make_negatives(
     rng.shuffle(order)
     used: set[int] = set()
     names = question_names(answerable) if round(swap_share * remaining) > 0 else []
-    edits = (
-        ("swap", swap_share, (lambda e: swap_question(e, names, rng)) if names else None),
-        ("antonym", antonym_share, antonym_question),
-        ("negation", negation_share, negated_question),
-    )
-    for kind, share, edit in edits:
-        quota = len(out) + round(share * remaining)
+    swap = (lambda e: swap_question(e, names, rng)) if names else None
+    for kind, edit in (("swap", swap), *_QUESTION_EDITS):
+        quota = len(out) + round(shares[f"{kind}_share"] * remaining)
         for i in order if edit is not None and quota > len(out) else ():
             if len(out) >= quota:
                 break
@@ -322,7 +322,7 @@ def negatives_by_kind(
         question = swap_question(e, names, rng) if names else None
         if question is not None:
             out["swap"].append(_unanswerable(e, "swap", question=question))
-        for kind, edit in (("antonym", antonym_question), ("negation", negated_question)):
+        for kind, edit in _QUESTION_EDITS:
             question = edit(e)
             if question is not None:
                 out[kind].append(_unanswerable(e, kind, question=question))
