@@ -1,7 +1,8 @@
 """`python -m bench.accuracy_rows`: write bench/results/accuracy.json for the report from evaluated runs.
 
-Four groups (bench.accuracy_tables.GROUPS), each with its own dense teacher (its `eval-teacher*.json`
-with the shortest name, i.e. the fp32 build):
+Five groups (bench.accuracy_tables.GROUPS), each with its own dense teacher (the one the group names, else its
+`eval-teacher*.json` with the shortest name, i.e. the fp32 build):
+  cpu-e1    bench/results/cpu-e1/eval-NAME.json     teacher-cpu-e1-sn2 and its students (scripts/cpu_session.sh)
   current   bench/results/eval-NAME.json            the current teacher (teacher-v3) and its students
   cpu       bench/results/cpu/eval-NAME.json        teacher-cpu (one CPU session) and post-training runs from it
   v2        bench/results/v2/eval-NAME.json         the superseded teacher-v2 and its students
@@ -16,13 +17,15 @@ their FLOPs), so the file can be regenerated where the artifacts are gone. Two q
 labelled as quoted.
 
 Output (`--out`, default RESULTS/accuracy.json):
-  {"current":  {"folder": "bench/results", "teacher": "teacher-v3" | null, "rows": [ROW, ...]},
+  {"cpu-e1":   {"folder": "bench/results/cpu-e1", "teacher": "teacher-cpu-e1-sn2" | null, "rows": [ROW, ...]},
+   "current":  {"folder": "bench/results", "teacher": "teacher-v3" | null, "rows": [ROW, ...]},
    "cpu":      {"folder": "bench/results/cpu", "teacher": "teacher-cpu" | null, "rows": [ROW, ...]},
    "v2":       {"folder": "bench/results/v2", "teacher": "teacher-v2" | null, "rows": [ROW, ...]},
    "previous": {"folder": "bench/results/previous", "teacher": "teacher-minilm" | null, "rows": [ROW, ...]},
    "quoted":   [{"name", "note", "quoted": {"exact", "f1", "f1_stored", "HasAns_f1", "NoAns_f1", "flops", ...}}]}
   Older files (a flat list = one teacher, read as "previous"; or only "current" and "previous") are still read.
   ROW = {"name", "eval": path (relative to the repository root when inside it), "artifact_flops", "dense_flops",
+         "artifact_bytes" (the artifact's size on disk, when it was ever measured here),
          "command", "latency": {"1x384"|"8x384": {"ms", "provider", "speedup_vs_teacher", "speedup_vs_hf_eager",
          "stand_in" (the teacher row, timed as DENSE_ENGINE_MODEL)}} (optional),
          "speedup": the (8,384) speedup over the group teacher (optional)}
@@ -36,7 +39,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.accuracy_tables import GROUPS
+from bench.accuracy_tables import GROUP, GROUPS
 from engine.artifact import read_manifest
 from engine.config import EncoderConfig
 from engine.flops import encoder_flops
@@ -109,6 +112,16 @@ def artifact_flops(eval_path: Path, stored: dict[str, Any] | None, use_artifacts
     return int(stored["artifact_flops"])
 
 
+def artifact_bytes(eval_path: Path, stored: dict[str, Any] | None, use_artifacts: bool = True) -> int | None:
+    """Bytes on disk of the artifact an eval file scored (every file of its folder): measured when it is on this
+    machine, else the stored row's, else None."""
+    art = Path(json.loads(eval_path.read_text())["artifact"])
+    art = art if art.is_absolute() else ROOT / art
+    if use_artifacts and (art / "engine.json").is_file():
+        return sum(f.stat().st_size for f in art.iterdir() if f.is_file())
+    return stored.get("artifact_bytes") if stored else None
+
+
 def _join_latency(rows: list[dict[str, Any]], path: Path, teacher: str) -> None:
     """Add CPU medians from a bench/test_students.py file: ms per shape, the speedup over the group's dense teacher on
     the same engine and over dense fp32 HF eager. A teacher whose artifact was not timed (it was built on another
@@ -153,21 +166,26 @@ def group_rows(
     if not evals:
         return out
     teachers = [p for p in evals if p.stem.startswith("eval-teacher")]
+    named = GROUP[group].teacher if group in GROUP else None
+    if named:
+        teachers = [p for p in teachers if p.stem == f"eval-{named}"]
+        if not teachers:
+            raise RowsError(f"{folder} has eval files but not the group teacher's eval-{named}.json: evaluate it first")
     if not teachers:
         raise RowsError(f"{folder} has eval files but no eval-teacher*.json: evaluate the group's dense teacher first")
     teacher = min(teachers, key=lambda p: len(p.stem))  # the fp32 teacher, not its -int8 or -bfloat16 builds
     name_of = {p: p.stem.removeprefix("eval-") for p in evals}
     flops = {p: artifact_flops(p, stored_row(stored, group, name_of[p]), use_artifacts) for p in evals}
     for p in evals:
-        out["rows"].append(
-            {
-                "name": name_of[p],
-                "eval": _rel(p),
-                "artifact_flops": flops[p],
-                "dense_flops": flops[teacher],
-                "command": f"scripts/reproduce_squad.sh (run {name_of[p]}); python -m engine.evaluate ... --data dev",
-            }
-        )
+        row = {
+            "name": name_of[p],
+            "eval": _rel(p),
+            "artifact_flops": flops[p],
+            "dense_flops": flops[teacher],
+            "command": f"scripts/reproduce_squad.sh (run {name_of[p]}); python -m engine.evaluate ... --data dev",
+        }
+        size = artifact_bytes(p, stored_row(stored, group, name_of[p]), use_artifacts)
+        out["rows"].append(row if size is None else {**row, "artifact_bytes": size})
     out["teacher"] = name_of[teacher]
     _join_latency(out["rows"], folder / "students.json", name_of[teacher])
     return out

@@ -27,10 +27,23 @@ class Group:
     ablations: tuple[tuple[str, str, str], ...] = ()  # (what it shows, SparseQA's run, the ablation at its budget)
     empty: str | None = None  # shown when the group has no rows; None leaves the section out
     ablation_heading: str = "What distillation and L0 gates buy (same target, same budget)"
+    teacher: str | None = None  # the group's teacher row; None: its shortest eval-teacher* name (the fp32 build)
 
 
-# every teacher generation, newest first; the issue's accuracy targets are judged on TARGETS_GROUP only
+# every teacher generation, newest first; the issue's accuracy targets are judged on one group (targets_group)
 GROUPS = (
+    Group(
+        "cpu-e1",
+        "cpu-e1",
+        "## Teacher-cpu-e1-sn2 (one 2-core session) and its students",
+        "`scripts/cpu_session.sh run` in one 2-core session: `teacher-cpu-e1` (one epoch, 4,463 steps of 32 windows), "
+        "its question-edit round `teacher-cpu-e1-sn2` (800 steps, lr 2e-5: 30% question swaps, 10% antonym edits, "
+        "10% negations; docs/TRAINING.md), the group's teacher, and its students: `fast-cpu-T-teacher-cpu-e1-sn2-"
+        "obs2L-kdNs32k` is engine.prune_fast at T of the encoder FLOPs removed (`--refit all --select obs --scores obs "
+        "--fit-error ln`) then N steps of distillation on 32,768 fresh windows; `bundle-RUN` is RUN as the bundled "
+        "default model would ship (fp16 weights, int8 word embeddings). Scored on the 2-core CPU (cpp backend).",
+        teacher="teacher-cpu-e1-sn2",
+    ),
     Group(
         "current",
         ".",
@@ -241,7 +254,19 @@ GROUPS = (
     ),
 )
 GROUP = {g.name: g for g in GROUPS}
-TARGETS_GROUP = "current"
+BUNDLED = "minilm-l6-squad2-l0-2.1x"  # the default model under models/: a bundle candidate like the bundle-* rows
+BUNDLE_MAX_BYTES = 25_000_000  # the issue's 25 MB, decimal (the stricter reading)
+
+
+TARGET_GROUPS = ("cpu-e1", "current")  # the groups whose teacher the issue's targets may judge, newest first
+
+
+def targets_group(acc: dict[str, Any]) -> str:
+    """The group the issue's accuracy targets are judged on: the newest of TARGET_GROUPS with a teacher row, else the
+    current group (superseded teachers are never judged)."""
+    return next((g for g in TARGET_GROUPS if acc.get(g, {}).get("teacher")), "current")
+
+
 BASELINES = ("nodistill-", "random-", "importance-")  # ablation runs: not candidates for the student targets
 THRESHOLDS = (
     "F1 at threshold 0 rewards abstaining on SQuAD 2.0's unanswerable half (the always-no-answer floor scores 50.07 "
@@ -273,6 +298,7 @@ def load_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "NoAns_f1": z["NoAns_f1"],
                 "threshold": ev["stored_threshold"],
                 "flops": r["artifact_flops"] / r["dense_flops"],
+                "bytes": r.get("artifact_bytes"),
                 "speedup": r.get("speedup"),
                 "latency": r.get("latency", {}),
                 "command": r["command"],
@@ -313,7 +339,8 @@ def losses(teacher: dict[str, Any], p: dict[str, Any]) -> dict[str, float]:
     return {k: teacher[k] - p[k] for k in keys}
 
 
-_TEACHER_ROW = re.compile(r"teacher-\w+")  # a teacher's own fp32 row (teacher-v3c), not a build of it (-fp16)
+# a teacher's own fp32 row (teacher-v3c, teacher-cpu-e1-sn2), not a build of it (teacher-v3-fp16, -int8, -bfloat16)
+_TEACHER_ROW = re.compile(r"teacher(?:-(?!(?:fp16|float16|bfloat16|int8)$)[a-z0-9]+)+")
 
 
 def own_teacher(points: list[dict[str, Any]], p: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
@@ -432,7 +459,28 @@ def accuracy_targets(points: list[dict[str, Any]], teacher: str | None) -> list[
             lost["f1"] <= 2.5 if lost else None,
         )
     )
-    return out
+    return out + bundle_targets(points)
+
+
+def bundle_targets(points: list[dict[str, Any]]) -> list[str]:
+    """The bundled default's targets on its best candidate (the shipped BUNDLED row or a `bundle-*` row; the best is
+    the one whose smaller margin over the two F1 targets is largest): HasAns F1 >= 75 at threshold 0, F1 >= 52.07 at
+    its stored threshold (both through QAEngine.answer_batch, as engine.evaluate scores), <= 25 MB on disk and >= 2x
+    fewer encoder FLOPs than dense MiniLM."""
+    cands = [p for p in points if p["name"] == BUNDLED or p["name"].startswith("bundle-")]
+    b = max(cands, key=lambda p: min(p["HasAns_f1"] - 75.0, p["f1_stored"] - 52.07), default=None)
+    where = f"{b['name']} (stored thr {b['threshold']:.2f})" if b else "the bundled default"
+    size = b and b.get("bytes")
+    return [
+        _target("bundle HasAns F1 (thr 0)", ">= 75.00", where, f"{b['HasAns_f1']:.2f}" if b else "",
+                b["HasAns_f1"] >= 75.0 if b else None),
+        _target("bundle F1 at its stored threshold", ">= 52.07", where, f"{b['f1_stored']:.2f}" if b else "",
+                b["f1_stored"] >= 52.07 if b else None),
+        _target("bundle size on disk", "<= 25 MB", where, f"{size / 1e6:.1f} MB" if size else "",
+                size <= BUNDLE_MAX_BYTES if size else None),
+        _target("bundle encoder FLOPs vs dense", "<= 0.50", where, f"{b['flops']:.3f}" if b else "",
+                b["flops"] <= 0.5 + 1e-9 if b else None),
+    ]  # fmt: skip
 
 
 def accuracy_sections(acc: dict[str, Any]) -> tuple[str, dict[str, list[dict[str, Any]]]]:
@@ -458,3 +506,31 @@ def accuracy_sections(acc: dict[str, Any]) -> tuple[str, dict[str, list[dict[str
         if abl:
             parts.append(f"\n### {group.ablation_heading}\n\n{abl}")
     return "\n".join(parts), points
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.accuracy_tables`: one group's table, its losses and the issue's targets judged on it, from an
+    accuracy.json (`python -m bench.accuracy_rows` writes it), without the rest of RESULTS.md."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bench.accuracy_tables", description=main.__doc__.split("\n")[0])
+    ap.add_argument("--accuracy", type=Path, default=ROOT / "bench" / "results" / "accuracy.json")
+    ap.add_argument("--group", choices=list(GROUP), help="default: the newest group with a teacher row")
+    a = ap.parse_args(argv)
+    if not a.accuracy.is_file():
+        ap.error(f"{a.accuracy} does not exist: run `python -m bench.accuracy_rows` first")
+    acc = json.loads(a.accuracy.read_text())
+    name = a.group or targets_group(acc)
+    g = acc.get(name, {"rows": [], "teacher": None})
+    points = load_points(g["rows"])
+    print(f"{GROUP[name].heading}\n\nTeacher: `{g['teacher']}`.\n\n{accuracy_table(points, [])}")
+    loss = f1_loss_table(points, g["teacher"]) if g["teacher"] else ""
+    if loss:
+        print(f"\nF1 lost against `{g['teacher']}` (positive = worse)\n\n{loss}")
+    print("\n| target | need | judged on | measured | met | - |\n|---|---|---|---|---|---|")
+    print("\n".join(accuracy_targets(points, g["teacher"])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.accuracy_tables import GROUPS, TARGETS_GROUP, accuracy_sections, accuracy_targets
+from bench.accuracy_tables import GROUPS, accuracy_sections, accuracy_targets, targets_group
 from bench.suite_tables import batch_qa_table, coexist_table, serve_table, tokenizer_line, train_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -322,10 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     if acc:
         text, points = accuracy_sections(acc)
         parts.append(text)
+    judged = targets_group(acc)
     if rows:
         parts[targets_at] = (
             "\n## Targets at a glance\n\n"
-            + targets_table(rows, ratios, points[TARGETS_GROUP], repeats, acc.get(TARGETS_GROUP, {}).get("teacher"))
+            + targets_table(rows, ratios, points[judged], repeats, acc.get(judged, {}).get("teacher"))
             + (
                 f"\n\n'other runs': {len(repeats)} more runs of the same suite "
                 "(`bench/results/cpu-repeat-*.json`, each a separate process right after the recorded one)."

