@@ -19,7 +19,8 @@
 # Estimates: each stage's cost is a number of "teacher steps" (one step of 32 windows of MiniLM-L6 training; a
 # training stage's own steps plus its evaluations and set-up, calibrated on the 2-core Xeon with AMX, about 1.1 s per
 # step in bf16), times this CPU's seconds per step measured by scripts/gpu_probe.py (RATE=steps/s skips the probe).
-# On a CPU without native bf16 the teacher alone takes hours.
+# On a CPU without native bf16 the teacher alone takes hours. A teacher run that already has checkpoints under $RUNS
+# (an earlier session's, where they survived) is costed from its newest one, where it resumes.
 # Knobs: SN_LR (2e-5), SN_STEPS (800), SWAP_SHARE / ANTONYM_SHARE / NEGATION_SHARE (0.3 / 0.1 / 0.1) for the -sn
 # round; SN_TAG (-sn2) names it; E1_STEPS (4463), KD_2X / KD_35X (1024 / 2048 distillation steps), KD_N (32768
 # windows); RESULTS_DIR (bench/results/cpu-e1; its folder must be named cpu-e1). SESSION_DRY=1 prints each stage's
@@ -40,6 +41,18 @@ KD_2X=${KD_2X:-1024} KD_35X=${KD_35X:-2048} KD_N=${KD_N:-32768}  # distillation 
 KD=(REFIT=all SELECT=obs SCORES=obs FIT=ln KD_SAMPLES=$KD_N)
 S2="$SN-obs2L-kd${KD_2X}s$((KD_N / 1024))k" S35="$SN-obs2L-kd${KD_35X}s$((KD_N / 1024))k"
 SN_STEPS=${SN_STEPS:-800}
+
+done_steps() {  # steps run $1 has behind it: its newest complete checkpoint (a run resumes there), else 0
+  local last
+  last=$(find "$RUNS/$1/checkpoints" -maxdepth 2 -path '*/step-*/trainer.json' -not -path '*.tmp/*' 2> /dev/null |
+    sort | tail -1)
+  [ -z "$last" ] && echo 0 && return
+  last=${last%/trainer.json}
+  echo $((10#${last##*/step-}))
+}
+E1_LEFT=$((E1_STEPS - $(done_steps teacher-cpu-e1))) SN_LEFT=$((SN_STEPS - $(done_steps "$SN")))
+[ $E1_LEFT -ge 0 ] || E1_LEFT=0
+[ $SN_LEFT -ge 0 ] || SN_LEFT=0
 SN_ENV="SWAP_SHARE=${SWAP_SHARE:-0.3} ANTONYM_SHARE=${ANTONYM_SHARE:-0.1} NEGATION_SHARE=${NEGATION_SHARE:-0.1}"
 SN_ENV+=" SWAP_LR=${SN_LR:-2e-5} TEACHER_V3S_STEPS=$SN_STEPS"
 E1_ENV="TEACHER_CPU_STEPS=$E1_STEPS TEACHER_CPU_EVAL_EVERY=$(((E1_STEPS + 3) / 4)) TAG=-e1"
@@ -47,8 +60,8 @@ E1_ENV="TEACHER_CPU_STEPS=$E1_STEPS TEACHER_CPU_EVAL_EVERY=$(((E1_STEPS + 3) / 4
 # name | cost in teacher steps | required (1) or optional (0) | the stage it needs | the command (a
 # reproduce_squad.sh stage with its env)
 STAGES=(
-  "teacher|$((E1_STEPS + 107))|1||$E1_ENV $R teacher-cpu"
-  "teacher-sn|$((SN_STEPS + 180))|1|teacher|$SN_ENV $R teacher-swap $TEACHER $SN_TAG"
+  "teacher|$((E1_LEFT + 107))|1||$E1_ENV $R teacher-cpu"
+  "teacher-sn|$((SN_LEFT + 180))|1|teacher|$SN_ENV $R teacher-swap $TEACHER $SN_TAG"
   "eval-teacher-sn|220|1|teacher-sn|$R eval $SN"
   "student-0.5|$((336 + KD_2X))|1|teacher-sn|TEACHER_RUN=$SN ${KD[*]} KD_STEPS=$KD_2X TAG=-$S2 $R fast 0.5"
   "eval-student-0.5|150|1|student-0.5|$R eval fast-cpu-0.5-$S2"

@@ -89,3 +89,18 @@ def test_usage_errors(tmp_path: Path):
     assert r.returncode == 2 and "usage:" in r.stderr
     r = _session(tmp_path, "plan", "150", RATE="0")
     assert r.returncode == 1 and "probe failed" in r.stderr
+
+
+def test_a_teacher_with_checkpoints_is_costed_from_where_it_resumes(tmp_path: Path):
+    ckpts = tmp_path / "runs" / "teacher-cpu-e1" / "checkpoints"
+    for step in ("step-00003950", "step-00004000"):
+        (ckpts / step).mkdir(parents=True)
+        (ckpts / step / "trainer.json").write_text("{}")
+    (ckpts / "step-00004050.tmp").mkdir()  # an interrupted save: not a checkpoint
+    (ckpts / "step-00004050.tmp" / "trainer.json").write_text("{}")
+    (ckpts / "step-00004100").mkdir()  # no trainer.json yet: not complete
+    plan = _plan(_session(tmp_path, "plan", "150", RATE="0.9").stdout)
+    assert plan["teacher"][0] == pytest.approx((4463 - 4000 + 107) / 0.9 / 60, abs=0.06)
+    assert plan["teacher-sn"][0] == pytest.approx((800 + 180) / 0.9 / 60, abs=0.06)  # no checkpoint of its own
+    # with the teacher nearly done, the 3.5x student fits in the same 150 minutes
+    assert plan["student-0.75"][1] == "fits"
