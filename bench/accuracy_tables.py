@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -516,6 +517,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.accuracy_tables", description=main.__doc__.split("\n")[0])
     ap.add_argument("--accuracy", type=Path, default=ROOT / "bench" / "results" / "accuracy.json")
     ap.add_argument("--group", choices=list(GROUP), help="default: the newest group with a teacher row")
+    ap.add_argument(
+        "--require-bundle",
+        metavar="ROW",
+        help="exit 1 unless this row of the group meets every bundle target (scripts/cpu_session.sh promote)",
+    )
     a = ap.parse_args(argv)
     if not a.accuracy.is_file():
         ap.error(f"{a.accuracy} does not exist: run `python -m bench.accuracy_rows` first")
@@ -529,6 +535,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nF1 lost against `{g['teacher']}` (positive = worse)\n\n{loss}")
     print("\n| target | need | judged on | measured | met | - |\n|---|---|---|---|---|---|")
     print("\n".join(accuracy_targets(points, g["teacher"])))
+    if a.require_bundle:
+        row = [p for p in points if p["name"] == a.require_bundle]
+        if not row:
+            print(f"error: group {name} has no row {a.require_bundle!r}", file=sys.stderr)
+            return 1
+        missed = [line for line in bundle_targets(row) if not line.endswith("| yes | - |")]
+        if missed:
+            print(f"{a.require_bundle} misses a bundle target:\n" + "\n".join(missed), file=sys.stderr)
+            return 1
     return 0
 
 

@@ -9,6 +9,8 @@
 #   scripts/cpu_session.sh run [MINUTES]      run the stages that fit, in order; refuses when the required ones do
 #                                             not (FORCE=1 runs anyway). Logs and stage times: $RUNS/logs/session/
 #   scripts/cpu_session.sh summary            the teacher and students scored so far against #13's targets
+#   scripts/cpu_session.sh promote NAME       the 2x bundle candidate -> models/NAME with its MODEL_CARD.md, named in
+#                                             models/DEFAULT; refused unless it meets every bundle target
 #
 # The required stages: teacher-cpu-e1 (one epoch), its -sn round (question swaps, antonym edits, negations), the
 # dev evaluation of that teacher, the 2x student (prune_fast at 50% of the FLOPs + 1,024 distillation steps), its dev
@@ -166,9 +168,41 @@ summary() {  # the cpu-e1 group's rows, losses and #13's targets; rewrites accur
     --accuracy "$root/accuracy.json"
 }
 
+promote() {  # NAME: the 2x bundle candidate becomes models/NAME and the default model, if it meets every bundle target
+  local name=${1:-} models=${MODELS_DIR:-models} root row="bundle-fast-cpu-0.5-$S2" cmds s sname cmd
+  [ -n "$name" ] || { echo "usage: $0 promote NAME" >&2; return 2; }
+  local art="$RUNS/art/$row" ev="$RESULTS_DIR/eval-$row.json" tev="$RESULTS_DIR/eval-$SN.json"
+  for f in "$art/engine.json" "$ev" "$tev"; do
+    [ -f "$f" ] || { echo "cpu_session: $f is missing: run the session's bundle stage first" >&2; return 2; }
+  done
+  [ ! -e "$models/$name" ] || { echo "cpu_session: $models/$name exists; choose another NAME" >&2; return 2; }
+  root=$(dirname "$RESULTS_DIR")
+  $PY -m bench.accuracy_rows --results "$root" > /dev/null &&
+    $PY -m bench.accuracy_tables --group cpu-e1 --accuracy "$root/accuracy.json" --require-bundle "$row" > /dev/null ||
+    { echo "cpu_session: not promoted" >&2; return 1; }
+  mkdir -p "$LOGS"
+  cmds="$LOGS/commands-$name.txt"
+  {
+    echo "# scripts/cpu_session.sh run: these stages, GEN=cpu RUNS=$RUNS THREADS=${THREADS:-2}"
+    for s in "${STAGES[@]}"; do
+      IFS='|' read -r sname _ _ _ cmd <<< "$s"
+      case $sname in teacher | teacher-sn | student-0.5 | bundle) echo "GEN=cpu $cmd" ;; esac
+    done
+    echo "cp -r $art $models/$name"
+  } > "$cmds"
+  cp -r "$art" "$models/$name"
+  # shellcheck disable=SC2086  # CARD_BASE: another dense base than the packaged MiniLM (tests)
+  $PY -m engine.model_card --artifact "$models/$name" --eval "$ev" --teacher-eval "$tev" --commands "$cmds" \
+    ${CARD_BASE:+--base "$CARD_BASE"} || { rm -rf "${models:?}/$name"; return 1; }
+  echo "$name" > "$models/DEFAULT"
+  echo "promoted $row to $models/$name (models/DEFAULT names it); next: git rm -r the old bundled model, make test," \
+    "and commit it once"
+}
+
 case "${1:-}" in
   plan) sps=$(probe) || { echo "cpu_session: the step-rate probe failed" >&2; exit 1; }; plan "${2:-150}" "$sps" ;;
   run) run "${2:-150}" ;;
   summary) summary ;;
-  *) echo "usage: $0 plan [MINUTES] | run [MINUTES] | summary" >&2; exit 2 ;;
+  promote) promote "${2:-}" ;;
+  *) echo "usage: $0 plan [MINUTES] | run [MINUTES] | summary | promote NAME" >&2; exit 2 ;;
 esac

@@ -4,6 +4,7 @@ SESSION_DRY prints the commands instead of training)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -104,3 +105,73 @@ def test_a_teacher_with_checkpoints_is_costed_from_where_it_resumes(tmp_path: Pa
     assert plan["teacher-sn"][0] == pytest.approx((800 + 180) / 0.9 / 60, abs=0.06)  # no checkpoint of its own
     # with the teacher nearly done, the 3.5x student fits in the same 150 minutes
     assert plan["student-0.75"][1] == "fits"
+
+
+@pytest.fixture(scope="module")
+def session_outputs(tiny_bert, tmp_path_factory) -> Path:
+    """What `run` leaves behind, in miniature: a dense teacher and a 2x bundle candidate (tiny artifacts) with
+    engine.evaluate JSONs on synthetic data, under RUNS=root/runs and RESULTS_DIR=root/results/cpu-e1."""
+    from engine.build_model import build
+    from engine.evaluate import evaluate_artifact
+    from engine.features import WindowSettings
+    from tests.test_finetune import _squad
+
+    root = tmp_path_factory.mktemp("session")
+    settings = WindowSettings(96, 32, 24)
+    spec = root / "spec.json"
+    spec.write_text(json.dumps({"layers": [{"heads": [0], "ffn": [0, 1]}, {"heads": [], "ffn": []}, {"ffn": []}]}))
+    data = root / "dev.json"
+    data.write_text(json.dumps(_squad(5, 2)))
+    res = root / "results" / "cpu-e1"
+    res.mkdir(parents=True)
+    for name, kw in (("teacher-cpu-e1-sn2", {}), (f"bundle-fast-cpu-0.5-{S2}", {"spec": spec})):
+        art = build(tiny_bert, root / "runs" / "art" / name, settings=settings, null_threshold=-0.5, **kw)
+        ev = evaluate_artifact(art, data, backend="torch", progress=False)
+        (res / f"eval-{name}.json").write_text(json.dumps(ev))
+    return root
+
+
+S2 = "teacher-cpu-e1-sn2-obs2L-kd1024s32k"
+
+
+def _with_scores(path: Path, has: float, stored_f1: float) -> None:
+    """Give an eval JSON the dev scores a real run would have (the tiny models score near 0)."""
+    ev = json.loads(path.read_text())
+    ev["at_zero"]["HasAns_f1"] = has
+    ev["at_stored_threshold"]["f1"] = stored_f1
+    path.write_text(json.dumps(ev))
+
+
+def test_promote_only_a_bundle_that_meets_every_target(session_outputs: Path, tiny_bert, tmp_path: Path):
+    root = tmp_path / "s"
+    shutil.copytree(session_outputs, root)
+    models = tmp_path / "models"
+    models.mkdir()
+    env = {"RUNS": str(root / "runs"), "RESULTS_DIR": str(root / "results" / "cpu-e1"), "MODELS_DIR": str(models)}
+    env["CARD_BASE"] = str(tiny_bert)
+
+    def promote(*args: str) -> subprocess.CompletedProcess:
+        full = {**os.environ, **env}
+        return subprocess.run([str(SCRIPT), "promote", *args], capture_output=True, text=True, env=full, timeout=300)
+
+    r = promote()
+    assert r.returncode == 2 and "usage:" in r.stderr
+    bundle_eval = root / "results" / "cpu-e1" / f"eval-bundle-fast-cpu-0.5-{S2}.json"
+    r = promote("tiny-2x")  # the tiny model's own scores: far below 75 HasAns F1
+    assert r.returncode == 1 and "misses a bundle target" in r.stderr and "bundle HasAns F1" in r.stderr
+    assert list(models.iterdir()) == []
+    _with_scores(bundle_eval, 74.9, 60.0)
+    assert promote("tiny-2x").returncode == 1  # 0.1 short
+    _with_scores(bundle_eval, 75.0, 52.07)
+    r = promote("tiny-2x")
+    assert r.returncode == 0, r.stderr
+    assert (models / "DEFAULT").read_text() == "tiny-2x\n"
+    card = (models / "tiny-2x" / "MODEL_CARD.md").read_text()
+    assert "TAG=-e1 scripts/reproduce_squad.sh teacher-cpu" in card and "teacher-swap teacher-cpu-e1 -sn2" in card
+    assert "| this model, stored threshold | -0.50 |" in card
+    assert (models / "tiny-2x" / "engine.json").is_file()
+    r = promote("tiny-2x")  # never over an existing model
+    assert r.returncode == 2 and "exists" in r.stderr
+    (root / "runs" / "art" / f"bundle-fast-cpu-0.5-{S2}" / "engine.json").unlink()
+    r = promote("other")
+    assert r.returncode == 2 and "run the session's bundle stage first" in r.stderr
