@@ -42,7 +42,28 @@ GROUPS = (
         "10% negations; docs/TRAINING.md), the group's teacher, and its students: `fast-cpu-T-teacher-cpu-e1-sn2-"
         "obs2L-kdNs32k` is engine.prune_fast at T of the encoder FLOPs removed (`--refit all --select obs --scores obs "
         "--fit-error ln`) then N steps of distillation on 32,768 fresh windows; `bundle-RUN` is RUN as the bundled "
-        "default model would ship (fp16 weights, int8 word embeddings). Scored on the 2-core CPU (cpp backend).",
+        "default model would ship (fp16 weights, int8 word embeddings); `-ce`: the same structure distilled with the "
+        "span CE alone (`--distill-weight 0`); `importance-cpu-0.5-*`, `random-cpu-0.5-*`: the units of "
+        "engine.make_spec `--by importance` / `--by random` at 50%, then the same refit and distillation "
+        "(`prune_fast --spec`). Scored on the 2-core CPU (cpp backend).",
+        (
+            (
+                "distillation vs span CE alone (same units, 1,024 steps)",
+                "fast-cpu-0.5-teacher-cpu-e1-sn2-obs2L-kd1024s32k",
+                "fast-cpu-0.5-teacher-cpu-e1-sn2-obs2L-kd1024s32k-ce",
+            ),
+            (
+                "prune_fast's units vs importance scores (same refit and distillation)",
+                "fast-cpu-0.5-teacher-cpu-e1-sn2-obs2L-kd1024s32k",
+                "importance-cpu-0.5-teacher-cpu-e1-sn2-L-kd1024s32k",
+            ),
+            (
+                "prune_fast's units vs random heads and units (same refit and distillation)",
+                "fast-cpu-0.5-teacher-cpu-e1-sn2-obs2L-kd1024s32k",
+                "random-cpu-0.5-teacher-cpu-e1-sn2-L-kd1024s32k",
+            ),
+        ),
+        ablation_heading="What prune_fast's choice of units and distillation buy (same teacher, target and budget)",
         teacher="teacher-cpu-e1-sn2",
     ),
     Group(

@@ -3,7 +3,8 @@
 #   scripts/reproduce_squad.sh teacher|teacher-v2|teacher-v3|teacher-v3c|teacher-v3s|teacher-cpu|
 #                              teacher-swap RUN [SUFFIX]|l0|l0-speedup [X]|
 #                              importance|random|nodistill|
-#                              more RUN STEPS|fast [T]|fast-speedup [X]|importance-noft [T]|eval|bundle|all
+#                              more RUN STEPS|fast [T]|fast-speedup [X]|fast-importance [T]|fast-random [T]|
+#                              importance-noft [T]|eval|bundle|all
 # (BUNDLE_FROM=RUN ... bundle: that student as the default model would ship; scripts/cpu_session.sh chains the
 # GEN=cpu stages of issue #13 into one session)
 # Outputs go to $RUNS (default ./runs, git-ignored); evaluation JSON to bench/results/ (GEN=v3, the current teacher),
@@ -129,8 +130,9 @@ json.dump({'layers': [{}] * load_checkpoint(sys.argv[1]).cfg.num_layers}, open(s
   $PY -m engine.prune --teacher "$TEACHER" "${COMMON[@]}" --student-init "$RUNS/$1" --spec "$keep" \
       --out "$RUNS/$1+$2$TAG" --finetune-max-steps "$2" "${DISTILL[@]}" --resume "${@:3}"
 }
-# FAST_SAMPLES: its --samples (2048); REFIT: engine.prune_fast's --refit; the recorded v2/v3 rows ran Kwon et al.'s method as published (none), the
-# GEN=cpu rows both (TAG=-none / TAG=-all); SELECT, SCORES: its --select and --scores (the GEN=cpu -obs rows:
+# FAST_SAMPLES: its --samples (2048); REFIT: engine.prune_fast's --refit; the recorded v2/v3 rows ran Kwon et al.'s
+# method as published (none), the GEN=cpu rows both (TAG=-none / TAG=-all); SELECT, SCORES: its --select and
+# --scores (the GEN=cpu -obs rows:
 # REFIT=all SELECT=obs TAG=-obs; -obs2: also SCORES=obs); FIT: its --fit-error; KD_STEPS (default 0: none), KD_PARAMS,
 # KD_LR, KD_WEIGHT, KD_SAMPLES: its --distill-steps, --distill-params, --distill-lr, --distill-weight,
 # --distill-samples (unset: the CLI's defaults;
@@ -151,6 +153,15 @@ fast() {  # post-training pruning (Kwon et al.) at $1 of the FLOPs removed; stag
   $PY -m engine.prune_fast --teacher "$TEACHER" "${FAST[@]}" --target-sparsity "${1:-0.4}" --out "$run"
   ln -sfn "$(realpath "$run/stages/search")" "$run-search"
   ln -sfn "$(realpath "$run/stages/rearrange")" "$run-rearrange"
+}
+fast_spec() {  # $1 = importance | random at $2 of the FLOPs removed (engine.make_spec on the teacher), then the fast
+  # recipe's tuning, refit and distillation on exactly those units (REFIT, FIT, KD_*; SELECT and SCORES unset: no
+  # search): the ablations of prune_fast's choice of units, same teacher, same budget
+  local target=${2:-0.5} spec
+  spec="$RUNS/spec-$(basename "$TEACHER")-$1-$target.json"
+  [ -f "$spec" ] || $PY -m engine.make_spec --model "$TEACHER" --target-sparsity "$target" --by "$1" --data $TRAIN \
+      --max-windows "${SPEC_WINDOWS:-512}" --out "$spec"
+  $PY -m engine.prune_fast --teacher "$TEACHER" "${FAST[@]}" --spec "$spec" --out "$RUNS/$1$G-$target$TAG"
 }
 fast_speedup() {  # post-training pruning to a measured speedup of $1 over the teacher at (8,384) on the cpp engine
   $PY -m engine.prune_fast --teacher "$TEACHER" "${FAST[@]}" --target-speedup "${1:-1.5}" \
@@ -213,6 +224,8 @@ case "${1:-all}" in
   more) more "$2" "$3" "${@:4}" ;;
   fast) fast "${2:-0.4}" ;;
   fast-speedup) fast_speedup "${2:-1.5}" ;;
+  fast-importance) fast_spec importance "${2:-0.5}" ;;
+  fast-random) fast_spec random "${2:-0.5}" ;;
   importance-noft) importance_noft "${2:-0.4}" ;;
   eval) shift; evaluate "$@" ;;
   bundle) bundle ;;
@@ -221,5 +234,6 @@ case "${1:-all}" in
           "l0 [target]|l0-speedup [x]|" \
           "nodistill|importance|random|" \
           "more RUN STEPS|fast [target]|" \
-          "fast-speedup [x]|importance-noft [target]|eval [RUN ...]|bundle|all" >&2; exit 2 ;;
+          "fast-speedup [x]|fast-importance [target]|fast-random [target]|importance-noft [target]|" \
+          "eval [RUN ...]|bundle|all" >&2; exit 2 ;;
 esac

@@ -65,9 +65,10 @@ def test_the_dry_run_names_real_stages_in_order(tmp_path: Path):
     r = _session(tmp_path, "run", "150", RATE="0.9", SESSION_DRY="1", KD_2X="512", KD_N="16384")
     assert r.returncode == 0, r.stderr
     cmds = [line.removeprefix("would run: ") for line in r.stdout.splitlines() if line.startswith("would run: ")]
-    # the six required stages, then the optional ones that still fit: 1,024 fewer distillation steps leave room for
-    # the evaluation of teacher-cpu-e1 and the 40% student, not for the 3.5x one nor the 40% student's evaluation
-    assert len(cmds) == 8 and cmds[6].endswith("eval teacher-cpu-e1") and cmds[7].endswith("fast 0.4")
+    # the six required stages, then the optional ones that still fit: 512 fewer distillation steps leave room for
+    # the evaluation of teacher-cpu-e1 and the span-CE ablation, not for the 3.5x student nor that ablation's score
+    assert len(cmds) == 8 and cmds[6].endswith("eval teacher-cpu-e1")
+    assert "KD_WEIGHT=0 TAG=-teacher-cpu-e1-sn2-obs2L-kd512s16k-ce" in cmds[7] and cmds[7].endswith("fast 0.5")
     stages = re.search(r'case "\$\{1:-all\}" in(.*?)esac', (ROOT / "scripts" / "reproduce_squad.sh").read_text(), re.S)
     known = set(re.findall(r"^\s+([a-z0-9-]+)\)", stages[1], re.M))
     for cmd in cmds:
@@ -82,7 +83,16 @@ def test_the_dry_run_names_real_stages_in_order(tmp_path: Path):
     assert "SWAP_LR=2e-5" in cmds[1] and cmds[1].endswith("teacher-swap teacher-cpu-e1 -sn2")
     times = (tmp_path / "runs" / "logs" / "session" / "times.tsv").read_text()
     assert "student-0.75\tskipped" in times and "eval-student-0.75\tskipped" in times
-    assert "eval-student-0.4\tskipped" in times
+    assert "eval-nodistill-0.5\tskipped" in times and "student-0.4\tskipped" in times
+    # with the time for all of it: the ablations of the 2x student's units, on the same teacher and budget
+    r = _session(tmp_path, "run", "600", RATE="0.9", SESSION_DRY="1")
+    cmds = [line.removeprefix("would run: ") for line in r.stdout.splitlines() if line.startswith("would run: ")]
+    assert len(cmds) == 17
+    spec_env = "TEACHER_RUN=teacher-cpu-e1-sn2 REFIT=all FIT=ln KD_SAMPLES=32768 KD_STEPS=1024"
+    tag = "TAG=-teacher-cpu-e1-sn2-L-kd1024s32k"
+    assert f"{spec_env} {tag} scripts/reproduce_squad.sh fast-importance 0.5" in cmds
+    assert f"{spec_env} {tag} scripts/reproduce_squad.sh fast-random 0.5" in cmds
+    assert not any("SELECT" in c for c in cmds if "fast-" in c)  # --spec takes prune_fast's default selection
 
 
 def test_usage_errors(tmp_path: Path):

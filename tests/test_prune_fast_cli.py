@@ -232,3 +232,50 @@ def test_cli_bad_inputs(tiny_bert, squad_train, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(_cli_args(tiny_bert, squad_train, tmp_path / "g", "--target-sparsity", "0.3", "--distill-samples", "4"))
     assert "--distill-samples" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_spec_keeps_exactly_the_given_units(tiny_bert, squad_train, tmp_path, capsys):
+    """--spec (the importance / random ablations): no scores or search, exactly the spec's heads and units are kept
+    (with --no-tune and --refit none the cut weights are the teacher's own rows and columns), then the usual
+    stages; a spec that does not fit the teacher, or one combined with --select obs, is refused up front."""
+    from engine.prune_fast.cli import main
+
+    t = load_checkpoint(tiny_bert)
+    heads, ffn = t.cfg.heads[0], t.cfg.ffn[0]
+    keep = [
+        {"heads": [1, heads - 1], "ffn": [0, 3, ffn - 1]},
+        {"heads": [], "ffn": list(range(0, ffn, 2))},  # no attention at all
+        {"heads": [0], "ffn": []},  # no FFN at all
+    ][: t.cfg.num_layers]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"layers": keep}))
+    out = tmp_path / "spec-run"
+    extra = ["--spec", str(spec), "--no-tune", "--refit", "none", "--no-teacher-eval"]
+    assert main(_cli_args(tiny_bert, squad_train, out, *extra)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["target"] == {"by": "spec", "spec": str(spec)}
+    assert set(m["stages"]) == {"spec", "tune", "refit", "distill"}
+    ck = load_checkpoint(out)
+    assert list(ck.cfg.heads) == [len(lk["heads"]) for lk in keep]
+    assert list(ck.cfg.ffn) == [len(lk["ffn"]) for lk in keep]
+    w, d = t.state["layers.0.ffn_in.weight"], ck.state["layers.0.ffn_in.weight"]
+    assert torch.equal(d, w[keep[0]["ffn"]])  # the spec's units, in order
+    assert torch.equal(ck.state["layers.0.ffn_out.weight"], t.state["layers.0.ffn_out.weight"][:, keep[0]["ffn"]])
+    dh = t.cfg.head_dim
+    o_cols = [c for h in keep[0]["heads"] for c in range(h * dh, (h + 1) * dh)]
+    assert torch.equal(ck.state["layers.0.o.weight"], t.state["layers.0.o.weight"][:, o_cols])
+    # the same spec with the usual tuning and refit: same structure, refitted weights
+    assert main(_cli_args(tiny_bert, squad_train, tmp_path / "refit", "--spec", str(spec), "--no-teacher-eval")) == 0
+    assert load_checkpoint(tmp_path / "refit").cfg == ck.cfg
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(_cli_args(tiny_bert, squad_train, tmp_path / "x", "--spec", str(spec), "--select", "obs"))
+    assert "--spec fixes the kept units" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"layers": [{"heads": [heads]}] + [{}] * (t.cfg.num_layers - 1)}))
+    with pytest.raises(SystemExit):
+        main(_cli_args(tiny_bert, squad_train, tmp_path / "y", "--spec", str(bad)))
+    assert "--spec:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one target only
+        main(_cli_args(tiny_bert, squad_train, tmp_path / "z", "--spec", str(spec), "--target-sparsity", "0.3"))

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.config import EncoderConfig
 from engine.data.predict import add_threshold_arg
 from engine.features import WindowMaker, WindowSettings, load_tokenizer
 from engine.finetune import add_data_args, add_negatives_args
@@ -64,6 +65,7 @@ from engine.prune_fast.stages import (
     stage_tune,
 )
 from engine.prune_fast.tune import REFIT_RIDGE
+from engine.spec import PruneSpec, SpecError, parse_spec
 
 MIN_SAMPLES = 16
 DISTILL_LR = {"all": 5e-5, "bias-ln": 1e-3}  # --distill-lr defaults (docs/PRUNING.md: measured at 30%)
@@ -85,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--target-sparsity", type=float, help="fraction of encoder FLOPs to remove (at --flops-seq-len)")
     ap.add_argument("--flops-seq-len", type=int, default=384, help="sequence length at which FLOPs are counted")
     add_latency_args(ap, tgt)
+    tgt.add_argument(
+        "--spec",
+        type=Path,
+        help="keep exactly the heads and FFN units of this spec (engine.make_spec --by importance or random) instead "
+        "of scoring and searching: an ablation of the choice of units; tuning, --refit and --distill-steps follow as "
+        "usual (with --select fisher, no rearrangement)",
+    )
     ap.add_argument("--samples", type=int, default=2048, help="train windows for Fisher scores and mask tuning")
     ap.add_argument("--tune-samples", type=int, help="windows for mask tuning (default: all --samples)")
     ap.add_argument("--batch", type=int, default=32, help="windows per Fisher mini-batch (one gradient row each)")
@@ -261,18 +270,25 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(args.teacher))
 
-    hg, fg, fisher_info = stage_fisher(store, model, feats, args.batch, progress)
-    hs, fs, scores_info = stage_scores(store, args, model, pool, hg, fg, progress)
-    hk, fk, search_info = stage_search(store, args, dense, hs, fs, progress)
-    if args.save_stages:
-        _save_stage_model(out, "search", model, hk, fk, teacher_ck.hf_config, tokenizer)
-    stages: dict[str, Any] = {"fisher": fisher_info, "scores": scores_info, "search": search_info}
+    stages: dict[str, Any]
+    if args.spec is not None:  # the units are given: no scores, no search, no rearrangement
+        hk, fk = spec_masks(parse_spec(args.spec, dense), dense)
+        stages = {"spec": {"path": str(args.spec), "heads_kept": int(sum(m.sum() for m in hk)), "time_s": 0.0,
+                           "cpu_s": 0.0}}  # fmt: skip
+    else:
+        hg, fg, fisher_info = stage_fisher(store, model, feats, args.batch, progress)
+        hs, fs, scores_info = stage_scores(store, args, model, pool, hg, fg, progress)
+        hk, fk, search_info = stage_search(store, args, dense, hs, fs, progress)
+        if args.save_stages:
+            _save_stage_model(out, "search", model, hk, fk, teacher_ck.hf_config, tokenizer)
+        stages = {"fisher": fisher_info, "scores": scores_info, "search": search_info}
     if args.select == "obs":
         cfg, state, stages["obs"] = stage_obs(store, args, model, hk, fk, pool, progress)
     else:
-        hk, fk, stages["rearrange"] = stage_rearrange(store, args, dense, hg, fg, hk, fk)
-        if args.save_stages:
-            _save_stage_model(out, "rearrange", model, hk, fk, teacher_ck.hf_config, tokenizer)
+        if args.spec is None:
+            hk, fk, stages["rearrange"] = stage_rearrange(store, args, dense, hg, fg, hk, fk)
+            if args.save_stages:
+                _save_stage_model(out, "rearrange", model, hk, fk, teacher_ck.hf_config, tokenizer)
         hm, fm, stages["tune"] = stage_tune(store, args, model, feats, hk, fk, progress)
         cfg, state = fold_masks(model, hm, fm)
         if args.save_stages and args.refit != "none":
@@ -319,7 +335,23 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
+def spec_masks(spec: PruneSpec, cfg: EncoderConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A spec's kept heads and FFN units as the boolean keep-masks the stages take, one per layer."""
+
+    def mask(kept: tuple[int, ...], n: int) -> torch.Tensor:
+        m = torch.zeros(n, dtype=torch.bool)
+        m[list(kept)] = True
+        return m
+
+    return (
+        [mask(lk.heads, n) for lk, n in zip(spec.layers, cfg.heads)],
+        [mask(lk.ffn, n) for lk, n in zip(spec.layers, cfg.ffn)],
+    )
+
+
 def _target_info(args: argparse.Namespace) -> dict[str, Any]:
+    if args.spec is not None:
+        return {"by": "spec", "spec": str(args.spec)}
     if args.target_sparsity is not None:
         return {"by": "flops", "value": args.target_sparsity, "seq_len": args.flops_seq_len}
     return latency_target_info(args)
@@ -349,6 +381,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.select == "obs" and (args.no_rearrange or args.no_tune):
         ap.error("--no-rearrange and --no-tune are ablations of --select fisher")
+    if args.spec is not None and (args.select == "obs" or args.scores == "obs"):
+        ap.error("--spec fixes the kept units: it takes --select fisher and --scores fisher (the defaults)")
+    if args.spec is not None:  # checked before the data is read
+        try:
+            dense = load_checkpoint(args.teacher).cfg
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        try:
+            parse_spec(args.spec, dense)
+        except SpecError as e:
+            ap.error(f"--spec: {e}")
     if args.distill_lr is None:
         args.distill_lr = DISTILL_LR[args.distill_params]
     if args.distill_steps < 0 or args.distill_lr <= 0 or not 0 <= args.distill_weight <= 1:
