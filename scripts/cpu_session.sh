@@ -98,6 +98,24 @@ probe() {  # seconds per teacher step on this CPU, from RATE or a 12-step probe 
   awk -v r="$rate" 'BEGIN { if (r <= 0) exit 1; printf "%.3f\n", 1 / r }'
 }
 
+finished() {  # CMD: whether a stage's output is already there and newer than what it was made from (an earlier
+  # session's, where RUNS and RESULTS_DIR survived): a dev score newer than its run's weights, a finished student
+  local cmd=$1 tag run
+  if [[ $cmd =~ \ eval\ ([^ ]+)$ ]]; then
+    [ -f "$RESULTS_DIR/eval-${BASH_REMATCH[1]}.json" ] &&
+      [ ! "$RUNS/${BASH_REMATCH[1]}/model.safetensors" -nt "$RESULTS_DIR/eval-${BASH_REMATCH[1]}.json" ]
+  elif [[ $cmd =~ ^BUNDLE_FROM=([^ ]+)\  ]]; then
+    [ -f "$RESULTS_DIR/eval-bundle-${BASH_REMATCH[1]}.json" ] &&
+      [ ! "$RUNS/${BASH_REMATCH[1]}/model.safetensors" -nt "$RESULTS_DIR/eval-bundle-${BASH_REMATCH[1]}.json" ]
+  elif [[ $cmd =~ TAG=([^ ]+)\ .*\ fast(-importance|-random)?\ ([0-9.]+)$ ]]; then
+    tag=${BASH_REMATCH[1]} run=${BASH_REMATCH[2]#-}
+    run="${run:-fast}-cpu-${BASH_REMATCH[3]}$tag"
+    [ -f "$RUNS/$run/metrics.json" ]  # prune_fast writes it last
+  else
+    return 1  # the teachers: costed from their checkpoints, resumed by the stage itself
+  fi
+}
+
 # plan MINUTES SEC_PER_STEP: one line per stage, "name minutes fits|skip|REQUIRED, DOES NOT FIT command" (a stage
 # whose prerequisite is skipped is skipped too); the last line says whether every required stage fits (exit 3 if not).
 plan() {
@@ -105,6 +123,10 @@ plan() {
   budget_s=$(awk -v m="$1" 'BEGIN { print int(m * 60) }')
   for s in "${STAGES[@]}"; do
     IFS='|' read -r name cost req after cmd <<< "$s"
+    if finished "$cmd"; then
+      printf '%-18s %7s min  done      %s\n' "$name" 0.0 "$cmd"
+      continue
+    fi
     mins=$(awk -v c="$cost" -v p="$2" 'BEGIN { printf "%.1f", c * p / 60 }')
     need=$(awk -v c="$cost" -v p="$2" 'BEGIN { print int(c * p + 0.5) }')
     if [ "$req" = 1 ] && [ $((spent + need)) -gt "$budget_s" ]; then
@@ -143,6 +165,10 @@ run() {
   for s in "${STAGES[@]}"; do
     IFS='|' read -r name cost req after cmd <<< "$s"
     left_s=$((t0 + minutes * 60 - $(date +%s)))
+    if grep -qE "^$name +[0-9.]+ min  done" <<< "$lines"; then
+      printf '%s\tdone earlier\n' "$name" | tee -a "$LOGS/times.tsv"
+      continue
+    fi
     # skipped by the plan, after its prerequisite, or (optional stages) once its estimate no longer fits
     if grep -qE "^$name +[0-9.]+ min  skip" <<< "$lines" || [[ $skipped == *" $after "* ]] ||
       { [ "$req" = 0 ] && awk -v c="$cost" -v p="$sps" -v l="$left_s" 'BEGIN { exit !(c * p > l) }'; }; then

@@ -28,7 +28,7 @@ def _plan(stdout: str) -> dict[str, tuple[float, str]]:
     """{stage: (minutes, verdict)} from the plan's lines."""
     out = {}
     for line in stdout.splitlines():
-        m = re.match(r"^(\S+)\s+([\d.]+) min  (fits|skip|REQUIRED, DOES NOT FIT)\s", line)
+        m = re.match(r"^(\S+)\s+([\d.]+) min  (fits|skip|done|REQUIRED, DOES NOT FIT)\s", line)
         if m:
             out[m[1]] = (float(m[2]), m[3])
     return out
@@ -185,3 +185,24 @@ def test_promote_only_a_bundle_that_meets_every_target(session_outputs: Path, ti
     (root / "runs" / "art" / f"bundle-fast-cpu-0.5-{S2}" / "engine.json").unlink()
     r = promote("other")
     assert r.returncode == 2 and "run the session's bundle stage first" in r.stderr
+
+
+def test_outputs_already_there_are_not_redone(tmp_path: Path):
+    runs, res = tmp_path / "runs", tmp_path / "results" / "cpu-e1"
+    res.mkdir(parents=True)
+    student = runs / f"fast-cpu-0.5-{S2}"
+    student.mkdir(parents=True)
+    (student / "metrics.json").write_text("{}")  # prune_fast finished it
+    (res / "eval-teacher-cpu-e1-sn2.json").write_text("{}")  # scored, its run's weights gone or older
+    stale = res / f"eval-fast-cpu-0.5-{S2}.json"
+    stale.write_text("{}")
+    os.utime(stale, (1_000_000, 1_000_000))
+    (student / "model.safetensors").write_text("newer weights")  # the student changed after it was scored
+    plan = _plan(_session(tmp_path, "plan", "150", RATE="0.9").stdout)
+    assert plan["eval-teacher-sn"] == (0.0, "done") and plan["student-0.5"] == (0.0, "done")
+    assert plan["eval-student-0.5"][1] == "fits" and plan["teacher"][1] == "fits"
+    r = _session(tmp_path, "run", "150", RATE="0.9", SESSION_DRY="1")
+    cmds = [line.removeprefix("would run: ") for line in r.stdout.splitlines() if line.startswith("would run: ")]
+    assert not any(c.endswith("eval teacher-cpu-e1-sn2") or c.endswith("fast 0.5") and "-ce" not in c for c in cmds)
+    assert any(c.endswith(f"eval fast-cpu-0.5-{S2}") for c in cmds)
+    assert "student-0.5\tdone earlier" in (runs / "logs" / "session" / "times.tsv").read_text()
