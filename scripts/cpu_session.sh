@@ -236,6 +236,9 @@ promote() {  # NAME: the 2x bundle candidate becomes models/NAME and the default
     "and commit it once"
 }
 
+case "${1:-}" in plan | run | summary | promote)
+  command -v "$PY" > /dev/null || { echo "cpu_session: $PY not found: run make install first" >&2; exit 2; } ;;
+esac
 case "${1:-}" in
   plan) sps=$(probe) || { echo "cpu_session: the step-rate probe failed" >&2; exit 1; }; plan "${2:-150}" "$sps" ;;
   run) run "${2:-150}" ;;

@@ -100,6 +100,8 @@ def test_usage_errors(tmp_path: Path):
     assert r.returncode == 2 and "usage:" in r.stderr
     r = _session(tmp_path, "plan", "150", RATE="0")
     assert r.returncode == 1 and "probe failed" in r.stderr
+    r = _session(tmp_path, "run", "150", RATE="0.9", PY=str(tmp_path / "no-python"))
+    assert r.returncode == 2 and "run make install first" in r.stderr
 
 
 def test_a_teacher_with_checkpoints_is_costed_from_where_it_resumes(tmp_path: Path):
