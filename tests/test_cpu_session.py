@@ -28,7 +28,7 @@ def _plan(stdout: str) -> dict[str, tuple[float, str]]:
     """{stage: (minutes, verdict)} from the plan's lines."""
     out = {}
     for line in stdout.splitlines():
-        m = re.match(r"^(\S+)\s+([\d.]+) min  (fits|skip|done|REQUIRED, DOES NOT FIT)\s", line)
+        m = re.match(r"^(\S+)\s+([\d.]+) min  (fits|skip|done|tight|REQUIRED, DOES NOT FIT)\s", line)
         if m:
             out[m[1]] = (float(m[2]), m[3])
     return out
@@ -223,3 +223,17 @@ def test_the_step_probe_runs_and_reports_its_rate(tiny_bert, lengths):
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["device"] == "cpu" and info["batch"] == 32 and info["lengths"] == lengths
     assert info["steps_per_s"] > 0
+
+
+def test_a_plan_within_the_probes_error_still_runs(tmp_path: Path):
+    """The probe ran 10-25% slower than the real steps the costs count: a required chain estimated up to SLACK (15%)
+    over the budget runs, its last stages marked tight; beyond that it is refused."""
+    r = _session(tmp_path, "plan", "150", RATE="0.8")  # 7,450 steps at 1.25 s: 155 minutes
+    plan = _plan(r.stdout)
+    assert r.returncode == 0 and "tight, run anyway" in r.stdout
+    assert plan["eval-student-0.5"][1] == plan["bundle"][1] == "tight" and plan["student-0.5"][1] == "fits"
+    assert plan["eval-teacher"][1] == "skip"
+    assert _session(tmp_path, "plan", "150", RATE="0.7").returncode == 3  # 177 minutes
+    assert _session(tmp_path, "plan", "150", RATE="0.7", SLACK="20").returncode == 0
+    r = _session(tmp_path, "run", "150", RATE="0.8", SESSION_DRY="1")
+    assert r.returncode == 0 and r.stdout.count("would run: ") == 6
