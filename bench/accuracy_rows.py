@@ -98,10 +98,16 @@ def stored_row(stored: dict[tuple[str, str], dict[str, Any]], group: str, name: 
     return same[0] if len(same) == 1 else None
 
 
+def _artifact(eval_path: Path) -> Path:
+    """The artifact directory an eval file scored (a relative path is the repository's)."""
+    art = Path(json.loads(eval_path.read_text())["artifact"])
+    return art if art.is_absolute() else ROOT / art
+
+
 def artifact_flops(eval_path: Path, stored: dict[str, Any] | None, use_artifacts: bool = True) -> int:
     """Encoder FLOPs of one (1,384) forward of the artifact an eval file scored: from its manifest when present,
     else from the stored row."""
-    art = Path(json.loads(eval_path.read_text())["artifact"])
+    art = _artifact(eval_path)
     if use_artifacts and (art / "engine.json").is_file():
         return encoder_flops(EncoderConfig.from_dict(read_manifest(art)["config"]), 1, 384)
     if stored is None:
@@ -115,8 +121,7 @@ def artifact_flops(eval_path: Path, stored: dict[str, Any] | None, use_artifacts
 def artifact_bytes(eval_path: Path, stored: dict[str, Any] | None, use_artifacts: bool = True) -> int | None:
     """Bytes on disk of the artifact an eval file scored (every file of its folder): measured when it is on this
     machine, else the stored row's, else None."""
-    art = Path(json.loads(eval_path.read_text())["artifact"])
-    art = art if art.is_absolute() else ROOT / art
+    art = _artifact(eval_path)
     if use_artifacts and (art / "engine.json").is_file():
         return sum(f.stat().st_size for f in art.iterdir() if f.is_file())
     return stored.get("artifact_bytes") if stored else None
@@ -175,7 +180,8 @@ def group_rows(
         raise RowsError(f"{folder} has eval files but no eval-teacher*.json: evaluate the group's dense teacher first")
     teacher = min(teachers, key=lambda p: len(p.stem))  # the fp32 teacher, not its -int8 or -bfloat16 builds
     name_of = {p: p.stem.removeprefix("eval-") for p in evals}
-    flops = {p: artifact_flops(p, stored_row(stored, group, name_of[p]), use_artifacts) for p in evals}
+    stored_of = {p: stored_row(stored, group, name_of[p]) for p in evals}
+    flops = {p: artifact_flops(p, stored_of[p], use_artifacts) for p in evals}
     for p in evals:
         row = {
             "name": name_of[p],
@@ -184,7 +190,7 @@ def group_rows(
             "dense_flops": flops[teacher],
             "command": f"scripts/reproduce_squad.sh (run {name_of[p]}); python -m engine.evaluate ... --data dev",
         }
-        size = artifact_bytes(p, stored_row(stored, group, name_of[p]), use_artifacts)
+        size = artifact_bytes(p, stored_of[p], use_artifacts)
         out["rows"].append(row if size is None else {**row, "artifact_bytes": size})
     out["teacher"] = name_of[teacher]
     _join_latency(out["rows"], folder / "students.json", name_of[teacher])

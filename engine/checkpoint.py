@@ -91,14 +91,24 @@ def ragged_shape(hf_config: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int,
     return tuple(heads), tuple(ffn)
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load a dense HF checkpoint dir (QA model or bare encoder) or a ragged checkpoint dir."""
-    root = Path(path)
+def _read_config(root: Path) -> tuple[dict[str, Any], tuple[tuple[int, ...], tuple[int, ...]] | None, EncoderConfig]:
+    """config.json of a checkpoint dir: the HF config, its ragged shape (None when dense) and our config."""
     if not root.is_dir():
         raise FileNotFoundError(f"model directory {root} does not exist")
     hf_config = read_json(root / "config.json", "model config")
     shape = ragged_shape(hf_config)
-    cfg = EncoderConfig.from_hf(hf_config, *(shape or (None, None)))
+    return hf_config, shape, EncoderConfig.from_hf(hf_config, *(shape or (None, None)))
+
+
+def load_config(path: str | Path) -> EncoderConfig:
+    """The config of a checkpoint dir, without reading its weights."""
+    return _read_config(Path(path))[2]
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load a dense HF checkpoint dir (QA model or bare encoder) or a ragged checkpoint dir."""
+    root = Path(path)
+    hf_config, shape, cfg = _read_config(root)
     weights = root / "model.safetensors"
     if not weights.is_file():
         pickled = [p.name for p in root.glob("*.bin")]

@@ -90,7 +90,6 @@ def attention_packed(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: in
     outs = []
     for piece in qkv.split(lengths.tolist()):
         if piece.shape[0] == 0:
-            outs.append(piece.new_empty(0, h * dh))
             continue
         q, k, v = piece.permute(1, 2, 0, 3)[:, None].unbind(0)  # (1, h, s, dh) each: 4-D, since 3-D inputs take
         # the CPU's unfused math kernel (1.65x slower forward + backward at (12, 200, 32))

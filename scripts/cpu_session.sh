@@ -206,26 +206,24 @@ run() {
   [ "${SESSION_DRY:-0}" = 1 ] || summary
 }
 
-summary() {  # the cpu-e1 group's rows, losses and #13's targets; rewrites accuracy.json beside RESULTS_DIR
+summary() {  # [ARGS of bench.accuracy_tables]: the cpu-e1 group's rows, losses and #13's targets; rewrites
+  # accuracy.json beside RESULTS_DIR
   local root
   root=$(dirname "$RESULTS_DIR")
   [ "$(basename "$RESULTS_DIR")" = cpu-e1 ] || { echo "cpu_session: RESULTS_DIR must end in /cpu-e1" >&2; return 2; }
   $PY -m bench.accuracy_rows --results "$root" && $PY -m bench.accuracy_tables --group cpu-e1 \
-    --accuracy "$root/accuracy.json"
+    --accuracy "$root/accuracy.json" "$@"
 }
 
 promote() {  # NAME: the 2x bundle candidate becomes models/NAME and the default model, if it meets every bundle target
-  local name=${1:-} models=${MODELS_DIR:-models} root row="bundle-fast-cpu-0.5-$S2" cmds s sname cmd
+  local name=${1:-} models=${MODELS_DIR:-models} row="bundle-fast-cpu-0.5-$S2" cmds s sname cmd
   [ -n "$name" ] || { echo "usage: $0 promote NAME" >&2; return 2; }
   local art="$RUNS/art/$row" ev="$RESULTS_DIR/eval-$row.json" tev="$RESULTS_DIR/eval-$SN.json"
   for f in "$art/engine.json" "$ev" "$tev"; do
     [ -f "$f" ] || { echo "cpu_session: $f is missing: run the session's bundle stage first" >&2; return 2; }
   done
   [ ! -e "$models/$name" ] || { echo "cpu_session: $models/$name exists; choose another NAME" >&2; return 2; }
-  root=$(dirname "$RESULTS_DIR")
-  $PY -m bench.accuracy_rows --results "$root" > /dev/null &&
-    $PY -m bench.accuracy_tables --group cpu-e1 --accuracy "$root/accuracy.json" --require-bundle "$row" > /dev/null ||
-    { echo "cpu_session: not promoted" >&2; return 1; }
+  summary --require-bundle "$row" > /dev/null || { echo "cpu_session: not promoted" >&2; return 1; }
   mkdir -p "$LOGS"
   cmds="$LOGS/commands-$name.txt"
   {

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.checkpoint import load_checkpoint, load_config, save_checkpoint
 from engine.config import EncoderConfig
 from engine.data.predict import add_threshold_arg
 from engine.features import WindowMaker, WindowSettings, load_tokenizer
@@ -54,6 +54,7 @@ from engine.model import RaggedQAModel
 from engine.prune_fast.masked import fold_masks
 from engine.prune_fast.stages import (
     StageStore,
+    masks_from_indices,
     sample_features,
     stage_distill,
     stage_fisher,
@@ -337,16 +338,8 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
 
 def spec_masks(spec: PruneSpec, cfg: EncoderConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """A spec's kept heads and FFN units as the boolean keep-masks the stages take, one per layer."""
-
-    def mask(kept: tuple[int, ...], n: int) -> torch.Tensor:
-        m = torch.zeros(n, dtype=torch.bool)
-        m[list(kept)] = True
-        return m
-
-    return (
-        [mask(lk.heads, n) for lk, n in zip(spec.layers, cfg.heads)],
-        [mask(lk.ffn, n) for lk, n in zip(spec.layers, cfg.ffn)],
-    )
+    return masks_from_indices({"heads": [list(lk.heads) for lk in spec.layers],
+                               "ffn": [list(lk.ffn) for lk in spec.layers]}, cfg)  # fmt: skip
 
 
 def _target_info(args: argparse.Namespace) -> dict[str, Any]:
@@ -383,9 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--no-rearrange and --no-tune are ablations of --select fisher")
     if args.spec is not None and (args.select == "obs" or args.scores == "obs"):
         ap.error("--spec fixes the kept units: it takes --select fisher and --scores fisher (the defaults)")
-    if args.spec is not None:  # checked before the data is read
+    if args.spec is not None:  # checked before the data (or the teacher's weights) is read
         try:
-            dense = load_checkpoint(args.teacher).cfg
+            dense = load_config(args.teacher)
         except (OSError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

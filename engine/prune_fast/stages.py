@@ -73,7 +73,7 @@ def _masks_to_json(heads: list[torch.Tensor], ffn: list[torch.Tensor]) -> dict[s
     }
 
 
-def _masks_from_json(
+def masks_from_indices(
     d: dict[str, list[list[int]]], cfg: EncoderConfig
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     def mk(idx: list[int], n: int) -> torch.Tensor:
@@ -152,7 +152,7 @@ def stage_search(
     `stage_obs_scores`); latency results are re-measured on the engine."""
     saved = store.json("search.json")
     if saved is not None:
-        return *_masks_from_json(saved["masks"], dense), saved["info"]
+        return *masks_from_indices(saved["masks"], dense), saved["info"]
     t0, c0 = time.monotonic(), time.process_time()
     if args.target_sparsity is not None:
         cost = flops_cost(dense, args.flops_seq_len)
@@ -241,7 +241,7 @@ def stage_rearrange(
     """Greedy within-layer rearrangement of heads and FFN units (same counts per layer)."""
     saved = store.json("rearrange.json")
     if saved is not None:
-        return *_masks_from_json(saved["masks"], dense), saved["info"]
+        return *masks_from_indices(saved["masks"], dense), saved["info"]
     t0, c0 = time.monotonic(), time.process_time()
     info: dict[str, Any] = {"skipped": bool(args.no_rearrange), "layers": []}
     if not args.no_rearrange:
@@ -370,7 +370,7 @@ def stage_obs(
         done = {"masks": _masks_to_json(hk, fk), "info": info}  # the masks stay here, as search.json's do
         store.put_tensors("obs.safetensors", saved)
         store.put_json("obs.json", done)
-    hk, fk = _masks_from_json(done["masks"], teacher.cfg)
+    hk, fk = masks_from_indices(done["masks"], teacher.cfg)
     info = done["info"]
     cfg, state = fold_masks(teacher, [m.float() for m in hk], [m.float() for m in fk])
     return cfg, {**state, **saved}, info
