@@ -1,6 +1,6 @@
 """`python -m bench.accuracy_rows`: write bench/results/accuracy.json for the report from evaluated runs.
 
-Five groups (bench.accuracy_tables.GROUPS), each with its own dense teacher (the one the group names, else its
+Five groups (bench.accuracy_groups.GROUPS), each with its own dense teacher (the one the group names, else its
 `eval-teacher*.json` with the shortest name, i.e. the fp32 build):
   cpu-e1    bench/results/cpu-e1/eval-NAME.json     teacher-cpu-e1-sn2 and its students (scripts/cpu_session.sh)
   current   bench/results/eval-NAME.json            the current teacher (teacher-v3) and its students
@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.accuracy_tables import GROUP, GROUPS
+from bench.accuracy_groups import GROUP, GROUPS
 from engine.artifact import read_manifest
 from engine.config import EncoderConfig
 from engine.flops import encoder_flops

@@ -7,7 +7,7 @@ Inputs (all optional; missing ones leave their section out):
                                    batch_qa.json as bench/test_serve.py and engine.batch_qa's benchmark write them
   bench/results/accuracy.json      {"current" | "v2" | "previous": {"folder", "teacher", "rows": [...]},
                                    "quoted": [...]} from `python -m bench.accuracy_rows` (its docstring has the row
-                                   format; the groups are bench.accuracy_tables.GROUPS)
+                                   format; the groups are bench.accuracy_groups.GROUPS)
 Quoted reference rows (the paper's claim, the always-no-answer floor) are labelled as quoted, not measured.
 """
 
@@ -19,7 +19,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.accuracy_tables import GROUPS, accuracy_sections, accuracy_targets, targets_group
+from bench.accuracy_groups import GROUPS
+from bench.accuracy_tables import accuracy_sections, accuracy_targets, targets_group
 from bench.suite_tables import batch_qa_table, coexist_table, serve_table, tokenizer_line, train_table
 
 ROOT = Path(__file__).resolve().parent.parent
