@@ -136,10 +136,12 @@ class PiecewiseLinear:
 def fit_piecewise(ns: Sequence[float], ms: Sequence[float]) -> PiecewiseLinear:
     """Least-squares fit of the two-segment model to points with n >= 1 (f(0) = 0 is fixed).
 
-    The knot is searched over the measured n; fits with a negative slope on either segment are dropped (latency
-    does not fall as units are added), and a straight line is always a candidate.
+    The knot is searched over the measured n, and a straight line is always a candidate. Adding units never costs
+    negative time, so every fit is non-decreasing with f(1) >= 0: a point timed below the empty model (noise, on a
+    sublayer cheaper than the timer's jitter) counts as 0; hinge fits with a negative slope or a negative f(1) are
+    dropped; the line is clamped to a slope >= 0 and, where its f(1) would fall below 0, refitted through (1, 0).
     """
-    pts = [(float(n), float(m)) for n, m in zip(ns, ms) if n >= 1]
+    pts = [(float(n), max(float(m), 0.0)) for n, m in zip(ns, ms) if n >= 1]
     if not pts:
         raise ValueError("fit_piecewise needs at least one point with n >= 1")
     if len(pts) == 1:
@@ -153,11 +155,14 @@ def fit_piecewise(ns: Sequence[float], ms: Sequence[float]) -> PiecewiseLinear:
         a = torch.stack(cols, 1)
         coef = torch.linalg.lstsq(a, y[:, None]).solution[:, 0].tolist()
         b, a1, a2 = coef[0], coef[1], coef[2] if k is not None else 0.0
-        if a1 < -1e-12 or a1 + a2 < -1e-12:
+        if a1 < -1e-12 or a1 + a2 < -1e-12 or b + a1 < -1e-12:
             if k is not None:
                 continue
             a1 = max(a1, 0.0)
             b = float((y - a1 * x).mean())
+            if b + a1 < 0:  # anchored at f(1) = 0: least squares of a1 * (x - 1) (y >= 0, so a1 >= 0)
+                a1 = float(((x - 1) * y).sum() / ((x - 1) ** 2).sum().clamp_min(1e-30))
+                b = -a1
         f = PiecewiseLinear(b, a1, a2, float(k) if k is not None else float(x.max()))
         sse = float(sum((f(xi) - yi) ** 2 for xi, yi in zip(x.tolist(), y.tolist())))
         if best is None or sse < best[0] - 1e-12:

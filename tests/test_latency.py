@@ -64,6 +64,38 @@ def test_fit_piecewise_recovers_a_hinge():
     assert fit(0) == 0 and fit(0.5) == pytest.approx(0.5 * f(1))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_fit_piecewise_never_costs_negative_time(seed):
+    """Sublayers cheaper than the timer's jitter are measured around 0, often below the empty model: whatever the
+    noise, the fit is non-decreasing from f(0) = 0 (a layer never makes the model faster)."""
+    rng = random.Random(seed)
+    ns = [1, 2, 3, 4, 6, 8, 12, 16]
+    ms = [rng.uniform(-0.3, 0.1) + 0.001 * n for n in ns]  # mostly below the empty model
+    fit = fit_piecewise(ns, ms)
+    values = [fit(n / 4) for n in range(0, 4 * 16 + 1)]
+    assert values[0] == 0 and min(values) >= -1e-12
+    assert all(b >= a - 1e-12 for a, b in zip(values, values[1:])), values
+    # a clearly negative intercept (a line through the points would cross 0 between 1 and 16) is refitted too
+    steep = fit_piecewise(ns, [-2.0 + 0.5 * n for n in ns])
+    assert steep(1) >= -1e-12 and steep(16) == pytest.approx(6.0, rel=0.25)
+
+
+def test_table_of_noise_never_predicts_below_the_empty_model():
+    """A model too small to time (every sublayer measured at or below the empty model) still predicts a dense
+    latency at or above the empty model's, and `latency_budget` refuses a speedup it cannot reach."""
+    rng = random.Random(3)
+
+    def noisy(shapes):
+        return [0.2 + rng.uniform(-0.05, 0.01) for _ in shapes]
+
+    table = build_table(CFG, KEY, noisy, n_validation=2)
+    assert table.dense_ms() >= table.base_ms > 0
+    for v in table.validation:
+        assert v["predicted_ms"] >= table.base_ms
+    with pytest.raises(ValueError):
+        latency_budget(table, speedup=4.0)
+
+
 def test_table_predicts_held_out_configurations():
     table = build_table(CFG, KEY, _fake_measure, n_validation=4)
     assert table.base_ms == pytest.approx(1.02)
