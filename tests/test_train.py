@@ -82,6 +82,45 @@ def test_resume_after_sigkill_ends_where_uninterrupted_ends(tiny_model, squad_fi
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
 
 
+def test_sigterm_saves_the_step_and_resume_ends_where_uninterrupted_ends(tiny_model, squad_files, tmp_path):  # noqa: F811
+    """`timeout` or a scheduler sends SIGTERM: the trainer saves the step it is on (no periodic checkpoint here),
+    exits 143 without exporting a model, and --resume finishes bit-identical to an uninterrupted run."""
+    train, dev = squad_files
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    sparse = ("--checkpoint-every", "1000", "--log-every", "1")  # the last --log-every wins
+    full = tmp_path / "full"
+    subprocess.run(
+        _finetune_cmd(tiny_model, train, dev, full, *sparse), env=env, check=True, capture_output=True, cwd=ROOT
+    )
+    cut = tmp_path / "cut"
+    log = tmp_path / "cut.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            _finetune_cmd(tiny_model, train, dev, cut, *sparse), env=env, cwd=ROOT, stdout=err, stderr=err
+        )
+        deadline = time.monotonic() + 300
+        while "step 2/150" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) == 128 + signal.SIGTERM, log.read_text()[-2000:]
+    text = log.read_text()
+    assert "SIGTERM at step" in text and "state saved" in text, text[-2000:]
+    done = sorted((cut / "checkpoints").glob("step-*/trainer.json"))
+    assert len(done) == 1 and done[0].parent.name != "step-00000150", done
+    assert not (cut / "model.safetensors").exists(), "an interrupted run must not export a model"
+    subprocess.run(
+        _finetune_cmd(tiny_model, train, dev, cut, *sparse, "--resume"),
+        env=env,
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+
+
 def test_length_grouped_order_is_a_seeded_permutation_of_similar_lengths():
     lengths = [int(x) for x in torch.randint(5, 200, (1000,), generator=torch.Generator().manual_seed(0))]
     a = epoch_order(lengths, 16, 3, 1, True)

@@ -61,6 +61,14 @@ class Dist:
         td.all_reduce(t)
         return float(t) / self.world
 
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is set on any rank (every rank gets the same answer)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        td.all_reduce(t, op=td.ReduceOp.MAX)
+        return bool(t.item())
+
     def close(self) -> None:
         """Leave the process group."""
         if self.world > 1 and td.is_initialized():

@@ -10,14 +10,19 @@ Per optimizer step (read top to bottom in `train`):
      (`ascent` groups are maximised by AdamW itself);
   5. log, `hooks.evaluate` (epoch ends, every `eval_every` steps, the end), resumable checkpoint, time budget.
 State (module, optimizer, RNG, step, metadata) is checkpointed every `checkpoint_every` steps; `resume`
-continues from the newest state and ends exactly where an uninterrupted run ends.
+continues from the newest state and ends exactly where an uninterrupted run ends. SIGTERM or SIGINT (`timeout`, a
+scheduler's pre-emption, Ctrl-C) stops at the end of the current step: its state is saved and `Interrupted` (exit
+status 128 + the signal) is raised, so nothing since the last periodic checkpoint is lost; a second signal kills.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,36 @@ class Hooks:
 
     penalty: Penalty | None = None
     evaluate: Evaluate | None = None
+
+
+class Interrupted(SystemExit):
+    """Training stopped by a signal after saving its state; the exit status is 128 + the signal number."""
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[list[int]]:
+    """Catch SIGTERM/SIGINT while training: the yielded list receives the signal number; the default handlers come
+    back on the first signal (so a second one acts at once) and when training ends. Off the main thread, where
+    Python cannot install handlers, nothing is caught."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    caught = (signal.SIGTERM, signal.SIGINT)
+    old = {s: signal.getsignal(s) for s in caught}
+
+    def handler(signum: int, frame: Any) -> None:
+        got.append(signum)
+        for s, h in old.items():
+            signal.signal(s, h)
+
+    for s in caught:
+        signal.signal(s, handler)
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def new_meta() -> dict[str, Any]:
@@ -97,96 +132,112 @@ def train(
         mininterval=10,
         disable=not cfg.progress or not dist.is_main,
     )
-    order_epoch, order = -1, None
-    while step < total:
-        epoch, pos = divmod(step, n_steps_epoch)
-        if epoch != order_epoch:
-            order_epoch, order = epoch, epoch_order(lengths, cfg.per_step, cfg.seed, epoch, cfg.group_by_length)
-        idx = order[pos * cfg.per_step : (pos + 1) * cfg.per_step]
-        for g, spec in zip(opt.param_groups, groups):
-            g["lr"] = lr_at(step, total, warmup, spec.lr) if spec.scheduled else spec.lr
-        opt.zero_grad(set_to_none=True)
-        logged: dict[str, float] = {}
-        step_loss = 0.0
-        for m in range(cfg.grad_accum):
-            micro = idx[m * cfg.batch : (m + 1) * cfg.batch][dist.rank :: dist.world]
-            batch, sp, ep = collate([features[k] for k in micro])
-            batch, sp, ep = batch.to(dist.device), sp.to(dist.device), ep.to(dist.device)
-            with torch.autocast(dist.device.type, torch.bfloat16, enabled=bf16):
-                out = fwd(
-                    batch.input_ids,
-                    batch.token_type_ids,
+    with _stop_requests() as signals:
+        order_epoch, order = -1, None
+        while step < total:
+            epoch, pos = divmod(step, n_steps_epoch)
+            if epoch != order_epoch:
+                order_epoch, order = epoch, epoch_order(lengths, cfg.per_step, cfg.seed, epoch, cfg.group_by_length)
+            idx = order[pos * cfg.per_step : (pos + 1) * cfg.per_step]
+            for g, spec in zip(opt.param_groups, groups):
+                g["lr"] = lr_at(step, total, warmup, spec.lr) if spec.scheduled else spec.lr
+            opt.zero_grad(set_to_none=True)
+            logged: dict[str, float] = {}
+            step_loss = 0.0
+            for m in range(cfg.grad_accum):
+                micro = idx[m * cfg.batch : (m + 1) * cfg.batch][dist.rank :: dist.world]
+                batch, sp, ep = collate([features[k] for k in micro])
+                batch, sp, ep = batch.to(dist.device), sp.to(dist.device), ep.to(dist.device)
+                with torch.autocast(dist.device.type, torch.bfloat16, enabled=bf16):
+                    out = fwd(
+                        batch.input_ids,
+                        batch.token_type_ids,
+                        batch.cu_seqlens,
+                        batch.max_seqlen,
+                        output_hidden_states=want_hidden,
+                    )
+                t_out = teacher.logits(micro, batch, want_hidden) if teacher is not None else None
+                loss = task_and_distill(
+                    out[0].float(),
+                    out[1].float(),
                     batch.cu_seqlens,
                     batch.max_seqlen,
-                    output_hidden_states=want_hidden,
+                    sp,
+                    ep,
+                    teacher=t_out[:2] if t_out is not None else None,
+                    cfg=distill,
+                    hidden=(out[2], t_out[2]) if want_hidden else None,
                 )
-            t_out = teacher.logits(micro, batch, want_hidden) if teacher is not None else None
-            loss = task_and_distill(
-                out[0].float(),
-                out[1].float(),
-                batch.cu_seqlens,
-                batch.max_seqlen,
-                sp,
-                ep,
-                teacher=t_out[:2] if t_out is not None else None,
-                cfg=distill,
-                hidden=(out[2], t_out[2]) if want_hidden else None,
+                if hooks.penalty is not None:
+                    penalty, logged = hooks.penalty(step, total)
+                    loss = loss + penalty
+                check_finite(loss, step + 1)
+                (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+                windows_log += len(micro) * dist.world
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(clipped, cfg.max_grad_norm)
+            opt.step()
+            step += 1
+            meta["elapsed_s"] = before + time.monotonic() - t_start
+            meta["windows"] += len(idx)
+            meta["losses"].append(round(step_loss, 5))
+            loss_log.append(step_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", **{k: f"{v:.3f}" for k, v in logged.items()}, refresh=False)
+            if cfg.log_every and step % cfg.log_every == 0:
+                rate = windows_log / (time.monotonic() - t_log)
+                row = {
+                    "step": step,
+                    "loss": round(dist.mean(sum(loss_log) / len(loss_log)), 5),
+                    "lr": opt.param_groups[0]["lr"],
+                    "windows_per_s": round(rate, 2),
+                    **{k: round(v, 5) for k, v in logged.items()},
+                }
+                meta["log"].append(row)
+                if dist.is_main:
+                    eta = (total - step) * cfg.per_step / max(rate, 1e-9) / 60
+                    print(
+                        f"[{cfg.name}] step {step}/{total} epoch {step / n_steps_epoch:.3f} {row} "
+                        f"elapsed {meta['elapsed_s'] / 60:.1f} min eta {eta:.1f} min",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                t_log, windows_log, loss_log = time.monotonic(), 0, []
+            over = budget is not None and meta["elapsed_s"] > budget
+            if over:
+                meta["stopped_by"] = "time_budget"
+            periodic = bool(cfg.eval_every) and step % cfg.eval_every == 0
+            if (
+                dist.is_main
+                and hooks.evaluate is not None
+                and (step % n_steps_epoch == 0 or step == total or over or periodic)
+            ):
+                hooks.evaluate(step, meta)
+                module.train()
+            saved = dist.is_main and (
+                (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total or over
             )
-            if hooks.penalty is not None:
-                penalty, logged = hooks.penalty(step, total)
-                loss = loss + penalty
-            check_finite(loss, step + 1)
-            (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
-            windows_log += len(micro) * dist.world
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(clipped, cfg.max_grad_norm)
-        opt.step()
-        step += 1
-        meta["elapsed_s"] = before + time.monotonic() - t_start
-        meta["windows"] += len(idx)
-        meta["losses"].append(round(step_loss, 5))
-        loss_log.append(step_loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.3f}", **{k: f"{v:.3f}" for k, v in logged.items()}, refresh=False)
-        if cfg.log_every and step % cfg.log_every == 0:
-            rate = windows_log / (time.monotonic() - t_log)
-            row = {
-                "step": step,
-                "loss": round(dist.mean(sum(loss_log) / len(loss_log)), 5),
-                "lr": opt.param_groups[0]["lr"],
-                "windows_per_s": round(rate, 2),
-                **{k: round(v, 5) for k, v in logged.items()},
-            }
-            meta["log"].append(row)
-            if dist.is_main:
-                eta = (total - step) * cfg.per_step / max(rate, 1e-9) / 60
+            if saved:
+                save_training_state(ckpt_root, module, opt, step, meta, keep=cfg.keep_checkpoints)
+            if over:
                 print(
-                    f"[{cfg.name}] step {step}/{total} epoch {step / n_steps_epoch:.3f} {row} "
-                    f"elapsed {meta['elapsed_s'] / 60:.1f} min eta {eta:.1f} min",
+                    f"[{cfg.name}] time budget of {cfg.time_budget_min} min reached at step {step}/{total}; stopping",
                     file=sys.stderr,
-                    flush=True,
                 )
-            t_log, windows_log, loss_log = time.monotonic(), 0, []
-        over = budget is not None and meta["elapsed_s"] > budget
-        if over:
-            meta["stopped_by"] = "time_budget"
-        periodic = bool(cfg.eval_every) and step % cfg.eval_every == 0
-        if (
-            dist.is_main
-            and hooks.evaluate is not None
-            and (step % n_steps_epoch == 0 or step == total or over or periodic)
-        ):
-            hooks.evaluate(step, meta)
-            module.train()
-        if dist.is_main and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total or over):
-            save_training_state(ckpt_root, module, opt, step, meta, keep=cfg.keep_checkpoints)
-        if over:
-            print(
-                f"[{cfg.name}] time budget of {cfg.time_budget_min} min reached at step {step}/{total}; stopping",
-                file=sys.stderr,
-            )
-            break
+                break
+            if dist.any(bool(signals)):
+                if dist.is_main and not saved:
+                    save_training_state(ckpt_root, module, opt, step, meta, keep=cfg.keep_checkpoints)
+                name = signal.Signals(signals[0]).name if signals else "a signal on another rank"
+                if dist.is_main:
+                    print(
+                        f"[{cfg.name}] {name} at step {step}/{total}: state saved; rerun with --resume to continue",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                bar.close()
+                raise Interrupted(128 + (signals[0] if signals else signal.SIGTERM))
     bar.close()
     dist.barrier()
     meta["steps"], meta["total_steps"], meta["steps_per_epoch"] = step, total, n_steps_epoch
