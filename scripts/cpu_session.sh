@@ -9,6 +9,10 @@
 #   scripts/cpu_session.sh run [MINUTES]      run the stages that fit, in order; refuses when the required ones are
 #                                             estimated at more than MINUTES + SLACK% (15; FORCE=1 runs anyway).
 #                                             Logs and stage times: $RUNS/logs/session/
+#   scripts/cpu_session.sh advance [MINUTES]  where they do not fit (a CPU without native bf16): run the required
+#                                             stages in order for MINUTES (default 150), then stop the one running
+#                                             with SIGTERM (a trainer saves the step it is on); a later advance or
+#                                             run resumes there, so several sessions finish the chain
 #   scripts/cpu_session.sh summary            the teacher and students scored so far against #13's targets
 #   scripts/cpu_session.sh promote NAME       the 2x bundle candidate -> models/NAME with its MODEL_CARD.md, named in
 #                                             models/DEFAULT; refused unless it meets every bundle target
@@ -36,7 +40,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PY=${PY:-.venv/bin/python} RUNS=${RUNS:-runs} GEN=cpu PYTHONUNBUFFERED=1
 export RESULTS_DIR=${RESULTS_DIR:-bench/results/cpu-e1}  # the cpu-e1 group of RESULTS.md
-R=scripts/reproduce_squad.sh
+R=${REPRODUCE:-scripts/reproduce_squad.sh}  # the stage runner (tests substitute a fake one)
 LOGS=$RUNS/logs/session
 SN_TAG=${SN_TAG:--sn2}
 TEACHER=teacher-cpu-e1
@@ -113,9 +117,18 @@ finished() {  # CMD: whether a stage's output is already there and newer than wh
     tag=${BASH_REMATCH[1]} run=${BASH_REMATCH[2]#-}
     run="${run:-fast}-cpu-${BASH_REMATCH[3]}$tag"
     [ -f "$RUNS/$run/metrics.json" ]  # prune_fast writes it last
+  elif [[ $cmd =~ \ teacher-cpu$ ]]; then
+    trained "$TEACHER" "$E1_STEPS"
+  elif [[ $cmd =~ \ teacher-swap\  ]]; then
+    trained "$SN" "$SN_STEPS"
   else
-    return 1  # the teachers: costed from their checkpoints, resumed by the stage itself
+    return 1
   fi
+}
+
+trained() {  # RUN STEPS: the teacher run has its final checkpoint and its exported weights (otherwise its stage
+  # resumes it from its newest checkpoint)
+  [ -f "$RUNS/$1/model.safetensors" ] && [ "$(done_steps "$1")" -ge "$2" ]
 }
 
 # plan MINUTES SEC_PER_STEP: one line per stage, "name minutes fits|skip|REQUIRED, DOES NOT FIT command" (a stage
@@ -168,7 +181,8 @@ run() {
   rc=$?
   echo "$lines" | tee "$LOGS/plan.txt"
   if [ $rc != 0 ] && [ "${FORCE:-0}" != 1 ]; then
-    echo "cpu_session: refusing to start (FORCE=1 runs anyway)" >&2
+    echo "cpu_session: refusing to start (FORCE=1 runs anyway; \"$0 advance $minutes\" moves the required" \
+      "stages forward in this session, and later sessions resume them)" >&2
     return 3
   fi
   for s in "${STAGES[@]}"; do
@@ -201,6 +215,49 @@ run() {
         return $rc
       fi
       skipped+="$name "
+    fi
+  done
+  [ "${SESSION_DRY:-0}" = 1 ] || summary
+}
+
+advance() {  # [MINUTES]: the required stages in order, each under `timeout` of the time left: at the limit the
+  # stage's whole process group gets SIGTERM (engine.train saves the step it is on and exits 143) and advance waits
+  # for it to finish saving. The first stage that does not finish ends the session; finished ones are skipped.
+  local minutes=${1:-150} t0 budget_s left_s s name cost req after cmd t_stage pid rc
+  t0=$(date +%s)
+  budget_s=$(awk -v m="$minutes" 'BEGIN { print int(m * 60) }')
+  mkdir -p "$LOGS"
+  for s in "${STAGES[@]}"; do
+    IFS='|' read -r name cost req after cmd <<< "$s"
+    [ "$req" = 1 ] || continue
+    if finished "$cmd"; then
+      printf '%s\tdone earlier\n' "$name" | tee -a "$LOGS/times.tsv"
+      continue
+    fi
+    left_s=$((t0 + budget_s - $(date +%s)))
+    if [ "$left_s" -le 0 ]; then
+      echo "cpu_session: out of time before $name; advance or run resumes there"
+      return 0
+    fi
+    if [ "${SESSION_DRY:-0}" = 1 ]; then
+      echo "would run for at most $left_s s: $cmd"
+      continue
+    fi
+    t_stage=$(date +%s)
+    # shellcheck disable=SC2086  # the command is "VAR=value ... script stage args", no value has spaces
+    timeout -s TERM -k 600 "$left_s" env $cmd > "$LOGS/$name.log" 2>&1 &
+    pid=$!
+    wait "$pid"
+    rc=$?
+    while kill -0 -- "-$pid" 2> /dev/null; do sleep 1; done  # a trainer still saving the step it was on
+    printf '%s\t%s s\texit %s\tadvance\n' "$name" $(($(date +%s) - t_stage)) $rc | tee -a "$LOGS/times.tsv"
+    if [ $rc = 124 ]; then
+      echo "cpu_session: $name stopped at the $minutes-minute limit with its state saved ($(tail -1 "$LOGS/$name.log"))"
+      echo "cpu_session: \"$0 advance\" or \"$0 run\" in a later session resumes it"
+      return 0
+    elif [ $rc != 0 ]; then
+      echo "cpu_session: required stage $name failed (exit $rc); see $LOGS/$name.log" >&2
+      return $rc
     fi
   done
   [ "${SESSION_DRY:-0}" = 1 ] || summary
@@ -243,13 +300,14 @@ promote() {  # NAME: the 2x bundle candidate becomes models/NAME and the default
     "and commit it once"
 }
 
-case "${1:-}" in plan | run | summary | promote)
+case "${1:-}" in plan | run | advance | summary | promote)
   command -v "$PY" > /dev/null || { echo "cpu_session: $PY not found: run make install first" >&2; exit 2; } ;;
 esac
 case "${1:-}" in
   plan) sps=$(probe) || { echo "cpu_session: the step-rate probe failed" >&2; exit 1; }; plan "${2:-150}" "$sps" ;;
   run) run "${2:-150}" ;;
+  advance) advance "${2:-150}" ;;
   summary) summary ;;
   promote) promote "${2:-}" ;;
-  *) echo "usage: $0 plan [MINUTES] | run [MINUTES] | summary | promote NAME" >&2; exit 2 ;;
+  *) echo "usage: $0 plan [MINUTES] | run [MINUTES] | advance [MINUTES] | summary | promote NAME" >&2; exit 2 ;;
 esac

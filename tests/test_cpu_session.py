@@ -57,7 +57,8 @@ def test_a_cpu_without_native_bf16_is_refused_with_the_estimate(tmp_path: Path):
     assert _plan(r.stdout)["teacher"] == (pytest.approx(4570 / 0.3 / 60, abs=0.06), "REQUIRED, DOES NOT FIT")
     assert re.search(r"the required stages need \d+ min at 3\.333 s per teacher step, more than 150 min", r.stdout)
     r = _session(tmp_path, "run", "150", RATE="0.3", SESSION_DRY="1")
-    assert r.returncode == 3 and "refusing to start (FORCE=1 runs anyway)" in r.stderr
+    assert r.returncode == 3 and "refusing to start (FORCE=1 runs anyway" in r.stderr
+    assert "advance 150\" moves the required stages forward in this session" in r.stderr
     assert "would run" not in r.stdout
 
 
@@ -237,3 +238,70 @@ def test_a_plan_within_the_probes_error_still_runs(tmp_path: Path):
     assert _session(tmp_path, "plan", "150", RATE="0.7", SLACK="20").returncode == 0
     r = _session(tmp_path, "run", "150", RATE="0.8", SESSION_DRY="1")
     assert r.returncode == 0 and r.stdout.count("would run: ") == 6
+
+
+FAKE_RUNNER = r"""#!/usr/bin/env bash
+# a stand-in for scripts/reproduce_squad.sh: logs each stage; teacher-cpu trains "forever" in a child process like the
+# real trainer, saving its state on SIGTERM (after a delay, which advance must wait for) and exiting 143
+echo "$*" >> "$RUNS/stages.txt"
+if [ "$1" = teacher-cpu ]; then
+  "$PY" -c '
+import os, signal, sys, time
+def stop(signum, frame):
+    time.sleep(1.0)
+    d = os.path.join(os.environ["RUNS"], "teacher-cpu-e1", "checkpoints", "step-00000123")
+    os.makedirs(d)
+    open(os.path.join(d, "trainer.json"), "w").write("{}")
+    print("[train] SIGTERM at step 123/4463: state saved", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+time.sleep(120)
+sys.exit(0)
+'
+fi
+"""
+
+
+def test_advance_stops_the_running_stage_at_the_limit_and_waits_for_its_save(tmp_path: Path):
+    """On a CPU that cannot finish the chain: `advance` runs the required stages under the time left; at the limit the
+    stage's whole process group (the stage script and its trainer) gets SIGTERM, and advance returns only after the
+    trainer has saved, with nothing after it started."""
+    import sys
+
+    fake = tmp_path / "fake_reproduce.sh"
+    fake.write_text(FAKE_RUNNER)
+    fake.chmod(0o755)
+    (tmp_path / "runs").mkdir()
+    r = _session(tmp_path, "advance", "0.05", REPRODUCE=str(fake), PY=sys.executable)  # 3 s
+    assert r.returncode == 0, r.stderr
+    assert "teacher stopped at the 0.05-minute limit with its state saved" in r.stdout
+    assert "SIGTERM at step 123/4463: state saved" in r.stdout  # the trainer's last line, so it had finished
+    assert (tmp_path / "runs" / "teacher-cpu-e1" / "checkpoints" / "step-00000123" / "trainer.json").exists()
+    assert (tmp_path / "runs" / "stages.txt").read_text().splitlines() == ["teacher-cpu"]
+    times = (tmp_path / "runs" / "logs" / "session" / "times.tsv").read_text()
+    assert re.search(r"^teacher\t\d+ s\texit 124\tadvance$", times, re.M), times
+
+
+def test_advance_resumes_after_a_finished_teacher(tmp_path: Path):
+    """A teacher with its final checkpoint and exported weights is done (in the plan as well); advance goes on with
+    the next required stages only, the optional ones never."""
+    run = tmp_path / "runs" / "teacher-cpu-e1"
+    (run / "checkpoints" / "step-00004463").mkdir(parents=True)
+    (run / "checkpoints" / "step-00004463" / "trainer.json").write_text("{}")
+    plan = _plan(_session(tmp_path, "plan", "150", RATE="0.3").stdout)
+    assert plan["teacher"] == (pytest.approx(107 / 0.3 / 60, abs=0.06), "fits")  # no weights yet: only its evaluation
+    (run / "model.safetensors").write_text("weights")
+    plan = _plan(_session(tmp_path, "plan", "150", RATE="0.3").stdout)
+    assert plan["teacher"] == (0.0, "done")
+    r = _session(tmp_path, "advance", "150", SESSION_DRY="1")
+    assert r.returncode == 0, r.stderr
+    assert "teacher\tdone earlier" in r.stdout
+    cmds = [line.split(": ", 1)[1] for line in r.stdout.splitlines() if line.startswith("would run for at most")]
+    stages = [c.split("reproduce_squad.sh ")[1] for c in cmds]
+    assert stages == [
+        "teacher-swap teacher-cpu-e1 -sn2",
+        "eval teacher-cpu-e1-sn2",
+        "fast 0.5",
+        f"eval fast-cpu-0.5-{S2}",
+        "bundle",
+    ]
