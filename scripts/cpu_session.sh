@@ -167,7 +167,7 @@ plan() {
     echo "plan: the required stages fit in $1 min ($((spent / 60)) min planned, $2 s per teacher step)"
   else
     echo "plan: the required stages need $((spent / 60)) min at $2 s per teacher step, more than $1 min" \
-      "(a CPU with native bf16 or a GPU runs them in one session)"
+      "(a CPU with native bf16 or a GPU runs them in one session; advance carries them across sessions here)"
     return 3
   fi
 }
