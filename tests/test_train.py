@@ -121,6 +121,21 @@ def test_sigterm_saves_the_step_and_resume_ends_where_uninterrupted_ends(tiny_mo
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
 
 
+def test_stop_requests_policy():
+    """Inside training: SIGTERM is recorded (again and again, never fatal), a first Ctrl-C is recorded, a second one
+    interrupts at once; outside, the previous handlers are back."""
+    from engine.train.loop import _stop_requests
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), _stop_requests() as got:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert got == [signal.SIGTERM, signal.SIGTERM, signal.SIGINT]
+        os.kill(os.getpid(), signal.SIGINT)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
 def test_length_grouped_order_is_a_seeded_permutation_of_similar_lengths():
     lengths = [int(x) for x in torch.randint(5, 200, (1000,), generator=torch.Generator().manual_seed(0))]
     a = epoch_order(lengths, 16, 3, 1, True)

@@ -12,7 +12,10 @@ Per optimizer step (read top to bottom in `train`):
 State (module, optimizer, RNG, step, metadata) is checkpointed every `checkpoint_every` steps; `resume`
 continues from the newest state and ends exactly where an uninterrupted run ends. SIGTERM or SIGINT (`timeout`, a
 scheduler's pre-emption, Ctrl-C) stops at the end of the current step: its state is saved and `Interrupted` (exit
-status 128 + the signal) is raised, so nothing since the last periodic checkpoint is lost; a second signal kills.
+status 128 + the signal) is raised, so nothing since the last periodic checkpoint is lost. A second Ctrl-C stops at
+once; a repeated SIGTERM (a supervisor that resends it) changes nothing, SIGKILL remains the hard stop. Under
+torchrun the workers run in sessions of their own: a SIGTERM to the job reaches them through torchrun, which waits
+(30 s) for them to save and exit.
 """
 
 from __future__ import annotations
@@ -57,9 +60,9 @@ class Interrupted(SystemExit):
 
 @contextlib.contextmanager
 def _stop_requests() -> Iterator[list[int]]:
-    """Catch SIGTERM/SIGINT while training: the yielded list receives the signal number; the default handlers come
-    back on the first signal (so a second one acts at once) and when training ends. Off the main thread, where
-    Python cannot install handlers, nothing is caught."""
+    """Catch SIGTERM/SIGINT while training: the yielded list receives the signal numbers. A second SIGINT raises
+    KeyboardInterrupt at once; a repeated SIGTERM changes nothing. The previous handlers come back when training
+    ends. Off the main thread, where Python cannot install handlers, nothing is caught."""
     got: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield got
@@ -68,9 +71,9 @@ def _stop_requests() -> Iterator[list[int]]:
     old = {s: signal.getsignal(s) for s in caught}
 
     def handler(signum: int, frame: Any) -> None:
+        if got and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         got.append(signum)
-        for s, h in old.items():
-            signal.signal(s, h)
 
     for s in caught:
         signal.signal(s, handler)
@@ -229,6 +232,7 @@ def train(
             if dist.any(bool(signals)):
                 if dist.is_main and not saved:
                     save_training_state(ckpt_root, module, opt, step, meta, keep=cfg.keep_checkpoints)
+                dist.barrier()  # no rank exits (and makes torchrun stop the others) before rank 0 has saved
                 name = signal.Signals(signals[0]).name if signals else "a signal on another rank"
                 if dist.is_main:
                     print(

@@ -191,6 +191,55 @@ def test_ddp_two_processes(data, tmp_path):
     assert abs(m["achieved_flop_sparsity"] - 0.5) <= 0.02
 
 
+def test_ddp_sigterm_to_the_process_group_saves_once_and_resumes(data, tmp_path):
+    """`timeout` (or cpu_session.sh advance) sends SIGTERM to a torchrun job's process group; torchrun forwards it to
+    its workers (each in a session of its own): the ranks agree on the step, rank 0 saves it once, all exit before
+    torchrun gives up on them, and --resume under torchrun finishes the run."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "ddp"
+
+    def cmd(*extra: str) -> list[str]:
+        argv = _argv(data, out, "--target-sparsity", "0.5", "--max-steps", "400", "--finetune-max-steps", "1")
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29518",
+            "-m",
+            "engine.prune",
+            *argv,
+            "--checkpoint-every",
+            "1000",
+            "--log-every",
+            "1",
+            *extra,
+        ]
+
+    log = tmp_path / "ddp.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd(), env=env, cwd=ROOT, stdout=f, stderr=f, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while "step 3/400" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=300)
+    text = log.read_text()
+    assert proc.returncode != 0 and "SIGTERM at step" in text, text[-3000:]
+    saved = sorted(out.rglob("step-*/trainer.json"))
+    assert len(saved) == 1, (saved, text[-3000:])
+    step = int(saved[0].parent.name.removeprefix("step-"))
+    assert 3 <= step < 400 and not (out / "metrics.json").exists()
+    r = subprocess.run(cmd("--resume"), env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step {step}" in r.stderr and (out / "metrics.json").exists()
+
+
 def test_prune_roberta_teacher(data, tmp_path):
     root, _ = data
     teacher = make_checkpoint(tmp_path / "rt", "roberta", layers=2, heads=4, head_dim=8, ffn=29, seed=15)
