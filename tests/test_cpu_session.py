@@ -58,7 +58,7 @@ def test_a_cpu_without_native_bf16_is_refused_with_the_estimate(tmp_path: Path):
     assert re.search(r"the required stages need \d+ min at 3\.333 s per teacher step, more than 150 min", r.stdout)
     r = _session(tmp_path, "run", "150", RATE="0.3", SESSION_DRY="1")
     assert r.returncode == 3 and "refusing to start (FORCE=1 runs anyway" in r.stderr
-    assert "advance 150\" moves the required stages forward in this session" in r.stderr
+    assert 'advance 150" moves the required stages forward in this session' in r.stderr
     assert "would run" not in r.stdout
 
 
