@@ -171,21 +171,19 @@ def test_nan_loss_names_step(data, tmp_path, monkeypatch):
         prune(build_parser().parse_args(_argv(data, tmp_path / "o", "--target-sparsity", "0.5", "--max-steps", "2")))
 
 
+DDP_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _torchrun(port: int, *argv: str) -> list[str]:
+    """`engine.prune ARGV` as two CPU (gloo) processes under torchrun."""
+    dist = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    return [sys.executable, *dist, "-m", "engine.prune", *argv]
+
+
 def test_ddp_two_processes(data, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-        "-m",
-        "engine.prune",
-        *_argv(data, tmp_path / "ddp", "--target-sparsity", "0.5", "--max-steps", "3", "--finetune-max-steps", "1"),
-    ]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    argv = _argv(data, tmp_path / "ddp", "--target-sparsity", "0.5", "--max-steps", "3", "--finetune-max-steps", "1")
+    cmd = _torchrun(29517, *argv)
+    r = subprocess.run(cmd, env=DDP_ENV, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert abs(m["achieved_flop_sparsity"] - 0.5) <= 0.02
@@ -198,32 +196,15 @@ def test_ddp_sigterm_to_the_process_group_saves_once_and_resumes(data, tmp_path)
     import signal
     import time
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = tmp_path / "ddp"
 
     def cmd(*extra: str) -> list[str]:
         argv = _argv(data, out, "--target-sparsity", "0.5", "--max-steps", "400", "--finetune-max-steps", "1")
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29518",
-            "-m",
-            "engine.prune",
-            *argv,
-            "--checkpoint-every",
-            "1000",
-            "--log-every",
-            "1",
-            *extra,
-        ]
+        return _torchrun(29518, *argv, "--checkpoint-every", "1000", "--log-every", "1", *extra)
 
     log = tmp_path / "ddp.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd(), env=env, cwd=ROOT, stdout=f, stderr=f, start_new_session=True)
+        proc = subprocess.Popen(cmd(), env=DDP_ENV, cwd=ROOT, stdout=f, stderr=f, start_new_session=True)
         deadline = time.monotonic() + 300
         while "step 3/400" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
@@ -235,7 +216,7 @@ def test_ddp_sigterm_to_the_process_group_saves_once_and_resumes(data, tmp_path)
     assert len(saved) == 1, (saved, text[-3000:])
     step = int(saved[0].parent.name.removeprefix("step-"))
     assert 3 <= step < 400 and not (out / "metrics.json").exists()
-    r = subprocess.run(cmd("--resume"), env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    r = subprocess.run(cmd("--resume"), env=DDP_ENV, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"at step {step}" in r.stderr and (out / "metrics.json").exists()
 
