@@ -172,8 +172,34 @@ plan() {
   fi
 }
 
+stage() {  # NAME CMD LIMIT_S NOTE: one stage, its output to $LOGS/NAME.log, in a process group of its own under
+  # `timeout` (LIMIT_S 0: none). At the limit, or when this script gets SIGINT/SIGTERM, the whole group gets SIGTERM
+  # (engine.train saves the step it is on and exits 143), and this waits until every process of the group has
+  # exited. Appends "NAME, seconds, exit status, NOTE" to times.tsv; returns the stage's status (124: the limit).
+  local t0 pid rc stopped=0
+  t0=$(date +%s)
+  # shellcheck disable=SC2086  # the command is "VAR=value ... script stage args", no value has spaces
+  timeout -s TERM -k 600 "$3" env $2 > "$LOGS/$1.log" 2>&1 &
+  pid=$!
+  trap 'stopped=1; kill -TERM -- "-$pid" 2> /dev/null' INT TERM
+  wait "$pid"
+  rc=$?
+  while kill -0 "$pid" 2> /dev/null; do  # a signal interrupted the wait, not the stage
+    wait "$pid"
+    rc=$?
+  done
+  while kill -0 -- "-$pid" 2> /dev/null; do sleep 1; done  # a trainer still saving the step it was on
+  trap - INT TERM
+  printf '%s\t%s s\texit %s\t%s\n' "$1" $(($(date +%s) - t0)) $rc "$4" | tee -a "$LOGS/times.tsv"
+  if [ $stopped = 1 ]; then
+    echo "cpu_session: interrupted during $1 (exit $rc); run or advance resumes it" >&2
+    exit 130
+  fi
+  return $rc
+}
+
 run() {
-  local minutes=${1:-150} sps t0 t_stage rc lines name cmd left_s s cost req after skipped=" "
+  local minutes=${1:-150} sps t0 rc lines name cmd left_s s cost req after skipped=" "
   t0=$(date +%s)
   mkdir -p "$LOGS"
   sps=$(probe) || { echo "cpu_session: the step-rate probe failed" >&2; return 1; }
@@ -203,12 +229,8 @@ run() {
       echo "would run: $cmd"
       continue
     fi
-    t_stage=$(date +%s)
-    # shellcheck disable=SC2086  # the command is "VAR=value ... script stage args", no value has spaces
-    env $cmd > "$LOGS/$name.log" 2>&1
+    stage "$name" "$cmd" 0 "estimated $(awk -v c="$cost" -v p="$sps" 'BEGIN { print int(c * p) }') s"
     rc=$?
-    printf '%s\t%s s\texit %s\testimated %s s\n' "$name" $(($(date +%s) - t_stage)) $rc \
-      "$(awk -v c="$cost" -v p="$sps" 'BEGIN { print int(c * p) }')" | tee -a "$LOGS/times.tsv"
     if [ $rc != 0 ]; then
       if [ "$req" = 1 ]; then
         echo "cpu_session: required stage $name failed (exit $rc); see $LOGS/$name.log" >&2
@@ -223,7 +245,7 @@ run() {
 advance() {  # [MINUTES]: the required stages in order, each under `timeout` of the time left: at the limit the
   # stage's whole process group gets SIGTERM (engine.train saves the step it is on and exits 143) and advance waits
   # for it to finish saving. The first stage that does not finish ends the session; finished ones are skipped.
-  local minutes=${1:-150} t0 budget_s left_s s name cost req after cmd t_stage pid rc
+  local minutes=${1:-150} t0 budget_s left_s s name cost req after cmd rc
   t0=$(date +%s)
   budget_s=$(awk -v m="$minutes" 'BEGIN { print int(m * 60) }')
   mkdir -p "$LOGS"
@@ -243,14 +265,8 @@ advance() {  # [MINUTES]: the required stages in order, each under `timeout` of 
       echo "would run for at most $left_s s: $cmd"
       continue
     fi
-    t_stage=$(date +%s)
-    # shellcheck disable=SC2086  # the command is "VAR=value ... script stage args", no value has spaces
-    timeout -s TERM -k 600 "$left_s" env $cmd > "$LOGS/$name.log" 2>&1 &
-    pid=$!
-    wait "$pid"
+    stage "$name" "$cmd" "$left_s" advance
     rc=$?
-    while kill -0 -- "-$pid" 2> /dev/null; do sleep 1; done  # a trainer still saving the step it was on
-    printf '%s\t%s s\texit %s\tadvance\n' "$name" $(($(date +%s) - t_stage)) $rc | tee -a "$LOGS/times.tsv"
     if [ $rc = 124 ]; then
       echo "cpu_session: $name stopped at the $minutes-minute limit with its state saved ($(tail -1 "$LOGS/$name.log"))"
       echo "cpu_session: \"$0 advance\" or \"$0 run\" in a later session resumes it"

@@ -218,10 +218,10 @@ def train(
             ):
                 hooks.evaluate(step, meta)
                 module.train()
-            saved = dist.is_main and (
-                (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total or over
-            )
-            if saved:
+            stop = dist.any(bool(signals))  # a stop request (also one during the evaluation): every rank, this step
+            if dist.is_main and (
+                (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total or over or stop
+            ):
                 save_training_state(ckpt_root, module, opt, step, meta, keep=cfg.keep_checkpoints)
             if over:
                 print(
@@ -229,9 +229,7 @@ def train(
                     file=sys.stderr,
                 )
                 break
-            if dist.any(bool(signals)):
-                if dist.is_main and not saved:
-                    save_training_state(ckpt_root, module, opt, step, meta, keep=cfg.keep_checkpoints)
+            if stop:
                 dist.barrier()  # no rank exits (and makes torchrun stop the others) before rank 0 has saved
                 name = signal.Signals(signals[0]).name if signals else "a signal on another rank"
                 if dist.is_main:
