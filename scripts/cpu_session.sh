@@ -13,6 +13,9 @@
 #                                             stages in order for MINUTES (default 150), then stop the one running
 #                                             with SIGTERM (a trainer saves the step it is on); a later advance or
 #                                             run resumes there, so several sessions finish the chain
+#   scripts/cpu_session.sh parallel [MINUTES] on a GPU machine with many cores (scripts/gpu_v3.sh e1): every stage
+#                                             (ONLY=regex: those), JOBS (3) at a time, each once its prerequisite
+#                                             is done, under `timeout` of the time left
 #   scripts/cpu_session.sh summary            the teacher and students scored so far against #13's targets
 #   scripts/cpu_session.sh promote NAME       the 2x bundle candidate -> models/NAME with its MODEL_CARD.md, named in
 #                                             models/DEFAULT; refused unless it meets every bundle target
@@ -279,6 +282,77 @@ advance() {  # [MINUTES]: the required stages in order, each under `timeout` of 
   [ "${SESSION_DRY:-0}" = 1 ] || summary
 }
 
+parallel() {  # [MINUTES]: every stage (ONLY, an extended regex on stage names, picks some), JOBS (default 3) at a
+  # time, each as soon as its prerequisite has finished, in the table's order, under `timeout` of the time left: for
+  # a machine with a GPU and many cores (scripts/gpu_v3.sh e1), where the students and evaluations share the card.
+  # A stage whose prerequisite failed or ran out of time is skipped; finished ones are not redone.
+  local minutes=${1:-150} jobs=${JOBS:-3} t0 budget_s left_s s name cost req after cmd pid rc running=0 stopped=0
+  local -A state=() names=()
+  t0=$(date +%s)
+  budget_s=$(awk -v m="$minutes" 'BEGIN { print int(m * 60) }')
+  mkdir -p "$LOGS"
+  for s in "${STAGES[@]}"; do
+    IFS='|' read -r name cost req after cmd <<< "$s"
+    if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then
+      state[$name]=skipped
+    elif finished "$cmd"; then
+      state[$name]=done
+      printf '%s\tdone earlier\n' "$name" | tee -a "$LOGS/times.tsv"
+    else
+      state[$name]=waiting
+    fi
+  done
+  trap 'stopped=1; for p in "${!names[@]}"; do kill -TERM "$p" 2> /dev/null; done' INT TERM
+  while :; do
+    for s in "${STAGES[@]}"; do
+      IFS='|' read -r name cost req after cmd <<< "$s"
+      [ "${state[$name]}" = waiting ] && [ $stopped = 0 ] || continue
+      if [ -n "$after" ] && [[ ${state[$after]} =~ ^(skipped|failed)$ ]]; then
+        state[$name]=skipped
+        printf '%s\tskipped\tafter %s\n' "$name" "$after" | tee -a "$LOGS/times.tsv"
+        continue
+      fi
+      [ -z "$after" ] || [ "${state[$after]}" = done ] || continue
+      [ $running -lt "$jobs" ] || break
+      left_s=$((t0 + budget_s - $(date +%s)))
+      if [ "$left_s" -le 0 ]; then
+        state[$name]=skipped
+        printf '%s\tskipped\tout of time\n' "$name" | tee -a "$LOGS/times.tsv"
+        continue
+      fi
+      if [ "${SESSION_DRY:-0}" = 1 ]; then
+        echo "would start: $name: $cmd"
+        state[$name]=done
+        continue
+      fi
+      stage "$name" "$cmd" "$left_s" parallel &
+      names[$!]=$name
+      state[$name]=running
+      running=$((running + 1))
+    done
+    [ $running -gt 0 ] || break
+    pid=
+    wait -n -p pid
+    rc=$?
+    [ -n "$pid" ] || continue  # a signal interrupted the wait
+    name=${names[$pid]}
+    unset "names[$pid]"
+    running=$((running - 1))
+    if [ $rc = 0 ]; then state[$name]=done; else state[$name]=failed; fi
+  done
+  trap - INT TERM
+  if [ $stopped = 1 ]; then
+    echo "cpu_session: interrupted; run, advance or parallel resumes the stages" >&2
+    exit 130
+  fi
+  [ "${SESSION_DRY:-0}" = 1 ] || summary
+  rc=0
+  for name in "${!state[@]}"; do
+    [ "${state[$name]}" != failed ] || { echo "cpu_session: stage $name failed; see $LOGS/$name.log" >&2; rc=1; }
+  done
+  return $rc
+}
+
 summary() {  # [ARGS of bench.accuracy_tables]: the cpu-e1 group's rows, losses and #13's targets; rewrites
   # accuracy.json beside RESULTS_DIR
   local root
@@ -316,14 +390,16 @@ promote() {  # NAME: the 2x bundle candidate becomes models/NAME and the default
     "and commit it once"
 }
 
-case "${1:-}" in plan | run | advance | summary | promote)
+case "${1:-}" in plan | run | advance | parallel | summary | promote)
   command -v "$PY" > /dev/null || { echo "cpu_session: $PY not found: run make install first" >&2; exit 2; } ;;
 esac
 case "${1:-}" in
   plan) sps=$(probe) || { echo "cpu_session: the step-rate probe failed" >&2; exit 1; }; plan "${2:-150}" "$sps" ;;
   run) run "${2:-150}" ;;
   advance) advance "${2:-150}" ;;
+  parallel) parallel "${2:-150}" ;;
   summary) summary ;;
   promote) promote "${2:-}" ;;
-  *) echo "usage: $0 plan [MINUTES] | run [MINUTES] | advance [MINUTES] | summary | promote NAME" >&2; exit 2 ;;
+  *) echo "usage: $0 plan [MINUTES] | run [MINUTES] | advance [MINUTES] | parallel [MINUTES] | summary | promote NAME" >&2
+    exit 2 ;;
 esac

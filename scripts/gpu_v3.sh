@@ -10,12 +10,19 @@
 #   scripts/gpu_v3.sh teacher         there, afterwards: teacher-v3 (fp16) in 15 MiB pieces under $OUT
 #   scripts/gpu_v3.sh restore DIR...  here: the folders the two calls' $OUT came back in -> fp32 checkpoints
 #                                     $RUNS/teacher-v3 and $RUNS/l0-v3-0.52 (from its bundle), results, logs
+#   scripts/gpu_v3.sh e1 SECONDS      there: issue #13's cpu-e1 chain (scripts/cpu_session.sh's stages and recipe:
+#                                     teacher-cpu-e1, its -sn2 round, the 2x and 3.5x students, the 2x bundle, every
+#                                     dev score) on the GPU, the students and evaluations sharing it (cpu_session.sh
+#                                     parallel); $OUT gets the results, the bundle and the teacher as artifacts
+#   scripts/gpu_v3.sh collect-e1      there: the same collection alone (after an interrupted e1)
+#   scripts/gpu_v3.sh restore-e1 DIR  here: that $OUT -> bench/results/cpu-e1/, $LOCAL_RUNS/art/ (default runs)
 # Step budgets (the `run` defaults assume RATE steps/s from `smoke`): RATE=... TEACHER_SHARE=0.45
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
 PACK=.gpu
-export PY=${PY:-python3} RUNS=${RUNS:-/tmp/runs} GEN=v3 DEVICE=cuda EVAL_DEVICE=cuda EVAL_BACKEND=torch THREADS=2
+export PY=${PY:-python3} RUNS=${RUNS:-/tmp/runs} GEN=v3 DEVICE=${DEVICE:-cuda} EVAL_DEVICE=${EVAL_DEVICE:-cuda}
+export EVAL_BACKEND=${EVAL_BACKEND:-torch} THREADS=2
 export SPARSEQA_DATA=$PWD/$PACK/data MINILM=/tmp/minilm PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 R=scripts/reproduce_squad.sh
 LOGS=$RUNS/logs
@@ -152,11 +159,81 @@ print(f"restored {teacher} and {student} (heads {list(art.cfg.heads)}, ffn {list
 EOF
 }
 
+# the run names scripts/cpu_session.sh gives them (KD_2X, KD_35X, KD_N as there)
+E1_KD="kd${KD_2X:-1024}s$((${KD_N:-32768} / 1024))k" E1_KD35="kd${KD_35X:-2048}s$((${KD_N:-32768} / 1024))k"
+E1_RUNS="teacher-cpu-e1 teacher-cpu-e1-sn2 fast-cpu-0.5-teacher-cpu-e1-sn2-obs2L-$E1_KD"
+E1_RUNS+=" fast-cpu-0.75-teacher-cpu-e1-sn2-obs2L-$E1_KD35"
+E1_BUNDLE=bundle-fast-cpu-0.5-teacher-cpu-e1-sn2-obs2L-$E1_KD
+
+e1() {  # SECONDS: the cpu-e1 chain on this GPU within SECONDS (each stage under `timeout` of the time left), then
+  # the results (JSON, logs, held-out histories), the 2x bundle and the -sn2 teacher as an fp16 artifact with int8 word
+  # embeddings (the fp32 checkpoints do not fit the 64 MiB that comes back) into $OUT
+  local budget=${1:-500} t0
+  t0=$(date +%s)
+  export GEN=cpu RESULTS_DIR=${RESULTS_DIR:-bench/results/cpu-e1} THREADS=${E1_THREADS:-8} FAST_LATENCY=0
+  export JOBS=${JOBS:-4} ONLY=${ONLY:-'^(teacher|teacher-sn|eval-.*|student-0\.(5|75)|bundle)$'}
+  mkdir -p "$OUT" "$LOGS"
+  unpack
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+    nproc; } > "$LOGS/device.txt" 2>&1
+  scripts/cpu_session.sh parallel "$(awk -v b="$budget" -v t=$(($(date +%s) - t0)) 'BEGIN { print (b - t) / 60 }')" \
+    > "$LOGS/e1.log" 2>&1
+  echo "cpu_session.sh parallel exit $? after $(($(date +%s) - t0)) s" >> "$LOGS/e1.log"
+  collect_e1
+}
+
+collect_e1() {  # e1's outputs into $OUT (also alone: `collect-e1`, after an interrupted e1)
+  local art=$RUNS/art
+  mkdir -p "$OUT"
+  local sn=$RUNS/teacher-cpu-e1-sn2 tmp=/tmp/teacher-cpu-e1-sn2-fp16
+  if [ -d "$art/$E1_BUNDLE" ]; then  # the bundle, and the teacher as an fp16 artifact with int8 word embeddings
+    tar cf - -C "$art" "$E1_BUNDLE" | split -b 15m - "$OUT/bundle.tar."
+    [ ! -f "$sn/model.safetensors" ] ||
+      { $PY -m engine.build_model --model "$sn" --out "$art/teacher-cpu-e1-sn2-fp16" --max-seq-length 256 \
+        --dtype float16 --embeddings int8 --force > "$LOGS/build-teacher.log" 2>&1 &&
+        tar cf - -C "$art" teacher-cpu-e1-sn2-fp16 | split -b 15m - "$OUT/teacher.tar."; }
+  elif [ -f "$sn/model.safetensors" ]; then  # no student: the teacher's whole checkpoint (fp16), to prune elsewhere
+    rm -rf $tmp && cp -r "$sn" $tmp && rm -rf $tmp/checkpoints && cast $PY half $tmp/model.safetensors $tmp/model.safetensors &&
+      tar cf - -C /tmp teacher-cpu-e1-sn2-fp16 | split -b 15m - "$OUT/teacher-ck.tar."
+  fi
+  local repo=${PWD#/} runs=${RUNS#/} results=${RESULTS_DIR:-bench/results/cpu-e1} r files=()
+  [[ $results = /* ]] && results=${results#/} || results=$repo/$results
+  for r in $E1_RUNS; do
+    [ ! -f "$RUNS/$r/metrics.json" ] || files+=("$runs/$r/metrics.json")
+  done
+  tar czf "$OUT/results.tgz" -C / "${files[@]}" "$runs/logs" "$results"
+  ls -la "$OUT"
+}
+
+restore_e1() {  # DIR: e1's $OUT -> the dev scores and run metrics into bench/results/cpu-e1/ (as the CPU chain
+  # writes them), the stage logs into $LOCAL_RUNS/gpu-e1/, the bundle and teacher artifacts into $LOCAL_RUNS/art/
+  local d=$1 runs=${LOCAL_RUNS:-runs} got
+  got=$runs/gpu-e1
+  mkdir -p "$got" "$runs/art"
+  tar xzf "$d/results.tgz" -C "$got"
+  for f in "$d"/bundle.tar.aa "$d"/teacher.tar.aa; do
+    [ ! -e "$f" ] || cat "${f%.aa}".* | tar xf - -C "$runs/art"
+  done
+  if [ -e "$d/teacher-ck.tar.aa" ]; then  # the teacher's checkpoint, back to fp32 for the CPU stages
+    cat "$d"/teacher-ck.tar.* | tar xf - -C "$got" && rm -rf "$runs/teacher-cpu-e1-sn2" &&
+      mv "$got/teacher-cpu-e1-sn2-fp16" "$runs/teacher-cpu-e1-sn2" &&
+      cast .venv/bin/python float "$runs/teacher-cpu-e1-sn2/model.safetensors" "$runs/teacher-cpu-e1-sn2/model.safetensors"
+  fi
+  local to=${RESULTS_DIR:-bench/results/cpu-e1}
+  mkdir -p "$to"
+  find "$got" -path '*/results/cpu-e1/*.json' -exec cp {} "$to"/ \;
+  ls "$to" "$runs/art"
+}
+
 case "${1:-}" in
   pack) pack ;;
+  e1) e1 "${2:-500}" ;;
+  collect-e1) collect_e1 ;;
+  restore-e1) restore_e1 "${2:?usage: $0 restore-e1 DIR}" ;;
   smoke) smoke ;;
   run) run "${2:-540}" ;;
   teacher) teacher ;;
   restore) shift; restore "$@" ;;
-  *) echo "usage: $0 pack|smoke|run [SECONDS]|teacher|restore DIR..." >&2; exit 2 ;;
+  *) echo "usage: $0 pack|smoke|run [SECONDS]|teacher|restore DIR...|e1 [SECONDS]|collect-e1|restore-e1 DIR" >&2; exit 2 ;;
 esac

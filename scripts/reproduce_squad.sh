@@ -146,8 +146,12 @@ KD=()
 # THR: its --threshold-rule (unset: the CLI's default, teacher-rate; the GEN=cpu rows recorded before the
 # -s8k/-s16k rows of docs/PRUNING.md used heldout: THR=heldout reproduces their stored thresholds)
 [ -z "${THR:-}" ] || KD+=(--threshold-rule "$THR")
+# FAST_LATENCY=0: no speedup measurement on the cpp engine at the end (a machine without the built extension; the
+# fast-speedup stage needs it). The distillation trains on DEVICE (auto: a GPU where torch sees one).
+LATENCY=(--latency-shape 8,384 --backend cpp)
+[ "${FAST_LATENCY:-1}" != 0 ] || LATENCY=()
 FAST=(--train $TRAIN "${HELD_OUT[@]}" --max-seq-length 256 --threads "$THREADS" --refit "${REFIT:-none}" --select "${SELECT:-fisher}" --scores "${SCORES:-fisher}" --fit-error "${FIT:-pre-ln}"
-      --samples "${FAST_SAMPLES:-2048}" --save-stages --latency-shape 8,384 --backend cpp --resume "${KD[@]}")
+      --samples "${FAST_SAMPLES:-2048}" --save-stages "${LATENCY[@]}" --resume --distill-device "$DEVICE" "${KD[@]}")
 fast() {  # post-training pruning (Kwon et al.) at $1 of the FLOPs removed; stage ablations as RUN-search, RUN-rearrange
   local run="$RUNS/fast$G-${1:-0.4}$TAG"
   $PY -m engine.prune_fast --teacher "$TEACHER" "${FAST[@]}" --target-sparsity "${1:-0.4}" --out "$run"

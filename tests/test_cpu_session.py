@@ -305,3 +305,60 @@ def test_advance_resumes_after_a_finished_teacher(tmp_path: Path):
         f"eval fast-cpu-0.5-{S2}",
         "bundle",
     ]
+
+
+TIMED_RUNNER = r"""#!/usr/bin/env bash
+# a stand-in for scripts/reproduce_squad.sh that records when each stage starts and ends; FAIL names one that fails
+echo "start $(date +%s.%N) $*" >> "$RUNS/stages.txt"
+sleep 0.4
+echo "end $(date +%s.%N) $*" >> "$RUNS/stages.txt"
+[ "$1" != "${FAIL:-none}" ]
+"""
+
+
+def _timed(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, list[tuple[str, float, str]]]:
+    import sys
+
+    fake = tmp_path / "timed_reproduce.sh"
+    fake.write_text(TIMED_RUNNER)
+    fake.chmod(0o755)
+    (tmp_path / "runs").mkdir(exist_ok=True)
+    r = _session(tmp_path, *args, REPRODUCE=str(fake), PY=sys.executable, **env)
+    events = []
+    for line in (tmp_path / "runs" / "stages.txt").read_text().splitlines():
+        what, t, cmd = line.split(" ", 2)
+        events.append((what, float(t), cmd))
+    return r, events
+
+
+def test_parallel_runs_each_stage_after_its_prerequisite_and_at_most_jobs_at_once(tmp_path: Path):
+    """`parallel` (a GPU machine with many cores): every stage that ONLY picks, as soon as its prerequisite has
+    finished, never more than JOBS at a time, and more than one at once where the table allows."""
+    only = r"^(teacher|teacher-sn|eval-teacher-sn|student-0\.(5|75)|eval-student-0\.(5|75)|bundle|eval-teacher)$"
+    r, ev = _timed(tmp_path, "parallel", "5", JOBS="2", ONLY=only)
+    assert r.returncode == 0, r.stderr
+    start = {cmd: t for what, t, cmd in ev if what == "start"}
+    end = {cmd: t for what, t, cmd in ev if what == "end"}
+    assert len(start) == len(end) == 9  # the nine stages ONLY names, each once
+    sn, s2 = "teacher-swap teacher-cpu-e1 -sn2", f"eval fast-cpu-0.5-{S2}"
+    assert end["teacher-cpu"] <= start[sn] and end["teacher-cpu"] <= start["eval teacher-cpu-e1"]
+    for cmd in ("eval teacher-cpu-e1-sn2", "fast 0.5", "fast 0.75"):
+        assert end[sn] <= start[cmd], cmd
+    assert end["fast 0.5"] <= start[s2] and end["fast 0.5"] <= start["bundle"]
+    running, most = 0, 0
+    for what, _, _ in sorted(ev, key=lambda e: (e[1], e[0] == "start")):  # an end before a start at the same time
+        running += 1 if what == "start" else -1
+        most = max(most, running)
+    assert most == 2
+    times = (tmp_path / "runs" / "logs" / "session" / "times.tsv").read_text()
+    assert len(re.findall(r"\texit 0\tparallel$", times, re.M)) == 9
+    assert "nodistill-0.5" not in times  # not picked by ONLY: neither run nor listed
+
+
+def test_parallel_skips_what_follows_a_failed_stage_and_fails(tmp_path: Path):
+    r, ev = _timed(tmp_path, "parallel", "5", JOBS="3", ONLY=r"^(teacher|teacher-sn|eval-teacher-sn|eval-teacher)$",
+                   FAIL="teacher-swap")  # fmt: skip
+    assert r.returncode == 1 and "stage teacher-sn failed" in r.stderr
+    started = [cmd for what, _, cmd in ev if what == "start"]
+    assert sorted(started) == sorted(["teacher-cpu", "teacher-swap teacher-cpu-e1 -sn2", "eval teacher-cpu-e1"])
+    assert "eval-teacher-sn\tskipped\tafter teacher-sn" in r.stdout

@@ -142,11 +142,17 @@ def test_cli_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, capsys):
     torch.testing.assert_close(load(str(more / "state" / "fisher.safetensors"))["head.1"], full["head.1"])
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (--distill-device cuda)")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("what", ["bias-ln", "all"])
-def test_cli_distill_steps(tiny_bert, squad_train, tmp_path, what):
+@pytest.mark.parametrize(
+    "what, device", [("bias-ln", "cpu"), ("all", "cpu"), pytest.param("all", "cuda", marks=CUDA, id="all-cuda")]
+)
+def test_cli_distill_steps(tiny_bert, squad_train, tmp_path, what, device):
     """--distill-steps trains what --distill-params names (nothing else), brings the student's span distributions
-    closer to the teacher's on the pruning windows, and a resumed run reuses the stage."""
+    closer to the teacher's on the pruning windows (on --distill-device; the checkpoint comes back to the CPU), and
+    a resumed run reuses the stage."""
     from transformers import AutoTokenizer
 
     from engine.checkpoint import save_checkpoint
@@ -167,11 +173,13 @@ def test_cli_distill_steps(tiny_bert, squad_train, tmp_path, what):
     plain, kd = tmp_path / "plain", tmp_path / "kd"
     assert main(_cli_args(sharp, squad_train, plain, *base)) == 0
     extra = ["--distill-steps", "6", "--distill-params", what, "--distill-lr", "3e-5", "--distill-weight", "1"]
+    extra += ["--distill-device", device]
     if what == "all":  # more windows than --samples 24: drawn further from the same shuffle
         extra += ["--distill-samples", "40"]
     assert main(_cli_args(sharp, squad_train, kd, *base, *extra)) == 0
     m = json.loads((kd / "metrics.json").read_text())
     assert m["distillation"] and m["stages"]["distill"]["steps"] == 6 and m["stages"]["distill"]["params"] == what
+    assert m["stages"]["distill"]["device"].startswith(device)
     samples = 40 if what == "all" else 24
     assert m["stages"]["distill"]["samples"] == samples and m["data"]["train"]["windows_used"] == samples
     a, b = load_checkpoint(plain), load_checkpoint(kd)
@@ -232,6 +240,17 @@ def test_cli_bad_inputs(tiny_bert, squad_train, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(_cli_args(tiny_bert, squad_train, tmp_path / "g", "--target-sparsity", "0.3", "--distill-samples", "4"))
     assert "--distill-samples" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(_cli_args(tiny_bert, squad_train, tmp_path / "h", "--target-sparsity", "0.3", "--distill-device", "tpu"))
+    assert "--distill-device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main(
+                _cli_args(
+                    tiny_bert, squad_train, tmp_path / "i", "--target-sparsity", "0.3", "--distill-device", "cuda"
+                )
+            )
+        assert "--distill-device cuda: torch sees no CUDA device" in capsys.readouterr().err
 
 
 @pytest.mark.slow

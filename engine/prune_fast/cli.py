@@ -67,10 +67,11 @@ from engine.prune_fast.stages import (
 )
 from engine.prune_fast.tune import REFIT_RIDGE
 from engine.spec import PruneSpec, SpecError, parse_spec
+from engine.train.config import resolve_device
 
 MIN_SAMPLES = 16
 DISTILL_LR = {"all": 5e-5, "bias-ln": 1e-3}  # --distill-lr defaults (docs/PRUNING.md: measured at 30%)
-_RESUME_IRRELEVANT = {"resume", "no_progress", "threads", "no_teacher_eval", "threshold_rule"}
+_RESUME_IRRELEVANT = {"resume", "no_progress", "threads", "no_teacher_eval", "threshold_rule", "distill_device"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
         "teacher alone)",
     )
     ap.add_argument("--distill-temperature", type=float, default=2.0, help="KD temperature of --distill-steps")
+    ap.add_argument(
+        "--distill-device",
+        default="cpu",
+        help="where --distill-steps trains: cpu (default, fp32), cuda or cuda:N (bf16 autocast), or auto (the first "
+        "GPU torch sees, else the CPU); the other stages run on the CPU",
+    )
     ap.add_argument(
         "--distill-samples",
         type=int,
@@ -394,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
         args.threshold_rule = "heldout" if args.no_teacher_eval else "teacher-rate"
     if args.threshold_rule == "teacher-rate" and args.no_teacher_eval:
         ap.error("--threshold-rule teacher-rate needs the teacher's held-out scores: drop --no-teacher-eval")
+    try:
+        resolve_device(args.distill_device)
+    except (RuntimeError, ValueError) as e:
+        msg = str(e)
+        ap.error(msg.replace("--device", "--distill-device", 1) if "--device" in msg else f"--distill-device: {msg}")
     if args.distill_samples is not None and args.distill_samples < args.batch:
         ap.error(f"--distill-samples must be at least --batch ({args.batch}); got {args.distill_samples}")
     if args.batch < 1 or args.samples < args.batch:

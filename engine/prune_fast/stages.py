@@ -387,22 +387,27 @@ def stage_distill(
     """--distill-steps N (SparseQA's, off by default): N optimizer steps of logit distillation from the dense
     teacher on the first --distill-samples (default --samples) windows of the pool, through the one training loop
     (`engine.train.loop.train`: checkpoints under OUT/state/distill/, resumed mid-stage), updating only the biases
-    and LayerNorms (--distill-params bias-ln) or every weight (all). `pruned` is the cut model's (config, state);
-    the shape does not change. The result is saved, so a resumed run reuses it."""
+    and LayerNorms (--distill-params bias-ln) or every weight (all), on --distill-device (fp32 on the CPU, bf16
+    autocast on a GPU; the teacher goes there for the stage and comes back). `pruned` is the cut model's (config,
+    state); the shape does not change. The result is saved, so a resumed run reuses it."""
     cfg, state = pruned
     if not args.distill_steps:
         return state, {"skipped": True, "time_s": 0.0, "cpu_s": 0.0}
     saved, info = store.tensors("distill.safetensors"), store.json("distill.json")
     if saved is None or info is None:
-        from engine.train.config import ParamGroup, TrainConfig
+        from engine.prune.distributed import Dist
+        from engine.train.config import ParamGroup, Precision, TrainConfig, resolve_device
         from engine.train.loop import train
         from engine.train.losses import DistillConfig
         from engine.train.teacher import LiveTeacher
 
         t0, c0 = time.monotonic(), time.process_time()
         flags = [p.requires_grad for p in teacher.parameters()]
+        device = resolve_device(args.distill_device)
         student = RaggedQAModel(cfg)
         student.load_state_dict(state)
+        student.to(device)
+        teacher.to(device)
         for p in student.parameters():
             p.requires_grad_(args.distill_params == "all" or p.dim() < 2)
         params = [p for p in student.parameters() if p.requires_grad]
@@ -412,6 +417,7 @@ def stage_distill(
             batch=args.batch,
             warmup=0.1,
             seed=args.seed,
+            precision=Precision.BF16 if device.type == "cuda" else Precision.FP32,
             checkpoint_every=max(1, args.distill_steps // 4),
             keep_checkpoints=1,
             log_every=0,
@@ -427,11 +433,13 @@ def stage_distill(
             store.root / "distill",
             teacher=LiveTeacher(teacher),
             distill=DistillConfig(weight=args.distill_weight, temperature=args.distill_temperature),
+            dist=Dist(device=device),
         )
+        teacher.cpu()
         for p, flag in zip(teacher.parameters(), flags):  # LiveTeacher froze the dense model; restore it
             p.requires_grad_(flag)
         student.eval()
-        saved = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        saved = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
         losses = meta["losses"]
         info = {
             "params": args.distill_params,
@@ -440,6 +448,7 @@ def stage_distill(
             "windows": meta["windows"],
             "samples": len(feats),
             "lr": args.distill_lr,
+            "device": str(device),
             "loss_first": losses[0] if losses else None,
             "loss_last": sum(losses[-8:]) / len(losses[-8:]) if losses else None,
             "time_s": time.monotonic() - t0,
