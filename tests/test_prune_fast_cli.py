@@ -92,6 +92,16 @@ def test_cli_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, capsys):
     assert "other arguments" in capsys.readouterr().err
     assert main(_cli_args(tiny_bert, squad_train, out, "--target-sparsity", "0.3")) == 2
     assert "not empty" in capsys.readouterr().err
+    # An argument added after the run started (absent from its run.json) counts as given at its default.
+    run_json = state / "run.json"
+    started = json.loads(run_json.read_text())
+    run_json.write_text(json.dumps({k: v for k, v in started.items() if k != "teacher_precision"}))
+    args = _cli_args(tiny_bert, squad_train, out, "--target-sparsity", "0.3", "--save-stages", "--resume")
+    assert main([*args, "--teacher-precision", "int8"]) == 2
+    assert "other arguments (teacher_precision)" in capsys.readouterr().err
+    run_json.write_text(json.dumps({k: v for k, v in started.items() if k != "teacher_precision"}))
+    assert main(args) == 0
+    assert json.loads(run_json.read_text()) == started
 
     # The default stored threshold (teacher-rate) is the one at which the student abstains on as many held-out
     # questions as the teacher at the teacher's threshold; --threshold-rule may change on resume (it only re-scores).
@@ -180,6 +190,17 @@ def test_cli_distill_steps(tiny_bert, squad_train, tmp_path, what, device):
     m = json.loads((kd / "metrics.json").read_text())
     assert m["distillation"] and m["stages"]["distill"]["steps"] == 6 and m["stages"]["distill"]["params"] == what
     assert m["stages"]["distill"]["device"].startswith(device)
+    # --teacher-logits auto: logits cached once by the engine on the CPU (beside the run), the teacher live on a GPU
+    cached = sorted((tmp_path / "teacher-logits").glob("teacher-logits-float32-*.safetensors"))
+    assert m["stages"]["distill"]["teacher_logits"] == ("CachedTeacher" if device == "cpu" else "LiveTeacher")
+    assert len(cached) == (1 if device == "cpu" else 0)
+    if device == "cpu" and what == "all":  # the cached logits are the live teacher's: the same losses, step by step
+        live = tmp_path / "live"
+        assert main(_cli_args(sharp, squad_train, live, *base, *extra, "--teacher-logits", "live")) == 0
+        ml = json.loads((live / "metrics.json").read_text())["stages"]["distill"]
+        assert ml["teacher_logits"] == "LiveTeacher"
+        for k in ("loss_first", "loss_last"):
+            assert ml[k] == pytest.approx(m["stages"]["distill"][k], rel=1e-4), k
     samples = 40 if what == "all" else 24
     assert m["stages"]["distill"]["samples"] == samples and m["data"]["train"]["windows_used"] == samples
     a, b = load_checkpoint(plain), load_checkpoint(kd)

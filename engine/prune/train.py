@@ -54,7 +54,7 @@ from engine.prune.export import achieved_sparsity, calibrate, calibrate_measured
 from engine.prune.gated import GatedQAModel, export_ragged
 from engine.prune.l0 import LagrangianController, target_schedule
 from engine.train import DistillConfig, Hooks, ParamGroup, resolve_device, train, weight_groups
-from engine.train.teacher import PRECISIONS, LiveTeacher, TeacherSource, cached_teacher
+from engine.train.teacher import TeacherSource, add_teacher_logits_args, teacher_source
 
 DROPOUT = 0.1
 
@@ -103,20 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="score the student on the held-out data every N fine-tune steps (metrics.json finetune_curve)",
     )
-    ap.add_argument(
-        "--teacher-logits",
-        choices=["cached", "live"],
-        default="cached",
-        help="cached: teacher logits computed once by the inference engine and reused by every student "
-        "of this teacher (default; hidden-state distillation always runs the teacher live)",
-    )
-    ap.add_argument("--teacher-cache", type=Path, help="cache file or directory (default: OUT/../teacher-logits)")
-    ap.add_argument(
-        "--teacher-precision",
-        choices=PRECISIONS,
-        default="float32",
-        help="artifact precision the cached teacher logits are computed in",
-    )
+    add_teacher_logits_args(ap, "cached")
     add_threshold_arg(ap, "heldout")  # the recorded L0 rows (docs/PRUNING.md measures both on prune_fast)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--time-budget-min", type=float, help="per phase: stop (and save) after this many minutes")
@@ -152,12 +139,7 @@ def _teacher_source(
     """Live teacher, cached teacher logits, or None (--no-distill)."""
     if args.no_distill:
         return None
-    if args.teacher_logits == "live" or args.hidden_weight > 0:
-        return LiveTeacher(_teacher(args, device))
-    cache = args.teacher_cache or args.out.resolve().parent / "teacher-logits"
-    return cached_teacher(
-        args.teacher, settings, features, cache, args.teacher_precision, threads=threads, progress=not args.no_progress
-    )
+    return teacher_source(args, settings, features, device, lambda: _teacher(args, device), threads)
 
 
 def metrics_row(result: dict[str, Any]) -> dict[str, Any]:

@@ -68,10 +68,14 @@ from engine.prune_fast.stages import (
 from engine.prune_fast.tune import REFIT_RIDGE
 from engine.spec import PruneSpec, SpecError, parse_spec
 from engine.train.config import resolve_device
+from engine.train.teacher import add_teacher_logits_args
 
 MIN_SAMPLES = 16
 DISTILL_LR = {"all": 5e-5, "bias-ln": 1e-3}  # --distill-lr defaults (docs/PRUNING.md: measured at 30%)
-_RESUME_IRRELEVANT = {"resume", "no_progress", "threads", "no_teacher_eval", "threshold_rule", "distill_device"}
+# Arguments a run may be resumed with other values of: how, where and from what the same numbers are computed (the
+# cached teacher logits equal the live teacher's, to float rounding).
+_RESUME_IRRELEVANT = {"resume", "no_progress", "threads", "no_teacher_eval", "threshold_rule", "distill_device",
+                      "teacher_logits", "teacher_cache"}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         "teacher alone)",
     )
     ap.add_argument("--distill-temperature", type=float, default=2.0, help="KD temperature of --distill-steps")
+    add_teacher_logits_args(ap, "auto")
     ap.add_argument(
         "--distill-device",
         default="cpu",
@@ -219,6 +224,9 @@ def _check_resume(store: StageStore, args: argparse.Namespace) -> None:
     }
     old = store.json("run.json")
     if old is not None:
+        # an argument added after the run started counts as given at its default
+        defaults = {k: v for k, v in fp.items() if k not in old and v == build_parser().get_default(k)}
+        old = {**defaults, **old}
         diff = sorted(k for k in set(fp) | set(old) if fp.get(k) != old.get(k))
         if diff:
             raise ValueError(
@@ -302,7 +310,7 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
         if args.save_stages and args.refit != "none":
             save_checkpoint(out / "stages" / "tune", cfg, state, teacher_ck.hf_config, tokenizer=tokenizer)
         state, stages["refit"] = stage_refit(store, args, model, cfg, state, pool, progress)
-    state, stages["distill"] = stage_distill(store, args, model, (cfg, state), pool, progress)
+    state, stages["distill"] = stage_distill(store, args, model, (cfg, state), pool, settings, progress)
     prune_time = sum(s["time_s"] for s in stages.values())
     prune_cpu = sum(s["cpu_s"] for s in stages.values())
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from engine.config import EncoderConfig
 from engine.data.squad import Example, TrainFeature, train_features
-from engine.features import WindowMaker
+from engine.features import WindowMaker, WindowSettings
 from engine.latency import Shape
 from engine.latency_target import (
     meet_measured_latency,
@@ -382,14 +382,17 @@ def stage_distill(
     teacher: RaggedQAModel,
     pruned: tuple[EncoderConfig, dict[str, torch.Tensor]],
     pool: list[TrainFeature],
+    settings: WindowSettings,
     progress: bool,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """--distill-steps N (SparseQA's, off by default): N optimizer steps of logit distillation from the dense
     teacher on the first --distill-samples (default --samples) windows of the pool, through the one training loop
     (`engine.train.loop.train`: checkpoints under OUT/state/distill/, resumed mid-stage), updating only the biases
     and LayerNorms (--distill-params bias-ln) or every weight (all), on --distill-device (fp32 on the CPU, bf16
-    autocast on a GPU; the teacher goes there for the stage and comes back). `pruned` is the cut model's (config,
-    state); the shape does not change. The result is saved, so a resumed run reuses it."""
+    autocast on a GPU), from the dense teacher's logits: cached once per teacher and windows by the inference engine
+    (--teacher-logits cached; `auto` on the CPU) or the teacher run live on every step (live; `auto` on a GPU, where
+    it goes for the stage and comes back). `pruned` is the cut model's (config, state); the shape does not change.
+    The result is saved, so a resumed run reuses it."""
     cfg, state = pruned
     if not args.distill_steps:
         return state, {"skipped": True, "time_s": 0.0, "cpu_s": 0.0}
@@ -399,7 +402,7 @@ def stage_distill(
         from engine.train.config import ParamGroup, Precision, TrainConfig, resolve_device
         from engine.train.loop import train
         from engine.train.losses import DistillConfig
-        from engine.train.teacher import LiveTeacher
+        from engine.train.teacher import teacher_source
 
         t0, c0 = time.monotonic(), time.process_time()
         flags = [p.requires_grad for p in teacher.parameters()]
@@ -407,7 +410,6 @@ def stage_distill(
         student = RaggedQAModel(cfg)
         student.load_state_dict(state)
         student.to(device)
-        teacher.to(device)
         for p in student.parameters():
             p.requires_grad_(args.distill_params == "all" or p.dim() < 2)
         params = [p for p in student.parameters() if p.requires_grad]
@@ -425,13 +427,14 @@ def stage_distill(
             progress=progress,
         )
         feats = pool[: args.distill_samples or args.samples]
+        source = teacher_source(args, settings, feats, device, lambda: teacher.to(device), args.threads)
         meta = train(
             student,
             feats,
             tc,
             [ParamGroup("distilled", tuple(params), args.distill_lr)],
             store.root / "distill",
-            teacher=LiveTeacher(teacher),
+            teacher=source,
             distill=DistillConfig(weight=args.distill_weight, temperature=args.distill_temperature),
             dist=Dist(device=device),
         )
@@ -449,6 +452,7 @@ def stage_distill(
             "samples": len(feats),
             "lr": args.distill_lr,
             "device": str(device),
+            "teacher_logits": type(source).__name__,
             "loss_first": losses[0] if losses else None,
             "loss_last": sum(losses[-8:]) / len(losses[-8:]) if losses else None,
             "time_s": time.monotonic() - t0,

@@ -14,11 +14,12 @@ and `offsets` int64 `[N+1]` (window i's logits are `[offsets[i]:offsets[i+1]]`).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +45,44 @@ _TOKENIZER_FILES = (
 )
 # Precisions an artifact can hold (engine.build_model --dtype) -> the name used in cache keys and file names.
 PRECISIONS = ("float32", "bfloat16", "int8")
+
+
+def add_teacher_logits_args(ap: argparse.ArgumentParser, default: str) -> None:
+    """--teacher-logits, --teacher-cache and --teacher-precision (engine.prune, engine.prune_fast)."""
+    ap.add_argument(
+        "--teacher-logits",
+        choices=["cached", "live", "auto"],
+        default=default,
+        help="cached: teacher logits computed once by the inference engine on the CPU and reused by every student "
+        "of this teacher on the same windows; live: the teacher runs on every training step; auto: cached when "
+        f"training on the CPU, live on a GPU (default {default}; hidden-state distillation always runs it live)",
+    )
+    ap.add_argument("--teacher-cache", type=Path, help="cache file or directory (default: OUT/../teacher-logits)")
+    ap.add_argument(
+        "--teacher-precision",
+        choices=PRECISIONS,
+        default="float32",
+        help="artifact precision the cached teacher logits are computed in",
+    )
+
+
+def teacher_source(
+    args: argparse.Namespace,
+    settings: WindowSettings,
+    features: Sequence[TrainFeature],
+    device: torch.device,
+    live: Callable[[], nn.Module],
+    threads: int | None = None,
+) -> TeacherSource:
+    """What the add_teacher_logits_args flags (and --teacher, --out, --no-progress, --hidden-weight) ask for on
+    `device`: the teacher module `live()` builds, run on every step, or its logits for `features` from the cache."""
+    choice = args.teacher_logits
+    if choice == "live" or (choice == "auto" and device.type == "cuda") or getattr(args, "hidden_weight", 0) > 0:
+        return LiveTeacher(live())
+    cache = args.teacher_cache or Path(args.out).resolve().parent / "teacher-logits"
+    return cached_teacher(
+        args.teacher, settings, features, cache, args.teacher_precision, threads=threads, progress=not args.no_progress
+    )
 
 
 class StaleTeacherCacheError(ValueError):
