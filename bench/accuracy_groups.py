@@ -25,16 +25,19 @@ GROUPS = (
     Group(
         "cpu-e1",
         "cpu-e1",
-        "## Teacher-cpu-e1-sn2 (one 2-core session) and its students",
-        "`scripts/cpu_session.sh run` in one 2-core session: `teacher-cpu-e1` (one epoch, 4,463 steps of 32 windows), "
+        "## Teacher-cpu-e1-sn2 (the 2-core recipe) and its students",
+        "`scripts/cpu_session.sh` (`run` in one 2-core session with native bf16, `advance` across sessions without it, "
+        "or `parallel` on one GPU: `scripts/gpu_v3.sh e1`; each row's JSON names the device and backend): "
+        "`teacher-cpu-e1` (one epoch, 4,463 steps of 32 windows), "
         "its question-edit round `teacher-cpu-e1-sn2` (800 steps, lr 2e-5: 30% question swaps, 10% antonym edits, "
         "10% negations; docs/TRAINING.md), the group's teacher, and its students: `fast-cpu-T-teacher-cpu-e1-sn2-"
         "obs2L-kdNs32k` is engine.prune_fast at T of the encoder FLOPs removed (`--refit all --select obs --scores obs "
-        "--fit-error ln`) then N steps of distillation on 32,768 fresh windows; `bundle-RUN` is RUN as the bundled "
+        "--fit-error ln`) then N steps of distillation on 32,768 fresh windows (the teacher's logits cached by the "
+        "engine on a CPU, the teacher live on a GPU); `bundle-RUN` is RUN as the bundled "
         "default model would ship (fp16 weights, int8 word embeddings); `-ce`: the same structure distilled with the "
         "span CE alone (`--distill-weight 0`); `importance-cpu-0.5-*`, `random-cpu-0.5-*`: the units of "
         "engine.make_spec `--by importance` / `--by random` at 50%, then the same refit and distillation "
-        "(`prune_fast --spec`). Scored on the 2-core CPU (cpp backend).",
+        "(`prune_fast --spec`). Scored on the 2-core CPU (cpp backend), or on the GPU where the chain ran there.",
         (
             (
                 "distillation vs span CE alone (same units, 1,024 steps)",
