@@ -177,6 +177,12 @@ e1() {  # SECONDS: the cpu-e1 chain on this GPU within SECONDS (each stage under
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     nproc; } > "$LOGS/device.txt" 2>&1
+  # prune_fast's model stages go to the GPU only once their CUDA test passes here (while the teacher trains; the
+  # students start after its -sn2 round), else they stay on the CPU (reproduce_squad.sh reads $RUNS/fast-device)
+  rm -f "$RUNS/fast-device"
+  (timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_prune_fast_cli.py -k "cuda" > "$LOGS/fast-cuda-test.txt" \
+    2>&1 && ! grep -qE "[0-9]+ (skipped|failed|error)" "$LOGS/fast-cuda-test.txt" &&
+    echo cuda > "$RUNS/fast-device") &
   scripts/cpu_session.sh parallel "$(awk -v b="$budget" -v t=$(($(date +%s) - t0)) 'BEGIN { print (b - t) / 60 }')" \
     > "$LOGS/e1.log" 2>&1
   echo "cpu_session.sh parallel exit $? after $(($(date +%s) - t0)) s" >> "$LOGS/e1.log"

@@ -147,11 +147,14 @@ KD=()
 # -s8k/-s16k rows of docs/PRUNING.md used heldout: THR=heldout reproduces their stored thresholds)
 [ -z "${THR:-}" ] || KD+=(--threshold-rule "$THR")
 # FAST_LATENCY=0: no speedup measurement on the cpp engine at the end (a machine without the built extension; the
-# fast-speedup stage needs it). The distillation trains on DEVICE (auto: a GPU where torch sees one).
+# fast-speedup stage needs it). The distillation trains on DEVICE (auto: a GPU where torch sees one); FAST_DEVICE
+# is where the other stages that run the model compute (--device: Fisher, OBS, tuning, refit): unset, the device
+# named in $RUNS/fast-device (scripts/gpu_v3.sh e1 writes it once those stages' CUDA test has passed there), else cpu.
+FAST_DEVICE=${FAST_DEVICE:-$(cat "$RUNS/fast-device" 2> /dev/null || echo cpu)}
 LATENCY=(--latency-shape 8,384 --backend cpp)
 [ "${FAST_LATENCY:-1}" != 0 ] || LATENCY=()
 FAST=(--train $TRAIN "${HELD_OUT[@]}" --max-seq-length 256 --threads "$THREADS" --refit "${REFIT:-none}" --select "${SELECT:-fisher}" --scores "${SCORES:-fisher}" --fit-error "${FIT:-pre-ln}"
-      --samples "${FAST_SAMPLES:-2048}" --save-stages "${LATENCY[@]}" --resume --distill-device "$DEVICE" "${KD[@]}")
+      --samples "${FAST_SAMPLES:-2048}" --save-stages "${LATENCY[@]}" --resume --device "$FAST_DEVICE" --distill-device "$DEVICE" "${KD[@]}")
 fast() {  # post-training pruning (Kwon et al.) at $1 of the FLOPs removed; stage ablations as RUN-search, RUN-rearrange
   local run="$RUNS/fast$G-${1:-0.4}$TAG"
   $PY -m engine.prune_fast --teacher "$TEACHER" "${FAST[@]}" --target-sparsity "${1:-0.4}" --out "$run"

@@ -74,8 +74,8 @@ MIN_SAMPLES = 16
 DISTILL_LR = {"all": 5e-5, "bias-ln": 1e-3}  # --distill-lr defaults (docs/PRUNING.md: measured at 30%)
 # Arguments a run may be resumed with other values of: how, where and from what the same numbers are computed (the
 # cached teacher logits equal the live teacher's, to float rounding).
-_RESUME_IRRELEVANT = {"resume", "no_progress", "threads", "no_teacher_eval", "threshold_rule", "distill_device",
-                      "teacher_logits", "teacher_cache"}  # fmt: skip
+_RESUME_IRRELEVANT = {"resume", "no_progress", "threads", "no_teacher_eval", "threshold_rule", "device",
+                      "distill_device", "teacher_logits", "teacher_cache"}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,10 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--distill-temperature", type=float, default=2.0, help="KD temperature of --distill-steps")
     add_teacher_logits_args(ap, "auto")
     ap.add_argument(
-        "--distill-device",
+        "--device",
         default="cpu",
-        help="where --distill-steps trains: cpu (default, fp32), cuda or cuda:N (bf16 autocast), or auto (the first "
-        "GPU torch sees, else the CPU); the other stages run on the CPU",
+        help="where the stages that run the model compute (Fisher, OBS scores and selection, tuning, refit, "
+        "distillation): cpu (default), cuda, cuda:N, or auto (the first GPU torch sees, else the CPU); the search, "
+        "evaluation and latency stay on the CPU, and every stage's result is kept on the CPU",
+    )
+    ap.add_argument(
+        "--distill-device",
+        help="where --distill-steps trains, if not on --device (fp32 on the CPU, bf16 autocast on a GPU)",
     )
     ap.add_argument(
         "--distill-samples",
@@ -292,7 +297,7 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
         stages = {"spec": {"path": str(args.spec), "heads_kept": int(sum(m.sum() for m in hk)), "time_s": 0.0,
                            "cpu_s": 0.0}}  # fmt: skip
     else:
-        hg, fg, fisher_info = stage_fisher(store, model, feats, args.batch, progress)
+        hg, fg, fisher_info = stage_fisher(store, model, feats, args.batch, progress, args.device)
         hs, fs, scores_info = stage_scores(store, args, model, pool, hg, fg, progress)
         hk, fk, search_info = stage_search(store, args, dense, hs, fs, progress)
         if args.save_stages:
@@ -337,6 +342,7 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
         "prune_time_s": prune_time,
         "prune_cpu_s": prune_cpu,
         "distillation": bool(args.distill_steps),
+        "device": args.device,
         "threshold_rule": args.threshold_rule,
         "data": data_info,
     }
@@ -409,11 +415,14 @@ def main(argv: list[str] | None = None) -> int:
         args.threshold_rule = "heldout" if args.no_teacher_eval else "teacher-rate"
     if args.threshold_rule == "teacher-rate" and args.no_teacher_eval:
         ap.error("--threshold-rule teacher-rate needs the teacher's held-out scores: drop --no-teacher-eval")
-    try:
-        resolve_device(args.distill_device)
-    except (RuntimeError, ValueError) as e:
-        msg = str(e)
-        ap.error(msg.replace("--device", "--distill-device", 1) if "--device" in msg else f"--distill-device: {msg}")
+    for dest in ("device", "distill_device"):  # auto -> cuda or cpu; a device torch cannot use is refused here
+        if getattr(args, dest) is None:
+            continue
+        try:
+            setattr(args, dest, str(resolve_device(getattr(args, dest))))
+        except (RuntimeError, ValueError) as e:
+            flag, msg = "--" + dest.replace("_", "-"), str(e)
+            ap.error(msg.replace("--device", flag, 1) if "--device" in msg else f"{flag}: {msg}")
     if args.distill_samples is not None and args.distill_samples < args.batch:
         ap.error(f"--distill-samples must be at least --batch ({args.batch}); got {args.distill_samples}")
     if args.batch < 1 or args.samples < args.batch:

@@ -75,12 +75,15 @@ def masked_forward(
 
 
 def ones_masks(
-    cfg: EncoderConfig, requires_grad: bool = False, dtype: torch.dtype = torch.float32
+    cfg: EncoderConfig,
+    requires_grad: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """All-ones head and FFN masks of every layer."""
     return (
-        [torch.ones(h, dtype=dtype, requires_grad=requires_grad) for h in cfg.heads],
-        [torch.ones(f, dtype=dtype, requires_grad=requires_grad) for f in cfg.ffn],
+        [torch.ones(h, dtype=dtype, device=device, requires_grad=requires_grad) for h in cfg.heads],
+        [torch.ones(f, dtype=dtype, device=device, requires_grad=requires_grad) for f in cfg.ffn],
     )
 
 
@@ -89,7 +92,8 @@ def mask_gradients(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Gradient of the span loss w.r.t. every mask (all ones), one row per mini-batch of `batch` windows.
 
-    Returns per-layer `[len(batches), h_l]` and `[len(batches), f_l]` for the mini-batches numbered `batches`.
+    Returns per-layer `[len(batches), h_l]` and `[len(batches), f_l]` for the mini-batches numbered `batches`, on
+    the model's device.
     Weights get no gradient, so the backward pass skips the weight-gradient GEMMs. The Fisher score of a unit is
     the sum of its squared gradients over mini-batches (`fisher`).
     """
@@ -97,8 +101,10 @@ def mask_gradients(
     hg: list[list[torch.Tensor]] = [[] for _ in cfg.heads]
     fg: list[list[torch.Tensor]] = [[] for _ in cfg.ffn]
     for b in batches:
-        hm, fm = ones_masks(cfg, requires_grad=True, dtype=model.qa.weight.dtype)
+        dev = model.qa.weight.device
+        hm, fm = ones_masks(cfg, requires_grad=True, dtype=model.qa.weight.dtype, device=dev)
         packed, sp, ep = collate(features[b * batch : (b + 1) * batch])
+        packed, sp, ep = packed.to(dev), sp.to(dev), ep.to(dev)
         s, e = masked_forward(
             model, hm, fm, packed.input_ids, packed.token_type_ids, packed.cu_seqlens, packed.max_seqlen
         )

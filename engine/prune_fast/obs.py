@@ -45,7 +45,7 @@ def _inverse(gram: torch.Tensor, alive: torch.Tensor, lam: float) -> torch.Tenso
     """`[H + lam I]^-1` over the `alive` features, zero elsewhere (float64)."""
     idx = torch.nonzero(alive).flatten()
     inv = torch.zeros_like(gram)
-    sub = gram[idx][:, idx] + lam * torch.eye(len(idx), dtype=gram.dtype)
+    sub = gram[idx][:, idx] + lam * torch.eye(len(idx), dtype=gram.dtype, device=gram.device)
     inv[idx[:, None], idx[None, :]] = torch.cholesky_inverse(torch.linalg.cholesky(sub))
     return inv
 
@@ -66,10 +66,11 @@ def obs_remove(
         raise ValueError(f"cannot remove {n_remove} of {n_groups} groups")
     gram, rhs = gram.double(), rhs.double()
     lam = damp * float(gram.diagonal().mean().clamp_min(1e-30))
-    alive = torch.ones(n, dtype=torch.bool)
-    dead = torch.zeros(n_groups, dtype=torch.bool)
-    eye = torch.eye(group, dtype=torch.float64).expand(n_groups, group, group)
-    ar = torch.arange(n_groups)
+    dev = gram.device
+    alive = torch.ones(n, dtype=torch.bool, device=dev)
+    dead = torch.zeros(n_groups, dtype=torch.bool, device=dev)
+    eye = torch.eye(group, dtype=torch.float64, device=dev).expand(n_groups, group, group)
+    ar = torch.arange(n_groups, device=dev)
     removed: list[int] = []
     costs: list[float] = []
     inv = w = None
@@ -106,10 +107,10 @@ def _select_and_fit(
     weights) for one sublayer's system; `gain` `[d]` weighs each output's error in the selection by `gain**2`
     (the LayerNorm gain; each output's refit is a separate regression, unchanged by it)."""
     n_groups = (system.gram.shape[0] - 1) // group
-    keep = torch.ones(n_groups, dtype=torch.bool)
+    keep = torch.ones(n_groups, dtype=torch.bool, device=system.gram.device)
     rhs = system.rhs if gain is None else system.rhs * gain.double()[None, :]
     keep[obs_remove(system.gram, rhs, group, n_groups - keep_count)[0]] = False
-    cols = torch.cat([keep.repeat_interleave(group), torch.ones(1, dtype=torch.bool)])
+    cols = torch.cat([keep.repeat_interleave(group), keep.new_ones(1)])
     idx = torch.nonzero(cols).flatten()
     w = refit_solve(system.gram[idx][:, idx], system.rhs[idx], w0[idx], ridge)
     return keep, cols, w
@@ -134,7 +135,8 @@ def obs_prune(
 
     Returns the keep masks (heads `[h]`, units `[f]` per layer), the refitted tensors by the *pruned* model's
     state-dict names (`layers.l.o.weight` `[d, K*dh]`, ..., `qa.weight`) and per-layer info (relative errors of
-    the dense weights restricted to the kept units, and after the refit).
+    the dense weights restricted to the kept units, and after the refit). `teacher` may be on any device; what
+    comes back is on the CPU.
     """
     teacher.eval()
     cfg = teacher.cfg
@@ -149,17 +151,18 @@ def obs_prune(
     for l, t_layer in enumerate(teacher.layers):
         info: dict = {}
         hk, w = _attention(t_layer, chunks, head_counts[l], ridge, info, bar, ln_weighted)
-        head_keep.append(hk)
-        out[f"layers.{l}.o.weight"], out[f"layers.{l}.o.bias"] = w[:-1].t().contiguous(), w[-1].clone()
+        head_keep.append(hk.cpu())
+        out[f"layers.{l}.o.weight"], out[f"layers.{l}.o.bias"] = w[:-1].t().cpu().contiguous(), w[-1].cpu().clone()
         fk, w = _ffn(t_layer, chunks, ffn_counts[l], ridge, info, bar, ln_weighted)
-        ffn_keep.append(fk)
-        out[f"layers.{l}.ffn_out.weight"], out[f"layers.{l}.ffn_out.bias"] = w[:-1].t().contiguous(), w[-1].clone()
+        ffn_keep.append(fk.cpu())
+        out[f"layers.{l}.ffn_out.weight"] = w[:-1].t().cpu().contiguous()
+        out[f"layers.{l}.ffn_out.bias"] = w[-1].cpu().clone()
         info.update(heads_kept=int(hk.sum()), ffn_kept=int(fk.sum()))
         infos.append(info)
     head_info: dict = {}
     if head:
         w = refit_head(teacher.qa, teacher, chunks, head_info, ridge, bar)
-        out["qa.weight"], out["qa.bias"] = w[:-1].t().contiguous(), w[-1].clone()
+        out["qa.weight"], out["qa.bias"] = w[:-1].t().cpu().contiguous(), w[-1].cpu().clone()
     bar.close()
     return head_keep, ffn_keep, out, {"layers": infos, "head": head_info}
 
@@ -180,7 +183,7 @@ def _attention(
     weights `[K*dh + 1, d]`)."""
     dh, d = t_layer.head_dim, t_layer.o.out_features
     w0 = _stacked(t_layer.o)
-    system, targets = _Normal(t_layer.heads * dh, d), []
+    system, targets = _Normal(t_layer.heads * dh, d, w0.device), []
     for c in chunks:
         z = teacher_attention(t_layer, c)
         ctx = head_context(t_layer, c.student, c.cu_seqlens, c.max_seqlen) if t_layer.heads else None
@@ -209,7 +212,7 @@ def _ffn(
     `[K + 1, d]`)."""
     d = t_layer.ffn_out.out_features
     w0 = _stacked(t_layer.ffn_out)
-    system, targets = _Normal(t_layer.ffn_width, d), []
+    system, targets = _Normal(t_layer.ffn_width, d, w0.device), []
     for c in chunks:
         z = teacher_ffn(t_layer, c.teacher)
         rows = ln_rows(z, t_layer.ln2 if ln_weighted else None)
@@ -239,10 +242,10 @@ def _path_scores(system: _Normal, w0: torch.Tensor, group: int, fisher: torch.Te
         return torch.zeros(0, dtype=torch.float64)
     removed, costs = obs_remove(system.gram, system.rhs, group, n_groups)
     w = w0[:-1].double().view(n_groups, group, -1)  # (G, g, d)
-    ar = torch.arange(n_groups)
+    ar = torch.arange(n_groups, device=w.device)
     blocks = system.gram[:-1, :-1].view(n_groups, group, n_groups, group)[ar, :, ar, :]  # (G, g, g)
     alone = torch.einsum("gad,gab,gbd->g", w, blocks, w)  # error of dropping each group with nothing refitted
-    scale = float(fisher.double().sum()) / max(float(alone.sum()), 1e-30)
+    scale = float(fisher.double().sum()) / max(float(alone.sum()), 1e-30)  # returned on the CPU, as `fisher` is
     out = torch.zeros(n_groups, dtype=torch.float64)
     out[torch.tensor(removed)] = scale * torch.tensor(costs, dtype=torch.float64).cummax(0).values
     return out
@@ -268,16 +271,17 @@ def obs_scores(
     dropping each alone, with no refit). Scores then compare across layers and kinds as Fisher values do. The
     errors are pre-LayerNorm whatever --fit-error says: weighting them as after LN (`tune.ln_rows`) was measured
     and lost F1 (docs/PRUNING.md).
-    Returns per-layer head scores `[h]` and FFN scores `[f]`.
+    Returns per-layer head scores `[h]` and FFN scores `[f]`, on the CPU (`teacher` may be on any device).
     """
     teacher.eval()
     chunks = embedded_chunks(teacher, None, features, batch)
+    dev = teacher.qa.weight.device
     hs: list[torch.Tensor] = []
     fs: list[torch.Tensor] = []
     bar = tqdm(total=teacher.cfg.num_layers * len(chunks) * 2, desc="obs scores", unit="batch", disable=not progress)
     for l, t_layer in enumerate(teacher.layers):
         dh, d = t_layer.head_dim, t_layer.o.out_features
-        system = _Normal(t_layer.heads * dh, d)
+        system = _Normal(t_layer.heads * dh, d, dev)
         for c in chunks:
             z = teacher_attention(t_layer, c)
             if t_layer.heads:
@@ -285,7 +289,7 @@ def obs_scores(
             c.teacher = c.student = t_layer.ln1(z)
             bar.update(1)
         hs.append(_path_scores(system, _stacked(t_layer.o), dh, head_fisher[l]))
-        system = _Normal(t_layer.ffn_width, d)
+        system = _Normal(t_layer.ffn_width, d, dev)
         for c in chunks:
             z = teacher_ffn(t_layer, c.teacher)
             if t_layer.ffn_width:

@@ -5,10 +5,12 @@ or (--select obs) the reconstruction-aware selection."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -104,10 +106,28 @@ def sample_features(train: list[Example], maker: WindowMaker, n: int, seed: int)
     return feats[:n]
 
 
+@contextlib.contextmanager
+def on_device(device: torch.device | str, *modules: torch.nn.Module) -> Iterator[None]:
+    """`modules` on `device` for a stage (--device), back on the CPU after it: every stage takes and returns CPU
+    tensors, so checkpoints, resumes and the CPU-side stages do not depend on where the others ran."""
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.cpu()
+
+
 def stage_fisher(
-    store: StageStore, model: RaggedQAModel, feats: list[TrainFeature], batch: int, progress: bool
+    store: StageStore,
+    model: RaggedQAModel,
+    feats: list[TrainFeature],
+    batch: int,
+    progress: bool,
+    device: torch.device | str = "cpu",
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, Any]]:
-    """Mask gradients per mini-batch, resuming from a partial save."""
+    """Mask gradients per mini-batch (on `device`), resuming from a partial save."""
     cfg = model.cfg
     n_layers, n_batches = cfg.num_layers, math.ceil(len(feats) / batch)
     saved = store.tensors("fisher.safetensors") or store.tensors("fisher.partial.safetensors") or {}
@@ -119,7 +139,9 @@ def stage_fisher(
     bar = tqdm(total=n_batches, initial=done, desc="fisher", unit="batch", disable=not progress)
     for b in range(done, n_batches):
         t0, c0 = time.monotonic(), time.process_time()
-        h, f = mask_gradients(model, feats, batch, [b])
+        with on_device(device, model):
+            h, f = mask_gradients(model, feats, batch, [b])
+        h, f = [x.cpu() for x in h], [x.cpu() for x in f]
         hg = [torch.cat([x, y]) for x, y in zip(hg, h)]
         fg = [torch.cat([x, y]) for x, y in zip(fg, f)]
         elapsed += time.monotonic() - t0
@@ -216,7 +238,8 @@ def stage_scores(
     n = model.cfg.num_layers
     if saved is None or info is None:
         t0, c0 = time.monotonic(), time.process_time()
-        hs, fs = obs_scores(model, feats[: args.score_samples], fisher(hg), fisher(fg), args.batch, progress)
+        with on_device(args.device, model):
+            hs, fs = obs_scores(model, feats[: args.score_samples], fisher(hg), fisher(fg), args.batch, progress)
         saved = {**{f"head.{l}": hs[l] for l in range(n)}, **{f"ffn.{l}": fs[l] for l in range(n)}}
         info = {
             "by": "obs",
@@ -294,7 +317,8 @@ def stage_tune(
         store.put_json("tune.json", saved)
 
     n = args.tune_samples or len(feats)
-    hm, fm, infos = tune_masks(model, feats[:n], hk, fk, args.batch, done, on_layer, progress)
+    with on_device(args.device, model):
+        hm, fm, infos = tune_masks(model, feats[:n], hk, fk, args.batch, done, on_layer, progress)
     return hm, fm, {"time_s": saved["time_s"], "cpu_s": saved["cpu_s"], "samples": min(n, len(feats)), "layers": infos}
 
 
@@ -318,17 +342,18 @@ def stage_refit(
         student = RaggedQAModel(cfg)
         student.load_state_dict(state)
         n = args.refit_samples or args.tune_samples or args.samples
-        saved, info = refit_projections(
-            student,
-            teacher,
-            feats[:n],
-            args.batch,
-            layers=args.refit in ("all", "layers"),
-            head=args.refit in ("all", "head"),
-            progress=progress,
-            ridge=args.refit_ridge,
-            ln_weighted=args.fit_error == "ln",
-        )
+        with on_device(args.device, student, teacher):
+            saved, info = refit_projections(
+                student,
+                teacher,
+                feats[:n],
+                args.batch,
+                layers=args.refit in ("all", "layers"),
+                head=args.refit in ("all", "head"),
+                progress=progress,
+                ridge=args.refit_ridge,
+                ln_weighted=args.fit_error == "ln",
+            )
         info.update(
             what=args.refit, samples=min(n, len(feats)), time_s=time.monotonic() - t0, cpu_s=time.process_time() - c0
         )
@@ -355,17 +380,18 @@ def stage_obs(
     if saved is None or done is None:
         t0, c0 = time.monotonic(), time.process_time()
         n = args.refit_samples or args.samples
-        hk, fk, saved, info = obs_prune(
-            teacher,
-            feats[:n],
-            [int(m.sum()) for m in hk],
-            [int(m.sum()) for m in fk],
-            args.batch,
-            head=args.refit == "all",
-            ridge=args.refit_ridge,
-            progress=progress,
-            ln_weighted=args.fit_error == "ln",
-        )
+        with on_device(args.device, teacher):
+            hk, fk, saved, info = obs_prune(
+                teacher,
+                feats[:n],
+                [int(m.sum()) for m in hk],
+                [int(m.sum()) for m in fk],
+                args.batch,
+                head=args.refit == "all",
+                ridge=args.refit_ridge,
+                progress=progress,
+                ln_weighted=args.fit_error == "ln",
+            )
         info.update(samples=min(n, len(feats)), time_s=time.monotonic() - t0, cpu_s=time.process_time() - c0)
         done = {"masks": _masks_to_json(hk, fk), "info": info}  # the masks stay here, as search.json's do
         store.put_tensors("obs.safetensors", saved)
@@ -406,7 +432,7 @@ def stage_distill(
 
         t0, c0 = time.monotonic(), time.process_time()
         flags = [p.requires_grad for p in teacher.parameters()]
-        device = resolve_device(args.distill_device)
+        device = resolve_device(args.distill_device or args.device)
         student = RaggedQAModel(cfg)
         student.load_state_dict(state)
         student.to(device)

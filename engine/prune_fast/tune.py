@@ -44,9 +44,9 @@ def embedded_chunks(
 ) -> list[_Chunk]:
     """The windows packed `batch` at a time, with both models' embeddings: each layer's first inputs (student None:
     the teacher's layers pruned, so its embeddings, shared: every update of a chunk's state is a new tensor)."""
-    chunks = []
+    chunks, dev = [], teacher.qa.weight.device
     for i in range(0, len(features), batch):
-        packed, _, _ = collate(features[i : i + batch])
+        packed = collate(features[i : i + batch])[0].to(dev)
         x_t = teacher.embeddings(packed.input_ids, packed.token_type_ids, packed.cu_seqlens)
         x_s = x_t if student is None else student.embeddings(packed.input_ids, packed.token_type_ids, packed.cu_seqlens)
         chunks.append(_Chunk(packed.cu_seqlens, packed.max_seqlen, x_t, x_s))
@@ -61,7 +61,8 @@ def ridge_solve(
     lam = ridge * float(gram.diagonal().double().mean().clamp_min(1e-30))
     rhs = rhs.double() if prior is None else rhs.double() + lam * prior.double()
     try:
-        w = torch.linalg.solve(gram.double() + lam * torch.eye(len(gram), dtype=torch.float64), rhs)
+        eye = torch.eye(len(gram), dtype=torch.float64, device=gram.device)
+        w = torch.linalg.solve(gram.double() + lam * eye, rhs)
     except RuntimeError:
         return None
     return w if bool(torch.isfinite(w).all()) else None
@@ -70,7 +71,7 @@ def ridge_solve(
 def solve_scales(gram: torch.Tensor, rhs: torch.Tensor, damping: float = 1e-10) -> torch.Tensor | None:
     """Solve `gram @ m = rhs` (float64, lightly damped); None when the solution is non-finite or beyond MAX_SCALE."""
     if gram.numel() == 0:
-        return torch.zeros(0, dtype=torch.float64)
+        return gram.new_zeros(0, dtype=torch.float64)
     m = ridge_solve(gram, rhs, damping)
     return None if m is None or float(m.abs().max()) > MAX_SCALE else m
 
@@ -102,7 +103,7 @@ def attention_system(
     """(Gram `[K, K]`, rhs `[K]`, teacher pre-LN target) of the attention sublayer on one chunk."""
     z = teacher_attention(t_layer, chunk)
     if not layer.heads or not bool(keep.any()):
-        return torch.zeros(0, 0), torch.zeros(0), z
+        return z.new_zeros(0, 0), z.new_zeros(0), z
     chunk.ctx = head_context(layer, chunk.student, chunk.cu_seqlens, chunk.max_seqlen, keep)  # reused after solving
     y = head_outputs(layer, chunk.ctx, keep)
     r = z - chunk.student - layer.o.bias
@@ -115,7 +116,7 @@ def ffn_system(
     """(activation Gram `[K, K]` (times `W_2^T W_2` gives the system), rhs `[K]`, teacher pre-LN target)."""
     z = teacher_ffn(t_layer, h_t)
     if not bool(keep.any()):
-        return torch.zeros(0, 0), torch.zeros(0), z
+        return z.new_zeros(0, 0), z.new_zeros(0), z
     w_in, b_in, w2 = layer.ffn_in.weight[keep], layer.ffn_in.bias[keep], layer.ffn_out.weight[:, keep]
     a = layer.act(torch.addmm(b_in, h_s, w_in.t()))  # (T, K)
     r = z - h_s - layer.ffn_out.bias
@@ -139,29 +140,31 @@ def tune_masks(
     The reconstruction target is `teacher` (default: `model` itself, unmasked: the dense model being pruned).
     `done` holds (head scales, FFN scales) of layers already tuned by an interrupted run: they are applied, not
     re-fitted. `on_layer(l, head_scales, ffn_scales, info)` is called after each newly tuned layer (checkpointing).
-    Returns per-layer head scales `[h]`, FFN scales `[f]` (0 for pruned units) and per-layer solver info.
+    Returns per-layer head scales `[h]`, FFN scales `[f]` (0 for pruned units; on the CPU) and per-layer solver
+    info. The models may be on any one device.
     """
     teacher = (teacher if teacher is not None else model).eval()
     model.eval()
     cfg = model.cfg
     chunks = embedded_chunks(teacher, model, features, batch)
+    dev = model.qa.weight.device
     head_scales, ffn_scales, infos = [], [], []
     bar = tqdm(total=cfg.num_layers * len(chunks) * 3, desc="tune", unit="batch", disable=not progress)
     for l, (t_layer, layer) in enumerate(zip(teacher.layers, model.layers)):
-        hk, fk = head_keep[l].bool(), ffn_keep[l].bool()
+        hk, fk = head_keep[l].bool().to(dev), ffn_keep[l].bool().to(dev)
         info: dict = {"heads_kept": int(hk.sum()), "ffn_kept": int(fk.sum())}
         # -- attention: accumulate the normal equations, solve, then move both models past LN1
         targets = []
         gram, rhs = (
-            torch.zeros(int(hk.sum()), int(hk.sum()), dtype=torch.float64),
-            torch.zeros(int(hk.sum()), dtype=torch.float64),
+            torch.zeros(int(hk.sum()), int(hk.sum()), dtype=torch.float64, device=dev),
+            torch.zeros(int(hk.sum()), dtype=torch.float64, device=dev),
         )
         for c in chunks:
             g, r, z = attention_system(t_layer, layer, c, hk)
             gram, rhs = gram + g.double(), rhs + r.double()
             targets.append(z)
             bar.update(1)
-        hm = _scales(hk, done[l][0] if l < len(done) else solve_scales(gram, rhs), info, "heads")
+        hm = _scales(hk, done[l][0].to(dev) if l < len(done) else solve_scales(gram, rhs), info, "heads")
         for c, z in zip(chunks, targets):
             c.teacher = t_layer.ln1(z)
             c.student = _after_attention(layer, c, hm, hk)
@@ -169,8 +172,8 @@ def tune_masks(
         # -- FFN: same, then move both models past LN2
         targets = []
         gram, rhs = (
-            torch.zeros(int(fk.sum()), int(fk.sum()), dtype=torch.float64),
-            torch.zeros(int(fk.sum()), dtype=torch.float64),
+            torch.zeros(int(fk.sum()), int(fk.sum()), dtype=torch.float64, device=dev),
+            torch.zeros(int(fk.sum()), dtype=torch.float64, device=dev),
         )
         for c in chunks:
             g, r, z = ffn_system(t_layer, layer, c.teacher, c.student, fk)
@@ -178,16 +181,16 @@ def tune_masks(
             targets.append(z)
             bar.update(1)
         w2 = layer.ffn_out.weight[:, fk].double()
-        fm = _scales(fk, done[l][1] if l < len(done) else solve_scales(gram * (w2.t() @ w2), rhs), info, "ffn")
+        fm = _scales(fk, done[l][1].to(dev) if l < len(done) else solve_scales(gram * (w2.t() @ w2), rhs), info, "ffn")
         for c, z in zip(chunks, targets):
             c.teacher = t_layer.ln2(z)
             c.student = layer.ln2(c.student + _ffn_out(layer, c.student, fm))
             bar.update(1)
-        head_scales.append(hm)
-        ffn_scales.append(fm)
+        head_scales.append(hm.cpu())
+        ffn_scales.append(fm.cpu())
         infos.append(info)
         if on_layer is not None and l >= len(done):
-            on_layer(l, hm, fm, info)
+            on_layer(l, head_scales[-1], ffn_scales[-1], info)
     bar.close()
     return head_scales, ffn_scales, infos
 
@@ -196,7 +199,7 @@ def _scales(keep: torch.Tensor, solved: torch.Tensor | None, info: dict, kind: s
     """Full-length scales: solved values at kept positions (1 if the solve was rejected), 0 elsewhere."""
     if solved is not None and solved.numel() == keep.numel():  # already full-length (resumed)
         return solved.float()
-    out = torch.zeros(keep.numel())
+    out = torch.zeros(keep.numel(), device=keep.device)
     if solved is None:
         out[keep] = 1.0
         info[f"{kind}_rejected"] = True
@@ -243,9 +246,9 @@ class _Normal:
     """Accumulated normal equations `[X 1]^T [X 1]`, `[X 1]^T R` (float64) and the residual of the current
     weights, for one least-squares system whose features are `X` `[T, n]` and targets `R` `[T, d]`."""
 
-    def __init__(self, n: int, d: int):
-        self.gram = torch.zeros(n + 1, n + 1, dtype=torch.float64)
-        self.rhs = torch.zeros(n + 1, d, dtype=torch.float64)
+    def __init__(self, n: int, d: int, device: torch.device | str = "cpu"):
+        self.gram = torch.zeros(n + 1, n + 1, dtype=torch.float64, device=device)
+        self.rhs = torch.zeros(n + 1, d, dtype=torch.float64, device=device)
         self.norm = 0.0
 
     def add(self, x: torch.Tensor, r: torch.Tensor, rows: torch.Tensor | None = None) -> None:
@@ -297,7 +300,7 @@ def refit_head(
 ) -> torch.Tensor:
     """The QA head `qa` refitted (`[d + 1, 2]`, `_stacked` layout) so that the student's last hidden states give
     the teacher's start and end logits; records the relative errors as `qa_rel_err_*` in `info`."""
-    w0, system = _stacked(qa), _Normal(qa.in_features, 2)
+    w0, system = _stacked(qa), _Normal(qa.in_features, 2, qa.weight.device)
     for c in chunks:
         system.add(c.student, teacher.qa(c.teacher))
         bar.update(1)
@@ -325,7 +328,7 @@ def _refit_sublayer(
     `X_s + linear(features)` matches the teacher's pre-LN output `teacher_out` (weighted per token by `ln_rows`
     with `ln_weighted`); then move both models' hidden states past the sublayer's LayerNorms (`norms` = teacher's,
     student's)."""
-    w0, system, kept = _stacked(linear), _Normal(linear.in_features, linear.out_features), []
+    w0, system, kept = _stacked(linear), _Normal(linear.in_features, linear.out_features, linear.weight.device), []
     for c in chunks:
         z, x = teacher_out(c), features(c)
         system.add(x, z - c.student, ln_rows(z, norms[0] if ln_weighted else None))
@@ -360,7 +363,8 @@ def refit_projections(
     ridge system (n = kept width), regularised toward the tuned weights; a layer with no heads or units refits
     its bias alone. With `ln_weighted`, each token's error is weighted as after the sublayer's LayerNorm
     (`ln_rows`). The QA head: features `[H_s 1]` (the student's last hidden state), target the teacher's start
-    and end logits, so the pruned model's span and no-answer scores are put back on the teacher's scale.
+    and end logits, so the pruned model's span and no-answer scores are put back on the teacher's scale. Both
+    models on any one device; the tensors come back on the CPU.
     """
     teacher.eval()
     student.eval()
@@ -398,11 +402,12 @@ def refit_projections(
         if layers:
             for name in ("o", "ffn_out"):
                 lin = getattr(layer, name)
-                out[f"layers.{l}.{name}.weight"], out[f"layers.{l}.{name}.bias"] = lin.weight.clone(), lin.bias.clone()
+                out[f"layers.{l}.{name}.weight"] = lin.weight.cpu().clone()
+                out[f"layers.{l}.{name}.bias"] = lin.bias.cpu().clone()
         infos.append(info)
     head_info: dict = {}
     if head:
         _unstack(student.qa, refit_head(student.qa, teacher, chunks, head_info, ridge, bar))
-        out["qa.weight"], out["qa.bias"] = student.qa.weight.clone(), student.qa.bias.clone()
+        out["qa.weight"], out["qa.bias"] = student.qa.weight.cpu().clone(), student.qa.bias.cpu().clone()
     bar.close()
     return out, {"layers": infos, "head": head_info}
