@@ -137,26 +137,25 @@ def stage_fisher(
     elapsed = float(saved["seconds"]) if saved else 0.0
     cpu = float(saved["cpu_seconds"]) if saved else 0.0
     bar = tqdm(total=n_batches, initial=done, desc="fisher", unit="batch", disable=not progress)
-    for b in range(done, n_batches):
-        t0, c0 = time.monotonic(), time.process_time()
-        with on_device(device, model):
+    with on_device(device, model):
+        for b in range(done, n_batches):
+            t0, c0 = time.monotonic(), time.process_time()
             h, f = mask_gradients(model, feats, batch, [b])
-        h, f = [x.cpu() for x in h], [x.cpu() for x in f]
-        hg = [torch.cat([x, y]) for x, y in zip(hg, h)]
-        fg = [torch.cat([x, y]) for x, y in zip(fg, f)]
-        elapsed += time.monotonic() - t0
-        cpu += time.process_time() - c0
-        bar.update(1)
-        if (b + 1) % FISHER_SAVE_EVERY and b + 1 < n_batches:
-            continue
-        tensors = {
-            **{f"head.{l}": hg[l] for l in range(n_layers)},
-            **{f"ffn.{l}": fg[l] for l in range(n_layers)},
-            "batches": torch.tensor(b + 1),
-            "seconds": torch.tensor(elapsed, dtype=torch.float64),
-            "cpu_seconds": torch.tensor(cpu, dtype=torch.float64),
-        }
-        store.put_tensors("fisher.safetensors" if b + 1 == n_batches else "fisher.partial.safetensors", tensors)
+            hg = [torch.cat([x, y.cpu()]) for x, y in zip(hg, h)]
+            fg = [torch.cat([x, y.cpu()]) for x, y in zip(fg, f)]
+            elapsed += time.monotonic() - t0
+            cpu += time.process_time() - c0
+            bar.update(1)
+            if (b + 1) % FISHER_SAVE_EVERY and b + 1 < n_batches:
+                continue
+            tensors = {
+                **{f"head.{l}": hg[l] for l in range(n_layers)},
+                **{f"ffn.{l}": fg[l] for l in range(n_layers)},
+                "batches": torch.tensor(b + 1),
+                "seconds": torch.tensor(elapsed, dtype=torch.float64),
+                "cpu_seconds": torch.tensor(cpu, dtype=torch.float64),
+            }
+            store.put_tensors("fisher.safetensors" if b + 1 == n_batches else "fisher.partial.safetensors", tensors)
     bar.close()
     (store.root / "fisher.partial.safetensors").unlink(missing_ok=True)
     return hg, fg, {"time_s": elapsed, "cpu_s": cpu, "batches": n_batches, "samples": len(feats), "batch": batch}
