@@ -191,12 +191,13 @@ e1() {  # SECONDS: the cpu-e1 chain on this GPU within SECONDS (each stage under
 
 collect_e1() {  # e1's outputs into $OUT (also alone: `collect-e1`, after an interrupted e1)
   local art=$RUNS/art
-  mkdir -p "$OUT"
+  mkdir -p "$OUT" "$LOGS"
   local sn=$RUNS/teacher-cpu-e1-sn2 tmp=/tmp/teacher-cpu-e1-sn2-fp16
   if [ -d "$art/$E1_BUNDLE" ]; then  # the bundle, and the teacher as an fp16 artifact with int8 word embeddings
     tar cf - -C "$art" "$E1_BUNDLE" | split -b 15m - "$OUT/bundle.tar."
     [ ! -f "$sn/model.safetensors" ] ||
-      { $PY -m engine.build_model --model "$sn" --out "$art/teacher-cpu-e1-sn2-fp16" --max-seq-length 256 \
+      { $PY -m engine.build_model --model "$sn" --out "$art/teacher-cpu-e1-sn2-fp16" --max-seq-length "${E1_SEQ:-256}" \
+        --doc-stride "${E1_STRIDE:-128}" \
         --dtype float16 --embeddings int8 --force > "$LOGS/build-teacher.log" 2>&1 &&
         tar cf - -C "$art" teacher-cpu-e1-sn2-fp16 | split -b 15m - "$OUT/teacher.tar."; }
   elif [ -f "$sn/model.safetensors" ]; then  # no student: the teacher's whole checkpoint (fp16), to prune elsewhere
@@ -228,7 +229,7 @@ restore_e1() {  # DIR: e1's $OUT -> the dev scores and run metrics into bench/re
   fi
   local to=${RESULTS_DIR:-bench/results/cpu-e1}
   mkdir -p "$to"
-  find "$got" -path '*/results/cpu-e1/*.json' -exec cp {} "$to"/ \;
+  find "$got" -path '*/cpu-e1/*.json' -exec cp {} "$to"/ \;
   ls "$to" "$runs/art"
 }
 
