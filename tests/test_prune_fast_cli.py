@@ -12,6 +12,7 @@ import torch
 from engine.checkpoint import load_checkpoint
 from engine.model import RaggedQAModel
 from engine.train.batching import collate
+from engine.train.config import bf16_native
 
 
 def _cli_args(teacher: Path, train: Path, out: Path, *extra: str) -> list[str]:
@@ -214,6 +215,8 @@ def test_cli_distill_steps(tiny_bert, squad_train, tmp_path, what, device):
     m = json.loads((kd / "metrics.json").read_text())
     assert m["distillation"] and m["stages"]["distill"]["steps"] == 6 and m["stages"]["distill"]["params"] == what
     assert m["stages"]["distill"]["device"].startswith(device)
+    native = bf16_native(torch.device(device))  # --precision auto: bf16 autocast where the device has it natively
+    assert m["stages"]["distill"]["precision"] == ("bf16" if native else "fp32")
     # --teacher-logits auto: logits cached once by the engine on the CPU (beside the run), the teacher live on a GPU
     cached = sorted((tmp_path / "teacher-logits").glob("teacher-logits-float32-*.safetensors"))
     assert m["stages"]["distill"]["teacher_logits"] == ("CachedTeacher" if device == "cpu" else "LiveTeacher")
@@ -289,6 +292,10 @@ def test_cli_bad_inputs(tiny_bert, squad_train, tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(_cli_args(tiny_bert, squad_train, tmp_path / "h", "--target-sparsity", "0.3", flag, "tpu"))
         assert f"{flag}: " in capsys.readouterr().err
+    if not bf16_native(torch.device("cpu")):
+        with pytest.raises(SystemExit):
+            main(_cli_args(tiny_bert, squad_train, tmp_path / "j", "--target-sparsity", "0.3", "--precision", "bf16"))
+        assert "--precision bf16: cpu has no native bfloat16 GEMMs" in capsys.readouterr().err
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             main(

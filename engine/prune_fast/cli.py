@@ -67,7 +67,7 @@ from engine.prune_fast.stages import (
 )
 from engine.prune_fast.tune import REFIT_RIDGE
 from engine.spec import PruneSpec, SpecError, parse_spec
-from engine.train.config import resolve_device
+from engine.train.config import Precision, resolve_device, resolve_precision
 from engine.train.teacher import add_teacher_logits_args
 
 MIN_SAMPLES = 16
@@ -191,7 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--distill-device",
-        help="where --distill-steps trains, if not on --device (fp32 on the CPU, bf16 autocast on a GPU)",
+        help="where --distill-steps trains, if not on --device",
+    )
+    ap.add_argument(
+        "--precision",
+        choices=[p.value for p in Precision],
+        default=Precision.AUTO.value,
+        help="compute precision of --distill-steps (weights and optimizer state stay fp32). auto: bf16 autocast on "
+        "a GPU or a CPU with AVX512-BF16/AMX, else fp32",
     )
     ap.add_argument(
         "--distill-samples",
@@ -423,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
         except (RuntimeError, ValueError) as e:
             flag, msg = "--" + dest.replace("_", "-"), str(e)
             ap.error(msg.replace("--device", flag, 1) if "--device" in msg else f"{flag}: {msg}")
+    try:
+        resolve_precision(args.precision, resolve_device(args.distill_device or args.device))
+    except ValueError as e:
+        ap.error(str(e))
     if args.distill_samples is not None and args.distill_samples < args.batch:
         ap.error(f"--distill-samples must be at least --batch ({args.batch}); got {args.distill_samples}")
     if args.batch < 1 or args.samples < args.batch:

@@ -413,18 +413,18 @@ def stage_distill(
     """--distill-steps N (SparseQA's, off by default): N optimizer steps of logit distillation from the dense
     teacher on the first --distill-samples (default --samples) windows of the pool, through the one training loop
     (`engine.train.loop.train`: checkpoints under OUT/state/distill/, resumed mid-stage), updating only the biases
-    and LayerNorms (--distill-params bias-ln) or every weight (all), on --distill-device (fp32 on the CPU, bf16
-    autocast on a GPU), from the dense teacher's logits: cached once per teacher and windows by the inference engine
-    (--teacher-logits cached; `auto` on the CPU) or the teacher run live on every step (live; `auto` on a GPU, where
-    it goes for the stage and comes back). `pruned` is the cut model's (config, state); the shape does not change.
-    The result is saved, so a resumed run reuses it."""
+    and LayerNorms (--distill-params bias-ln) or every weight (all), on --distill-device (or --device) in
+    --precision (auto: bf16 autocast on a GPU or a CPU with native bf16, else fp32), from the dense teacher's logits:
+    cached once per teacher and windows by the inference engine (--teacher-logits cached; `auto` on the CPU) or the
+    teacher run live on every step (live; `auto` on a GPU, where it goes for the stage and comes back). `pruned` is
+    the cut model's (config, state); the shape does not change. The result is saved, so a resumed run reuses it."""
     cfg, state = pruned
     if not args.distill_steps:
         return state, {"skipped": True, "time_s": 0.0, "cpu_s": 0.0}
     saved, info = store.tensors("distill.safetensors"), store.json("distill.json")
     if saved is None or info is None:
         from engine.prune.distributed import Dist
-        from engine.train.config import ParamGroup, Precision, TrainConfig, resolve_device
+        from engine.train.config import ParamGroup, TrainConfig, resolve_device, resolve_precision
         from engine.train.loop import train
         from engine.train.losses import DistillConfig
         from engine.train.teacher import teacher_source
@@ -444,7 +444,7 @@ def stage_distill(
             batch=args.batch,
             warmup=0.1,
             seed=args.seed,
-            precision=Precision.BF16 if device.type == "cuda" else Precision.FP32,
+            precision=resolve_precision(args.precision, device),
             checkpoint_every=max(1, args.distill_steps // 4),
             keep_checkpoints=1,
             log_every=0,
@@ -477,6 +477,7 @@ def stage_distill(
             "samples": len(feats),
             "lr": args.distill_lr,
             "device": str(device),
+            "precision": tc.precision.value,
             "teacher_logits": type(source).__name__,
             "loss_first": losses[0] if losses else None,
             "loss_last": sum(losses[-8:]) / len(losses[-8:]) if losses else None,
