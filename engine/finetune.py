@@ -130,6 +130,17 @@ def add_data_args(ap: argparse.ArgumentParser) -> None:
     ev.add_argument("--eval-titles", nargs="+", help="hold out these train articles (by title) instead")
 
 
+def add_precision_arg(ap: argparse.ArgumentParser, what: str) -> None:
+    """--precision (auto | fp32 | bf16) of WHAT, shared by every CLI that trains."""
+    ap.add_argument(
+        "--precision",
+        choices=[p.value for p in Precision],
+        default=Precision.AUTO.value,
+        help=f"compute precision of {what}; weights and optimizer state stay fp32. auto: bf16 autocast on a GPU or "
+        "a CPU with AVX512-BF16/AMX, else fp32",
+    )
+
+
 def add_speed_args(ap: argparse.ArgumentParser) -> None:
     """--device, --threads, --precision and --no-group-by-length, shared by engine.finetune and engine.prune."""
     ap.add_argument(
@@ -138,13 +149,7 @@ def add_speed_args(ap: argparse.ArgumentParser) -> None:
         help="where to train: cpu, cuda, cuda:N, or auto (the first GPU torch sees, else the CPU)",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
-    ap.add_argument(
-        "--precision",
-        choices=[p.value for p in Precision],
-        default=Precision.AUTO.value,
-        help="compute precision; weights and optimizer state stay fp32. auto: bf16 where the CPU has "
-        "AVX512-BF16/AMX (or on CUDA), else fp32",
-    )
+    add_precision_arg(ap, "training")
     ap.add_argument(
         "--no-group-by-length",
         dest="group_by_length",

@@ -42,7 +42,7 @@ from engine.checkpoint import load_checkpoint, load_config, save_checkpoint
 from engine.config import EncoderConfig
 from engine.data.predict import add_threshold_arg
 from engine.features import WindowMaker, WindowSettings, load_tokenizer
-from engine.finetune import add_data_args, add_negatives_args
+from engine.finetune import add_data_args, add_negatives_args, add_precision_arg
 from engine.flops import encoder_params, flop_sparsity
 from engine.latency_target import (
     add_latency_args,
@@ -67,7 +67,7 @@ from engine.prune_fast.stages import (
 )
 from engine.prune_fast.tune import REFIT_RIDGE
 from engine.spec import PruneSpec, SpecError, parse_spec
-from engine.train.config import Precision, resolve_device, resolve_precision
+from engine.train.config import resolve_device, resolve_precision
 from engine.train.teacher import add_teacher_logits_args
 
 MIN_SAMPLES = 16
@@ -193,13 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--distill-device",
         help="where --distill-steps trains, if not on --device",
     )
-    ap.add_argument(
-        "--precision",
-        choices=[p.value for p in Precision],
-        default=Precision.AUTO.value,
-        help="compute precision of --distill-steps (weights and optimizer state stay fp32). auto: bf16 autocast on "
-        "a GPU or a CPU with AVX512-BF16/AMX, else fp32",
-    )
+    add_precision_arg(ap, "--distill-steps")
     ap.add_argument(
         "--distill-samples",
         type=int,
