@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.accuracy_groups import GROUPS
-from bench.accuracy_tables import accuracy_sections, accuracy_targets, targets_group
+from bench.accuracy_tables import accuracy_sections, accuracy_targets, shipped_rows, targets_group
 from bench.suite_tables import batch_qa_table, coexist_table, serve_table, tokenizer_line, train_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,6 +132,7 @@ def targets_table(
     points: list[dict[str, Any]],
     repeats: list[list[dict[str, Any]]] | None = None,
     teacher: str | None = None,
+    shipped: list[dict[str, Any]] | None = None,
 ) -> str:
     """The issues' pass/fail targets in one table: C++ engine against ORT-fused and realized ÷ FLOP reduction per
     shape (#3), and the accuracy targets judged on the current teacher's group (`points`, its teacher `teacher`;
@@ -166,7 +167,7 @@ def targets_table(
             f"{q['ratio']:.2f} ({q['realized']:.2f}x of {q['flop_reduction']:.2f}x) | "
             f"{'yes' if q['ratio'] >= 0.95 else 'no'} | {runs(('flop', q['shape']), '{:.2f}')} |"
         )
-    out += accuracy_targets(points, teacher)
+    out += accuracy_targets(points, teacher, shipped or [])
     return "\n".join(out)
 
 
@@ -327,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         parts[targets_at] = (
             "\n## Targets at a glance\n\n"
-            + targets_table(rows, ratios, points[judged], repeats, acc.get(judged, {}).get("teacher"))
+            + targets_table(
+                rows, ratios, points[judged], repeats, acc.get(judged, {}).get("teacher"), shipped_rows(points)
+            )
             + (
                 f"\n\n'other runs': {len(repeats)} more runs of the same suite "
                 "(`bench/results/cpu-repeat-*.json`, each a separate process right after the recorded one)."

@@ -226,7 +226,7 @@ def test_accuracy_targets_not_yet_measured():
     lines = accuracy_tables.accuracy_targets(pts(weak), "teacher-v3")
     assert [line.split(" | ")[-2] for line in lines[:3]] == ["no", "no", "no"]
     assert "74.90" in lines[0] and "52.00" in lines[1] and "61.90" in lines[2]
-    assert all("| l0-v3-* students | not yet measured |" in line for line in lines[3:7])
+    assert all("| no student of the group yet | not yet measured |" in line for line in lines[3:7])
     assert all("| the bundled default | not yet measured |" in line for line in lines[7:])
     # a student without a teacher row is not judged
     assert all("not yet measured" in line for line in accuracy_tables.accuracy_targets(pts(weak)[1:], "teacher-v3"))
@@ -635,6 +635,26 @@ def test_bundle_targets_judge_the_best_candidate():
     # the shipped default counts as a candidate; a size never measured is "not yet measured"
     lines = accuracy_tables.bundle_targets([_pt(accuracy_tables.BUNDLED, 45.5, 58.0, 72.1, 57.5, 0.47)])
     assert "72.10 | no |" in lines[0] and "57.50 | yes |" in lines[1] and "not yet measured" in lines[2]
+
+
+def test_the_shipped_default_is_judged_whichever_group_the_targets_move_to():
+    """When a newer teacher's group takes the targets, the bundle rows still judge the shipped default (it lives in
+    the group of the teacher it came from) until a bundle-* row of the new group beats it; it is never a student."""
+    shipped = _pt(accuracy_tables.BUNDLED, 45.5, 58.0, 72.1, 57.5, 0.48, 23 * 1_000_000)
+    groups = {"current": [_pt("teacher-v3s", 50.0, 59.9, 75.6, 58.5, 1.0), shipped], "cpu-e1": []}
+    assert accuracy_tables.shipped_rows(groups) == [shipped]
+    new = [_pt("teacher-cpu-e1-sn2", 52.1, 62.1, 75.2, 58.1, 1.0)]
+    lines = accuracy_tables.accuracy_targets(new, "teacher-cpu-e1-sn2", accuracy_tables.shipped_rows(groups))
+    assert all("| no student of the group yet | not yet measured |" in line for line in lines[3:7])
+    assert [line.split(" | ")[2:5] for line in lines[-4:]] == [
+        [f"{accuracy_tables.BUNDLED} (stored thr -3.00)", "72.10", "no"],
+        [f"{accuracy_tables.BUNDLED} (stored thr -3.00)", "57.50", "yes"],
+        [f"{accuracy_tables.BUNDLED} (stored thr -3.00)", "23.0 MB", "yes"],
+        [f"{accuracy_tables.BUNDLED} (stored thr -3.00)", "0.480", "yes"],
+    ]
+    new.append(_pt("bundle-fast-cpu-0.5-x", 51.9, 61.8, 75.1, 57.9, 0.5, 20 * 1_000_000))
+    lines = accuracy_tables.accuracy_targets(new, "teacher-cpu-e1-sn2", accuracy_tables.shipped_rows(groups))
+    assert all("bundle-fast-cpu-0.5-x" in line and "| yes | - |" in line for line in lines[-4:])
 
 
 def test_named_group_teacher_and_artifact_bytes(two_artifacts, tmp_path: Path, capsys):
