@@ -402,4 +402,4 @@ case "${1:-}" in
   promote) promote "${2:-}" ;;
   *) echo "usage: $0 plan [MINUTES] | run [MINUTES] | advance [MINUTES] | parallel [MINUTES] | summary | promote NAME" >&2
     exit 2 ;;
-esac
+esac; exit  # parsed with the dispatch: an edit of this file while it runs is never read (bash reads as it goes)

@@ -243,4 +243,4 @@ case "${1:-}" in
   teacher) teacher ;;
   restore) shift; restore "$@" ;;
   *) echo "usage: $0 pack|smoke|run [SECONDS]|teacher|restore DIR...|e1 [SECONDS]|collect-e1|restore-e1 DIR" >&2; exit 2 ;;
-esac
+esac; exit  # parsed with the dispatch: an edit of this file while it runs is never read (bash reads as it goes)

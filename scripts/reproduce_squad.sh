@@ -243,4 +243,4 @@ case "${1:-all}" in
           "more RUN STEPS|fast [target]|" \
           "fast-speedup [x]|fast-importance [target]|fast-random [target]|importance-noft [target]|" \
           "eval [RUN ...]|bundle|all" >&2; exit 2 ;;
-esac
+esac; exit  # parsed with the dispatch: an edit of this file while it runs is never read (bash reads as it goes)

@@ -362,3 +362,53 @@ def test_parallel_skips_what_follows_a_failed_stage_and_fails(tmp_path: Path):
     started = [cmd for what, _, cmd in ev if what == "start"]
     assert sorted(started) == sorted(["teacher-cpu", "teacher-swap teacher-cpu-e1 -sn2", "eval teacher-cpu-e1"])
     assert "eval-teacher-sn\tskipped\tafter teacher-sn" in r.stdout
+
+
+EDITING_RUNNER = r"""#!/usr/bin/env bash
+# a stand-in for scripts/reproduce_squad.sh that edits the running session script, as a developer might mid-chain:
+# a line added at its top shifts every byte bash has not read yet
+echo "$*" >> "$RUNS/stages.txt"
+if [ "$1" = teacher-cpu ]; then
+  { echo "# a comment added while the chain ran"; cat "$SESSION_COPY"; } > "$SESSION_COPY.new"
+  cat "$SESSION_COPY.new" > "$SESSION_COPY"  # in place, as an editor saves: same inode, new bytes
+fi
+"""
+
+
+@pytest.mark.parametrize("name", ["cpu_session.sh", "reproduce_squad.sh", "gpu_v3.sh"])
+def test_a_script_edited_while_it_runs_finishes_cleanly(tmp_path: Path, name: str):
+    """bash reads a script as it executes it: after the dispatch returns it reads on at its old byte offset, which an
+    edit made meanwhile has moved (an hours-long session once ended in a syntax error that way). Each long-running
+    script exits on the dispatch's own line, so nothing after it is read: here a copy of cpu_session.sh is edited by
+    its stage and still ends with status 0 and no stray command; the other two scripts end the same way."""
+    import sys
+
+    text = (ROOT / "scripts" / name).read_text()
+    last = text.rstrip("\n").splitlines()[-1]
+    assert re.match(r"^esac; exit\b", last), f"{name} must end with its dispatch and exit on the same line: {last!r}"
+    if name != "cpu_session.sh":
+        return
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    copy = repo / "scripts" / name
+    copy.write_text(text)
+    copy.chmod(0o755)
+    fake = tmp_path / "editing_reproduce.sh"
+    fake.write_text(EDITING_RUNNER)
+    fake.chmod(0o755)
+    (tmp_path / "runs").mkdir()
+    full = {
+        **os.environ,
+        "RUNS": str(tmp_path / "runs"),
+        "RESULTS_DIR": str(tmp_path / "results" / "cpu-e1"),
+        "REPRODUCE": str(fake),
+        "PY": sys.executable,
+        "SESSION_COPY": str(copy),
+        "ONLY": "^teacher$",
+        "JOBS": "1",
+    }
+    r = subprocess.run([str(copy), "parallel", "1"], capture_output=True, text=True, env=full, timeout=60)
+    assert (tmp_path / "runs" / "stages.txt").read_text().splitlines() == ["teacher-cpu"]
+    assert copy.read_text().startswith("# a comment added while the chain ran\n")  # the edit happened mid-run
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert "syntax error" not in r.stderr and "command not found" not in r.stderr, r.stderr
