@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     if loss:
         print(f"\nF1 lost against `{g['teacher']}` (positive = worse)\n\n{loss}")
     print("\n| target | need | judged on | measured | met | - |\n|---|---|---|---|---|---|")
-    shipped = shipped_rows({k: load_points(v["rows"]) for k, v in acc.items() if isinstance(v, dict) and "rows" in v})
+    shipped = shipped_rows({gr.name: load_points(acc.get(gr.name, {}).get("rows", [])) for gr in GROUPS})
     print("\n".join(accuracy_targets(points, g["teacher"], shipped)))
     if a.require_bundle:
         row = [p for p in points if p["name"] == a.require_bundle]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,7 @@ def targets_table(
     points: list[dict[str, Any]],
     repeats: list[list[dict[str, Any]]] | None = None,
     teacher: str | None = None,
-    shipped: list[dict[str, Any]] | None = None,
+    shipped: Iterable[dict[str, Any]] = (),
 ) -> str:
     """The issues' pass/fail targets in one table: C++ engine against ORT-fused and realized ÷ FLOP reduction per
     shape (#3), and the accuracy targets judged on the current teacher's group (`points`, its teacher `teacher`;
@@ -167,7 +168,7 @@ def targets_table(
             f"{q['ratio']:.2f} ({q['realized']:.2f}x of {q['flop_reduction']:.2f}x) | "
             f"{'yes' if q['ratio'] >= 0.95 else 'no'} | {runs(('flop', q['shape']), '{:.2f}')} |"
         )
-    out += accuracy_targets(points, teacher, shipped or [])
+    out += accuracy_targets(points, teacher, shipped)
     return "\n".join(out)
 
 
