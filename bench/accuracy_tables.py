@@ -44,8 +44,42 @@ def _fmt(v: float | None, f: str) -> str:
     return f.format(v) if v is not None else "not measured"
 
 
+def distill_curve(eval_path: Path) -> list[dict[str, Any]]:
+    """The held-out distillation step curve of a prune_fast run (--distill-eval-every), from the metrics-NAME.json
+    copied beside its eval-NAME.json; [] when there is none."""
+    metrics = eval_path.with_name(eval_path.name.replace("eval-", "metrics-", 1))
+    if not metrics.is_file():
+        return []
+    return json.loads(metrics.read_text()).get("stages", {}).get("distill", {}).get("curve", [])
+
+
+def curve_tables(points: list[dict[str, Any]]) -> str:
+    """One table per row with a distillation step curve: held-out F1 at threshold 0, best F1, HasAns F1 and the
+    null-score AUC at each scored step, and the change from the previous point."""
+    out = []
+    for p in points:
+        if not p.get("curve"):
+            continue
+        out.append(
+            f"\n### Distillation step curve of `{p['name']}` (held-out train articles, not dev)\n\n"
+            "| distillation step | F1 (thr 0) | best F1 | HasAns F1 (thr 0) | AUC | best F1 change |\n"
+            "|---|---|---|---|---|---|"
+        )
+        prev = None
+        for row in p["curve"]:
+            change = "" if prev is None else f"{row['best_f1'] - prev:+.2f}"
+            auc = _fmt(row.get("auc"), "{:.3f}")
+            out.append(
+                f"| {row['step']} | {row['f1']:.2f} | {row['best_f1']:.2f} | {row['HasAns_f1_at_zero']:.2f} | {auc} "
+                f"| {change} |"
+            )
+            prev = row["best_f1"]
+    return "\n".join(out)
+
+
 def load_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One point per measured row: its metrics at threshold 0 and at the stored threshold, FLOPs fraction, latency."""
+    """One point per measured row: its metrics at threshold 0 and at the stored threshold, FLOPs fraction, latency,
+    and its distillation step curve where it has one."""
     points = []
     for r in rows:
         ev = json.loads((ROOT / r["eval"]).read_text())  # an absolute path stays absolute
@@ -66,6 +100,7 @@ def load_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "speedup": r.get("speedup"),
                 "latency": r.get("latency", {}),
                 "command": r["command"],
+                "curve": distill_curve(ROOT / r["eval"]),
             }
         )
     return points
@@ -278,6 +313,9 @@ def accuracy_sections(acc: dict[str, Any]) -> tuple[str, dict[str, list[dict[str
         abl = ablation_table(pts, group.ablations)
         if abl:
             parts.append(f"\n### {group.ablation_heading}\n\n{abl}")
+        curves = curve_tables(pts)
+        if curves:
+            parts.append(curves)
     return "\n".join(parts), points
 
 
@@ -305,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     loss = f1_loss_table(points, g["teacher"]) if g["teacher"] else ""
     if loss:
         print(f"\nF1 lost against `{g['teacher']}` (positive = worse)\n\n{loss}")
+    curves = curve_tables(points)
+    if curves:
+        print(curves)
     print("\n| target | need | judged on | measured | met | - |\n|---|---|---|---|---|---|")
     shipped = shipped_rows({gr.name: load_points(acc.get(gr.name, {}).get("rows", [])) for gr in GROUPS})
     print("\n".join(accuracy_targets(points, g["teacher"], shipped)))

@@ -24,9 +24,9 @@
 # dev evaluation of that teacher, the 2x student (prune_fast at 50% of the FLOPs + 1,024 distillation steps), its dev
 # evaluation and the bundle candidate (fp16 + int8 embeddings, scored through QAEngine.answer_batch). The optional
 # ones, run while time is left: the dev evaluation of teacher-cpu-e1, the 3.5x student (75%, 2,048 distillation
-# steps), the three ablations of the 2x student (the same structure distilled with span CE alone, KD_WEIGHT=0; the
-# units of engine.make_spec --by importance and --by random at 50%, with the same refit and distillation) and the 40%
-# student, each with its dev evaluation.
+# steps, scored on the held-out articles every 1/8 of them: #13's step curve), the three ablations of the 2x student
+# (the same structure distilled with span CE alone, KD_WEIGHT=0; the units of engine.make_spec --by importance and
+# --by random at 50%, with the same refit and distillation) and the 40% student, each with its dev evaluation.
 #
 # Estimates: each stage's cost is a number of "teacher steps" (one step of 32 windows of MiniLM-L6 training; a
 # training stage's own steps plus its evaluations and set-up, calibrated on the 2-core Xeon with AMX, about 1.1 s per
@@ -52,6 +52,7 @@ E1_STEPS=${E1_STEPS:-4463}          # one epoch of 32-window steps
 KD_2X=${KD_2X:-1024} KD_35X=${KD_35X:-2048} KD_N=${KD_N:-32768}  # distillation steps (2x, 3.5x) and windows
 KD=(REFIT=all SELECT=obs SCORES=obs FIT=ln KD_SAMPLES=$KD_N)
 S2="$SN-obs2L-kd${KD_2X}s$((KD_N / 1024))k" S35="$SN-obs2L-kd${KD_35X}s$((KD_N / 1024))k"
+CURVE="KD_EVAL_EVERY=$((KD_35X / 8))"  # the 3.5x student's held-out step curve: 8 points
 SA="$SN-L-kd${KD_2X}s$((KD_N / 1024))k"  # the ablations of the 2x student's choice of units (no search, same refit)
 FROM_SN="TEACHER_RUN=$SN ${KD[*]}"  # the students' recipe from the -sn teacher
 SPEC_ENV="TEACHER_RUN=$SN REFIT=all FIT=ln KD_SAMPLES=$KD_N KD_STEPS=$KD_2X TAG=-$SA"  # theirs, on given units
@@ -83,7 +84,7 @@ STAGES=(
   "eval-student-0.5|150|1|student-0.5|$R eval fast-cpu-0.5-$S2"
   "bundle|170|1|student-0.5|BUNDLE_FROM=fast-cpu-0.5-$S2 $R bundle"
   "eval-teacher|220|0|teacher|$R eval $TEACHER"
-  "student-0.75|$((400 + KD_35X * 3 / 4))|0|teacher-sn|$FROM_SN KD_STEPS=$KD_35X TAG=-$S35 $R fast 0.75"
+  "student-0.75|$((400 + KD_35X * 3 / 4 + 8 * 12))|0|teacher-sn|$FROM_SN KD_STEPS=$KD_35X $CURVE TAG=-$S35 $R fast 0.75"
   "eval-student-0.75|100|0|student-0.75|$R eval fast-cpu-0.75-$S35"
   "nodistill-0.5|$((336 + KD_2X))|0|teacher-sn|$FROM_SN KD_STEPS=$KD_2X KD_WEIGHT=0 TAG=-$S2-ce $R fast 0.5"
   "eval-nodistill-0.5|150|0|nodistill-0.5|$R eval fast-cpu-0.5-$S2-ce"

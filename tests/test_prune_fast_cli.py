@@ -211,8 +211,17 @@ def test_cli_distill_steps(tiny_bert, squad_train, tmp_path, what, device):
     extra += ["--distill-device", device]
     if what == "all":  # more windows than --samples 24: drawn further from the same shuffle
         extra += ["--distill-samples", "40"]
+    else:  # a held-out curve: every 4 steps, at the epoch ends (3 steps of 8 of the 24 windows) and at the last
+        extra += ["--distill-eval-every", "4"]
     assert main(_cli_args(sharp, squad_train, kd, *base, *extra)) == 0
     m = json.loads((kd / "metrics.json").read_text())
+    curve = m["stages"]["distill"].get("curve")
+    if what == "bias-ln":
+        assert [row["step"] for row in curve] == [3, 4, 6]
+        for k in ("f1", "best_f1", "HasAns_f1_at_zero", "auc"):  # its last point is the saved student's score
+            assert curve[-1][k] == pytest.approx(m["student"][k], abs=1e-9), k
+    else:
+        assert curve is None
     assert m["distillation"] and m["stages"]["distill"]["steps"] == 6 and m["stages"]["distill"]["params"] == what
     assert m["stages"]["distill"]["device"].startswith(device)
     native = bf16_native(torch.device(device))  # --precision auto: bf16 autocast where the device has it natively
@@ -261,6 +270,7 @@ def test_cli_distill_steps(tiny_bert, squad_train, tmp_path, what, device):
     (kd / "model.safetensors").unlink()
     assert main(_cli_args(sharp, squad_train, kd, *base, *extra, "--resume")) == 0
     assert (kd / "model.safetensors").read_bytes() == weights
+    assert json.loads((kd / "metrics.json").read_text())["stages"]["distill"].get("curve") == curve  # from the state
 
 
 @pytest.mark.slow
@@ -288,6 +298,9 @@ def test_cli_bad_inputs(tiny_bert, squad_train, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(_cli_args(tiny_bert, squad_train, tmp_path / "g", "--target-sparsity", "0.3", "--distill-samples", "4"))
     assert "--distill-samples" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a curve of no distillation
+        main(_cli_args(tiny_bert, squad_train, tmp_path / "g", "--target-sparsity", "0.3", "--distill-eval-every", "2"))
+    assert "--distill-eval-every" in capsys.readouterr().err
     for flag in ("--device", "--distill-device"):
         with pytest.raises(SystemExit):
             main(_cli_args(tiny_bert, squad_train, tmp_path / "h", "--target-sparsity", "0.3", flag, "tpu"))

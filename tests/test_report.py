@@ -549,6 +549,27 @@ def test_ablation_table_subtracts_the_baseline_at_the_same_budget():
     assert accuracy_tables.ablation_table(pts, accuracy_tables.GROUP["current"].ablations) == ""
 
 
+def test_distill_curve_from_the_metrics_beside_the_eval(tmp_path: Path):
+    """A prune_fast run's held-out step curve (metrics-NAME.json beside eval-NAME.json) becomes its own table, with
+    the best-F1 change from point to point; a row without one gets none."""
+    ev = tmp_path / "eval-fast-cpu-0.75-x.json"
+    ev.write_text("{}")
+    assert accuracy_tables.distill_curve(ev) == []
+    row = {"f1": 50.0, "best_f1": 55.5, "HasAns_f1_at_zero": 60.25, "auc": 0.7}
+    curve = [{"step": 256, **row}, {"step": 512, **row, "best_f1": 56.0, "auc": None}]
+    metrics = {"stages": {"distill": {"steps": 512, "curve": curve}}}
+    (tmp_path / "metrics-fast-cpu-0.75-x.json").write_text(json.dumps(metrics))
+    assert accuracy_tables.distill_curve(ev) == curve
+    pts = [{"name": "fast-cpu-0.75-x", "curve": curve}, {"name": "other", "curve": []}]
+    lines = accuracy_tables.curve_tables(pts).strip().splitlines()
+    assert "`fast-cpu-0.75-x`" in lines[0] and "other" not in "".join(lines)
+    assert lines[-2:] == [
+        "| 256 | 50.00 | 55.50 | 60.25 | 0.700 |  |",
+        "| 512 | 50.00 | 56.00 | 60.25 | not measured | +0.50 |",
+    ]
+    assert accuracy_tables.curve_tables(pts[1:]) == ""
+
+
 def test_repeated_cpu_runs_are_listed_beside_the_recorded_one(results: Path, tmp_path: Path):
     d, h = 8e9, 4e9
     _bench_file(

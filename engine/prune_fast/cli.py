@@ -75,7 +75,7 @@ DISTILL_LR = {"all": 5e-5, "bias-ln": 1e-3}  # --distill-lr defaults (docs/PRUNI
 # Arguments a run may be resumed with other values of: how, where and from what the same numbers are computed (the
 # cached teacher logits equal the live teacher's, to float rounding).
 _RESUME_IRRELEVANT = {"resume", "no_progress", "threads", "no_teacher_eval", "threshold_rule", "device",
-                      "distill_device", "teacher_logits", "teacher_cache"}  # fmt: skip
+                      "distill_device", "teacher_logits", "teacher_cache", "distill_eval_every"}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
         "teacher alone)",
     )
     ap.add_argument("--distill-temperature", type=float, default=2.0, help="KD temperature of --distill-steps")
+    ap.add_argument(
+        "--distill-eval-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="score the student on the held-out data every N distillation steps, at epoch ends and at the last "
+        "step: the step curve in metrics.json (stages.distill.curve), kept across --resume (default 0: no curve)",
+    )
     add_teacher_logits_args(ap, "auto")
     ap.add_argument(
         "--device",
@@ -316,7 +324,13 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
         if args.save_stages and args.refit != "none":
             save_checkpoint(out / "stages" / "tune", cfg, state, teacher_ck.hf_config, tokenizer=tokenizer)
         state, stages["refit"] = stage_refit(store, args, model, cfg, state, pool, progress)
-    state, stages["distill"] = stage_distill(store, args, model, (cfg, state), pool, settings, progress)
+
+    def held_out(student: RaggedQAModel) -> dict[str, Any]:  # a distillation curve point (on the CPU)
+        return metrics_row(evaluate_model(student.eval(), evals, maker, progress=False))
+
+    state, stages["distill"] = stage_distill(
+        store, args, model, (cfg, state), pool, settings, progress, held_out if args.distill_eval_every else None
+    )
     prune_time = sum(s["time_s"] for s in stages.values())
     prune_cpu = sum(s["cpu_s"] for s in stages.values())
 
@@ -412,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         args.distill_lr = DISTILL_LR[args.distill_params]
     if args.distill_steps < 0 or args.distill_lr <= 0 or not 0 <= args.distill_weight <= 1:
         ap.error("--distill-steps must be >= 0, --distill-lr > 0 and --distill-weight in [0, 1]")
+    if args.distill_eval_every < 0 or (args.distill_eval_every and not args.distill_steps):
+        ap.error(f"--distill-eval-every takes N >= 1 with --distill-steps; got {args.distill_eval_every}")
     if args.threshold_rule is None:
         args.threshold_rule = "heldout" if args.no_teacher_eval else "teacher-rate"
     if args.threshold_rule == "teacher-rate" and args.no_teacher_eval:

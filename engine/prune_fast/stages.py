@@ -9,8 +9,9 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -409,6 +410,7 @@ def stage_distill(
     pool: list[TrainFeature],
     settings: WindowSettings,
     progress: bool,
+    held_out: Callable[[RaggedQAModel], dict[str, Any]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """--distill-steps N (SparseQA's, off by default): N optimizer steps of logit distillation from the dense
     teacher on the first --distill-samples (default --samples) windows of the pool, through the one training loop
@@ -417,7 +419,9 @@ def stage_distill(
     --precision (auto: bf16 autocast on a GPU or a CPU with native bf16, else fp32), from the dense teacher's logits:
     cached once per teacher and windows by the inference engine (--teacher-logits cached; `auto` on the CPU) or the
     teacher run live on every step (live; `auto` on a GPU, where it goes for the stage and comes back). `pruned` is
-    the cut model's (config, state); the shape does not change. The result is saved, so a resumed run reuses it."""
+    the cut model's (config, state); the shape does not change. The result is saved, so a resumed run reuses it.
+    `held_out` (with --distill-eval-every N) scores a CPU copy of the student every N steps and at the last one; the
+    rows, kept in the trainer's checkpointed meta, are the stage's "curve"."""
     cfg, state = pruned
     if not args.distill_steps:
         return state, {"skipped": True, "time_s": 0.0, "cpu_s": 0.0}
@@ -425,7 +429,7 @@ def stage_distill(
     if saved is None or info is None:
         from engine.prune.distributed import Dist
         from engine.train.config import ParamGroup, TrainConfig, resolve_device, resolve_precision
-        from engine.train.loop import train
+        from engine.train.loop import Hooks, train
         from engine.train.losses import DistillConfig
         from engine.train.teacher import teacher_source
 
@@ -448,11 +452,22 @@ def stage_distill(
             checkpoint_every=max(1, args.distill_steps // 4),
             keep_checkpoints=1,
             log_every=0,
+            eval_every=getattr(args, "distill_eval_every", 0) if held_out else 0,
             resume=True,
             progress=progress,
         )
         feats = pool[: args.distill_samples or args.samples]
         source = teacher_source(args, settings, feats, device, lambda: teacher.to(device), args.threads)
+
+        def curve_point(step: int, meta: dict[str, Any]) -> None:
+            if step in {row["step"] for row in meta.get("curve", [])}:  # an epoch end that is also a multiple of N
+                return
+            copy = RaggedQAModel(cfg)
+            copy.load_state_dict({k: v.detach().float().cpu() for k, v in student.state_dict().items()})
+            meta.setdefault("curve", []).append({"step": step, **held_out(copy)})
+            row = meta["curve"][-1]
+            print(f"[distill] held-out @ step {step}: f1 {row['f1']:.2f} best_f1 {row['best_f1']:.2f}", file=sys.stderr)
+
         meta = train(
             student,
             feats,
@@ -462,6 +477,7 @@ def stage_distill(
             teacher=source,
             distill=DistillConfig(weight=args.distill_weight, temperature=args.distill_temperature),
             dist=Dist(device=device),
+            hooks=Hooks(evaluate=curve_point if held_out else None),
         )
         teacher.cpu()
         for p, flag in zip(teacher.parameters(), flags):  # LiveTeacher froze the dense model; restore it
@@ -484,6 +500,8 @@ def stage_distill(
             "time_s": time.monotonic() - t0,
             "cpu_s": time.process_time() - c0,
         }
+        if held_out:
+            info["curve"] = meta.get("curve", [])
         store.put_tensors("distill.safetensors", saved)
         store.put_json("distill.json", info)
     return {**state, **saved}, info
