@@ -52,7 +52,7 @@ E1_STEPS=${E1_STEPS:-4463}          # one epoch of 32-window steps
 KD_2X=${KD_2X:-1024} KD_35X=${KD_35X:-2048} KD_N=${KD_N:-32768}  # distillation steps (2x, 3.5x) and windows
 KD=(REFIT=all SELECT=obs SCORES=obs FIT=ln KD_SAMPLES=$KD_N)
 S2="$SN-obs2L-kd${KD_2X}s$((KD_N / 1024))k" S35="$SN-obs2L-kd${KD_35X}s$((KD_N / 1024))k"
-CURVE="KD_EVAL_EVERY=$((KD_35X / 8))"  # the 3.5x student's held-out step curve: 8 points
+CURVE="KD_EVAL_EVERY=$((KD_35X / 8))"  # the 3.5x student's held-out step curve: 8 points, costed at 12 steps each
 SA="$SN-L-kd${KD_2X}s$((KD_N / 1024))k"  # the ablations of the 2x student's choice of units (no search, same refit)
 FROM_SN="TEACHER_RUN=$SN ${KD[*]}"  # the students' recipe from the -sn teacher
 SPEC_ENV="TEACHER_RUN=$SN REFIT=all FIT=ln KD_SAMPLES=$KD_N KD_STEPS=$KD_2X TAG=-$SA"  # theirs, on given units

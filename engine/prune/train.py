@@ -53,7 +53,7 @@ from engine.prune.distributed import Dist
 from engine.prune.export import achieved_sparsity, calibrate, calibrate_measured
 from engine.prune.gated import GatedQAModel, export_ragged
 from engine.prune.l0 import LagrangianController, target_schedule
-from engine.train import DistillConfig, Hooks, ParamGroup, resolve_device, train, weight_groups
+from engine.train import DistillConfig, Hooks, ParamGroup, curve_hook, resolve_device, train, weight_groups
 from engine.train.teacher import TeacherSource, add_teacher_logits_args, teacher_source
 
 DROPOUT = 0.1
@@ -278,11 +278,8 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
     student.load_state_dict(state)
     student.to(dist.device)
 
-    def curve_point(step: int, meta: dict[str, Any]) -> None:
-        """The held-out step curve of the fixed-structure phase (kept in the trainer's resumable meta)."""
-        row = {"step": step, **metrics_row(evaluate_model(student, evals, maker, progress=False))}
-        meta.setdefault("curve", []).append(row)
-        print(f"[finetune] held-out @ step {step}: f1 {row['f1']:.2f} best_f1 {row['best_f1']:.2f}", file=sys.stderr)
+    def held_out() -> dict[str, Any]:  # a point of the fixed-structure phase's held-out step curve
+        return metrics_row(evaluate_model(student, evals, maker, progress=False))
 
     ft_meta: dict[str, Any] = {}
     if args.finetune_epochs > 0 or args.finetune_max_steps:
@@ -293,7 +290,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
             cfg_ft,
             weight_groups(student, args.lr, args.weight_decay),
             out / "checkpoints" / "finetune",
-            hooks=Hooks(evaluate=curve_point if args.eval_every else None),
+            hooks=Hooks(evaluate=curve_hook("finetune", held_out) if args.eval_every else None),
             **common,
         )
     if not dist.is_main:

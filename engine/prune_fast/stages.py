@@ -9,7 +9,6 @@ import contextlib
 import json
 import math
 import random
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -429,7 +428,7 @@ def stage_distill(
     if saved is None or info is None:
         from engine.prune.distributed import Dist
         from engine.train.config import ParamGroup, TrainConfig, resolve_device, resolve_precision
-        from engine.train.loop import Hooks, train
+        from engine.train.loop import Hooks, curve_hook, train
         from engine.train.losses import DistillConfig
         from engine.train.teacher import teacher_source
 
@@ -452,21 +451,17 @@ def stage_distill(
             checkpoint_every=max(1, args.distill_steps // 4),
             keep_checkpoints=1,
             log_every=0,
-            eval_every=getattr(args, "distill_eval_every", 0) if held_out else 0,
+            eval_every=args.distill_eval_every if held_out else 0,
             resume=True,
             progress=progress,
         )
         feats = pool[: args.distill_samples or args.samples]
         source = teacher_source(args, settings, feats, device, lambda: teacher.to(device), args.threads)
 
-        def curve_point(step: int, meta: dict[str, Any]) -> None:
-            if step in {row["step"] for row in meta.get("curve", [])}:  # an epoch end that is also a multiple of N
-                return
+        def score() -> dict[str, Any]:  # a CPU copy of the student (load_state_dict copies across devices)
             copy = RaggedQAModel(cfg)
-            copy.load_state_dict({k: v.detach().float().cpu() for k, v in student.state_dict().items()})
-            meta.setdefault("curve", []).append({"step": step, **held_out(copy)})
-            row = meta["curve"][-1]
-            print(f"[distill] held-out @ step {step}: f1 {row['f1']:.2f} best_f1 {row['best_f1']:.2f}", file=sys.stderr)
+            copy.load_state_dict(student.state_dict())
+            return held_out(copy)
 
         meta = train(
             student,
@@ -477,7 +472,7 @@ def stage_distill(
             teacher=source,
             distill=DistillConfig(weight=args.distill_weight, temperature=args.distill_temperature),
             dist=Dist(device=device),
-            hooks=Hooks(evaluate=curve_point if held_out else None),
+            hooks=Hooks(evaluate=curve_hook("distill", score) if held_out else None),
         )
         teacher.cpu()
         for p, flag in zip(teacher.parameters(), flags):  # LiveTeacher froze the dense model; restore it

@@ -12,7 +12,7 @@ from engine.train.config import (
     resolve_precision,
     weight_groups,
 )
-from engine.train.loop import Hooks, train
+from engine.train.loop import Hooks, curve_hook, train
 from engine.train.losses import DistillConfig
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "ParamGroup",
     "Precision",
     "TrainConfig",
+    "curve_hook",
     "default_threads",
     "resolve_device",
     "resolve_precision",

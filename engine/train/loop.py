@@ -54,6 +54,18 @@ class Hooks:
     evaluate: Evaluate | None = None
 
 
+def curve_hook(name: str, score: Callable[[], dict[str, Any]]) -> Evaluate:
+    """An `evaluate` hook that appends {"step", **score()} to meta["curve"] (checkpointed with the trainer, so a
+    resumed phase keeps its curve) and logs the point: a phase's held-out step curve."""
+
+    def hook(step: int, meta: dict[str, Any]) -> None:
+        row = {"step": step, **score()}
+        meta.setdefault("curve", []).append(row)
+        print(f"[{name}] held-out @ step {step}: f1 {row['f1']:.2f} best_f1 {row['best_f1']:.2f}", file=sys.stderr)
+
+    return hook
+
+
 class Interrupted(SystemExit):
     """Training stopped by a signal after saving its state; the exit status is 128 + the signal number."""
 
