@@ -147,7 +147,7 @@ def exported_latency(
     args: argparse.Namespace, model_dir: Path, cfg: EncoderConfig, table: LatencyTable, budget_ms: float
 ) -> dict[str, Any]:
     """metrics.json's `latency` of a pruned checkpoint: its speedup over the teacher measured on the engine (both
-    built with their real weights, timed interleaved: engine.latency.measure_speedup) and the table's prediction
+    built with their real weights, timed interleaved: engine.latency_timer.measure_speedup) and the table's prediction
     for its shape `cfg` against the budget."""
     from engine.latency import measure_speedup
 
@@ -175,7 +175,7 @@ def meet_measured_latency(
     """Cut to the table's budget, measure the cut shape and the dense one on the engine, correct the budget, repeat.
 
     `choose(budget_ms)` returns (the cut, its shape, its table-predicted ms). Each round times both shapes
-    interleaved (engine.latency.EngineTimer, random weights: only the shape matters); the loop stops when the
+    interleaved (engine.latency_timer.EngineTimer, random weights: only the shape matters); the loop stops when the
     measured latency (or the paired speedup) is within --latency-tolerance of the target, or after
     --latency-iterations rounds (at least one). Returns the cut of the round closest to the target, and every round.
     """

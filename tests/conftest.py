@@ -202,7 +202,7 @@ def assert_same_tokens(hf, cpp, texts: list[str], check_bytes: bool = True) -> N
 
 
 def slow_pruned_timer(table, dense, slowdown: float = 1.15):
-    """(engine_ms, an `engine.latency.EngineTimer` stand-in): the "engine" runs every pruned shape `slowdown` x
+    """(engine_ms, an `engine.latency_timer.EngineTimer` stand-in): the "engine" runs every pruned shape `slowdown` x
     slower than `table` predicts and the dense shape exactly as predicted, so a measure-and-correct loop has a
     known miss to fix."""
 
