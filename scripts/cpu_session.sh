@@ -55,6 +55,8 @@ S2="$SN-obs2L-kd${KD_2X}s$((KD_N / 1024))k" S35="$SN-obs2L-kd${KD_35X}s$((KD_N /
 CURVE="KD_EVAL_EVERY=$((KD_35X / 8))"  # the 3.5x student's held-out step curve: 8 points, costed at 12 steps each
 SA="$SN-L-kd${KD_2X}s$((KD_N / 1024))k"  # the ablations of the 2x student's choice of units (no search, same refit)
 FROM_SN="TEACHER_RUN=$SN ${KD[*]}"  # the students' recipe from the -sn teacher
+# the 3.5x student cut iteratively: half of the 2x student's FLOPs (0.25 of the teacher's), distilled from the teacher
+ITER="TEACHER_RUN=fast-cpu-0.5-$S2 KD_TEACHER=$SN ${KD[*]}"
 SPEC_ENV="TEACHER_RUN=$SN REFIT=all FIT=ln KD_SAMPLES=$KD_N KD_STEPS=$KD_2X TAG=-$SA"  # theirs, on given units
 SN_STEPS=${SN_STEPS:-800}
 SLACK=${SLACK:-15}  # % over MINUTES the required stages may be estimated at and still run (the probe's error)
@@ -86,6 +88,8 @@ STAGES=(
   "eval-teacher|220|0|teacher|$R eval $TEACHER"
   "student-0.75|$((400 + KD_35X * 3 / 4 + 8 * 12))|0|teacher-sn|$FROM_SN KD_STEPS=$KD_35X $CURVE TAG=-$S35 $R fast 0.75"
   "eval-student-0.75|100|0|student-0.75|$R eval fast-cpu-0.75-$S35"
+  "student-0.75i|$((300 + KD_35X * 3 / 4 + 8 * 12))|0|student-0.5|$ITER KD_STEPS=$KD_35X $CURVE TAG=-of-$S2 $R fast 0.5"
+  "eval-student-0.75i|100|0|student-0.75i|$R eval fast-cpu-0.5-of-$S2"
   "nodistill-0.5|$((336 + KD_2X))|0|teacher-sn|$FROM_SN KD_STEPS=$KD_2X KD_WEIGHT=0 TAG=-$S2-ce $R fast 0.5"
   "eval-nodistill-0.5|150|0|nodistill-0.5|$R eval fast-cpu-0.5-$S2-ce"
   "importance-0.5|$((436 + KD_2X))|0|teacher-sn|$SPEC_ENV $R fast-importance 0.5"

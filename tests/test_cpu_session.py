@@ -88,12 +88,21 @@ def test_the_dry_run_names_real_stages_in_order(tmp_path: Path):
     # with the time for all of it: the ablations of the 2x student's units, on the same teacher and budget
     r = _session(tmp_path, "run", "600", RATE="0.9", SESSION_DRY="1")
     cmds = [line.removeprefix("would run: ") for line in r.stdout.splitlines() if line.startswith("would run: ")]
-    assert len(cmds) == 17
+    assert len(cmds) == 19
+    # the iterative 3.5x student: half of the 2x student's FLOPs, distilled from the -sn teacher, after the 2x one
+    s2 = "teacher-cpu-e1-sn2-obs2L-kd1024s32k"
+    it = [c for c in cmds if "KD_TEACHER=" in c]
+    assert len(it) == 1 and it[0].startswith(f"TEACHER_RUN=fast-cpu-0.5-{s2} KD_TEACHER=teacher-cpu-e1-sn2 ")
+    assert it[0].endswith(f"TAG=-of-{s2} scripts/reproduce_squad.sh fast 0.5") and "KD_STEPS=2048" in it[0]
+    assert cmds.index(it[0]) > next(
+        i for i, c in enumerate(cmds) if c.endswith(f"TAG=-{s2} scripts/reproduce_squad.sh fast 0.5")
+    )
+    assert f"scripts/reproduce_squad.sh eval fast-cpu-0.5-of-{s2}" in cmds
     spec_env = "TEACHER_RUN=teacher-cpu-e1-sn2 REFIT=all FIT=ln KD_SAMPLES=32768 KD_STEPS=1024"
     tag = "TAG=-teacher-cpu-e1-sn2-L-kd1024s32k"
     assert f"{spec_env} {tag} scripts/reproduce_squad.sh fast-importance 0.5" in cmds
     assert f"{spec_env} {tag} scripts/reproduce_squad.sh fast-random 0.5" in cmds
-    assert not any("SELECT" in c for c in cmds if "fast-" in c)  # --spec takes prune_fast's default selection
+    assert not any("SELECT" in c for c in cmds if " fast-" in c)  # --spec takes prune_fast's default selection
 
 
 def test_usage_errors(tmp_path: Path):
@@ -206,7 +215,9 @@ def test_outputs_already_there_are_not_redone(tmp_path: Path):
     assert plan["eval-student-0.5"][1] == "fits" and plan["teacher"][1] == "fits"
     r = _session(tmp_path, "run", "150", RATE="0.9", SESSION_DRY="1")
     cmds = [line.removeprefix("would run: ") for line in r.stdout.splitlines() if line.startswith("would run: ")]
-    assert not any(c.endswith("eval teacher-cpu-e1-sn2") or c.endswith("fast 0.5") and "-ce" not in c for c in cmds)
+    assert not any(
+        c.endswith(("eval teacher-cpu-e1-sn2", f"TAG=-{S2} scripts/reproduce_squad.sh fast 0.5")) for c in cmds
+    )
     assert any(c.endswith(f"eval fast-cpu-0.5-{S2}") for c in cmds)
     assert "student-0.5\tdone earlier" in (runs / "logs" / "session" / "times.tsv").read_text()
 

@@ -364,3 +364,69 @@ def test_cli_spec_keeps_exactly_the_given_units(tiny_bert, squad_train, tmp_path
     assert "--spec:" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # one target only
         main(_cli_args(tiny_bert, squad_train, tmp_path / "z", "--spec", str(spec), "--target-sparsity", "0.3"))
+
+
+@pytest.mark.slow
+def test_cli_iterative_pruning_distils_from_the_dense_teacher(tiny_bert, squad_train, tmp_path, capsys):
+    """--distill-teacher: a student cut from a dense teacher is cut again and distilled from the dense one (not from
+    itself): it ends closer to the dense teacher's span distributions than the cut alone, its losses are not those of
+    distilling from the student, and metrics.json counts FLOPs against both. A --distill-teacher of other dims, or
+    one without --distill-steps, is refused before anything is computed."""
+    from transformers import AutoTokenizer
+
+    from engine.checkpoint import save_checkpoint
+    from engine.features import WindowMaker, WindowSettings, load_tokenizer
+    from engine.finetune import prepare_data
+    from engine.flops import flop_sparsity
+    from engine.packing import unpack
+    from engine.prune_fast.cli import build_parser, main
+    from engine.prune_fast.stages import sample_features
+    from engine.train.losses import distill_loss
+    from tests.conftest import make_checkpoint
+
+    t = load_checkpoint(tiny_bert)  # a sharper QA head than random: something to distil (test_cli_distill_steps)
+    dense = tmp_path / "dense"
+    state = {**t.state, "qa.weight": t.state["qa.weight"] * 40}
+    save_checkpoint(dense, t.cfg, state, t.hf_config, tokenizer=AutoTokenizer.from_pretrained(str(tiny_bert)))
+    base = ["--refit", "none", "--no-teacher-eval"]
+    first = tmp_path / "first"
+    assert main(_cli_args(dense, squad_train, first, "--target-sparsity", "0.4", *base)) == 0
+    kd = ["--target-sparsity", "0.5", *base, "--distill-steps", "4", "--distill-lr", "3e-5"]
+    cut, from_dense, from_self = tmp_path / "cut", tmp_path / "from-dense", tmp_path / "from-self"
+    assert main(_cli_args(first, squad_train, cut, "--target-sparsity", "0.5", *base)) == 0
+    assert main(_cli_args(first, squad_train, from_dense, *kd, "--distill-teacher", str(dense))) == 0
+    assert main(_cli_args(first, squad_train, from_self, *kd, "--distill-teacher", str(first))) == 0
+
+    m = json.loads((from_dense / "metrics.json").read_text())
+    d, s = m["stages"]["distill"], json.loads((from_self / "metrics.json").read_text())["stages"]["distill"]
+    assert d["teacher"] == str(dense) and s["teacher"] == str(first) and d["steps"] == 4
+    assert d["loss_first"] != pytest.approx(s["loss_first"], rel=1e-3)  # other logits to match
+    a, b, dn = load_checkpoint(cut), load_checkpoint(from_dense), load_checkpoint(dense)
+    assert a.cfg == b.cfg and m["heads"] == list(b.cfg.heads)
+    info = m["distill_teacher"]
+    assert info["path"] == str(dense) and info["heads"] == list(dn.cfg.heads) and info["ffn"] == list(dn.cfg.ffn)
+    assert info["achieved_flop_sparsity"] == pytest.approx(flop_sparsity(b.cfg, dn.cfg, 384))
+    assert info["achieved_flop_sparsity"] > m["achieved_flop_sparsity"] > 0.3  # counted against the dense model too
+
+    args = build_parser().parse_args(_cli_args(first, squad_train, from_dense, *kd))
+    train, _, _ = prepare_data(args)
+    maker = WindowMaker(load_tokenizer(first), a.cfg.architecture, WindowSettings(96, 32, 24))
+    batch, _, _ = collate(sample_features(train, maker, 24, 0))
+
+    def logits(ck) -> list[torch.Tensor]:
+        model = RaggedQAModel(ck.cfg)
+        model.load_state_dict(ck.state)
+        with torch.no_grad():
+            out = model.eval()(batch.input_ids, batch.token_type_ids, batch.cu_seqlens, batch.max_seqlen)
+        return [unpack(x.float(), batch.cu_seqlens, batch.max_seqlen, fill=-1e4) for x in out[:2]]
+
+    ref = logits(dn)
+    kl = [float(distill_loss(*logits(ck), *ref, temperature=2.0)) for ck in (a, b)]
+    assert kl[1] < kl[0], kl
+
+    other = make_checkpoint(tmp_path / "other", "bert", head_dim=4)  # another hidden size, same tokenizer
+    assert main(_cli_args(first, squad_train, tmp_path / "x", *kd, "--distill-teacher", str(other))) == 2
+    assert "not the same kind of model" in capsys.readouterr().err and not (tmp_path / "x" / "state").exists()
+    with pytest.raises(SystemExit):
+        main(_cli_args(first, squad_train, tmp_path / "y", "--target-sparsity", "0.5", "--distill-teacher", str(dense)))
+    assert "--distill-teacher" in capsys.readouterr().err

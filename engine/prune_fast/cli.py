@@ -20,11 +20,12 @@ then the scales are folded into `o.weight` / `ffn_out.weight` columns, and (Spar
 SparseQA's reconstruction-aware options (engine/prune_fast/obs.py): --scores obs has the search rank units by what a
 least-squares refit leaves of their removal (a stage between 1 and 2); --select obs replaces stages 3-5 by choosing
 each layer's heads and units greedily by that refit's error, refitting as it goes. --distill-steps N (off by
-default) then trains the cut model for N steps of logit distillation from the dense teacher on the same windows
-(or on --distill-samples of them): only its biases and LayerNorms (--distill-params bias-ln) or every weight (all);
-the shape stays. The stored null threshold comes from held-out data: by default the one at which the student
-abstains as often as the teacher (--threshold-rule teacher-rate). OUT gets a ragged checkpoint and metrics.json
-(docs/PRUNING.md).
+default) then trains the cut model for N steps of logit distillation from the dense teacher on the same windows (or
+on --distill-samples of them): only its biases and LayerNorms (--distill-params bias-ln) or every weight (all); the
+shape stays. With --distill-teacher DENSE, --teacher may be a student already cut from DENSE (iterative pruning): it
+is scored, searched and refitted as above, then distilled from DENSE. The stored null threshold comes from held-out
+data: by default the one at which the student abstains as often as the teacher (--threshold-rule teacher-rate). OUT
+gets a ragged checkpoint and metrics.json (docs/PRUNING.md).
 """
 
 from __future__ import annotations
@@ -182,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--distill-temperature", type=float, default=2.0, help="KD temperature of --distill-steps")
     ap.add_argument(
+        "--distill-teacher",
+        type=Path,
+        help="distil from this checkpoint instead of --teacher: iterative pruning, where --teacher is a student "
+        "already pruned from it (same tokenizer and dims; --target-sparsity counts against --teacher's FLOPs)",
+    )
+    ap.add_argument(
         "--distill-eval-every",
         type=int,
         default=0,
@@ -278,14 +285,18 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise FileExistsError(f"{out} is not empty; pass --resume to continue that run or choose another --out")
-    store = StageStore(out / "state")
-    _check_resume(store, args)
     teacher_ck = load_checkpoint(args.teacher)
     dense = teacher_ck.cfg
     if teacher_ck.qa_head_initialised:
         print(
             "warning: the teacher has no trained QA head (a bare encoder); its scores are meaningless", file=sys.stderr
         )
+    # checked before anything is read, computed or written
+    source_ck = (
+        None if args.distill_teacher is None else load_distill_teacher(args.distill_teacher, args.teacher, dense)
+    )
+    store = StageStore(out / "state")
+    _check_resume(store, args)
     settings = WindowSettings(args.max_seq_length, args.doc_stride, args.max_query_length)
     settings.validate(dense.architecture, dense.max_position_embeddings)
     maker = WindowMaker(load_tokenizer(args.teacher), dense.architecture, settings)
@@ -328,8 +339,21 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
     def held_out(student: RaggedQAModel) -> dict[str, Any]:  # a distillation curve point (on the CPU)
         return metrics_row(evaluate_model(student.eval(), evals, maker, progress=False))
 
+    source, source_cfg = model, dense
+    if source_ck is not None:
+        source, source_cfg = RaggedQAModel(source_ck.cfg), source_ck.cfg
+        source.load_state_dict(source_ck.state)
+        source.eval()
     state, stages["distill"] = stage_distill(
-        store, args, model, (cfg, state), pool, settings, progress, held_out if args.distill_eval_every else None
+        store,
+        args,
+        source,
+        (cfg, state),
+        pool,
+        settings,
+        progress,
+        held_out if args.distill_eval_every else None,
+        args.distill_teacher,
     )
     prune_time = sum(s["time_s"] for s in stages.values())
     prune_cpu = sum(s["cpu_s"] for s in stages.values())
@@ -353,6 +377,14 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
         "teacher": metrics_row(res_t) if res_t else None,
         "student": metrics_row(res_s),
         "f1_loss": res_t["at_zero"]["f1"] - res_s["at_zero"]["f1"] if res_t else None,
+        "distill_teacher": None
+        if args.distill_teacher is None
+        else {
+            "path": str(args.distill_teacher),
+            "heads": list(source_cfg.heads),
+            "ffn": list(source_cfg.ffn),
+            "achieved_flop_sparsity": flop_sparsity(cfg, source_cfg, args.flops_seq_len),
+        },
         "stages": stages,
         "prune_time_s": prune_time,
         "prune_cpu_s": prune_cpu,
@@ -370,6 +402,24 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
     metrics["args"] = store.json("run.json")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def load_distill_teacher(path: Path, pruned: Path, pruned_cfg: EncoderConfig) -> Any:
+    """The --distill-teacher checkpoint, refused unless it shares the pruned model's dims (all but the shape) and
+    tokenizer vocabulary: the student's windows are fed to it as they are."""
+    from transformers import AutoTokenizer
+
+    ck = load_checkpoint(path)
+    if ck.cfg != pruned_cfg.with_shape(ck.cfg.heads, ck.cfg.ffn):
+        raise ValueError(
+            f"--distill-teacher {path} is not the same kind of model as --teacher {pruned} "
+            f"(they may differ in per-layer heads and FFN widths only)"
+        )
+    if ck.qa_head_initialised:
+        raise ValueError(f"--distill-teacher {path} has no trained QA head: there is nothing to distil from it")
+    if AutoTokenizer.from_pretrained(str(path)).get_vocab() != AutoTokenizer.from_pretrained(str(pruned)).get_vocab():
+        raise ValueError(f"--distill-teacher {path} has another tokenizer vocabulary than --teacher {pruned}")
+    return ck
 
 
 def spec_masks(spec: PruneSpec, cfg: EncoderConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -426,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         args.distill_lr = DISTILL_LR[args.distill_params]
     if args.distill_steps < 0 or args.distill_lr <= 0 or not 0 <= args.distill_weight <= 1:
         ap.error("--distill-steps must be >= 0, --distill-lr > 0 and --distill-weight in [0, 1]")
+    if args.distill_teacher is not None and not args.distill_steps:
+        ap.error("--distill-teacher is what --distill-steps distils from: give --distill-steps N too")
     if args.distill_eval_every < 0 or (args.distill_eval_every and not args.distill_steps):
         ap.error(f"--distill-eval-every takes N >= 1 with --distill-steps; got {args.distill_eval_every}")
     if args.threshold_rule is None:

@@ -410,6 +410,7 @@ def stage_distill(
     settings: WindowSettings,
     progress: bool,
     held_out: Callable[[RaggedQAModel], dict[str, Any]] | None = None,
+    teacher_dir: Path | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """--distill-steps N (SparseQA's, off by default): N optimizer steps of logit distillation from the dense
     teacher on the first --distill-samples (default --samples) windows of the pool, through the one training loop
@@ -420,7 +421,8 @@ def stage_distill(
     teacher run live on every step (live; `auto` on a GPU, where it goes for the stage and comes back). `pruned` is
     the cut model's (config, state); the shape does not change. The result is saved, so a resumed run reuses it.
     `held_out` (with --distill-eval-every N) scores a CPU copy of the student every N steps and at the last one; the
-    rows, kept in the trainer's checkpointed meta, are the stage's "curve"."""
+    rows, kept in the trainer's checkpointed meta, are the stage's "curve". `teacher` is the model distilled from:
+    the pruned one, or the --distill-teacher checkpoint `teacher_dir` (iterative pruning)."""
     cfg, state = pruned
     if not args.distill_steps:
         return state, {"skipped": True, "time_s": 0.0, "cpu_s": 0.0}
@@ -456,7 +458,7 @@ def stage_distill(
             progress=progress,
         )
         feats = pool[: args.distill_samples or args.samples]
-        source = teacher_source(args, settings, feats, device, lambda: teacher.to(device), args.threads)
+        source = teacher_source(args, settings, feats, device, lambda: teacher.to(device), args.threads, teacher_dir)
 
         def score() -> dict[str, Any]:  # a CPU copy of the student (load_state_dict copies across devices)
             copy = RaggedQAModel(cfg)
@@ -490,6 +492,7 @@ def stage_distill(
             "device": str(device),
             "precision": tc.precision.value,
             "teacher_logits": type(source).__name__,
+            "teacher": str(teacher_dir or args.teacher),
             "loss_first": losses[0] if losses else None,
             "loss_last": sum(losses[-8:]) / len(losses[-8:]) if losses else None,
             "time_s": time.monotonic() - t0,

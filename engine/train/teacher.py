@@ -73,15 +73,23 @@ def teacher_source(
     device: torch.device,
     live: Callable[[], nn.Module],
     threads: int | None = None,
+    teacher_dir: Path | None = None,
 ) -> TeacherSource:
     """What the add_teacher_logits_args flags (and --teacher, --out, --no-progress, --hidden-weight) ask for on
-    `device`: the teacher module `live()` builds, run on every step, or its logits for `features` from the cache."""
+    `device`: the teacher module `live()` builds, run on every step, or its logits for `features` from the cache.
+    `teacher_dir`: the checkpoint `live()` loads, if not --teacher (the cache is keyed by it)."""
     choice = args.teacher_logits
     if choice == "live" or (choice == "auto" and device.type == "cuda") or getattr(args, "hidden_weight", 0) > 0:
         return LiveTeacher(live())
     cache = args.teacher_cache or Path(args.out).resolve().parent / "teacher-logits"
     return cached_teacher(
-        args.teacher, settings, features, cache, args.teacher_precision, threads=threads, progress=not args.no_progress
+        teacher_dir or args.teacher,
+        settings,
+        features,
+        cache,
+        args.teacher_precision,
+        threads=threads,
+        progress=not args.no_progress,
     )
 
 
