@@ -111,7 +111,7 @@ def test_cli_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, capsys):
     from engine.data.predict import evaluate_model
     from engine.features import WindowMaker, load_tokenizer
     from engine.finetune import prepare_data
-    from engine.prune_fast.cli import build_parser
+    from engine.prune_fast.args import build_parser
 
     args = _cli_args(tiny_bert, squad_train, out, "--target-sparsity", "0.3", "--save-stages", "--resume")
     _, evals, _ = prepare_data(build_parser().parse_args(args))
@@ -194,7 +194,8 @@ def test_cli_distill_steps(tiny_bert, squad_train, tmp_path, what, device):
     from engine.features import WindowMaker, WindowSettings, load_tokenizer
     from engine.finetune import prepare_data
     from engine.packing import unpack
-    from engine.prune_fast.cli import build_parser, main
+    from engine.prune_fast.args import build_parser
+    from engine.prune_fast.cli import main
     from engine.prune_fast.stages import sample_features
     from engine.train.losses import distill_loss
 
@@ -379,7 +380,8 @@ def test_cli_iterative_pruning_distils_from_the_dense_teacher(tiny_bert, squad_t
     from engine.finetune import prepare_data
     from engine.flops import flop_sparsity
     from engine.packing import unpack
-    from engine.prune_fast.cli import build_parser, main
+    from engine.prune_fast.args import build_parser
+    from engine.prune_fast.cli import main
     from engine.prune_fast.stages import sample_features
     from engine.train.losses import distill_loss
     from tests.conftest import make_checkpoint
