@@ -137,7 +137,8 @@ json.dump({'layers': [{}] * load_checkpoint(sys.argv[1]).cfg.num_layers}, open(s
 # KD_LR, KD_WEIGHT, KD_SAMPLES, KD_EVAL_EVERY: its --distill-steps, --distill-params, --distill-lr, --distill-weight,
 # --distill-samples, --distill-eval-every (the held-out step curve) (unset: the CLI's defaults;
 # the -kd64allw1 rows: KD_STEPS=64 KD_PARAMS=all KD_LR=5e-5 KD_WEIGHT=1, which are those defaults); KD_TEACHER, a
-# run under $RUNS: its --distill-teacher (iterative pruning: TEACHER_RUN is then a student cut from KD_TEACHER)
+# run under $RUNS: its --distill-teacher (iterative pruning: TEACHER_RUN is then a student cut from KD_TEACHER);
+# KD_HIDDEN: its --distill-hidden-weight (layer distillation, the teacher live)
 KD=()
 [ -z "${KD_STEPS:-}" ] || KD+=(--distill-steps "$KD_STEPS")
 [ -z "${KD_PARAMS:-}" ] || KD+=(--distill-params "$KD_PARAMS")
@@ -146,6 +147,7 @@ KD=()
 [ -z "${KD_SAMPLES:-}" ] || KD+=(--distill-samples "$KD_SAMPLES")
 [ -z "${KD_EVAL_EVERY:-}" ] || KD+=(--distill-eval-every "$KD_EVAL_EVERY")
 [ -z "${KD_TEACHER:-}" ] || KD+=(--distill-teacher "$RUNS/$KD_TEACHER")
+[ -z "${KD_HIDDEN:-}" ] || KD+=(--distill-hidden-weight "$KD_HIDDEN")
 # THR: its --threshold-rule (unset: the CLI's default, teacher-rate; the GEN=cpu rows recorded before the
 # -s8k/-s16k rows of docs/PRUNING.md used heldout: THR=heldout reproduces their stored thresholds)
 [ -z "${THR:-}" ] || KD+=(--threshold-rule "$THR")

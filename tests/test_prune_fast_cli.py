@@ -432,3 +432,53 @@ def test_cli_iterative_pruning_distils_from_the_dense_teacher(tiny_bert, squad_t
     with pytest.raises(SystemExit):
         main(_cli_args(first, squad_train, tmp_path / "y", "--target-sparsity", "0.5", "--distill-teacher", str(dense)))
     assert "--distill-teacher" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_distill_hidden_weight_matches_layer_outputs(tiny_bert, squad_train, tmp_path, capsys):
+    """--distill-hidden-weight adds the layer-output MSE to the distillation (the teacher run live for its layer
+    outputs): the student's layer outputs end closer to the teacher's than after the same steps of logits alone.
+    Refused without --distill-steps, below 0, or with --teacher-logits cached (no layer outputs in the cache)."""
+    from engine.features import WindowMaker, WindowSettings, load_tokenizer
+    from engine.finetune import prepare_data
+    from engine.prune_fast.args import build_parser
+    from engine.prune_fast.cli import main
+    from engine.prune_fast.stages import sample_features
+
+    base = ["--target-sparsity", "0.5", "--refit", "none", "--no-teacher-eval", "--distill-steps", "6"]
+    base += ["--distill-lr", "1e-3", "--distill-params", "all"]
+    logits_only, layers = tmp_path / "logits", tmp_path / "layers"
+    assert main(_cli_args(tiny_bert, squad_train, logits_only, *base)) == 0
+    assert main(_cli_args(tiny_bert, squad_train, layers, *base, "--distill-hidden-weight", "50")) == 0
+    d = json.loads((layers / "metrics.json").read_text())["stages"]["distill"]
+    assert d["teacher_logits"] == "LiveTeacher" and d["hidden_weight"] == 50
+    assert json.loads((logits_only / "metrics.json").read_text())["stages"]["distill"]["hidden_weight"] == 0
+
+    args = build_parser().parse_args(_cli_args(tiny_bert, squad_train, layers, *base))
+    train, _, _ = prepare_data(args)
+    t = load_checkpoint(tiny_bert)
+    maker = WindowMaker(load_tokenizer(tiny_bert), t.cfg.architecture, WindowSettings(96, 32, 24))
+    batch, _, _ = collate(sample_features(train, maker, 24, 0))
+
+    def hiddens(ck) -> list[torch.Tensor]:
+        model = RaggedQAModel(ck.cfg)
+        model.load_state_dict(ck.state)
+        with torch.no_grad():
+            out = model.eval()(batch.input_ids, batch.token_type_ids, batch.cu_seqlens, batch.max_seqlen, True)
+        return out[2]
+
+    ref = hiddens(t)
+    mse = [
+        sum(float(((h - r) ** 2).mean()) for h, r in zip(hiddens(load_checkpoint(run)), ref))
+        for run in (logits_only, layers)
+    ]
+    assert mse[1] < 0.9 * mse[0], mse  # by a margin: not the rounding between cached and live logits
+
+    for extra, msg in (
+        (["--target-sparsity", "0.5", "--distill-hidden-weight", "1"], "--distill-hidden-weight"),
+        ([*base, "--distill-hidden-weight", "-1"], "--distill-hidden-weight"),
+        ([*base, "--distill-hidden-weight", "1", "--teacher-logits", "cached"], "--teacher-logits live"),
+    ):
+        with pytest.raises(SystemExit):
+            main(_cli_args(tiny_bert, squad_train, tmp_path / "bad", *extra))
+        assert msg in capsys.readouterr().err

@@ -154,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--distill-temperature", type=float, default=2.0, help="KD temperature of --distill-steps")
     ap.add_argument(
+        "--distill-hidden-weight",
+        dest="hidden_weight",
+        type=float,
+        default=0.0,
+        help="weight of a layer-by-layer MSE between the student's and the teacher's layer outputs, added to the "
+        "logit loss of --distill-steps (TinyBERT/CoFi's layer distillation; the cut keeps the hidden size, so layer "
+        "l matches layer l); > 0 runs the teacher live on every step (default 0: logits only)",
+    )
+    ap.add_argument(
         "--distill-teacher",
         type=Path,
         help="distil from this checkpoint instead of --teacher: iterative pruning, where --teacher is a student "
@@ -247,6 +256,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.distill_lr = DISTILL_LR[args.distill_params]
     if args.distill_steps < 0 or args.distill_lr <= 0 or not 0 <= args.distill_weight <= 1:
         ap.error("--distill-steps must be >= 0, --distill-lr > 0 and --distill-weight in [0, 1]")
+    if args.hidden_weight < 0 or (args.hidden_weight and not args.distill_steps):
+        ap.error(f"--distill-hidden-weight takes w >= 0 with --distill-steps; got {args.hidden_weight}")
+    if args.hidden_weight and args.teacher_logits == "cached":
+        ap.error("--distill-hidden-weight needs the teacher's layer outputs: --teacher-logits live or auto")
     if args.distill_teacher is not None and not args.distill_steps:
         ap.error("--distill-teacher is what --distill-steps distils from: give --distill-steps N too")
     if args.distill_eval_every < 0 or (args.distill_eval_every and not args.distill_steps):

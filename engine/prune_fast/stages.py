@@ -472,7 +472,7 @@ def stage_distill(
             [ParamGroup("distilled", tuple(params), args.distill_lr)],
             store.root / "distill",
             teacher=source,
-            distill=DistillConfig(weight=args.distill_weight, temperature=args.distill_temperature),
+            distill=DistillConfig(args.distill_weight, args.distill_temperature, args.hidden_weight),
             dist=Dist(device=device),
             hooks=Hooks(evaluate=curve_hook("distill", score) if held_out else None),
         )
@@ -489,6 +489,7 @@ def stage_distill(
             "windows": meta["windows"],
             "samples": len(feats),
             "lr": args.distill_lr,
+            "hidden_weight": args.hidden_weight,
             "device": str(device),
             "precision": tc.precision.value,
             "teacher_logits": type(source).__name__,
