@@ -44,6 +44,36 @@ def _cli_args(teacher: Path, train: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+def _pool_batch(model: Path, argv: list[str]):
+    """The first 24 pruning windows of a run with these arguments (its seeded pool), packed into one batch."""
+    from engine.features import WindowMaker, WindowSettings, load_tokenizer
+    from engine.finetune import prepare_data
+    from engine.prune_fast.args import build_parser
+    from engine.prune_fast.stages import sample_features
+
+    train, _, _ = prepare_data(build_parser().parse_args(argv))
+    maker = WindowMaker(load_tokenizer(model), load_checkpoint(model).cfg.architecture, WindowSettings(96, 32, 24))
+    return collate(sample_features(train, maker, 24, 0))[0]
+
+
+def _outputs(ck, batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A checkpoint's span logits (unpacked `[B, S]`, padding at -1e4) and layer outputs on `batch`."""
+    from engine.packing import unpack
+
+    model = RaggedQAModel(ck.cfg)
+    model.load_state_dict(ck.state)
+    with torch.no_grad():
+        out = model.eval()(batch.input_ids, batch.token_type_ids, batch.cu_seqlens, batch.max_seqlen, True)
+    return [unpack(x.float(), batch.cu_seqlens, batch.max_seqlen, fill=-1e4) for x in out[:2]], out[2]
+
+
+def _kl_to(ref, *logits) -> list[float]:
+    """The distillation loss (T = 2) of each pair of span logits against the pair `ref`."""
+    from engine.train.losses import distill_loss
+
+    return [float(distill_loss(*pair, *ref, temperature=2.0)) for pair in logits]
+
+
 @pytest.mark.slow
 def test_cli_end_to_end_and_resume(tiny_bert, squad_train, tmp_path, capsys):
     from engine.build_model import build
@@ -191,13 +221,7 @@ def test_cli_distill_steps(tiny_bert, squad_train, tmp_path, what, device):
     from transformers import AutoTokenizer
 
     from engine.checkpoint import save_checkpoint
-    from engine.features import WindowMaker, WindowSettings, load_tokenizer
-    from engine.finetune import prepare_data
-    from engine.packing import unpack
-    from engine.prune_fast.args import build_parser
     from engine.prune_fast.cli import main
-    from engine.prune_fast.stages import sample_features
-    from engine.train.losses import distill_loss
 
     # The random tiny teacher's span logits are nearly flat; a sharper QA head gives distillation something to match.
     t = load_checkpoint(tiny_bert)
@@ -249,20 +273,8 @@ def test_cli_distill_steps(tiny_bert, squad_train, tmp_path, what, device):
     else:
         assert any(a.state[k].dim() == 2 for k in changed)
 
-    args = build_parser().parse_args(_cli_args(sharp, squad_train, kd, *base, *extra))
-    train, _, _ = prepare_data(args)
-    maker = WindowMaker(load_tokenizer(sharp), a.cfg.architecture, WindowSettings(96, 32, 24))
-    batch, _, _ = collate(sample_features(train, maker, 24, 0))
-
-    def logits(ck) -> list[torch.Tensor]:
-        model = RaggedQAModel(ck.cfg)
-        model.load_state_dict(ck.state)
-        with torch.no_grad():
-            out = model.eval()(batch.input_ids, batch.token_type_ids, batch.cu_seqlens, batch.max_seqlen)
-        return [unpack(x.float(), batch.cu_seqlens, batch.max_seqlen, fill=-1e4) for x in out[:2]]
-
-    ref = logits(t)
-    kl = [float(distill_loss(*logits(ck), *ref, temperature=2.0)) for ck in (a, b)]
+    batch = _pool_batch(sharp, _cli_args(sharp, squad_train, kd, *base, *extra))
+    kl = _kl_to(_outputs(t, batch)[0], _outputs(a, batch)[0], _outputs(b, batch)[0])
     assert kl[1] < kl[0], kl
 
     weights = (kd / "model.safetensors").read_bytes()
@@ -376,14 +388,8 @@ def test_cli_iterative_pruning_distils_from_the_dense_teacher(tiny_bert, squad_t
     from transformers import AutoTokenizer
 
     from engine.checkpoint import save_checkpoint
-    from engine.features import WindowMaker, WindowSettings, load_tokenizer
-    from engine.finetune import prepare_data
     from engine.flops import flop_sparsity
-    from engine.packing import unpack
-    from engine.prune_fast.args import build_parser
     from engine.prune_fast.cli import main
-    from engine.prune_fast.stages import sample_features
-    from engine.train.losses import distill_loss
     from tests.conftest import make_checkpoint
 
     t = load_checkpoint(tiny_bert)  # a sharper QA head than random: something to distil (test_cli_distill_steps)
@@ -410,20 +416,8 @@ def test_cli_iterative_pruning_distils_from_the_dense_teacher(tiny_bert, squad_t
     assert info["achieved_flop_sparsity"] == pytest.approx(flop_sparsity(b.cfg, dn.cfg, 384))
     assert info["achieved_flop_sparsity"] > m["achieved_flop_sparsity"] > 0.3  # counted against the dense model too
 
-    args = build_parser().parse_args(_cli_args(first, squad_train, from_dense, *kd))
-    train, _, _ = prepare_data(args)
-    maker = WindowMaker(load_tokenizer(first), a.cfg.architecture, WindowSettings(96, 32, 24))
-    batch, _, _ = collate(sample_features(train, maker, 24, 0))
-
-    def logits(ck) -> list[torch.Tensor]:
-        model = RaggedQAModel(ck.cfg)
-        model.load_state_dict(ck.state)
-        with torch.no_grad():
-            out = model.eval()(batch.input_ids, batch.token_type_ids, batch.cu_seqlens, batch.max_seqlen)
-        return [unpack(x.float(), batch.cu_seqlens, batch.max_seqlen, fill=-1e4) for x in out[:2]]
-
-    ref = logits(dn)
-    kl = [float(distill_loss(*logits(ck), *ref, temperature=2.0)) for ck in (a, b)]
+    batch = _pool_batch(first, _cli_args(first, squad_train, from_dense, *kd))
+    kl = _kl_to(_outputs(dn, batch)[0], _outputs(a, batch)[0], _outputs(b, batch)[0])
     assert kl[1] < kl[0], kl
 
     other = make_checkpoint(tmp_path / "other", "bert", head_dim=4)  # another hidden size, same tokenizer
@@ -439,11 +433,7 @@ def test_cli_distill_hidden_weight_matches_layer_outputs(tiny_bert, squad_train,
     """--distill-hidden-weight adds the layer-output MSE to the distillation (the teacher run live for its layer
     outputs): the student's layer outputs end closer to the teacher's than after the same steps of logits alone.
     Refused without --distill-steps, below 0, or with --teacher-logits cached (no layer outputs in the cache)."""
-    from engine.features import WindowMaker, WindowSettings, load_tokenizer
-    from engine.finetune import prepare_data
-    from engine.prune_fast.args import build_parser
     from engine.prune_fast.cli import main
-    from engine.prune_fast.stages import sample_features
 
     base = ["--target-sparsity", "0.5", "--refit", "none", "--no-teacher-eval", "--distill-steps", "6"]
     base += ["--distill-lr", "1e-3", "--distill-params", "all"]
@@ -454,22 +444,10 @@ def test_cli_distill_hidden_weight_matches_layer_outputs(tiny_bert, squad_train,
     assert d["teacher_logits"] == "LiveTeacher" and d["hidden_weight"] == 50
     assert json.loads((logits_only / "metrics.json").read_text())["stages"]["distill"]["hidden_weight"] == 0
 
-    args = build_parser().parse_args(_cli_args(tiny_bert, squad_train, layers, *base))
-    train, _, _ = prepare_data(args)
-    t = load_checkpoint(tiny_bert)
-    maker = WindowMaker(load_tokenizer(tiny_bert), t.cfg.architecture, WindowSettings(96, 32, 24))
-    batch, _, _ = collate(sample_features(train, maker, 24, 0))
-
-    def hiddens(ck) -> list[torch.Tensor]:
-        model = RaggedQAModel(ck.cfg)
-        model.load_state_dict(ck.state)
-        with torch.no_grad():
-            out = model.eval()(batch.input_ids, batch.token_type_ids, batch.cu_seqlens, batch.max_seqlen, True)
-        return out[2]
-
-    ref = hiddens(t)
+    batch = _pool_batch(tiny_bert, _cli_args(tiny_bert, squad_train, layers, *base))
+    ref = _outputs(load_checkpoint(tiny_bert), batch)[1]
     mse = [
-        sum(float(((h - r) ** 2).mean()) for h, r in zip(hiddens(load_checkpoint(run)), ref))
+        sum(float(((h - r) ** 2).mean()) for h, r in zip(_outputs(load_checkpoint(run), batch)[1], ref))
         for run in (logits_only, layers)
     ]
     assert mse[1] < 0.9 * mse[0], mse  # by a margin: not the rounding between cached and live logits
