@@ -37,7 +37,9 @@ GROUPS = (
         "default model would ship (fp16 weights, int8 word embeddings); `-ce`: the same structure distilled with the "
         "span CE alone (`--distill-weight 0`); `importance-cpu-0.5-*`, `random-cpu-0.5-*`: the units of "
         "engine.make_spec `--by importance` / `--by random` at 50%, then the same refit and distillation "
-        "(`prune_fast --spec`). Scored on the 2-core CPU (cpp backend), or on the GPU where the chain ran there.",
+        "(`prune_fast --spec`); `fast-cpu-0.5-of-RUN`: half of the 2x student RUN's FLOPs cut again (0.25 of the "
+        "teacher's) and distilled from the teacher (`prune_fast --distill-teacher`: iterative pruning). Scored on "
+        "the 2-core CPU (cpp backend), or on the GPU where the chain ran there.",
         (
             (
                 "distillation vs span CE alone (same units, 1,024 steps)",
@@ -53,6 +55,11 @@ GROUPS = (
                 "prune_fast's units vs random heads and units (same refit and distillation)",
                 "fast-cpu-0.5-teacher-cpu-e1-sn2-obs2L-kd1024s32k",
                 "random-cpu-0.5-teacher-cpu-e1-sn2-L-kd1024s32k",
+            ),
+            (
+                "3.5x: cut from the 2x student (iterative) vs cut once (2,048 steps each)",
+                "fast-cpu-0.5-of-teacher-cpu-e1-sn2-obs2L-kd2048s32k",
+                "fast-cpu-0.75-teacher-cpu-e1-sn2-obs2L-kd2048s32k",
             ),
         ),
         ablation_heading="What prune_fast's choice of units and distillation buy (same teacher, target and budget)",
