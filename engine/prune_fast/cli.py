@@ -92,9 +92,12 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
         print(
             "warning: the teacher has no trained QA head (a bare encoder); its scores are meaningless", file=sys.stderr
         )
+    tokenizer = AutoTokenizer.from_pretrained(str(args.teacher))
     # checked before anything is read, computed or written
     source_ck = (
-        None if args.distill_teacher is None else load_distill_teacher(args.distill_teacher, args.teacher, dense)
+        None
+        if args.distill_teacher is None
+        else load_distill_teacher(args.distill_teacher, args.teacher, dense, tokenizer)
     )
     store = StageStore(out / "state")
     _check_resume(store, args)
@@ -110,7 +113,6 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
     model = RaggedQAModel(dense)
     model.load_state_dict(teacher_ck.state)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(args.teacher))
 
     stages: dict[str, Any]
     if args.spec is not None:  # the units are given: no scores, no search, no rearrangement
@@ -140,9 +142,9 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
     def held_out(student: RaggedQAModel) -> dict[str, Any]:  # a distillation curve point (on the CPU)
         return metrics_row(evaluate_model(student.eval(), evals, maker, progress=False))
 
-    source, source_cfg = model, dense
+    source = model
     if source_ck is not None:
-        source, source_cfg = RaggedQAModel(source_ck.cfg), source_ck.cfg
+        source = RaggedQAModel(source_ck.cfg)
         source.load_state_dict(source_ck.state)
         source.eval()
     state, stages["distill"] = stage_distill(
@@ -182,9 +184,9 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
         if args.distill_teacher is None
         else {
             "path": str(args.distill_teacher),
-            "heads": list(source_cfg.heads),
-            "ffn": list(source_cfg.ffn),
-            "achieved_flop_sparsity": flop_sparsity(cfg, source_cfg, args.flops_seq_len),
+            "heads": list(source.cfg.heads),
+            "ffn": list(source.cfg.ffn),
+            "achieved_flop_sparsity": flop_sparsity(cfg, source.cfg, args.flops_seq_len),
         },
         "stages": stages,
         "prune_time_s": prune_time,
@@ -205,7 +207,7 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
-def load_distill_teacher(path: Path, pruned: Path, pruned_cfg: EncoderConfig) -> Any:
+def load_distill_teacher(path: Path, pruned: Path, pruned_cfg: EncoderConfig, pruned_tokenizer: Any) -> Any:
     """The --distill-teacher checkpoint, refused unless it shares the pruned model's dims (all but the shape) and
     tokenizer vocabulary: the student's windows are fed to it as they are."""
     from transformers import AutoTokenizer
@@ -218,7 +220,7 @@ def load_distill_teacher(path: Path, pruned: Path, pruned_cfg: EncoderConfig) ->
         )
     if ck.qa_head_initialised:
         raise ValueError(f"--distill-teacher {path} has no trained QA head: there is nothing to distil from it")
-    if AutoTokenizer.from_pretrained(str(path)).get_vocab() != AutoTokenizer.from_pretrained(str(pruned)).get_vocab():
+    if AutoTokenizer.from_pretrained(str(path)).get_vocab() != pruned_tokenizer.get_vocab():
         raise ValueError(f"--distill-teacher {path} has another tokenizer vocabulary than --teacher {pruned}")
     return ck
 
