@@ -38,7 +38,9 @@ GROUPS = (
         "span CE alone (`--distill-weight 0`); `importance-cpu-0.5-*`, `random-cpu-0.5-*`: the units of "
         "engine.make_spec `--by importance` / `--by random` at 50%, then the same refit and distillation "
         "(`prune_fast --spec`); `fast-cpu-0.5-of-RUN`: half of the 2x student RUN's FLOPs cut again (0.25 of the "
-        "teacher's) and distilled from the teacher (`prune_fast --distill-teacher`: iterative pruning). Scored on "
+        "teacher's) and distilled from the teacher (`prune_fast --distill-teacher`: iterative pruning); "
+        "`fast-cpu-T-teacher-cpu-e1-obs2L-kdNs16k`: the same recipe cut from `teacher-cpu-e1` itself, with no "
+        "question-edit round (`SN_STEPS=0`), on 16,384 windows, and judged against that teacher. Scored on "
         "the 2-core CPU (cpp backend), or on the GPU where the chain ran there.",
         (
             (

@@ -144,10 +144,15 @@ _TEACHER_ROW = re.compile(r"teacher(?:-(?!(?:fp16|float16|bfloat16|int8)$)[a-z0-
 
 def own_teacher(points: list[dict[str, Any]], p: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
     """The teacher row `p` was last distilled from: a round distilled from `teacher-X` adds `+X` to the run's name
-    (`l0-v3-0.52+400+400+v3c+400+v3s-fp16`: teacher-v3s), else the group's teacher `default`."""
+    (`l0-v3-0.52+400+400+v3c+400+v3s-fp16`: teacher-v3s); else the longest teacher row the name holds between
+    dashes (`fast-cpu-0.5-teacher-cpu-e1-obs2L-kd1024s16k`: teacher-cpu-e1, not the group's teacher-cpu-e1-sn2);
+    else the group's teacher `default`."""
     teachers = {q["name"]: q for q in points if _TEACHER_ROW.fullmatch(q["name"])}
     tags = [t for t in re.findall(r"\+([a-z]\w*)(?=$|[-+])", p["name"]) if f"teacher-{t}" in teachers]
-    return teachers[f"teacher-{tags[-1]}"] if tags else default
+    if tags:
+        return teachers[f"teacher-{tags[-1]}"]
+    named = [n for n in teachers if f"-{n}-" in f"{p['name']}-"]
+    return teachers[max(named, key=len)] if named else default
 
 
 def f1_loss_table(points: list[dict[str, Any]], teacher: str) -> str:

@@ -34,8 +34,8 @@
 # On a CPU without native bf16 the teacher alone takes hours. A teacher run that already has checkpoints under $RUNS
 # (an earlier session's, where they survived) is costed from its newest one, where it resumes.
 # Knobs: SN_LR (2e-5), SN_STEPS (800), SWAP_SHARE / ANTONYM_SHARE / NEGATION_SHARE (0.3 / 0.1 / 0.1) for the -sn
-# round; SN_TAG (-sn2) names it; E1_STEPS (4463), KD_2X / KD_35X (1024 / 2048 distillation steps), KD_N (32768
-# windows); RESULTS_DIR (bench/results/cpu-e1; its folder must be named cpu-e1). SESSION_DRY=1 prints each stage's
+# round (0: no round, the students are cut from teacher-cpu-e1 itself); SN_TAG (-sn2) names it; E1_STEPS (4463),
+# KD_2X / KD_35X (1024 / 2048 distillation steps), KD_N (32768 windows); RESULTS_DIR (bench/results/cpu-e1; its folder must be named cpu-e1). SESSION_DRY=1 prints each stage's
 # command instead of running it. A smoke run of the plumbing (12 minutes on 2 AVX2 cores, meaningless numbers):
 #   RUNS=/tmp/smoke RESULTS_DIR=/tmp/smoke/results/cpu-e1 E1_STEPS=8 SN_STEPS=4 KD_2X=4 KD_N=2048 FAST_SAMPLES=256 \
 #   EVAL_LIMIT=200 FORCE=1 scripts/cpu_session.sh run 60
@@ -47,7 +47,9 @@ R=${REPRODUCE:-scripts/reproduce_squad.sh}  # the stage runner (tests substitute
 LOGS=$RUNS/logs/session
 SN_TAG=${SN_TAG:--sn2}
 TEACHER=teacher-cpu-e1
+SN_STEPS=${SN_STEPS:-800}
 SN=$TEACHER$SN_TAG
+[ "$SN_STEPS" != 0 ] || SN=$TEACHER  # no -sn round: the students are cut from teacher-cpu-e1 itself
 E1_STEPS=${E1_STEPS:-4463}          # one epoch of 32-window steps
 KD_2X=${KD_2X:-1024} KD_35X=${KD_35X:-2048} KD_N=${KD_N:-32768}  # distillation steps (2x, 3.5x) and windows
 KD=(REFIT=all SELECT=obs SCORES=obs FIT=ln KD_SAMPLES=$KD_N)
@@ -58,7 +60,6 @@ FROM_SN="TEACHER_RUN=$SN ${KD[*]}"  # the students' recipe from the -sn teacher
 # the 3.5x student cut iteratively: half of the 2x student's FLOPs (0.25 of the teacher's), distilled from the teacher
 ITER="TEACHER_RUN=fast-cpu-0.5-$S2 KD_TEACHER=$SN ${KD[*]}"
 SPEC_ENV="TEACHER_RUN=$SN REFIT=all FIT=ln KD_SAMPLES=$KD_N KD_STEPS=$KD_2X TAG=-$SA"  # theirs, on given units
-SN_STEPS=${SN_STEPS:-800}
 SLACK=${SLACK:-15}  # % over MINUTES the required stages may be estimated at and still run (the probe's error)
 
 done_steps() {  # steps run $1 has behind it: its newest complete checkpoint (a run resumes there), else 0
@@ -78,25 +79,30 @@ E1_ENV="TEACHER_CPU_STEPS=$E1_STEPS TEACHER_CPU_EVAL_EVERY=$(((E1_STEPS + 3) / 4
 
 # name | cost in teacher steps | required (1) or optional (0) | the stage it needs | the command (a
 # reproduce_squad.sh stage with its env)
+# with SN_STEPS=0 there is no -sn round: the students need the teacher stage, and eval-teacher-sn scores teacher-cpu-e1
+SN_STAGE=("teacher-sn|$((SN_LEFT + 180))|1|teacher|$SN_ENV $R teacher-swap $TEACHER $SN_TAG")
+EVAL_E1=("eval-teacher|220|0|teacher|$R eval $TEACHER")
+TS=teacher-sn  # the stage the students need
+[ "$SN_STEPS" != 0 ] || { SN_STAGE=() EVAL_E1=() TS=teacher; }
 STAGES=(
   "teacher|$((E1_LEFT + 107))|1||$E1_ENV $R teacher-cpu"
-  "teacher-sn|$((SN_LEFT + 180))|1|teacher|$SN_ENV $R teacher-swap $TEACHER $SN_TAG"
-  "eval-teacher-sn|220|1|teacher-sn|$R eval $SN"
-  "student-0.5|$((336 + KD_2X))|1|teacher-sn|$FROM_SN KD_STEPS=$KD_2X TAG=-$S2 $R fast 0.5"
+  "${SN_STAGE[@]}"
+  "eval-teacher-sn|220|1|$TS|$R eval $SN"
+  "student-0.5|$((336 + KD_2X))|1|$TS|$FROM_SN KD_STEPS=$KD_2X TAG=-$S2 $R fast 0.5"
   "eval-student-0.5|150|1|student-0.5|$R eval fast-cpu-0.5-$S2"
   "bundle|170|1|student-0.5|BUNDLE_FROM=fast-cpu-0.5-$S2 $R bundle"
-  "eval-teacher|220|0|teacher|$R eval $TEACHER"
-  "student-0.75|$((400 + KD_35X * 3 / 4 + 8 * 12))|0|teacher-sn|$FROM_SN KD_STEPS=$KD_35X $CURVE TAG=-$S35 $R fast 0.75"
+  "${EVAL_E1[@]}"
+  "student-0.75|$((400 + KD_35X * 3 / 4 + 8 * 12))|0|$TS|$FROM_SN KD_STEPS=$KD_35X $CURVE TAG=-$S35 $R fast 0.75"
   "eval-student-0.75|100|0|student-0.75|$R eval fast-cpu-0.75-$S35"
   "student-0.75i|$((300 + KD_35X * 3 / 4 + 8 * 12))|0|student-0.5|$ITER KD_STEPS=$KD_35X $CURVE TAG=-of-$S2 $R fast 0.5"
   "eval-student-0.75i|100|0|student-0.75i|$R eval fast-cpu-0.5-of-$S2"
-  "nodistill-0.5|$((336 + KD_2X))|0|teacher-sn|$FROM_SN KD_STEPS=$KD_2X KD_WEIGHT=0 TAG=-$S2-ce $R fast 0.5"
+  "nodistill-0.5|$((336 + KD_2X))|0|$TS|$FROM_SN KD_STEPS=$KD_2X KD_WEIGHT=0 TAG=-$S2-ce $R fast 0.5"
   "eval-nodistill-0.5|150|0|nodistill-0.5|$R eval fast-cpu-0.5-$S2-ce"
-  "importance-0.5|$((436 + KD_2X))|0|teacher-sn|$SPEC_ENV $R fast-importance 0.5"
+  "importance-0.5|$((436 + KD_2X))|0|$TS|$SPEC_ENV $R fast-importance 0.5"
   "eval-importance-0.5|150|0|importance-0.5|$R eval importance-cpu-0.5-$SA"
-  "random-0.5|$((336 + KD_2X))|0|teacher-sn|$SPEC_ENV $R fast-random 0.5"
+  "random-0.5|$((336 + KD_2X))|0|$TS|$SPEC_ENV $R fast-random 0.5"
   "eval-random-0.5|150|0|random-0.5|$R eval random-cpu-0.5-$SA"
-  "student-0.4|$((376 + KD_2X))|0|teacher-sn|$FROM_SN KD_STEPS=$KD_2X TAG=-$S2 $R fast 0.4"
+  "student-0.4|$((376 + KD_2X))|0|$TS|$FROM_SN KD_STEPS=$KD_2X TAG=-$S2 $R fast 0.4"
   "eval-student-0.4|170|0|student-0.4|$R eval fast-cpu-0.4-$S2"
 )
 

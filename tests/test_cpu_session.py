@@ -105,6 +105,22 @@ def test_the_dry_run_names_real_stages_in_order(tmp_path: Path):
     assert not any("SELECT" in c for c in cmds if " fast-" in c)  # --spec takes prune_fast's default selection
 
 
+def test_without_the_sn_round_the_students_are_cut_from_the_one_epoch_teacher(tmp_path: Path):
+    r = _session(tmp_path, "run", "600", RATE="0.9", SESSION_DRY="1", SN_STEPS="0", KD_N="16384")
+    assert r.returncode == 0, r.stderr
+    cmds = [line.removeprefix("would run: ") for line in r.stdout.splitlines() if line.startswith("would run: ")]
+    assert len(cmds) == 17  # no -sn round, and teacher-cpu-e1 scored once
+    assert not any("teacher-swap" in c for c in cmds)
+    assert [c for c in cmds if " eval teacher" in c] == ["scripts/reproduce_squad.sh eval teacher-cpu-e1"]
+    s2 = "teacher-cpu-e1-obs2L-kd1024s16k"
+    student = "TEACHER_RUN=teacher-cpu-e1 REFIT=all SELECT=obs SCORES=obs FIT=ln KD_SAMPLES=16384 KD_STEPS=1024"
+    assert f"{student} TAG=-{s2} scripts/reproduce_squad.sh fast 0.5" in cmds
+    assert f"BUNDLE_FROM=fast-cpu-0.5-{s2} scripts/reproduce_squad.sh bundle" in cmds
+    assert cmds.index(f"scripts/reproduce_squad.sh eval fast-cpu-0.5-{s2}") > 1
+    plan = _plan(r.stdout)
+    assert "teacher-sn" not in plan and plan["eval-teacher-sn"][1] == "fits" and plan["student-0.5"][1] == "fits"
+
+
 def test_usage_errors(tmp_path: Path):
     r = _session(tmp_path, "train")
     assert r.returncode == 2 and "usage:" in r.stderr

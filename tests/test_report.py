@@ -250,6 +250,18 @@ def test_students_are_judged_against_their_own_teacher():
     own = lambda name: accuracy_tables.own_teacher(points, by[name], by["teacher-v3"])["name"]  # noqa: E731
     assert own("l0-v3-0.52") == "teacher-v3" and own("l0-v3-0.52+400+v3s-fp16") == "teacher-v3s"
     assert own("l0-v3-0.52+400+v3s+400+v3c") == "teacher-v3c" and own("l0-v3-0.52+v3x") == "teacher-v3"
+    # a run named after its teacher: the longest teacher row between dashes, never a teacher row itself
+    named = [pt("teacher-v3-sn2", 50.0, 60.0, 74.0, 58.0, 1.0)] + [
+        pt(name, 1, 1, 1, 1, 0.5)
+        for name in ("fast-0.5-teacher-v3c-kd1", "fast-0.5-of-teacher-v3-sn2-kd1", "bundle-fast-0.5-teacher-v3-sn2",
+                     "fast-0.5-teacher-v3cx-kd1")
+    ]  # fmt: skip
+    by.update({p["name"]: p for p in named})
+    points_named = points + named
+    own_n = lambda name: accuracy_tables.own_teacher(points_named, by[name], by["teacher-v3"])["name"]  # noqa: E731
+    assert own_n("fast-0.5-teacher-v3c-kd1") == "teacher-v3c" and own_n("teacher-v3-sn2") == "teacher-v3"
+    assert own_n("fast-0.5-of-teacher-v3-sn2-kd1") == own_n("bundle-fast-0.5-teacher-v3-sn2") == "teacher-v3-sn2"
+    assert own_n("fast-0.5-teacher-v3cx-kd1") == "teacher-v3"  # no teacher-v3cx row: the group's teacher
     table = accuracy_tables.f1_loss_table(points, "teacher-v3")
     assert "| l0-v3-0.52+400+v3s-fp16 | teacher-v3s | 0.48 | not measured | +0.50 | +0.50 | +0.50 | +0.50 |" in table
     assert "| teacher-v3s | teacher-v3 | 1.00 |" in table  # a later teacher is compared with the group's
