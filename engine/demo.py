@@ -150,6 +150,31 @@ def answer_samples(eng: QAEngine) -> None:
         )
 
 
+def sample_failures(eng: QAEngine) -> list[str]:
+    """What the model gets wrong, at its stored threshold, of the two samples a bundled model must get right (empty:
+    nothing): YEAR_SAMPLE answered with its year at the offsets of its first occurrence, NO_ANSWER_SAMPLE abstained
+    on. tests/test_default_model.py asks this of the bundled model, `scripts/cpu_session.sh promote` of a candidate."""
+    bad = []
+    for smp in (YEAR_SAMPLE, NO_ANSWER_SAMPLE):
+        a = eng.answer(smp.question, smp.context)
+        if smp.expect is None:
+            if not a.no_answer:
+                bad.append(f"{smp.question!r}: answered {a.text!r}, must abstain")
+            continue
+        start = smp.context.index(smp.expect)
+        if a.no_answer:
+            bad.append(
+                f"{smp.question!r}: abstained (null - best span {a.null_score_diff:.2f} > stored threshold "
+                f"{eng.artifact.null_threshold:.2f}), must answer {smp.expect!r}"
+            )
+        elif (a.text, a.start, a.end) != (smp.expect, start, start + len(smp.expect)):
+            bad.append(
+                f"{smp.question!r}: answered {a.text!r} = context[{a.start}:{a.end}], must answer "
+                f"{smp.expect!r} = context[{start}:{start + len(smp.expect)}]"
+            )
+    return bad
+
+
 def bundled_answers(threads: int, backend: str = "auto") -> int:
     """Answer SAMPLES with the default model; exit status 0, also after the notice that there is none, 1 when it fails
     to load (the speed table runs either way)."""
@@ -177,14 +202,26 @@ def main(argv: list[str] | None = None) -> int:
         "instead of the bundled model and the MiniLM table",
     )
     p.add_argument("--no-table", action="store_true", help="skip the MiniLM speed table (answers only)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="with --model: exit 1, listing what it got wrong, unless at its stored threshold the model answers the "
+        "year sample exactly and abstains on the unanswerable one (what the bundled model must do)",
+    )
     p.add_argument("--backend", default="auto", help="backend of the QA model: auto, torch, cpp or triton")
     p.add_argument("--out", type=Path, default=ROOT / "artifacts", help="where to write built artifacts")
     p.add_argument("--threads", type=int, default=int(os.environ.get("SPARSEQA_THREADS", "2")))
     a = p.parse_args(argv)
     try:
+        if a.check and not a.model:
+            p.error("--check needs --model")
         if a.model:
-            answer_samples(load_engine(a.model, a.out, a.threads, a.backend))
-            return 0
+            eng = load_engine(a.model, a.out, a.threads, a.backend)
+            answer_samples(eng)
+            bad = sample_failures(eng) if a.check else []
+            for b in bad:
+                print(f"check failed: {b}", file=sys.stderr)
+            return 1 if bad else 0
         status = bundled_answers(a.threads, a.backend)
         if not a.no_table:
             minilm_table(a.out, a.threads)

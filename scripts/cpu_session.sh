@@ -18,7 +18,8 @@
 #                                             is done, under `timeout` of the time left
 #   scripts/cpu_session.sh summary            the teacher and students scored so far against #13's targets
 #   scripts/cpu_session.sh promote NAME       the 2x bundle candidate -> models/NAME with its MODEL_CARD.md, named in
-#                                             models/DEFAULT; refused unless it meets every bundle target
+#                                             models/DEFAULT; refused unless it meets every bundle target and
+#                                             answers make run's samples right (engine.demo --check)
 #
 # The required stages: teacher-cpu-e1 (one epoch), its -sn round (question swaps, antonym edits, negations), the
 # dev evaluation of that teacher, the 2x student (prune_fast at 50% of the FLOPs + 1,024 distillation steps), its dev
@@ -44,6 +45,7 @@ cd "$(dirname "$0")/.."
 export PY=${PY:-.venv/bin/python} RUNS=${RUNS:-runs} GEN=cpu PYTHONUNBUFFERED=1
 export RESULTS_DIR=${RESULTS_DIR:-bench/results/cpu-e1}  # the cpu-e1 group of RESULTS.md
 R=${REPRODUCE:-scripts/reproduce_squad.sh}  # the stage runner (tests substitute a fake one)
+SAMPLE_CHECK=${SAMPLE_CHECK:-$PY -m engine.demo --check}  # promote's check of make run's samples (tests: a fake)
 LOGS=$RUNS/logs/session
 SN_TAG=${SN_TAG:--sn2}
 TEACHER=teacher-cpu-e1
@@ -382,6 +384,10 @@ promote() {  # NAME: the 2x bundle candidate becomes models/NAME and the default
   done
   [ ! -e "$models/$name" ] || { echo "cpu_session: $models/$name exists; choose another NAME" >&2; return 2; }
   summary --require-bundle "$row" > /dev/null || { echo "cpu_session: not promoted" >&2; return 1; }
+  # make run's samples, as tests/test_default_model.py asks of the bundled model: the year exact, the no-answer abstains
+  # shellcheck disable=SC2086  # SAMPLE_CHECK is a command line
+  $SAMPLE_CHECK --model "$art" --threads "${THREADS:-2}" > /dev/null ||
+    { echo "cpu_session: not promoted: $art fails make run's samples at its stored threshold" >&2; return 1; }
   mkdir -p "$LOGS"
   cmds="$LOGS/commands-$name.txt"
   {

@@ -201,6 +201,10 @@ def test_promote_only_a_bundle_that_meets_every_target(session_outputs: Path, ti
     _with_scores(bundle_eval, 74.9, 60.0)
     assert promote("tiny-2x").returncode == 1  # 0.1 short
     _with_scores(bundle_eval, 75.0, 52.07)
+    r = promote("tiny-2x")  # the numbers are met, but a random tiny model does not answer make run's year sample
+    assert r.returncode == 1 and "fails make run's samples" in r.stderr and "must answer '1066'" in r.stderr
+    assert list(models.iterdir()) == []
+    env["SAMPLE_CHECK"] = "true"  # stands in for a model that gets the samples right
     r = promote("tiny-2x")
     assert r.returncode == 0, r.stderr
     assert (models / "DEFAULT").read_text() == "tiny-2x\n"

@@ -85,6 +85,25 @@ def test_bundled_answers_the_year_with_exact_offsets(bundled_engine):
     assert s.context[a.start : a.end] == a.text
 
 
+def test_bundled_passes_the_sample_check_that_promote_asks(bundled_engine):
+    assert demo.sample_failures(bundled_engine) == []
+
+
+def test_sample_check_names_what_a_model_gets_wrong(answering, abstaining, capsys):
+    wrong = demo.sample_failures(QAEngine.load(abstaining))
+    assert len(wrong) == 1, wrong  # the no-answer sample is right; the year is held back
+    assert wrong[0].startswith(repr(demo.YEAR_SAMPLE.question)) and "abstained" in wrong[0]
+    assert "must answer '1066'" in wrong[0]
+    wrong = demo.sample_failures(QAEngine.load(answering))  # never abstains
+    assert any(w.startswith(repr(demo.NO_ANSWER_SAMPLE.question)) and "must abstain" in w for w in wrong), wrong
+    assert demo.main(["--model", str(abstaining), "--check", "--threads", "1"]) == 1
+    assert "check failed: 'When did the Normans conquer England?': abstained" in capsys.readouterr().err
+    assert demo.main(["--model", str(abstaining), "--threads", "1"]) == 0  # no --check: answers only
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--check"])
+    assert e.value.code == 2 and "--check needs --model" in capsys.readouterr().err
+
+
 def test_bundled_demo_prints_the_answers(bundled):
     r = subprocess.run(
         [sys.executable, "-m", "engine.demo", "--no-table"], cwd=ROOT, env=_env(), capture_output=True, text=True
