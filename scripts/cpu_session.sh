@@ -37,7 +37,8 @@
 # Knobs: SN_LR (2e-5), SN_STEPS (800), SWAP_SHARE / ANTONYM_SHARE / NEGATION_SHARE (0.3 / 0.1 / 0.1) for the -sn
 # round (0: no round, the students are cut from teacher-cpu-e1 itself); SN_TAG (-sn2) names it; E1_STEPS (4463),
 # KD_2X / KD_35X (1024 / 2048 distillation steps), KD_N (32768 windows); RESULTS_DIR (bench/results/cpu-e1; its
-# folder must be named cpu-e1). SESSION_DRY=1 prints each stage's command instead of running it. A smoke run of the plumbing (12 minutes on 2 AVX2 cores, meaningless numbers):
+# folder must be named cpu-e1). SESSION_DRY=1 prints each stage's command instead of running it. A smoke run of the
+# plumbing (12 minutes on 2 AVX2 cores, meaningless numbers):
 #   RUNS=/tmp/smoke RESULTS_DIR=/tmp/smoke/results/cpu-e1 E1_STEPS=8 SN_STEPS=4 KD_2X=4 KD_N=2048 FAST_SAMPLES=256 \
 #   EVAL_LIMIT=200 FORCE=1 scripts/cpu_session.sh run 60
 set -uo pipefail
