@@ -2,7 +2,10 @@
 
 Every question goes through `QAEngine.answer_batch` (tokenization, windows, decoding included). Reported: the
 official dict at null threshold 0.0 and at the artifact's stored threshold, with `na_probs = null_score_diff`
-(so best_exact/best_f1 and their thresholds are included), plus the AUC of null_score_diff.
+(so best_exact/best_f1 and their thresholds are included), plus the AUC of null_score_diff. `--threshold-spread N`
+adds how far the best-F1 threshold moves over N bootstrap samples of the questions (its 10th, 50th and 90th
+percentiles, and the F1 each scores on the whole set): on a held-out file, whether the tuned threshold is a finding
+or noise.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from engine.data.predict import predictions_at
 from engine.data.squad import auc, evaluate, load_squad, read_squad_json
+from engine.data.squad_metric import bootstrap_best_thresholds, gold_answers
 
 
 def evaluate_artifact(
@@ -30,12 +35,14 @@ def evaluate_artifact(
     progress: bool = True,
     device: str = "cpu",
     predictions: Path | None = None,
+    threshold_spread: int = 0,
 ) -> dict[str, Any]:
     """Run an artifact over a SQuAD file; returns metrics at threshold 0 and at the stored threshold.
 
     `predictions`, when given, is a folder that receives the official evaluation script's two inputs:
     `predictions.json` ({qid: best non-null span}, no threshold applied) and `na_probs.json` ({qid:
-    null_score_diff}), so per-question comparisons between models need no rerun.
+    null_score_diff}), so per-question comparisons between models need no rerun. `threshold_spread` > 0 adds
+    "best_f1_thresh_spread" (`bootstrap_best_thresholds` over that many resamples, seed 0).
     """
     from engine.qa import QAEngine
 
@@ -70,7 +77,7 @@ def evaluate_artifact(
     def at(t: float) -> dict[str, Any]:
         return evaluate(dataset, predictions_at(text, diff, t), na_probs=diff, na_prob_thresh=t)
 
-    return {
+    out = {
         "artifact": str(artifact),
         "data": str(data),
         "backend": eng.backend_name,
@@ -85,6 +92,15 @@ def evaluate_artifact(
         if any(e.is_impossible for e in examples) and not all(e.is_impossible for e in examples)
         else None,
     }
+    if threshold_spread > 0:
+        ts = bootstrap_best_thresholds(gold_answers(dataset), text, diff, threshold_spread)
+        pct = dict(zip(("p10", "p50", "p90"), (float(x) for x in np.percentile(ts, [10, 50, 90]))))
+        out["best_f1_thresh_spread"] = {
+            "resamples": threshold_spread,
+            **pct,
+            "f1_at": {k: at(v)["f1"] for k, v in pct.items()},
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,11 +120,30 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="also write DIR/predictions.json (best span per question) and DIR/na_probs.json (null_score_diff)",
     )
+    ap.add_argument(
+        "--threshold-spread",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also report the 10th/50th/90th percentiles of the best-F1 threshold over N bootstrap samples of the "
+        "questions, and the F1 at each (0: off)",
+    )
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    if a.threshold_spread < 0:
+        ap.error(f"--threshold-spread must be >= 0, got {a.threshold_spread}")
     try:
         m = evaluate_artifact(
-            a.artifact, a.data, a.backend, a.threads, a.batch_size, a.limit, not a.no_progress, a.device, a.predictions
+            a.artifact,
+            a.data,
+            a.backend,
+            a.threads,
+            a.batch_size,
+            a.limit,
+            not a.no_progress,
+            a.device,
+            a.predictions,
+            a.threshold_spread,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ import random
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from engine.data import squad
@@ -21,7 +22,14 @@ from engine.data.squad import (
     split_by_title,
     train_features,
 )
-from engine.data.squad_metric import compute_exact, compute_f1, find_best_thresh, normalize_answer
+from engine.data.squad_metric import (
+    bootstrap_best_thresholds,
+    compute_exact,
+    compute_f1,
+    find_best_thresh,
+    normalize_answer,
+    raw_scores,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -138,6 +146,35 @@ def test_best_threshold_keeps_official_all_null_quirk():
         {"a": "wrong", "b": "wrong"}, {"a": 0.0, "b": 0.0}, {"a": -5.0, "b": -3.0}, has_ans
     )
     assert (score, thresh) == (50.0, 0.0)
+
+
+def test_bootstrap_thresholds_are_the_official_sweep_on_each_resample():
+    # each resample's threshold equals find_best_thresh on that resample written out (repeats as distinct questions)
+    rng = np.random.default_rng(7)
+    n = 37
+    words = ["red", "green", "blue", "the cat", ""]
+    gold = {f"q{i}": ([str(rng.choice(words[:4]))] if rng.random() < 0.5 else []) for i in range(n)}
+    preds = {q: str(rng.choice(words)) for q in gold}
+    na = {q: float(rng.normal()) if rng.random() < 0.9 else -0.25 for q in gold}  # some ties
+    got = bootstrap_best_thresholds(gold, preds, na, resamples=25, seed=3)
+    counts = np.random.default_rng(3).multinomial(n, np.full(n, 1.0 / n), size=25)
+    qids = list(gold)
+    for r in range(25):
+        g, p, a = {}, {}, {}
+        for i, q in enumerate(qids):
+            for k in range(counts[r, i]):
+                g[f"{q}#{k}"], p[f"{q}#{k}"], a[f"{q}#{k}"] = gold[q], preds[q], na[q]
+        _, f1 = raw_scores(g, p)
+        _, want = find_best_thresh(p, f1, a, {q: bool(x) for q, x in g.items()})
+        assert got[r] == want, r
+    assert len(set(got.tolist())) > 1  # resampling moves it
+    assert bootstrap_best_thresholds(gold, preds, na, resamples=25, seed=3).tolist() == got.tolist()
+    with pytest.raises(ValueError, match="resamples must be >= 1"):
+        bootstrap_best_thresholds(gold, preds, na, resamples=0)
+    with pytest.raises(ValueError, match="na_probs lacks 1"):
+        bootstrap_best_thresholds(gold, preds, {q: v for q, v in na.items() if q != "q0"}, resamples=2)
+    with pytest.raises(ValueError, match="no question"):
+        bootstrap_best_thresholds(gold, {}, na, resamples=2)
 
 
 def test_evaluate_reads_json_and_json_gz(tmp_path: Path):
