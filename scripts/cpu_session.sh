@@ -36,6 +36,7 @@
 # (an earlier session's, where they survived) is costed from its newest one, where it resumes.
 # Knobs: SN_LR (2e-5), SN_STEPS (800), SWAP_SHARE / ANTONYM_SHARE / NEGATION_SHARE (0.3 / 0.1 / 0.1) for the -sn
 # round (0: no round, the students are cut from teacher-cpu-e1 itself); SN_TAG (-sn2) names it; E1_STEPS (4463),
+# E2_STEPS (0; 4463: a second epoch, teacher-cpu-e2, that the -sn round then starts from),
 # KD_2X / KD_35X (1024 / 2048 distillation steps), KD_N (32768 windows); RESULTS_DIR (bench/results/cpu-e1; its
 # folder must be named cpu-e1). SESSION_DRY=1 prints each stage's command instead of running it. A smoke run of the
 # plumbing (12 minutes on 2 AVX2 cores, meaningless numbers):
@@ -50,9 +51,12 @@ SAMPLE_CHECK=${SAMPLE_CHECK:-$PY -m engine.demo --check}  # promote's check of m
 LOGS=$RUNS/logs/session
 SN_TAG=${SN_TAG:--sn2}
 TEACHER=teacher-cpu-e1
+E2_STEPS=${E2_STEPS:-0}  # >0: a second epoch (teacher-cpu-e2) between teacher-cpu-e1 and the -sn round
+BASE=$TEACHER
+[ "$E2_STEPS" = 0 ] || BASE=teacher-cpu-e2
 SN_STEPS=${SN_STEPS:-800}
-SN=$TEACHER$SN_TAG
-[ "$SN_STEPS" != 0 ] || SN=$TEACHER  # no -sn round: the students are cut from teacher-cpu-e1 itself
+SN=$BASE$SN_TAG
+[ "$SN_STEPS" != 0 ] || SN=$BASE  # no -sn round: the students are cut from the one- or two-epoch teacher itself
 E1_STEPS=${E1_STEPS:-4463}          # one epoch of 32-window steps
 KD_2X=${KD_2X:-1024} KD_35X=${KD_35X:-2048} KD_N=${KD_N:-32768}  # distillation steps (2x, 3.5x) and windows
 KD=(REFIT=all SELECT=obs SCORES=obs FIT=ln KD_SAMPLES=$KD_N)
@@ -74,7 +78,9 @@ done_steps() {  # steps run $1 has behind it: its newest complete checkpoint (a 
   echo $((10#${last##*/step-}))
 }
 E1_LEFT=$((E1_STEPS - $(done_steps teacher-cpu-e1))) SN_LEFT=$((SN_STEPS - $(done_steps "$SN")))
+E2_LEFT=$((E2_STEPS - $(done_steps teacher-cpu-e2)))
 [ $E1_LEFT -ge 0 ] || E1_LEFT=0
+[ $E2_LEFT -ge 0 ] || E2_LEFT=0
 [ $SN_LEFT -ge 0 ] || SN_LEFT=0
 SN_ENV="SWAP_SHARE=${SWAP_SHARE:-0.3} ANTONYM_SHARE=${ANTONYM_SHARE:-0.1} NEGATION_SHARE=${NEGATION_SHARE:-0.1}"
 SN_ENV+=" SWAP_LR=${SN_LR:-2e-5} TEACHER_V3S_STEPS=$SN_STEPS"
@@ -82,13 +88,18 @@ E1_ENV="TEACHER_CPU_STEPS=$E1_STEPS TEACHER_CPU_EVAL_EVERY=$(((E1_STEPS + 3) / 4
 
 # name | cost in teacher steps | required (1) or optional (0) | the stage it needs | the command (a
 # reproduce_squad.sh stage with its env)
-# with SN_STEPS=0 there is no -sn round: the students need the teacher stage, and eval-teacher-sn scores teacher-cpu-e1
-SN_STAGE=("teacher-sn|$((SN_LEFT + 180))|1|teacher|$SN_ENV $R teacher-swap $TEACHER $SN_TAG")
-EVAL_E1=("eval-teacher|220|0|teacher|$R eval $TEACHER")
+# with SN_STEPS=0 there is no -sn round: the students need the teacher (or teacher-e2) stage, and eval-teacher-sn
+# scores that teacher; with E2_STEPS>0 the -sn round starts from teacher-cpu-e2
+BS=teacher E2_STAGE=()  # the stage that makes the -sn round's base
+[ "$E2_STEPS" = 0 ] ||
+  BS=teacher-e2 E2_STAGE=("teacher-e2|$((E2_LEFT + 107))|1|teacher|E2_STEPS=$E2_STEPS $R teacher-cpu-e2")
+SN_STAGE=("teacher-sn|$((SN_LEFT + 180))|1|$BS|$SN_ENV $R teacher-swap $BASE $SN_TAG")
+EVAL_E1=("eval-teacher|220|0|$BS|$R eval $BASE")
 TS=teacher-sn  # the stage the students need
-[ "$SN_STEPS" != 0 ] || { SN_STAGE=() EVAL_E1=() TS=teacher; }
+[ "$SN_STEPS" != 0 ] || { SN_STAGE=() EVAL_E1=() TS=$BS; }
 STAGES=(
   "teacher|$((E1_LEFT + 107))|1||$E1_ENV $R teacher-cpu"
+  "${E2_STAGE[@]}"
   "${SN_STAGE[@]}"
   "eval-teacher-sn|220|1|$TS|$R eval $SN"
   "student-0.5|$((336 + KD_2X))|1|$TS|$FROM_SN KD_STEPS=$KD_2X TAG=-$S2 $R fast 0.5"
@@ -136,6 +147,8 @@ finished() {  # CMD: whether a stage's output is already there and newer than wh
     [ -f "$RUNS/$run/metrics.json" ]  # prune_fast writes it last
   elif [[ $cmd =~ \ teacher-cpu$ ]]; then
     trained "$TEACHER" "$E1_STEPS"
+  elif [[ $cmd =~ \ teacher-cpu-e2$ ]]; then
+    trained teacher-cpu-e2 "$E2_STEPS"
   elif [[ $cmd =~ \ teacher-swap\  ]]; then
     trained "$SN" "$SN_STEPS"
   else
@@ -395,7 +408,7 @@ promote() {  # NAME: the 2x bundle candidate becomes models/NAME and the default
     echo "# scripts/cpu_session.sh run: these stages, GEN=cpu RUNS=$RUNS THREADS=${THREADS:-2}"
     for s in "${STAGES[@]}"; do
       IFS='|' read -r sname _ _ _ cmd <<< "$s"
-      case $sname in teacher | teacher-sn | student-0.5 | bundle) echo "GEN=cpu $cmd" ;; esac
+      case $sname in teacher | teacher-e2 | teacher-sn | student-0.5 | bundle) echo "GEN=cpu $cmd" ;; esac
     done
     echo "cp -r $art $models/$name"
   } > "$cmds"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the accuracy/speed rows of RESULTS.md on real SQuAD 2.0 (CPU). Stages can be run one at a time:
-#   scripts/reproduce_squad.sh teacher|teacher-v2|teacher-v3|teacher-v3c|teacher-v3s|teacher-cpu|
+#   scripts/reproduce_squad.sh teacher|teacher-v2|teacher-v3|teacher-v3c|teacher-v3s|teacher-cpu|teacher-cpu-e2|
 #                              teacher-swap RUN [SUFFIX]|l0|l0-speedup [X]|
 #                              importance|random|nodistill|
 #                              more RUN STEPS|fast [T]|fast-speedup [X]|fast-importance [T]|fast-random [T]|
@@ -84,6 +84,13 @@ teacher_cpu() {  # a dense teacher that one CPU session can train: 1,600 steps o
   local steps=${TEACHER_CPU_STEPS:-1600}
   $PY -m engine.finetune --model "$MINILM" "${V2[@]}" --out "$RUNS/teacher-cpu$TAG" --max-steps "$steps" --lr 1e-4 \
       --warmup 0.06 --eval-every "${TEACHER_CPU_EVAL_EVERY:-$((steps / 2))}" --log-every 25 --no-progress --resume
+}
+teacher_cpu_e2() {  # teacher-cpu-e1 trained a second epoch into teacher-cpu-e2$TAG: the second half of a two-epoch
+  # schedule (lr 5e-5, the rate a 1e-4 two-epoch run has at its middle, decayed to 0; fresh Adam moments, so a short
+  # warmup), a new shuffle (seed 1), held-out evaluation every quarter; about 90 minutes with native bf16. E2_STEPS.
+  local steps=${E2_STEPS:-4463}
+  $PY -m engine.finetune --model "$RUNS/teacher-cpu-e1" "${V2[@]}" --out "$RUNS/teacher-cpu-e2$TAG" --max-steps "$steps" \
+      --lr 5e-5 --warmup 0.02 --seed 1 --eval-every "$(((steps + 3) / 4))" --log-every 25 --no-progress --resume
 }
 teacher_v3c() {  # teacher v3 continued on the CPU: its GPU run stopped mid-schedule (lr 5.3e-5); 1,200 more steps of
   # 32 windows (0.27 epoch, new shuffle), lr 3e-5 decayed to 0, held-out evaluation every 300 steps (72 min on 2 cores)
@@ -225,6 +232,7 @@ case "${1:-all}" in
   teacher-v2) teacher_v2 ;;
   teacher-v3) teacher_v3 ;;
   teacher-cpu) teacher_cpu ;;
+  teacher-cpu-e2) teacher_cpu_e2 ;;
   teacher-v3c) teacher_v3c ;;
   teacher-v3s) teacher_swap teacher-v3c "teacher-v3s$TAG" ;;
   teacher-swap) teacher_swap "$2" "$2${3:--s}" ;;

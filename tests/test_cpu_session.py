@@ -121,6 +121,29 @@ def test_without_the_sn_round_the_students_are_cut_from_the_one_epoch_teacher(tm
     assert "teacher-sn" not in plan and plan["eval-teacher-sn"][1] == "fits" and plan["student-0.5"][1] == "fits"
 
 
+def test_a_second_epoch_comes_between_the_teacher_and_the_sn_round(tmp_path: Path):
+    r = _session(tmp_path, "run", "600", RATE="0.9", SESSION_DRY="1", E2_STEPS="4463")
+    assert r.returncode == 0, r.stderr
+    cmds = [line.removeprefix("would run: ") for line in r.stdout.splitlines() if line.startswith("would run: ")]
+    e2 = "E2_STEPS=4463 scripts/reproduce_squad.sh teacher-cpu-e2"
+    sn = [c for c in cmds if "teacher-swap" in c]
+    assert cmds[1] == e2 and len(sn) == 1 and sn[0].endswith("teacher-swap teacher-cpu-e2 -sn2")
+    assert cmds.index(sn[0]) == 2
+    assert "scripts/reproduce_squad.sh eval teacher-cpu-e2-sn2" in cmds
+    assert "scripts/reproduce_squad.sh eval teacher-cpu-e2" in cmds  # the optional score of the round's base
+    student = "TEACHER_RUN=teacher-cpu-e2-sn2 REFIT=all SELECT=obs SCORES=obs FIT=ln KD_SAMPLES=32768 KD_STEPS=1024"
+    assert f"{student} TAG=-teacher-cpu-e2-sn2-obs2L-kd1024s32k scripts/reproduce_squad.sh fast 0.5" in cmds
+    plan = _plan(r.stdout)
+    assert plan["teacher-e2"] == (round((4463 + 107) / 0.9 / 60, 1), "fits")
+    # costed from its newest checkpoint (RATE is steps per second); without E2_STEPS it is no stage at all
+    step = tmp_path / "runs" / "teacher-cpu-e2" / "checkpoints" / "step-00004000"
+    step.mkdir(parents=True)
+    (step / "trainer.json").write_text("{}")
+    plan = _plan(_session(tmp_path, "plan", "600", RATE="0.9", E2_STEPS="4463").stdout)
+    assert plan["teacher-e2"][0] == round((463 + 107) / 0.9 / 60, 1)
+    assert "teacher-e2" not in _plan(_session(tmp_path, "plan", "600", RATE="0.9").stdout)
+
+
 def test_usage_errors(tmp_path: Path):
     r = _session(tmp_path, "train")
     assert r.returncode == 2 and "usage:" in r.stderr
