@@ -18,7 +18,7 @@ from bench.accuracy_groups import GROUP, GROUPS
 from engine.defaults import MAX_BUNDLE_MB
 
 ROOT = Path(__file__).resolve().parent.parent
-BUNDLED = "minilm-l6-squad2-l0-2.1x"  # the default model under models/: a bundle candidate like the bundle-* rows
+BUNDLED = "minilm-l6-squad2-obs-2.0x"  # the default model under models/: a bundle candidate like the bundle-* rows
 BUNDLE_MAX_BYTES = MAX_BUNDLE_MB * 1e6  # the issue's 25 MB, decimal (the stricter reading), as tests check the bundle
 
 
@@ -276,11 +276,12 @@ def accuracy_targets(
 
 
 def bundle_targets(points: list[dict[str, Any]]) -> list[str]:
-    """The bundled default's targets on its best candidate (the shipped BUNDLED row or a `bundle-*` row; the best is
-    the one whose smaller margin over the two F1 targets is largest): HasAns F1 >= 75 at threshold 0, F1 >= 52.07 at
-    its stored threshold (both through QAEngine.answer_batch, as engine.evaluate scores), <= 25 MB on disk and >= 2x
-    fewer encoder FLOPs than dense MiniLM."""
-    cands = [p for p in points if p["name"] == BUNDLED or p["name"].startswith("bundle-")]
+    """The bundled default's targets on the shipped BUNDLED row, the model `make run` answers with (the issue asks them
+    of "the bundled default itself"); without that row, on the best `bundle-*` candidate (the one whose smaller margin
+    over the two F1 targets is largest): HasAns F1 >= 75 at threshold 0, F1 >= 52.07 at its stored threshold (both
+    through QAEngine.answer_batch, as engine.evaluate scores), <= 25 MB on disk and >= 2x fewer encoder FLOPs than
+    dense MiniLM."""
+    cands = [p for p in points if p["name"] == BUNDLED] or [p for p in points if p["name"].startswith("bundle-")]
     b = max(cands, key=lambda p: min(p["HasAns_f1"] - 75.0, p["f1_stored"] - 52.07), default=None)
     where = f"{b['name']} (stored thr {b['threshold']:.2f})" if b else "the bundled default"
     size = b and b.get("bytes")

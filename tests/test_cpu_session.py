@@ -185,7 +185,12 @@ def session_outputs(tiny_bert, tmp_path_factory) -> Path:
     data.write_text(json.dumps(_squad(5, 2)))
     res = root / "results" / "cpu-e1"
     res.mkdir(parents=True)
-    for name, kw in (("teacher-cpu-e1-sn2", {}), (f"bundle-fast-cpu-0.5-{S2}", {"spec": spec})):
+    # the group's teacher (teacher-cpu-e2-sn2) is scored, and so is the -sn teacher of the default chain here
+    for name, kw in (
+        ("teacher-cpu-e2-sn2", {}),
+        ("teacher-cpu-e1-sn2", {}),
+        (f"bundle-fast-cpu-0.5-{S2}", {"spec": spec}),
+    ):
         art = build(tiny_bert, root / "runs" / "art" / name, settings=settings, null_threshold=-0.5, **kw)
         ev = evaluate_artifact(art, data, backend="torch", progress=False)
         (res / f"eval-{name}.json").write_text(json.dumps(ev))

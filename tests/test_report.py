@@ -672,7 +672,8 @@ def test_bundle_targets_judge_the_best_candidate():
 
 def test_the_shipped_default_is_judged_whichever_group_the_targets_move_to():
     """When a newer teacher's group takes the targets, the bundle rows still judge the shipped default (it lives in
-    the group of the teacher it came from) until a bundle-* row of the new group beats it; it is never a student."""
+    the group of the teacher it came from), even where a bundle-* row of the new group would do better: the targets
+    are the bundled default's own; it is never a student."""
     shipped = _pt(accuracy_tables.BUNDLED, 45.5, 58.0, 72.1, 57.5, 0.48, 23 * 1_000_000)
     groups = {"current": [_pt("teacher-v3s", 50.0, 59.9, 75.6, 58.5, 1.0), shipped], "cpu-e1": []}
     assert accuracy_tables.shipped_rows(groups) == [shipped]
@@ -687,11 +688,13 @@ def test_the_shipped_default_is_judged_whichever_group_the_targets_move_to():
     ]
     new.append(_pt("bundle-fast-cpu-0.5-x", 51.9, 61.8, 75.1, 57.9, 0.5, 20 * 1_000_000))
     lines = accuracy_tables.accuracy_targets(new, "teacher-cpu-e1-sn2", accuracy_tables.shipped_rows(groups))
+    assert all(accuracy_tables.BUNDLED in line for line in lines[-4:]) and "72.10 | no |" in lines[-4]
+    lines = accuracy_tables.accuracy_targets(new, "teacher-cpu-e1-sn2")  # nothing shipped: the best candidate
     assert all("bundle-fast-cpu-0.5-x" in line and "| yes | - |" in line for line in lines[-4:])
 
 
 def test_named_group_teacher_and_artifact_bytes(two_artifacts, tmp_path: Path, capsys):
-    """The cpu-e1 group names its teacher (teacher-cpu-e1-sn2, not the shorter teacher-cpu-e1); artifact sizes are
+    """The cpu-e1 group names its teacher (teacher-cpu-e2-sn2, not the shorter teacher-cpu-e1); artifact sizes are
     measured where the artifact is and kept from accuracy.json where it is gone; targets are judged on the newest
     group with a teacher."""
     dense, pruned = two_artifacts
@@ -700,11 +703,11 @@ def test_named_group_teacher_and_artifact_bytes(two_artifacts, tmp_path: Path, c
     _eval_file(res / "cpu-e1" / "eval-teacher-cpu-e1.json", 47, 59, 76.5, 57, 70, artifact=str(dense))
     _eval_file(res / "cpu-e1" / "eval-bundle-fast-cpu-0.5-x.json", 51, 61, 75.5, 58, 55, artifact=str(pruned))
     assert accuracy_rows.main(["--results", str(res)]) == 2
-    assert "eval-teacher-cpu-e1-sn2.json" in capsys.readouterr().err
-    _eval_file(res / "cpu-e1" / "eval-teacher-cpu-e1-sn2.json", 52, 62.5, 75.8, 60, 55, artifact=str(dense))
+    assert "eval-teacher-cpu-e2-sn2.json" in capsys.readouterr().err
+    _eval_file(res / "cpu-e1" / "eval-teacher-cpu-e2-sn2.json", 52, 62.5, 75.8, 60, 55, artifact=str(dense))
     assert accuracy_rows.main(["--results", str(res)]) == 0
     acc = json.loads((res / "accuracy.json").read_text())
-    assert acc["cpu-e1"]["teacher"] == "teacher-cpu-e1-sn2" and acc["current"]["teacher"] == "teacher-v3"
+    assert acc["cpu-e1"]["teacher"] == "teacher-cpu-e2-sn2" and acc["current"]["teacher"] == "teacher-v3"
     rows = {r["name"]: r for r in acc["cpu-e1"]["rows"]}
     size = sum(f.stat().st_size for f in pruned.iterdir() if f.is_file())
     assert rows["bundle-fast-cpu-0.5-x"]["artifact_bytes"] == size > 0
@@ -715,8 +718,8 @@ def test_named_group_teacher_and_artifact_bytes(two_artifacts, tmp_path: Path, c
     assert json.loads((res / "accuracy.json").read_text()) == acc
     assert accuracy_tables.main(["--accuracy", str(res / "accuracy.json")]) == 0
     out = capsys.readouterr().out
-    assert "Teacher: `teacher-cpu-e1-sn2`." in out
-    assert "| teacher best F1 | >= 62.00 | teacher-cpu-e1-sn2 | 62.50 | yes | - |" in out
+    assert "Teacher: `teacher-cpu-e2-sn2`." in out
+    assert "| teacher best F1 | >= 62.00 | teacher-cpu-e2-sn2 | 62.50 | yes | - |" in out
     where = "bundle-fast-cpu-0.5-x (stored thr -3.00)"
     assert f"| bundle size on disk | <= 25 MB | {where} | {size / 1e6:.1f} MB | yes |" in out
     with pytest.raises(SystemExit):
