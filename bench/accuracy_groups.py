@@ -25,12 +25,12 @@ GROUPS = (
     Group(
         "cpu-e1",
         "cpu-e1",
-        "## Teacher-cpu-e1-sn2 (the 2-core recipe) and its students",
+        "## Teacher-cpu-e2-sn2 (the 2-core recipe) and its students",
         "`scripts/cpu_session.sh` (`run` in one 2-core session with native bf16, `advance` across sessions without it, "
         "or `parallel` on one GPU: `scripts/gpu_v3.sh e1`; each row's JSON names the device and backend): "
         "`teacher-cpu-e1` (one epoch, 4,463 steps of 32 windows), "
         "its question-edit round `teacher-cpu-e1-sn2` (800 steps, lr 2e-5: 30% question swaps, 10% antonym edits, "
-        "10% negations; docs/TRAINING.md), the group's teacher, and its students: `fast-cpu-T-teacher-cpu-e1-sn2-"
+        "10% negations; docs/TRAINING.md), the group's first teacher, and its students: `fast-cpu-T-teacher-cpu-e1-sn2-"
         "obs2L-kdNs32k` is engine.prune_fast at T of the encoder FLOPs removed (`--refit all --select obs --scores obs "
         "--fit-error ln`) then N steps of distillation on 32,768 fresh windows (the teacher's logits cached by the "
         "engine on a CPU, the teacher live on a GPU); `bundle-RUN` is RUN as the bundled "
@@ -42,7 +42,11 @@ GROUPS = (
         "`fast-cpu-T-teacher-cpu-e1-obs2L-kdNs16k`: the same recipe cut from `teacher-cpu-e1` itself, with no "
         "question-edit round (`SN_STEPS=0`), on 16,384 windows, and judged against that teacher (its bundle build "
         "meets the four numbers of the bundle targets but, at its stored threshold of -9.07, abstains on `make run`'s "
-        "answerable samples, so it is not the bundled default: docs/TRAINING.md). Scored on "
+        "answerable samples, so it is not the bundled default: docs/TRAINING.md). `teacher-cpu-e2`: teacher-cpu-e1 "
+        "trained a second epoch (`scripts/reproduce_squad.sh teacher-cpu-e2`: lr 5e-5 decayed to 0 over 4,463 steps), "
+        "`teacher-cpu-e2-sn2` the same question-edit round from it (`E2_STEPS=4463`), the group's teacher now, and "
+        "`*-teacher-cpu-e2-sn2-*` its students; `minilm-l6-squad2-obs-2.0x`, the bundled default model, is "
+        "`bundle-fast-cpu-0.5-teacher-cpu-e2-sn2-obs2L-kd1024s32k` as committed under models/. Scored on "
         "the 2-core CPU (cpp backend), or on the GPU where the chain ran there.",
         (
             (
@@ -67,7 +71,7 @@ GROUPS = (
             ),
         ),
         ablation_heading="What prune_fast's choice of units and distillation buy (same teacher, target and budget)",
-        teacher="teacher-cpu-e1-sn2",
+        teacher="teacher-cpu-e2-sn2",
     ),
     Group(
         "current",
@@ -81,8 +85,9 @@ GROUPS = (
         "no retraining (`engine.prune_fast`; `-search`, `-rearrange`: its model after that stage, with no tuned null "
         "threshold, so its stored threshold is 0); `importance-noft-v3-0.4`: Michel et al.'s importance cut at 40% "
         "with no fine-tuning at all; `nodistill-v3`, `random-v3`, `importance-v3` are the ablations at the same target"
-        " and budget; `minilm-l6-squad2-l0-2.1x` is the bundled default model (`l0-v3-0.52+400` in fp16 with int8 word"
-        " embeddings). `teacher-v3c` is `teacher-v3` continued on the CPU for 1,200 steps with its learning rate "
+        " and budget; `minilm-l6-squad2-l0-2.1x` was the bundled default model until `minilm-l6-squad2-obs-2.0x` "
+        "(`l0-v3-0.52+400` in fp16 with int8 word embeddings)."
+        " `teacher-v3c` is `teacher-v3` continued on the CPU for 1,200 steps with its learning rate "
         "decayed to 0, and `teacher-v3s` is `teacher-v3c` continued for 800 steps with question-swap negatives "
         "(docs/TRAINING.md); `+v3c`, `+v3s`: that round was distilled from `teacher-v3c` or `teacher-v3s` (with "
         "`+v3s`, on the same swap negatives). Each row's losses are against the teacher it was last distilled from "

@@ -2,7 +2,7 @@
 
 Five groups (bench.accuracy_groups.GROUPS), each with its own dense teacher (the one the group names, else its
 `eval-teacher*.json` with the shortest name, i.e. the fp32 build):
-  cpu-e1    bench/results/cpu-e1/eval-NAME.json     teacher-cpu-e1-sn2 and its students (scripts/cpu_session.sh)
+  cpu-e1    bench/results/cpu-e1/eval-NAME.json     teacher-cpu-e2-sn2 and its students (scripts/cpu_session.sh)
   current   bench/results/eval-NAME.json            the current teacher (teacher-v3) and its students
   cpu       bench/results/cpu/eval-NAME.json        teacher-cpu (one CPU session) and post-training runs from it
   v2        bench/results/v2/eval-NAME.json         the superseded teacher-v2 and its students
@@ -17,7 +17,7 @@ their FLOPs), so the file can be regenerated where the artifacts are gone. Two q
 labelled as quoted.
 
 Output (`--out`, default RESULTS/accuracy.json):
-  {"cpu-e1":   {"folder": "bench/results/cpu-e1", "teacher": "teacher-cpu-e1-sn2" | null, "rows": [ROW, ...]},
+  {"cpu-e1":   {"folder": "bench/results/cpu-e1", "teacher": "teacher-cpu-e2-sn2" | null, "rows": [ROW, ...]},
    "current":  {"folder": "bench/results", "teacher": "teacher-v3" | null, "rows": [ROW, ...]},
    "cpu":      {"folder": "bench/results/cpu", "teacher": "teacher-cpu" | null, "rows": [ROW, ...]},
    "v2":       {"folder": "bench/results/v2", "teacher": "teacher-v2" | null, "rows": [ROW, ...]},
