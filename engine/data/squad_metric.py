@@ -119,6 +119,13 @@ def find_best_thresh(
     return 100.0 * best / len(has_ans), best_thresh
 
 
+def _require_na_probs(qids: Iterable[str], na_probs: Mapping[str, float]) -> None:
+    """ValueError naming the predicted questions that `na_probs` lacks."""
+    lacking = [q for q in qids if q not in na_probs]
+    if lacking:
+        raise ValueError(f"na_probs lacks {len(lacking)} predicted question(s), e.g. {lacking[0]!r}")
+
+
 def evaluate_gold(
     gold: Mapping[str, list[str]],
     predictions: Mapping[str, str],
@@ -139,9 +146,7 @@ def evaluate_gold(
     if na_probs is None:
         na_probs = dict.fromkeys(preds, 0.0)
     else:
-        lacking = [q for q in preds if q not in na_probs]
-        if lacking:
-            raise ValueError(f"na_probs lacks {len(lacking)} predicted question(s), e.g. {lacking[0]!r}")
+        _require_na_probs(preds, na_probs)
         na_probs = {q: float(na_probs[q]) for q in preds}
     has_ans = {q: bool(a) for q, a in gold.items()}
     exact_raw, f1_raw = raw_scores(gold, preds)
@@ -174,14 +179,11 @@ def bootstrap_best_thresholds(
     qids = [q for q in gold if q in predictions]
     if not qids:
         raise ValueError("no question of the dataset has a prediction")
-    lacking = [q for q in qids if q not in na_probs]
-    if lacking:
-        raise ValueError(f"na_probs lacks {len(lacking)} predicted question(s), e.g. {lacking[0]!r}")
+    _require_na_probs(qids, na_probs)
     _, f1 = raw_scores(gold, {q: predictions[q] for q in qids})
-    has = np.array([bool(gold[q]) for q in qids])
     na = np.array([float(na_probs[q]) for q in qids], dtype=np.float64)
     # what moving one question from "no answer" to its span changes: its F1 if answerable, else -1 for a span, 0 for ""
-    delta = np.array([f1[q] if h else (-1.0 if predictions[q] else 0.0) for q, h in zip(qids, has)])
+    delta = np.array([f1[q] if gold[q] else (-1.0 if predictions[q] else 0.0) for q in qids])
     order = np.argsort(na, kind="stable")
     n = len(qids)
     counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
