@@ -37,7 +37,8 @@
 # Knobs: SN_LR (2e-5), SN_STEPS (800), SWAP_SHARE / ANTONYM_SHARE / NEGATION_SHARE (0.3 / 0.1 / 0.1) for the -sn
 # round (0: no round, the students are cut from teacher-cpu-e1 itself); SN_TAG (-sn2) names it; E1_STEPS (4463),
 # E2_STEPS (0; 4463: a second epoch, teacher-cpu-e2, that the -sn round then starts from),
-# KD_2X / KD_35X (1024 / 2048 distillation steps), KD_N (32768 windows); RESULTS_DIR (bench/results/cpu-e1; its
+# KD_2X / KD_35X (1024 / 2048 distillation steps; another KD_35X adds -kdN to the iterative 3.5x student's name),
+# KD_N (32768 windows); RESULTS_DIR (bench/results/cpu-e1; its
 # folder must be named cpu-e1). SESSION_DRY=1 prints each stage's command instead of running it. A smoke run of the
 # plumbing (12 minutes on 2 AVX2 cores, meaningless numbers):
 #   RUNS=/tmp/smoke RESULTS_DIR=/tmp/smoke/results/cpu-e1 E1_STEPS=8 SN_STEPS=4 KD_2X=4 KD_N=2048 FAST_SAMPLES=256 \
@@ -66,6 +67,8 @@ SA="$SN-L-kd${KD_2X}s$((KD_N / 1024))k"  # the ablations of the 2x student's cho
 FROM_SN="TEACHER_RUN=$SN ${KD[*]}"  # the students' recipe from the -sn teacher
 # the 3.5x student cut iteratively: half of the 2x student's FLOPs (0.25 of the teacher's), distilled from the teacher
 ITER="TEACHER_RUN=fast-cpu-0.5-$S2 KD_TEACHER=$SN ${KD[*]}"
+S35I="of-$S2"  # its name: fast-cpu-0.5-of-<the 2x student>, with -kdN where KD_35X is not the default 2048
+[ "$KD_35X" = 2048 ] || S35I+="-kd$KD_35X"
 SPEC_ENV="TEACHER_RUN=$SN REFIT=all FIT=ln KD_SAMPLES=$KD_N KD_STEPS=$KD_2X TAG=-$SA"  # theirs, on given units
 SLACK=${SLACK:-15}  # % over MINUTES the required stages may be estimated at and still run (the probe's error)
 
@@ -108,8 +111,8 @@ STAGES=(
   "${EVAL_E1[@]}"
   "student-0.75|$((400 + KD_35X * 3 / 4 + 8 * 12))|0|$TS|$FROM_SN KD_STEPS=$KD_35X $CURVE TAG=-$S35 $R fast 0.75"
   "eval-student-0.75|100|0|student-0.75|$R eval fast-cpu-0.75-$S35"
-  "student-0.75i|$((300 + KD_35X * 3 / 4 + 8 * 12))|0|student-0.5|$ITER KD_STEPS=$KD_35X $CURVE TAG=-of-$S2 $R fast 0.5"
-  "eval-student-0.75i|100|0|student-0.75i|$R eval fast-cpu-0.5-of-$S2"
+  "student-0.75i|$((300 + KD_35X * 3 / 4 + 8 * 12))|0|student-0.5|$ITER KD_STEPS=$KD_35X $CURVE TAG=-$S35I $R fast 0.5"
+  "eval-student-0.75i|100|0|student-0.75i|$R eval fast-cpu-0.5-$S35I"
   "nodistill-0.5|$((336 + KD_2X))|0|$TS|$FROM_SN KD_STEPS=$KD_2X KD_WEIGHT=0 TAG=-$S2-ce $R fast 0.5"
   "eval-nodistill-0.5|150|0|nodistill-0.5|$R eval fast-cpu-0.5-$S2-ce"
   "importance-0.5|$((436 + KD_2X))|0|$TS|$SPEC_ENV $R fast-importance 0.5"

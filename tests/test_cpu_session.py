@@ -105,6 +105,18 @@ def test_the_dry_run_names_real_stages_in_order(tmp_path: Path):
     assert not any("SELECT" in c for c in cmds if " fast-" in c)  # --spec takes prune_fast's default selection
 
 
+def test_a_longer_3_5x_distillation_is_named_by_its_steps(tmp_path: Path):
+    r = _session(tmp_path, "run", "900", RATE="0.9", SESSION_DRY="1", KD_35X="4096")
+    assert r.returncode == 0, r.stderr
+    cmds = [line.removeprefix("would run: ") for line in r.stdout.splitlines() if line.startswith("would run: ")]
+    run = "fast-cpu-0.5-of-teacher-cpu-e1-sn2-obs2L-kd1024s32k-kd4096"  # the default 2048 keeps the plain name
+    it = [c for c in cmds if "KD_TEACHER=" in c]
+    assert len(it) == 1 and "KD_STEPS=4096 KD_EVAL_EVERY=512" in it[0]
+    assert it[0].endswith(f"TAG=-{run.removeprefix('fast-cpu-0.5-')} scripts/reproduce_squad.sh fast 0.5")
+    assert f"scripts/reproduce_squad.sh eval {run}" in cmds
+    assert "TAG=-teacher-cpu-e1-sn2-obs2L-kd4096s32k scripts/reproduce_squad.sh fast 0.75" in " ".join(cmds)
+
+
 def test_without_the_sn_round_the_students_are_cut_from_the_one_epoch_teacher(tmp_path: Path):
     r = _session(tmp_path, "run", "600", RATE="0.9", SESSION_DRY="1", SN_STEPS="0", KD_N="16384")
     assert r.returncode == 0, r.stderr
