@@ -38,7 +38,8 @@ GROUPS = (
         "span CE alone (`--distill-weight 0`); `importance-cpu-0.5-*`, `random-cpu-0.5-*`: the units of "
         "engine.make_spec `--by importance` / `--by random` at 50%, then the same refit and distillation "
         "(`prune_fast --spec`); `fast-cpu-0.5-of-RUN`: half of the 2x student RUN's FLOPs cut again (0.25 of the "
-        "teacher's) and distilled from the teacher (`prune_fast --distill-teacher`: iterative pruning); "
+        "teacher's) and distilled from the teacher (`prune_fast --distill-teacher`: iterative pruning; 2,048 steps, "
+        "or N with a `-kdN` suffix); "
         "`fast-cpu-T-teacher-cpu-e1-obs2L-kdNs16k`: the same recipe cut from `teacher-cpu-e1` itself, with no "
         "question-edit round (`SN_STEPS=0`), on 16,384 windows, and judged against that teacher (its bundle build "
         "meets the four numbers of the bundle targets but, at its stored threshold of -9.07, abstains on `make run`'s "
@@ -56,13 +57,13 @@ GROUPS = (
             ),
             (
                 "prune_fast's units vs importance scores (same refit and distillation)",
-                "fast-cpu-0.5-teacher-cpu-e1-sn2-obs2L-kd1024s32k",
-                "importance-cpu-0.5-teacher-cpu-e1-sn2-L-kd1024s32k",
+                "fast-cpu-0.5-teacher-cpu-e2-sn2-obs2L-kd1024s32k",
+                "importance-cpu-0.5-teacher-cpu-e2-sn2-L-kd1024s32k",
             ),
             (
                 "prune_fast's units vs random heads and units (same refit and distillation)",
-                "fast-cpu-0.5-teacher-cpu-e1-sn2-obs2L-kd1024s32k",
-                "random-cpu-0.5-teacher-cpu-e1-sn2-L-kd1024s32k",
+                "fast-cpu-0.5-teacher-cpu-e2-sn2-obs2L-kd1024s32k",
+                "random-cpu-0.5-teacher-cpu-e2-sn2-L-kd1024s32k",
             ),
             (
                 "3.5x: cut from the 2x student (iterative) vs cut once (2,048 steps each)",
