@@ -209,6 +209,76 @@ def test_stale_teacher_cache_is_refused(teacher_windows, tmp_path):
         cached_teacher(other, SETTINGS, feats, cache.path, "float32", backend="torch", progress=False)
 
 
+def _counting_windows(monkeypatch, fail_at: int | None = None) -> list[int]:
+    """Count the chunks the teacher actually runs (their window counts); raise KeyboardInterrupt at call `fail_at`."""
+    import engine.train.teacher as teacher_mod
+
+    real, calls = teacher_mod._run_windows, []
+
+    def run(runner, feats, tokens, bar):
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt
+        calls.append(len(feats))
+        return real(runner, feats, tokens, bar)
+
+    monkeypatch.setattr(teacher_mod, "_run_windows", run)
+    return calls
+
+
+def test_an_interrupted_teacher_cache_resumes_at_its_first_missing_chunk(teacher_windows, tmp_path, monkeypatch):
+    teacher, feats = teacher_windows
+    c = max(1, len(feats) // 4)  # 4-5 chunks, the last one short when c does not divide the windows
+    n_chunks = -(-len(feats) // c)
+    whole = cached_teacher(
+        teacher, SETTINGS, feats, tmp_path / "one", backend="torch", progress=False, chunk_windows=10**9
+    )
+    with monkeypatch.context() as m:
+        _counting_windows(m, fail_at=2)
+        with pytest.raises(KeyboardInterrupt):
+            cached_teacher(teacher, SETTINGS, feats, tmp_path / "c", backend="torch", progress=False, chunk_windows=c)
+    assert not list((tmp_path / "c").glob("*.safetensors"))  # no final file: nothing claims to be complete
+    assert len(list((tmp_path / "c" / "chunks").glob("*.safetensors"))) == 2
+    with monkeypatch.context() as m:
+        calls = _counting_windows(m)
+        got = cached_teacher(teacher, SETTINGS, feats, tmp_path / "c", backend="torch", progress=False, chunk_windows=c)
+    assert len(calls) == n_chunks - 2 and sum(calls) == len(feats) - 2 * c  # only the missing chunks ran
+    assert torch.equal(got.offsets, whole.offsets)
+    torch.testing.assert_close(got.start, whole.start, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.end, whole.end, atol=1e-5, rtol=0)
+    # A damaged chunk is recomputed, not trusted; the finished cache no longer needs its chunks.
+    chunk = sorted((tmp_path / "c" / "chunks").glob("*.safetensors"))[0]
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    (got.path).unlink()
+    with monkeypatch.context() as m:
+        calls = _counting_windows(m)
+        again = cached_teacher(
+            teacher, SETTINGS, feats, tmp_path / "c", backend="torch", progress=False, chunk_windows=c
+        )
+    assert len(calls) == 1
+    torch.testing.assert_close(again.start, whole.start, atol=1e-5, rtol=0)
+
+
+def test_a_larger_teacher_cache_reuses_a_smaller_ones_chunks(teacher_windows, tmp_path, monkeypatch):
+    teacher, feats = teacher_windows
+    c = max(1, len(feats) // 4)
+    with monkeypatch.context() as m:
+        calls = _counting_windows(m)
+        small = cached_teacher(
+            teacher, SETTINGS, feats[: 2 * c + 1], tmp_path, backend="torch", progress=False, chunk_windows=c
+        )
+    assert calls == [c, c, 1]
+    with monkeypatch.context() as m:
+        calls = _counting_windows(m)
+        big = cached_teacher(teacher, SETTINGS, feats, tmp_path, backend="torch", progress=False, chunk_windows=c)
+    assert sum(calls) == len(feats) - 2 * c and calls[0] == min(
+        c, len(feats) - 2 * c
+    )  # the short chunk is not a prefix
+    assert big.path != small.path and len(list(tmp_path.glob("*.safetensors"))) == 2
+    n = int(small.offsets[-1])
+    assert torch.equal(big.offsets[: 2 * c + 2], small.offsets)
+    torch.testing.assert_close(big.start[:n], small.start, atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------- one cost model
 
 

@@ -5,8 +5,10 @@ during training (the teacher is frozen, in eval mode, and the windows are fixed)
 computes them once with the fast inference engine (the cpp backend when built, any artifact precision)
 and stores them with safetensors, next to the run, keyed by the exact teacher weights, tokenizer, window
 settings, windows and precision. Every student of that teacher reuses the file; a file whose key does not
-match is refused with a message naming the mismatch, never silently used. Hidden-state distillation still
-needs the live teacher (`LiveTeacher`).
+match is refused with a message naming the mismatch, never silently used. The computation goes in chunks of
+consecutive windows, each saved with its own key as it finishes: an interrupted one resumes at the first
+missing chunk, and a run on more windows of the same shuffle reuses a smaller run's chunks. Hidden-state
+distillation still needs the live teacher (`LiveTeacher`).
 
 Shapes: packed logits `[T]` (fp32), `cu_seqlens` int32 `[B+1]`; the cache holds `start`, `end` `[T_all]`
 and `offsets` int64 `[N+1]` (window i's logits are `[offsets[i]:offsets[i+1]]`).
@@ -15,12 +17,13 @@ and `offsets` int64 `[N+1]` (window i's logits are `[offsets[i]:offsets[i+1]]`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +48,7 @@ _TOKENIZER_FILES = (
 )
 # Precisions an artifact can hold (engine.build_model --dtype) -> the name used in cache keys and file names.
 PRECISIONS = ("float32", "bfloat16", "int8")
+CHUNK_WINDOWS = 4096  # windows per resumable piece of a cache computation (about 100 s of MiniLM on 2 cores)
 
 
 def add_teacher_logits_args(ap: argparse.ArgumentParser, default: str) -> None:
@@ -241,7 +245,64 @@ class CachedTeacher(TeacherSource):
         return self.start[rows].to(device), self.end[rows].to(device), None
 
 
+@contextlib.contextmanager
+def _teacher_runner(teacher_dir: Path, settings: WindowSettings, precision: str, backend: str, threads: int | None):
+    """The teacher built as an engine artifact in `precision` (in a temporary directory) and loaded on the CPU."""
+    from engine.artifact import load_artifact
+    from engine.build_model import build
+    from engine.runtime import create_backend
+
+    with tempfile.TemporaryDirectory(prefix="sparseqa-teacher-") as tmp:
+        art = load_artifact(build(teacher_dir, Path(tmp) / "artifact", dtype=precision, settings=settings))
+        yield create_backend(backend, art, "cpu", threads)
+
+
 @torch.inference_mode()
+def _run_windows(runner, features: Sequence[TrainFeature], tokens_per_batch: int, bar) -> dict[str, torch.Tensor]:
+    """{start, end, offsets} of `features` through `runner`, longest windows first (fewer, fuller batches)."""
+    lengths = np.array([len(f.input_ids) for f in features])
+    offsets = np.zeros(len(features) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    start = torch.empty(int(offsets[-1]), dtype=torch.float32)
+    end = torch.empty_like(start)
+    order = np.argsort(-lengths, kind="stable")
+    i = 0
+    while i < len(order):
+        n = max(1, tokens_per_batch // int(lengths[order[i]]))
+        idx = order[i : i + n]
+        feats = [features[k] for k in idx]
+        ids = torch.tensor([t for f in feats for t in f.input_ids], dtype=torch.long)
+        types = torch.tensor([t for f in feats for t in f.token_type_ids], dtype=torch.long)
+        lens = [len(f.input_ids) for f in feats]
+        s, e = runner.forward_packed(ids, types, cu_seqlens_from_lengths(lens), max(lens))
+        pos = 0
+        for k, n_tok in zip(idx, lens):
+            start[offsets[k] : offsets[k + 1]] = s[pos : pos + n_tok].float().cpu()
+            end[offsets[k] : offsets[k + 1]] = e[pos : pos + n_tok].float().cpu()
+            pos += n_tok
+        bar.update(len(idx))
+        i += n
+    return {"start": start, "end": end, "offsets": torch.from_numpy(offsets)}
+
+
+def _concat(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Consecutive windows' {start, end, offsets} joined into one."""
+    base = np.cumsum([0] + [int(p["offsets"][-1]) for p in parts])
+    offsets = torch.cat([parts[0]["offsets"][:1]] + [p["offsets"][1:] + int(b) for p, b in zip(parts, base)])
+    return {
+        "start": torch.cat([p["start"] for p in parts]),
+        "end": torch.cat([p["end"] for p in parts]),
+        "offsets": offsets,
+    }
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write atomically: a file that exists is complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
 def compute_teacher_logits(
     teacher_dir: Path,
     settings: WindowSettings,
@@ -251,51 +312,61 @@ def compute_teacher_logits(
     threads: int | None = None,
     tokens_per_batch: int = 8192,
     progress: bool = True,
+    chunks: Path | None = None,
+    chunk_windows: int = CHUNK_WINDOWS,
+    key: CacheKey | None = None,
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Run the teacher, built as an engine artifact in `precision`, over every window.
 
-    Returns ({start, end, offsets}, the backend that ran it).
+    With `chunks` (a directory) the windows go in consecutive chunks of `chunk_windows`, each saved there as soon
+    as it is done, keyed like a cache of its own windows (`key`: this run's, whose windows fields each chunk
+    replaces): an interrupted computation resumes at its first missing chunk, and a run whose windows begin with
+    another's (the same shuffle, more of it) reuses that run's chunks.
+    Returns ({start, end, offsets}, the backend that ran it; "" when every chunk was already on disk).
     """
-    from engine.artifact import load_artifact
-    from engine.build_model import build
-    from engine.runtime import create_backend
-
-    with tempfile.TemporaryDirectory(prefix="sparseqa-teacher-") as tmp:
-        art_dir = build(teacher_dir, Path(tmp) / "artifact", dtype=precision, settings=settings)
-        art = load_artifact(art_dir)
-        runner = create_backend(backend, art, "cpu", threads)
-        lengths = np.array([len(f.input_ids) for f in features])
-        offsets = np.zeros(len(features) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        start = torch.empty(int(offsets[-1]), dtype=torch.float32)
-        end = torch.empty_like(start)
-        order = np.argsort(-lengths, kind="stable")
-        bar = tqdm(
-            total=len(features),
-            desc=f"teacher logits ({runner.name}, {precision})",
-            unit="win",
-            disable=not progress,
-            mininterval=5,
-        )
-        i = 0
-        while i < len(order):
-            n = max(1, tokens_per_batch // int(lengths[order[i]]))
-            idx = order[i : i + n]
-            feats = [features[k] for k in idx]
-            ids = torch.tensor([t for f in feats for t in f.input_ids], dtype=torch.long)
-            types = torch.tensor([t for f in feats for t in f.token_type_ids], dtype=torch.long)
-            lens = [len(f.input_ids) for f in feats]
-            s, e = runner.forward_packed(ids, types, cu_seqlens_from_lengths(lens), max(lens))
-            pos = 0
-            for k, n_tok in zip(idx, lens):
-                start[offsets[k] : offsets[k + 1]] = s[pos : pos + n_tok].float().cpu()
-                end[offsets[k] : offsets[k + 1]] = e[pos : pos + n_tok].float().cpu()
-                pos += n_tok
-            bar.update(len(idx))
-            i += n
-        bar.close()
-        name = runner.name
-    return {"start": start, "end": end, "offsets": torch.from_numpy(offsets)}, name
+    spans = [(0, len(features))]
+    if chunks is not None:
+        if chunk_windows < 1:
+            raise ValueError(f"chunk_windows must be >= 1, got {chunk_windows}")
+        key = key or CacheKey.of(Path(teacher_dir), settings, features, precision)
+        chunks.mkdir(parents=True, exist_ok=True)
+        spans = [(a, min(a + chunk_windows, len(features))) for a in range(0, len(features), chunk_windows)] or [(0, 0)]
+    parts: list[dict[str, torch.Tensor] | None] = [None] * len(spans)
+    paths: list[Path | None] = [None] * len(spans)
+    keys: list[CacheKey | None] = [None] * len(spans)
+    done = 0
+    for j, (a, b) in enumerate(spans):
+        if chunks is None:
+            continue
+        keys[j] = replace(key, windows_sha=windows_fingerprint(features[a:b]), n_windows=b - a)
+        paths[j] = chunks / f"teacher-logits-{precision}-{keys[j].digest}.safetensors"
+        if paths[j].is_file():
+            try:
+                got = CachedTeacher(paths[j], keys[j])
+            except Exception as e:  # unreadable (a damaged disk: chunks are written atomically) or a stale key
+                print(f"teacher-logit chunk {paths[j]} is not usable ({e}); recomputing it", file=sys.stderr)
+                continue
+            parts[j] = {"start": got.start, "end": got.end, "offsets": got.offsets}
+            done += b - a
+    name = ""
+    with tqdm(
+        total=len(features),
+        initial=done,
+        desc=f"teacher logits ({precision})",
+        unit="win",
+        disable=not progress,
+        mininterval=5,
+    ) as bar:
+        if any(p is None for p in parts):
+            with _teacher_runner(Path(teacher_dir), settings, precision, backend, threads) as runner:
+                name = runner.name
+                bar.set_description(f"teacher logits ({name}, {precision})")
+                for j, (a, b) in enumerate(spans):
+                    if parts[j] is None:
+                        parts[j] = _run_windows(runner, features[a:b], tokens_per_batch, bar)
+                        if paths[j] is not None:
+                            _save(parts[j], paths[j], {**keys[j].as_metadata(), "backend": name})
+    return (parts[0] if len(parts) == 1 else _concat(parts)), name
 
 
 def cached_teacher(
@@ -307,10 +378,14 @@ def cached_teacher(
     backend: str = "auto",
     threads: int | None = None,
     progress: bool = True,
+    chunk_windows: int = CHUNK_WINDOWS,
 ) -> CachedTeacher:
     """The teacher-logit cache for these windows: `cache` is a file, or a directory holding one file per key.
 
-    A missing file is computed (and written atomically); an existing one is validated against the key.
+    A missing file is computed (and written atomically) chunk by chunk, the chunks kept in `chunks/` beside it:
+    an interrupted computation resumes at its first missing chunk, and a larger run on the same shuffle reuses
+    a smaller one's (`rm -r chunks` reclaims their space; only resumption and reuse need them). An existing file
+    is validated against the key.
     """
     key = CacheKey.of(Path(teacher_dir), settings, features, precision)
     cache = Path(cache)
@@ -318,12 +393,21 @@ def cached_teacher(
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors, backend_name = compute_teacher_logits(
-            Path(teacher_dir), settings, features, precision, backend, threads, progress=progress
+            Path(teacher_dir),
+            settings,
+            features,
+            precision,
+            backend,
+            threads,
+            progress=progress,
+            chunks=path.parent / "chunks",
+            chunk_windows=chunk_windows,
+            key=key,
         )
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={**key.as_metadata(), "backend": backend_name})
-        tmp.replace(path)
+        _save(tensors, path, {**key.as_metadata(), "backend": backend_name or "chunks"})
         print(
-            f"teacher logits of {len(features)} windows ({backend_name}, {precision}) cached in {path}", file=sys.stderr
+            f"teacher logits of {len(features)} windows ({backend_name or 'all chunks reused'}, {precision}) cached in "
+            f"{path}",
+            file=sys.stderr,
         )
     return CachedTeacher(path, key)
