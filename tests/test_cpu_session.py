@@ -88,16 +88,21 @@ def test_the_dry_run_names_real_stages_in_order(tmp_path: Path):
     # with the time for all of it: the ablations of the 2x student's units, on the same teacher and budget
     r = _session(tmp_path, "run", "600", RATE="0.9", SESSION_DRY="1")
     cmds = [line.removeprefix("would run: ") for line in r.stdout.splitlines() if line.startswith("would run: ")]
-    assert len(cmds) == 19
+    assert len(cmds) == 21
     # the iterative 3.5x student: half of the 2x student's FLOPs, distilled from the -sn teacher, after the 2x one
     s2 = "teacher-cpu-e1-sn2-obs2L-kd1024s32k"
-    it = [c for c in cmds if "KD_TEACHER=" in c]
+    it = [c for c in cmds if "KD_TEACHER=" in c and c.endswith(" fast 0.5")]
     assert len(it) == 1 and it[0].startswith(f"TEACHER_RUN=fast-cpu-0.5-{s2} KD_TEACHER=teacher-cpu-e1-sn2 ")
     assert it[0].endswith(f"TAG=-of-{s2} scripts/reproduce_squad.sh fast 0.5") and "KD_STEPS=2048" in it[0]
     assert cmds.index(it[0]) > next(
         i for i, c in enumerate(cmds) if c.endswith(f"TAG=-{s2} scripts/reproduce_squad.sh fast 0.5")
     )
     assert f"scripts/reproduce_squad.sh eval fast-cpu-0.5-of-{s2}" in cmds
+    # and the student at exactly 3.5x: 44% of the 2x student's FLOPs, the same distillation, its steps in its name
+    x35 = [c for c in cmds if "KD_TEACHER=" in c and c.endswith(" fast 0.44")]
+    assert len(x35) == 1 and x35[0].startswith(f"TEACHER_RUN=fast-cpu-0.5-{s2} KD_TEACHER=teacher-cpu-e1-sn2 ")
+    assert x35[0].endswith(f"TAG=-of-{s2}-kd2048 scripts/reproduce_squad.sh fast 0.44") and "KD_STEPS=2048" in x35[0]
+    assert f"scripts/reproduce_squad.sh eval fast-cpu-0.44-of-{s2}-kd2048" in cmds
     spec_env = "TEACHER_RUN=teacher-cpu-e1-sn2 REFIT=all FIT=ln KD_SAMPLES=32768 KD_STEPS=1024"
     tag = "TAG=-teacher-cpu-e1-sn2-L-kd1024s32k"
     assert f"{spec_env} {tag} scripts/reproduce_squad.sh fast-importance 0.5" in cmds
@@ -110,7 +115,7 @@ def test_a_longer_3_5x_distillation_is_named_by_its_steps(tmp_path: Path):
     assert r.returncode == 0, r.stderr
     cmds = [line.removeprefix("would run: ") for line in r.stdout.splitlines() if line.startswith("would run: ")]
     run = "fast-cpu-0.5-of-teacher-cpu-e1-sn2-obs2L-kd1024s32k-kd4096"  # the default 2048 keeps the plain name
-    it = [c for c in cmds if "KD_TEACHER=" in c]
+    it = [c for c in cmds if "KD_TEACHER=" in c and c.endswith(" fast 0.5")]
     assert len(it) == 1 and "KD_STEPS=4096 KD_EVAL_EVERY=512" in it[0]
     assert it[0].endswith(f"TAG=-{run.removeprefix('fast-cpu-0.5-')} scripts/reproduce_squad.sh fast 0.5")
     assert f"scripts/reproduce_squad.sh eval {run}" in cmds
@@ -121,7 +126,7 @@ def test_without_the_sn_round_the_students_are_cut_from_the_one_epoch_teacher(tm
     r = _session(tmp_path, "run", "600", RATE="0.9", SESSION_DRY="1", SN_STEPS="0", KD_N="16384")
     assert r.returncode == 0, r.stderr
     cmds = [line.removeprefix("would run: ") for line in r.stdout.splitlines() if line.startswith("would run: ")]
-    assert len(cmds) == 17  # no -sn round, and teacher-cpu-e1 scored once
+    assert len(cmds) == 19  # no -sn round, and teacher-cpu-e1 scored once
     assert not any("teacher-swap" in c for c in cmds)
     assert [c for c in cmds if " eval teacher" in c] == ["scripts/reproduce_squad.sh eval teacher-cpu-e1"]
     s2 = "teacher-cpu-e1-obs2L-kd1024s16k"
