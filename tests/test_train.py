@@ -279,6 +279,28 @@ def test_a_larger_teacher_cache_reuses_a_smaller_ones_chunks(teacher_windows, tm
     torch.testing.assert_close(big.start[:n], small.start, atol=1e-5, rtol=0)
 
 
+def test_a_larger_teacher_cache_reuses_a_finished_smaller_cache_file(teacher_windows, tmp_path, monkeypatch):
+    import shutil
+
+    teacher, feats = teacher_windows
+    c = max(1, len(feats) // 4)
+    small = cached_teacher(
+        teacher, SETTINGS, feats[: 2 * c + 1], tmp_path, backend="torch", progress=False, chunk_windows=10**9
+    )
+    shutil.rmtree(tmp_path / "chunks")  # a cache file made before caches were chunked, or with its chunks deleted
+    other = make_checkpoint(tmp_path / "other", "bert", layers=2, heads=4, head_dim=8, ffn=37, seed=4)
+    cached_teacher(other, SETTINGS, feats[:c], tmp_path, backend="torch", progress=False)  # another teacher's: unused
+    with monkeypatch.context() as m:
+        calls = _counting_windows(m)
+        big = cached_teacher(teacher, SETTINGS, feats, tmp_path, backend="torch", progress=False, chunk_windows=c)
+    assert sum(calls) == len(feats) - 2 * c  # the two chunks inside the smaller file's windows were not rerun
+    n = int(small.offsets[-1])
+    assert torch.equal(big.offsets[: 2 * c + 2], small.offsets)
+    assert torch.equal(big.start[:n], small.start) and torch.equal(big.end[:n], small.end)
+    fresh = cached_teacher(teacher, SETTINGS, feats, tmp_path / "fresh", backend="torch", progress=False)
+    torch.testing.assert_close(big.start, fresh.start, atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------- one cost model
 
 

@@ -303,6 +303,32 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
     tmp.replace(path)
 
 
+def _prefix_cache(cache_dir: Path, key: CacheKey, features: Sequence[TrainFeature]) -> CachedTeacher | None:
+    """The finished cache in `cache_dir` of the most windows that are a proper prefix of `features` (the same teacher,
+    tokenizer, settings and precision: a run on fewer windows of the same shuffle), or None."""
+    best: tuple[int, Path] | None = None
+    same = {k: v for k, v in key.as_metadata().items() if k not in ("windows_sha", "n_windows")}
+    for path in sorted(cache_dir.glob("teacher-logits-*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            n = int(meta.get("n_windows", "0"))
+        except Exception:  # not a readable cache: never a prefix
+            continue
+        if any(meta.get(k) != v for k, v in same.items()) or not 0 < n < len(features) or (best and n <= best[0]):
+            continue
+        if meta.get("windows_sha") == windows_fingerprint(features[:n]):
+            best = (n, path)
+    if best is None:
+        return None
+    n, path = best
+    try:
+        return CachedTeacher(path, replace(key, windows_sha=windows_fingerprint(features[:n]), n_windows=n))
+    except Exception as e:
+        print(f"teacher-logit cache {path} is not usable as a prefix ({e}); not reusing it", file=sys.stderr)
+        return None
+
+
 def compute_teacher_logits(
     teacher_dir: Path,
     settings: WindowSettings,
@@ -321,7 +347,8 @@ def compute_teacher_logits(
     With `chunks` (a directory) the windows go in consecutive chunks of `chunk_windows`, each saved there as soon
     as it is done, keyed like a cache of its own windows (`key`: this run's, whose windows fields each chunk
     replaces): an interrupted computation resumes at its first missing chunk, and a run whose windows begin with
-    another's (the same shuffle, more of it) reuses that run's chunks.
+    another's (the same shuffle, more of it) reuses that run's chunks, or the chunks its finished cache file (in
+    the directory above `chunks`) covers whole.
     Returns ({start, end, offsets}, the backend that ran it; "" when every chunk was already on disk).
     """
     spans = [(0, len(features))]
@@ -335,12 +362,18 @@ def compute_teacher_logits(
     paths: list[Path | None] = [None] * len(spans)
     keys: list[CacheKey | None] = [None] * len(spans)
     done = 0
+    prefix = _prefix_cache(chunks.parent, key, features) if chunks is not None else None
     for j, (a, b) in enumerate(spans):
         if chunks is None:
             continue
         keys[j] = replace(key, windows_sha=windows_fingerprint(features[a:b]), n_windows=b - a)
         paths[j] = chunks / f"teacher-logits-{precision}-{keys[j].digest}.safetensors"
-        if paths[j].is_file():
+        if prefix is not None and b <= prefix.offsets.numel() - 1:  # inside a finished cache of fewer windows
+            lo, hi = int(prefix.offsets[a]), int(prefix.offsets[b])
+            offsets = prefix.offsets[a : b + 1] - lo
+            parts[j] = {"start": prefix.start[lo:hi], "end": prefix.end[lo:hi], "offsets": offsets}
+            done += b - a
+        elif paths[j].is_file():
             try:
                 got = CachedTeacher(paths[j], keys[j])
             except Exception as e:  # unreadable (a damaged disk: chunks are written atomically) or a stale key
