@@ -306,7 +306,7 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
 def _prefix_cache(cache_dir: Path, key: CacheKey, features: Sequence[TrainFeature]) -> CachedTeacher | None:
     """The finished cache in `cache_dir` of the most windows that are a proper prefix of `features` (the same teacher,
     tokenizer, settings and precision: a run on fewer windows of the same shuffle), or None."""
-    best: tuple[int, Path] | None = None
+    best: tuple[CacheKey, Path] | None = None
     same = {k: v for k, v in key.as_metadata().items() if k not in ("windows_sha", "n_windows")}
     for path in sorted(cache_dir.glob("teacher-logits-*.safetensors")):
         try:
@@ -315,15 +315,18 @@ def _prefix_cache(cache_dir: Path, key: CacheKey, features: Sequence[TrainFeatur
             n = int(meta.get("n_windows", "0"))
         except Exception:  # not a readable cache: never a prefix
             continue
-        if any(meta.get(k) != v for k, v in same.items()) or not 0 < n < len(features) or (best and n <= best[0]):
+        if any(meta.get(k) != v for k, v in same.items()) or not 0 < n < len(features):
             continue
-        if meta.get("windows_sha") == windows_fingerprint(features[:n]):
-            best = (n, path)
+        if best and n <= best[0].n_windows:
+            continue
+        prefix_key = replace(key, windows_sha=windows_fingerprint(features[:n]), n_windows=n)
+        if meta.get("windows_sha") == prefix_key.windows_sha:
+            best = (prefix_key, path)
     if best is None:
         return None
-    n, path = best
+    prefix_key, path = best
     try:
-        return CachedTeacher(path, replace(key, windows_sha=windows_fingerprint(features[:n]), n_windows=n))
+        return CachedTeacher(path, prefix_key)
     except Exception as e:
         print(f"teacher-logit cache {path} is not usable as a prefix ({e}); not reusing it", file=sys.stderr)
         return None
