@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from engine.config import EncoderConfig
-from engine.latency import LatencyTable, Shape
+from engine.latency_table import LatencyTable
+from engine.latency_timer import Shape
 
 T = TypeVar("T")
 
@@ -108,7 +109,8 @@ def resolve_latency_target(args: argparse.Namespace, progress: bool = True) -> t
     target is below the empty model's latency or not below the dense one's. Sets torch's threads to the latency
     threads when it measures; callers that train afterwards set their own again.
     """
-    from engine.latency import latency_budget, load_or_measure
+    from engine.latency import load_or_measure
+    from engine.latency_table import latency_budget
 
     batch, seq, threads = latency_setting(args)
     table = load_or_measure(
@@ -149,7 +151,7 @@ def exported_latency(
     """metrics.json's `latency` of a pruned checkpoint: its speedup over the teacher measured on the engine (both
     built with their real weights, timed interleaved: engine.latency_timer.measure_speedup) and the table's prediction
     for its shape `cfg` against the budget."""
-    from engine.latency import measure_speedup
+    from engine.latency_timer import measure_speedup
 
     batch, seq, threads = latency_setting(args)
     measured = measure_speedup(model_dir, args.teacher, batch, seq, args.backend, threads, args.latency_dtype)
@@ -179,7 +181,7 @@ def meet_measured_latency(
     measured latency (or the paired speedup) is within --latency-tolerance of the target, or after
     --latency-iterations rounds (at least one). Returns the cut of the round closest to the target, and every round.
     """
-    from engine.latency import EngineTimer
+    from engine.latency_timer import EngineTimer
 
     batch, seq, threads = latency_setting(args)
     timer = EngineTimer(

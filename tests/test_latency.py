@@ -11,17 +11,17 @@ import torch
 from engine import latency as lat
 from engine.checkpoint import load_checkpoint
 from engine.config import EncoderConfig
-from engine.latency import (
+from engine.latency import build_table, load_or_measure
+from engine.latency_table import (
     LatencyKey,
     LatencyTable,
     LatencyTableError,
     PiecewiseLinear,
-    build_table,
     dense_latency,
+    dims_hash,
     expected_latency,
     fit_piecewise,
     latency_budget,
-    load_or_measure,
 )
 
 CFG = EncoderConfig(
@@ -37,7 +37,7 @@ CFG = EncoderConfig(
     activation="gelu",
     pad_token_id=0,
 )
-KEY = LatencyKey("test-cpu x2", "cpp", "float32", 8, 32, 2, lat.dims_hash(CFG))
+KEY = LatencyKey("test-cpu x2", "cpp", "float32", 8, 32, 2, dims_hash(CFG))
 
 
 def _synthetic(heads: tuple[int, ...], ffn: tuple[int, ...]) -> float:

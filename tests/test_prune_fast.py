@@ -306,6 +306,8 @@ def test_latency_search_corrects_a_biased_table(monkeypatch):
     import argparse
 
     import engine.latency as lat
+    import engine.latency_timer as timer
+    from engine.latency_table import LatencyKey, dims_hash
     from engine.prune_fast.stages import _latency_search
 
     dense = CFG.with_shape((12, 12, 12), (400, 400, 400))
@@ -315,7 +317,7 @@ def test_latency_search_corrects_a_biased_table(monkeypatch):
 
     table = lat.build_table(
         dense,
-        lat.LatencyKey("x", "cpp", "float32", 8, 32, 2, lat.dims_hash(dense)),
+        LatencyKey("x", "cpp", "float32", 8, 32, 2, dims_hash(dense)),
         lambda shapes: [table_ms(*s) for s in shapes],
         n_validation=0,
     )
@@ -324,7 +326,7 @@ def test_latency_search_corrects_a_biased_table(monkeypatch):
     engine_ms, FakeTimer = slow_pruned_timer(table, dense)
 
     monkeypatch.setattr(lat, "load_or_measure", lambda *a, **k: table)
-    monkeypatch.setattr(lat, "EngineTimer", FakeTimer)
+    monkeypatch.setattr(timer, "EngineTimer", FakeTimer)
     g = torch.Generator().manual_seed(0)
     hs = [torch.rand(12, generator=g, dtype=torch.float64) for _ in range(3)]
     fs = [torch.rand(400, generator=g, dtype=torch.float64) * 0.01 for _ in range(3)]

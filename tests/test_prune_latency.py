@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from engine import latency as lat
+from engine import latency_table as lt
+from engine import latency_timer as timer
 from engine.checkpoint import load_checkpoint
 from engine.config import EncoderConfig
 from engine.model import RaggedQAModel
@@ -36,8 +38,8 @@ def _synthetic_ms(heads: tuple[int, ...], ffn: tuple[int, ...]) -> float:
     )
 
 
-def _table(dense: EncoderConfig, **key_fields: str) -> lat.LatencyTable:
-    key = lat.LatencyKey.current(dense, BACKEND, "float32", *SHAPE, THREADS)
+def _table(dense: EncoderConfig, **key_fields: str) -> lt.LatencyTable:
+    key = lt.LatencyKey.current(dense, BACKEND, "float32", *SHAPE, THREADS)
     return lat.build_table(
         dense, replace(key, **key_fields), lambda shapes: [_synthetic_ms(*s) for s in shapes], n_validation=0
     )
@@ -76,7 +78,7 @@ def test_latency_sparsity_gradient_and_corners(data, sublayer):  # noqa: F811
                     g.log_alpha.fill_(40.0)
             return float(gated.expected_sparsity(dense, 64, "latency", table))
 
-    dense_ms = lat.dense_latency(table)
+    dense_ms = lt.dense_latency(table)
     up, down = 40.0, -40.0  # P(gate != 0) is 1 and 0 to float32 precision
     cases = [
         (dense.heads, dense.ffn),  # all open
@@ -102,7 +104,7 @@ def test_calibrate_meets_the_latency_budget(data):  # noqa: F811
         with torch.no_grad():
             for p in gated.gate_parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 2)
-        budget = lat.latency_budget(table, speedup=speedup)
+        budget = lt.latency_budget(table, speedup=speedup)
         target = 1 - budget / table.dense_ms()
         info = calibrate(gated, dense, target, by="latency", table=table, tol=0.01)
         shape = deterministic_shape(gated)
@@ -134,7 +136,7 @@ def test_cli_target_speedup_end_to_end(data, cached_table, tmp_path):  # noqa: F
     assert lm["predicted_ms"] == pytest.approx(cached_table.predict(cfg.heads, cfg.ffn))
     assert lm["predicted_ms"] <= budget * (1 + 1e-9) and lm["predicted_speedup"] >= 1.5 * (1 - 1e-9)
     assert lm["ms"] > 0 and lm["dense_ms"] > 0 and lm["speedup"] > 0 and lm["rounds"] > 0  # measured, not asserted
-    assert lm["table_key"]["machine"] == lat.machine_id()
+    assert lm["table_key"]["machine"] == lt.machine_id()
     gates = json.loads((out / "gates.json").read_text())
     assert gates["sparsity_by"] == "latency" and 0 <= gates["expected_sparsity"] < 1
     assert json.loads((out / "metrics.json").read_text())["latency"]["budget_ms"] == pytest.approx(budget)
@@ -142,7 +144,7 @@ def test_cli_target_speedup_end_to_end(data, cached_table, tmp_path):  # noqa: F
 
 def test_cli_target_latency_ms(data, cached_table, tmp_path, monkeypatch):  # noqa: F811
     fake = {"ms": 1.0, "dense_ms": 2.0, "speedup": 2.0, "speedup_min": 2.0, "rounds": 7}
-    monkeypatch.setattr(lat, "measure_speedup", lambda *a, **k: fake)  # the engine timing is tested above
+    monkeypatch.setattr(timer, "measure_speedup", lambda *a, **k: fake)  # the engine timing is tested above
     target = 0.6 * cached_table.dense_ms()
     argv = _argv(data, tmp_path / "o", "--target-latency-ms", str(target), "--latency-shape", "2,16")
     argv += ["--latency-iterations", "0"]
@@ -158,8 +160,8 @@ def test_cli_corrects_the_budget_by_measuring_on_the_engine(data, cached_table, 
 
     engine_ms, FakeTimer = slow_pruned_timer(cached_table, dense)
 
-    monkeypatch.setattr(lat, "EngineTimer", FakeTimer)
-    monkeypatch.setattr(lat, "measure_speedup", lambda *a, **k: {"ms": 1.0, "dense_ms": 1.5, "speedup": 1.5})
+    monkeypatch.setattr(timer, "EngineTimer", FakeTimer)
+    monkeypatch.setattr(timer, "measure_speedup", lambda *a, **k: {"ms": 1.0, "dense_ms": 1.5, "speedup": 1.5})
     out = tmp_path / "o"
     argv = _argv(data, out, "--target-speedup", "1.5", "--latency-shape", "2,16", "--backend", BACKEND)
     m = prune(build_parser().parse_args([*argv, "--max-steps", "4", "--finetune-epochs", "0"]))

@@ -10,7 +10,8 @@ import torch
 
 from engine.config import EncoderConfig
 from engine.flops import exact_flops, exact_params
-from engine.latency import LatencyTable, Shape
+from engine.latency_table import LatencyTable
+from engine.latency_timer import Shape
 from engine.prune.gated import GatedQAModel
 
 OPEN, CLOSED = 10.0, -10.0  # log_alpha values whose deterministic gates are exactly 1 and exactly 0

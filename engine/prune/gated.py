@@ -20,7 +20,7 @@ from torch import nn
 
 from engine.config import EncoderConfig
 from engine.flops import exact_flops, exact_params, expected_counts, expected_flops, expected_params
-from engine.latency import LatencyTable, dense_latency, expected_latency
+from engine.latency_table import LatencyTable, dense_latency, expected_latency
 from engine.model import RaggedQAModel, attention_packed
 from engine.prune.gates import HardConcreteGate
 

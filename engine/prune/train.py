@@ -39,7 +39,7 @@ from engine.finetune import (
     setup_threads,
     train_config,
 )
-from engine.latency import LatencyTable
+from engine.latency_table import LatencyTable
 from engine.latency_target import (
     add_latency_args,
     exported_latency,

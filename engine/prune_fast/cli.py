@@ -197,7 +197,7 @@ def prune_fast(args: argparse.Namespace) -> dict[str, Any]:
         "data": data_info,
     }
     if args.latency_shape is not None:
-        from engine.latency import measure_speedup
+        from engine.latency_timer import measure_speedup
 
         batch, seq, threads = latency_setting(args)
         metrics["latency"] = measure_speedup(out, args.teacher, batch, seq, args.backend, threads, args.latency_dtype)

@@ -22,11 +22,11 @@ from tqdm.auto import tqdm
 from engine.config import EncoderConfig
 from engine.data.squad import Example, TrainFeature, train_features
 from engine.features import WindowMaker, WindowSettings
-from engine.latency import Shape
 from engine.latency_target import (
     meet_measured_latency,
     resolve_latency_target,
 )
+from engine.latency_timer import Shape
 from engine.model import RaggedQAModel
 from engine.prune_fast.masked import fisher, fold_masks, mask_gradients
 from engine.prune_fast.search import CostFn, SearchResult, flops_cost, pruned_objective, rearrange, search
