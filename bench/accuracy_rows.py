@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.accuracy_groups import GROUP, GROUPS
-from engine.artifact import read_manifest
 from engine.config import EncoderConfig
 from engine.flops import encoder_flops
+from engine.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

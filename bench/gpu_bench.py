@@ -277,7 +277,8 @@ def print_tables(rows: list[dict], machine: dict) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Measure every (model, dtype, provider, shape); a failing provider is reported and skipped."""
-    from engine.artifact import DTYPES, load_artifact
+    from engine.artifact import load_artifact
+    from engine.manifest import DTYPES
 
     torch.backends.cuda.matmul.allow_tf32 = False
     machine = machine_info()

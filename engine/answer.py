@@ -9,8 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from engine.artifact import ArtifactError
 from engine.defaults import default_model
+from engine.manifest import ArtifactError
 
 
 def main(argv: list[str] | None = None) -> int:

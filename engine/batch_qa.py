@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from engine.artifact import ArtifactError
+from engine.manifest import ArtifactError
 
 ANSWER_FIELDS = ("text", "start", "end", "score", "no_answer", "null_score_diff")
 

@@ -10,19 +10,12 @@ from pathlib import Path
 
 import torch
 
-from engine.artifact import (
-    ARTIFACT_DTYPES,
-    EMBEDDINGS,
-    INT8,
-    ActivationQuant,
-    ArtifactError,
-    Quantization,
-    save_artifact,
-)
+from engine.artifact import save_artifact
 from engine.checkpoint import load_checkpoint
 from engine.config import EncoderConfig
 from engine.features import WindowSettings
 from engine.flops import encoder_flops
+from engine.manifest import ARTIFACT_DTYPES, EMBEDDINGS, INT8, ActivationQuant, ArtifactError, Quantization
 from engine.model import RaggedQAModel
 from engine.spec import SpecError, apply_spec, parse_spec
 

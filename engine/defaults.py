@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from engine.artifact import MANIFEST
+from engine.manifest import MANIFEST
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"  # the bundled models' folder; models/DEFAULT names the default one

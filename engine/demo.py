@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from engine.artifact import ArtifactError
 from engine.build_model import build, verify
 from engine.defaults import NoDefaultModel, default_model, is_artifact
 from engine.flops import encoder_flops
+from engine.manifest import ArtifactError
 from engine.qa import QAEngine
 from engine.reference import hf_model
 

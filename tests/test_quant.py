@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from engine.artifact import ArtifactError, load_artifact
+from engine.artifact import load_artifact
 from engine.build_model import build, main
 from engine.features import WindowSettings
+from engine.manifest import ArtifactError
 from engine.model import RaggedQAModel
 from engine.packing import cu_seqlens_from_lengths
 from engine.qa import QAEngine

@@ -176,8 +176,8 @@ def int8_artifacts(
     lengths: list[int],
 ) -> None:
     """tiny_bert_int8 (dynamic) and tiny_bert_int8s (static scales calibrated on random token batches)."""
-    from engine.artifact import ActivationQuant, Quantization
     from engine.features import PackedBatch
+    from engine.manifest import ActivationQuant, Quantization
     from engine.quant import calibrate, quantize_state
 
     save_artifact(

@@ -56,7 +56,7 @@ def why_unavailable(device: torch.device) -> str | None:
 
 
 def supported_kernels(device: torch.device) -> frozenset[str]:
-    """The artifact kernels (engine.artifact.KERNELS) this build runs on `device`: the int8 GEMMs on the CPU when
+    """The artifact kernels (engine.manifest.KERNELS) this build runs on `device`: the int8 GEMMs on the CPU when
     torch's oneDNN int8 linear works there, none on CUDA (registry hook)."""
     if _C is None or device.type != "cpu" or not hasattr(_C, "supported_kernels"):
         return frozenset()

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.artifact import KNOWN_KERNELS, Artifact
+from engine.artifact import Artifact
+from engine.manifest import KNOWN_KERNELS
 from engine.model import RaggedQAModel
 from engine.quant import bf16_model, int8_kernels_available, int8_model
 from engine.runtime.onednn import onednn_available, onednn_model
@@ -24,7 +25,7 @@ def why_unavailable(device: torch.device) -> str | None:
 
 
 def supported_kernels(device: torch.device) -> frozenset[str]:
-    """The artifact kernels (engine.artifact.KERNELS) this backend runs on `device`."""
+    """The artifact kernels (engine.manifest.KERNELS) this backend runs on `device`."""
     return KNOWN_KERNELS if int8_kernels_available(device) else frozenset()
 
 

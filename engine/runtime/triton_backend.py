@@ -49,8 +49,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.artifact import DTYPES, Artifact
+from engine.artifact import Artifact
 from engine.config import EncoderConfig
+from engine.manifest import DTYPES
 from engine.packing import positions
 
 _BUCKET_FLOOR = 64  # token-bucket granularity for small batches (one attention / GEMM row tile)

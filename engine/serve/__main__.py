@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.artifact import ArtifactError
+from engine.manifest import ArtifactError
 
 
 def main(argv: list[str] | None = None) -> int:

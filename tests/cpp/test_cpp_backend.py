@@ -15,9 +15,10 @@ import torch.nn.functional as F
 
 _C = pytest.importorskip("engine._C", reason="engine._C is not built (C++ toolchain or deps missing at install)")
 
-from engine.artifact import ArtifactError, load_artifact  # noqa: E402
+from engine.artifact import load_artifact  # noqa: E402
 from engine.build_model import build  # noqa: E402
 from engine.features import WindowSettings  # noqa: E402
+from engine.manifest import ArtifactError  # noqa: E402
 from engine.model import RaggedQAModel  # noqa: E402
 from engine.packing import cu_seqlens_from_lengths  # noqa: E402
 from engine.qa import QAEngine  # noqa: E402

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 _C = pytest.importorskip("engine._C", reason="engine._C is not built (C++ toolchain or deps missing at install)")
 
-from engine.artifact import KNOWN_KERNELS, load_artifact  # noqa: E402
+from engine.artifact import load_artifact  # noqa: E402
 from engine.build_model import build  # noqa: E402
+from engine.manifest import KNOWN_KERNELS  # noqa: E402
 from engine.qa import QAEngine  # noqa: E402
 from engine.quant import QMAX, int8_kernels_available, quantize_per_token  # noqa: E402
 from engine.runtime import (  # noqa: E402

@@ -15,9 +15,10 @@ from safetensors.torch import load_file, save_file
 
 _C = pytest.importorskip("engine._C", reason="engine._C is not built (C++ toolchain or deps missing at install)")
 
-from engine.artifact import ArtifactError, load_artifact
+from engine.artifact import load_artifact
 from engine.build_model import build
 from engine.features import WindowSettings
+from engine.manifest import ArtifactError
 from engine.qa import QAEngine
 
 
