@@ -20,12 +20,12 @@ from engine.flops import encoder_params, flop_sparsity
 from engine.latency_target import latency_setting, latency_target_info
 from engine.model import RaggedQAModel
 from engine.prune_fast.args import RESUME_IRRELEVANT, build_parser, parse_args
+from engine.prune_fast.distill import stage_distill
 from engine.prune_fast.masked import fold_masks
 from engine.prune_fast.stages import (
     StageStore,
     masks_from_indices,
     sample_features,
-    stage_distill,
     stage_fisher,
     stage_obs,
     stage_rearrange,
