@@ -6,7 +6,7 @@ interleaved round by round, at the same thread count:
                   (run_qa.py's default), fp32, torch.optim.AdamW;
   (b) ours-fp32   engine.train's step: packed, length-grouped batches, fp32;
   (c) ours-bf16   the same under bf16 autocast (skipped, with the reason, on CPUs without native bf16 GEMMs);
-  (d) distill-cached  the student step with teacher logits read from a cache (engine.train.teacher);
+  (d) distill-cached  the student step with teacher logits read from a cache (engine.train.logit_cache);
   (e) distill-live    the same with the teacher run live.
 (d) and (e) run in the trainer's default precision (`--precision auto`: bf16 where the CPU has native bf16 GEMMs,
 else fp32), as engine.prune's and engine.prune_fast's students do; `extra_info["precision"]` says which.

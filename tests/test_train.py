@@ -20,7 +20,8 @@ from engine.flops import encoder_flops, exact_flops, expected_flops
 from engine.model import RaggedQAModel
 from engine.prune.gated import GatedQAModel, export_ragged
 from engine.train.batching import collate, epoch_order
-from engine.train.teacher import CachedTeacher, CacheKey, LiveTeacher, StaleTeacherCacheError, cached_teacher
+from engine.train.logit_cache import CachedTeacher, CacheKey, StaleTeacherCacheError, cached_teacher
+from engine.train.teacher import LiveTeacher
 from tests.conftest import make_checkpoint
 from tests.test_finetune import _args, squad_files, tiny_model  # noqa: F401  (fixtures)
 
@@ -211,9 +212,9 @@ def test_stale_teacher_cache_is_refused(teacher_windows, tmp_path):
 
 def _counting_windows(monkeypatch, fail_at: int | None = None) -> list[int]:
     """Count the chunks the teacher actually runs (their window counts); raise KeyboardInterrupt at call `fail_at`."""
-    import engine.train.teacher as teacher_mod
+    import engine.train.logit_cache as cache_mod
 
-    real, calls = teacher_mod._run_windows, []
+    real, calls = cache_mod._run_windows, []
 
     def run(runner, feats, tokens, bar):
         if fail_at is not None and len(calls) == fail_at:
@@ -221,7 +222,7 @@ def _counting_windows(monkeypatch, fail_at: int | None = None) -> list[int]:
         calls.append(len(feats))
         return real(runner, feats, tokens, bar)
 
-    monkeypatch.setattr(teacher_mod, "_run_windows", run)
+    monkeypatch.setattr(cache_mod, "_run_windows", run)
     return calls
 
 
