@@ -14,11 +14,16 @@
 #include <vector>
 
 #include "qaengine/config.h"
+#include "qaengine/engine.h"
 #include "qaengine/error.h"
 
 namespace qaengine::test {
 
 namespace fs = std::filesystem;
+
+// Int8 artifacts need torch's oneDNN int8 linear; a torch without it makes the engine refuse them (by kernel name).
+#define REQUIRE_INT8_KERNELS() \
+  if (supported_kernels("cpu").empty()) GTEST_SKIP() << "this torch build has no oneDNN int8 linear"
 
 /// n draws of N(0, scale²) from a seeded generator.
 inline std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.f) {
