@@ -6,7 +6,7 @@ everywhere else. The tests check it at three levels:
   sharp, since the inputs are identical;
 - whole-model logits against the torch backend on the same artifact, up to the noise floor that fp32-level
   differences in the other kernels cause (derived in `_noise_floor`);
-- whole-model logits against the fp32 model, within the scheme-derived bounds of tests/test_quant.py.
+- whole-model logits against the fp32 model, within the scheme-derived bounds of tests/quant/test_quant.py.
 Ragged tiny BERT and RoBERTa models with a 0-head / 0-FFN layer, dynamic and static int8, bf16; skips when engine._C
 is not built or this torch has no oneDNN int8 linear.
 """
@@ -34,15 +34,15 @@ from engine.runtime import (  # noqa: E402
     create_backend,
 )
 from tests.conftest import NO_BF16_GEMM, needs_bf16_gemm, needs_exact_int8  # noqa: E402
-from tests.test_quant import (  # noqa: E402
+from tests.quant.helpers import (  # noqa: E402
     RAGGED,
     U_BF16,
-    _capture_inputs,
-    _int8_layer_bound,
-    _int8_linear_inputs,
-    _packed,
-    _synthetic_squad,
+    capture_inputs,
+    int8_layer_bound,
+    int8_linear_inputs,
+    packed,
     precision_artifacts,
+    synthetic_squad,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -63,11 +63,11 @@ NOISE = 1e-6  # relative: the order of the fp32 differences between the cpp and 
 
 @pytest.fixture(scope="module")
 def artifacts(tiny_bert, tiny_roberta, tmp_path_factory):
-    """(arch, kind) -> artifact dir; every model ragged with a 0-head/0-FFN layer (tests/test_quant.py RAGGED)."""
+    """(arch, kind) -> artifact dir; every model ragged with a 0-head/0-FFN layer (tests/quant/helpers.py RAGGED)."""
     root = tmp_path_factory.mktemp("cpp_precision")
     spec, squad = root / "spec.json", root / "squad.json"
     spec.write_text(json.dumps(RAGGED))
-    squad.write_text(json.dumps(_synthetic_squad()))
+    squad.write_text(json.dumps(synthetic_squad()))
     return precision_artifacts(tiny_bert, tiny_roberta, spec, squad, root)
 
 
@@ -172,11 +172,11 @@ def test_int8_linears_match_torch_and_integer_product(artifacts, arch, kind):
 
     Both quantize x the same way (x · (127 / max|x_t|) or x · (1 / c), rounded to nearest even: bit-identical codes,
     csrc/tests/test_quant.cpp) and run the same exact int32 GEMM; only the fp32 rescale and bias add may round
-    differently: a few ulps of the largest term, 1e-5 of it (tests/test_quant.py). With the activation fused
+    differently: a few ulps of the largest term, 1e-5 of it (tests/quant/test_quant.py). With the activation fused
     (ffn_in), the result is the activation of that, within 2e-6 (the erf approximation, <= 1.5e-7 absolute).
-    The error against the fp32 Linear obeys the scheme's bound (tests/test_quant.py derives it).
+    The error against the fp32 Linear obeys the scheme's bound (tests/quant/test_quant.py derives it).
     """
-    art, ref, _, seen = _int8_linear_inputs(artifacts[arch, kind], artifacts[arch, "float32"])
+    art, ref, _, seen = int8_linear_inputs(artifacts[arch, kind], artifacts[arch, "float32"])
     assert len(seen) == 8  # layers 0 and 2 run four Linears each; the empty layer 1 none
     for name, (mod, x) in seen.items():
         Q, s_w, bias = (art.state[name + s] for s in (".weight", ".weight_scale", ".bias"))
@@ -222,9 +222,9 @@ def test_bf16_linears_match_torch(artifacts, arch, gemm):
         pytest.skip(needs_bf16_gemm.kwargs["reason"])
     art = load_artifact(artifacts[arch, "bfloat16"])
     model = bf16_model(art.cfg, art.state)
-    ids, types, cu, ms = _packed(art.cfg, [30, 7, 61])
+    ids, types, cu, ms = packed(art.cfg, [30, 7, 61])
     with torch.no_grad():
-        seen = _capture_inputs(model, lambda: model(ids, types, cu, ms))
+        seen = capture_inputs(model, lambda: model(ids, types, cu, ms))
     assert len(seen) == 8
     for name, (mod, x) in seen.items():
         w, b = art.state[name + ".weight"].float(), art.state[name + ".bias"].float()
@@ -274,7 +274,7 @@ def test_logits_match_torch_backend(artifacts, arch, kind, threads):
     if kind == "bfloat16" and NO_BF16_GEMM:
         pytest.skip(needs_bf16_gemm.kwargs["reason"])
     art = load_artifact(artifacts[arch, kind])
-    ids, types, cu, ms = _packed(art.cfg, LENGTHS)
+    ids, types, cu, ms = packed(art.cfg, LENGTHS)
     tb = create_backend("torch", art, "cpu")
     want = _logits(tb, ids, types, cu, ms)
     got = _logits(create_backend("cpp", art, "cpu", threads=threads), ids, types, cu, ms)
@@ -288,13 +288,13 @@ def test_logits_match_torch_backend(artifacts, arch, kind, threads):
 @needs_bf16_gemm
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 def test_logits_within_scheme_bounds_of_fp32(artifacts, arch):
-    """cpp logits against the fp32 model, within the bounds tests/test_quant.py derives for the scheme (relative L2):
-    int8 dynamic <= the sum over layers of sum_GEMMs sqrt(k) / 127; bf16 <= (2 + 14 L) u, u = 2^-9."""
+    """cpp logits against the fp32 model, within the bounds tests/quant/test_quant.py derives for the scheme
+    (relative L2): int8 dynamic <= the sum over layers of sum_GEMMs sqrt(k) / 127; bf16 <= (2 + 14 L) u, u = 2^-9."""
     cfg = load_artifact(artifacts[arch, "float32"]).cfg
-    ids, types, cu, ms = _packed(cfg, [37, 5, 60, 1, 23], seed=3)
+    ids, types, cu, ms = packed(cfg, [37, 5, 60, 1, 23], seed=3)
     fp32 = _logits(create_backend("torch", load_artifact(artifacts[arch, "float32"]), "cpu"), ids, types, cu, ms)
     bounds = {
-        "int8": sum(_int8_layer_bound(cfg, l) for l in range(cfg.num_layers)),
+        "int8": sum(int8_layer_bound(cfg, l) for l in range(cfg.num_layers)),
         "bfloat16": (2 + 14 * cfg.num_layers) * U_BF16,
     }
     for kind, bound in bounds.items():
