@@ -26,8 +26,9 @@
 # evaluation and the bundle candidate (fp16 + int8 embeddings, scored through QAEngine.answer_batch). The optional
 # ones, run while time is left: the dev evaluation of teacher-cpu-e1, the 3.5x student (75%, 2,048 distillation
 # steps, scored on the held-out articles every 1/8 of them: #13's step curve; cut once, `student-0.75`, or from the 2x
-# student, `student-0.75i`), the student at exactly 3.5x (`student-3.5x`: 44% of the 2x student's FLOPs cut, 0.280 of
-# the teacher's at 384 tokens, the same distillation), the three ablations of the 2x student
+# student, `student-0.75i`), the student at exactly 3.5x (0.280 of the teacher's FLOPs at 384 tokens) in three gradual
+# cuts (`student-0.375`: 25% of the 2x student's FLOPs, 1,024 steps; `student-3.5x`: 25.34% of that one's, the same
+# 2,048-step distillation), the three ablations of the 2x student
 # (the same structure distilled with span CE alone, KD_WEIGHT=0; the units of engine.make_spec --by importance and
 # --by random at 50%, with the same refit and distillation) and the 40% student, each with its dev evaluation.
 #
@@ -65,14 +66,18 @@ KD_2X=${KD_2X:-1024} KD_35X=${KD_35X:-2048} KD_N=${KD_N:-32768}  # distillation 
 KD=(REFIT=all SELECT=obs SCORES=obs FIT=ln KD_SAMPLES=$KD_N)
 S2="$SN-obs2L-kd${KD_2X}s$((KD_N / 1024))k" S35="$SN-obs2L-kd${KD_35X}s$((KD_N / 1024))k"
 CURVE="KD_EVAL_EVERY=$((KD_35X / 8))"  # the 3.5x student's held-out step curve: 8 points, costed at 12 steps each
+C35=$((300 + KD_35X * 3 / 4 + 8 * 12))  # the cost of a 3.5x student cut from another student, with its curve
 SA="$SN-L-kd${KD_2X}s$((KD_N / 1024))k"  # the ablations of the 2x student's choice of units (no search, same refit)
 FROM_SN="TEACHER_RUN=$SN ${KD[*]}"  # the students' recipe from the -sn teacher
 # the 3.5x student cut iteratively: half of the 2x student's FLOPs (0.25 of the teacher's), distilled from the teacher
 ITER="TEACHER_RUN=fast-cpu-0.5-$S2 KD_TEACHER=$SN ${KD[*]}"
 S35I="of-$S2"  # its name: fast-cpu-0.5-of-<the 2x student>, with -kdN where KD_35X is not the default 2048
 [ "$KD_35X" = 2048 ] || S35I+="-kd$KD_35X"
-# the student at exactly #13's 3.5x (0.280 of the teacher's FLOPs at 384 tokens): 44% of the 2x student's FLOPs cut
-S35X="of-$S2-kd$KD_35X"
+# the student at exactly #13's 3.5x (0.280 of the teacher's FLOPs at 384 tokens), in a third gradual cut: 25% of the
+# 2x student's FLOPs (0.375 of the teacher's; KD_2X steps), then 25.34% of that one's, each distilled from the teacher
+S375="of-$S2-kd$KD_2X"  # fast-cpu-0.25-of-<the 2x student>-kdN
+ITER375="TEACHER_RUN=fast-cpu-0.25-$S375 KD_TEACHER=$SN ${KD[*]}"
+S35X="of-fast-cpu-0.25-$S375-kd$KD_35X"  # fast-cpu-0.2534-of-<that student>-kdN
 SPEC_ENV="TEACHER_RUN=$SN REFIT=all FIT=ln KD_SAMPLES=$KD_N KD_STEPS=$KD_2X TAG=-$SA"  # theirs, on given units
 SLACK=${SLACK:-15}  # % over MINUTES the required stages may be estimated at and still run (the probe's error)
 
@@ -115,10 +120,12 @@ STAGES=(
   "${EVAL_E1[@]}"
   "student-0.75|$((400 + KD_35X * 3 / 4 + 8 * 12))|0|$TS|$FROM_SN KD_STEPS=$KD_35X $CURVE TAG=-$S35 $R fast 0.75"
   "eval-student-0.75|100|0|student-0.75|$R eval fast-cpu-0.75-$S35"
-  "student-0.75i|$((300 + KD_35X * 3 / 4 + 8 * 12))|0|student-0.5|$ITER KD_STEPS=$KD_35X $CURVE TAG=-$S35I $R fast 0.5"
+  "student-0.75i|$C35|0|student-0.5|$ITER KD_STEPS=$KD_35X $CURVE TAG=-$S35I $R fast 0.5"
   "eval-student-0.75i|100|0|student-0.75i|$R eval fast-cpu-0.5-$S35I"
-  "student-3.5x|$((300 + KD_35X * 3 / 4 + 8 * 12))|0|student-0.5|$ITER KD_STEPS=$KD_35X $CURVE TAG=-$S35X $R fast 0.44"
-  "eval-student-3.5x|100|0|student-3.5x|$R eval fast-cpu-0.44-$S35X"
+  "student-0.375|$((300 + KD_2X * 3 / 4))|0|student-0.5|$ITER KD_STEPS=$KD_2X TAG=-$S375 $R fast 0.25"
+  "student-3.5x|$C35|0|student-0.375|$ITER375 KD_STEPS=$KD_35X $CURVE TAG=-$S35X $R fast 0.2534"
+  "eval-student-3.5x|100|0|student-3.5x|$R eval fast-cpu-0.2534-$S35X"
+  "eval-student-0.375|100|0|student-0.375|$R eval fast-cpu-0.25-$S375"
   "nodistill-0.5|$((336 + KD_2X))|0|$TS|$FROM_SN KD_STEPS=$KD_2X KD_WEIGHT=0 TAG=-$S2-ce $R fast 0.5"
   "eval-nodistill-0.5|150|0|nodistill-0.5|$R eval fast-cpu-0.5-$S2-ce"
   "importance-0.5|$((436 + KD_2X))|0|$TS|$SPEC_ENV $R fast-importance 0.5"

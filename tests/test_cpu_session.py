@@ -67,9 +67,11 @@ def test_the_dry_run_names_real_stages_in_order(tmp_path: Path):
     assert r.returncode == 0, r.stderr
     cmds = [line.removeprefix("would run: ") for line in r.stdout.splitlines() if line.startswith("would run: ")]
     # the six required stages, then the optional ones that still fit: 512 fewer distillation steps leave room for
-    # the evaluation of teacher-cpu-e1 and the span-CE ablation, not for the 3.5x student nor that ablation's score
-    assert len(cmds) == 8 and cmds[6].endswith("eval teacher-cpu-e1")
-    assert "KD_WEIGHT=0 TAG=-teacher-cpu-e1-sn2-obs2L-kd512s16k-ce" in cmds[7] and cmds[7].endswith("fast 0.5")
+    # the evaluation of teacher-cpu-e1 and the first cut towards 3.5x (0.375 of the FLOPs, which a later session's
+    # 3.5x stage starts from) with its score, not for the 3.5x student itself nor the ablations
+    assert len(cmds) == 9 and cmds[6].endswith("eval teacher-cpu-e1")
+    assert "TAG=-of-teacher-cpu-e1-sn2-obs2L-kd512s16k-kd512" in cmds[7] and cmds[7].endswith("fast 0.25")
+    assert cmds[8].endswith("eval fast-cpu-0.25-of-teacher-cpu-e1-sn2-obs2L-kd512s16k-kd512")
     stages = re.search(r'case "\$\{1:-all\}" in(.*?)esac', (ROOT / "scripts" / "reproduce_squad.sh").read_text(), re.S)
     known = set(re.findall(r"^\s+([a-z0-9-]+)\)", stages[1], re.M))
     for cmd in cmds:
@@ -88,7 +90,7 @@ def test_the_dry_run_names_real_stages_in_order(tmp_path: Path):
     # with the time for all of it: the ablations of the 2x student's units, on the same teacher and budget
     r = _session(tmp_path, "run", "600", RATE="0.9", SESSION_DRY="1")
     cmds = [line.removeprefix("would run: ") for line in r.stdout.splitlines() if line.startswith("would run: ")]
-    assert len(cmds) == 21
+    assert len(cmds) == 23
     # the iterative 3.5x student: half of the 2x student's FLOPs, distilled from the -sn teacher, after the 2x one
     s2 = "teacher-cpu-e1-sn2-obs2L-kd1024s32k"
     it = [c for c in cmds if "KD_TEACHER=" in c and c.endswith(" fast 0.5")]
@@ -98,11 +100,18 @@ def test_the_dry_run_names_real_stages_in_order(tmp_path: Path):
         i for i, c in enumerate(cmds) if c.endswith(f"TAG=-{s2} scripts/reproduce_squad.sh fast 0.5")
     )
     assert f"scripts/reproduce_squad.sh eval fast-cpu-0.5-of-{s2}" in cmds
-    # and the student at exactly 3.5x: 44% of the 2x student's FLOPs, the same distillation, its steps in its name
-    x35 = [c for c in cmds if "KD_TEACHER=" in c and c.endswith(" fast 0.44")]
-    assert len(x35) == 1 and x35[0].startswith(f"TEACHER_RUN=fast-cpu-0.5-{s2} KD_TEACHER=teacher-cpu-e1-sn2 ")
-    assert x35[0].endswith(f"TAG=-of-{s2}-kd2048 scripts/reproduce_squad.sh fast 0.44") and "KD_STEPS=2048" in x35[0]
-    assert f"scripts/reproduce_squad.sh eval fast-cpu-0.44-of-{s2}-kd2048" in cmds
+    # and the student at exactly 3.5x in a third gradual cut: 25% of the 2x student's FLOPs (1,024 steps), then 25.34%
+    # of that one's (2,048 steps), both distilled from the -sn teacher, each named after the run it was cut from
+    s375 = f"fast-cpu-0.25-of-{s2}-kd1024"
+    cut = [c for c in cmds if "KD_TEACHER=" in c and c.endswith(" fast 0.25")]
+    assert len(cut) == 1 and cut[0].startswith(f"TEACHER_RUN=fast-cpu-0.5-{s2} KD_TEACHER=teacher-cpu-e1-sn2 ")
+    assert cut[0].endswith(f"TAG=-of-{s2}-kd1024 scripts/reproduce_squad.sh fast 0.25") and "KD_STEPS=1024" in cut[0]
+    x35 = [c for c in cmds if "KD_TEACHER=" in c and c.endswith(" fast 0.2534")]
+    assert len(x35) == 1 and x35[0].startswith(f"TEACHER_RUN={s375} KD_TEACHER=teacher-cpu-e1-sn2 ")
+    assert x35[0].endswith(f"TAG=-of-{s375}-kd2048 scripts/reproduce_squad.sh fast 0.2534")
+    assert "KD_STEPS=2048 KD_EVAL_EVERY=256" in x35[0] and cmds.index(cut[0]) < cmds.index(x35[0])
+    assert f"scripts/reproduce_squad.sh eval fast-cpu-0.2534-of-{s375}-kd2048" in cmds
+    assert f"scripts/reproduce_squad.sh eval {s375}" in cmds
     spec_env = "TEACHER_RUN=teacher-cpu-e1-sn2 REFIT=all FIT=ln KD_SAMPLES=32768 KD_STEPS=1024"
     tag = "TAG=-teacher-cpu-e1-sn2-L-kd1024s32k"
     assert f"{spec_env} {tag} scripts/reproduce_squad.sh fast-importance 0.5" in cmds
@@ -126,7 +135,7 @@ def test_without_the_sn_round_the_students_are_cut_from_the_one_epoch_teacher(tm
     r = _session(tmp_path, "run", "600", RATE="0.9", SESSION_DRY="1", SN_STEPS="0", KD_N="16384")
     assert r.returncode == 0, r.stderr
     cmds = [line.removeprefix("would run: ") for line in r.stdout.splitlines() if line.startswith("would run: ")]
-    assert len(cmds) == 19  # no -sn round, and teacher-cpu-e1 scored once
+    assert len(cmds) == 21  # no -sn round, and teacher-cpu-e1 scored once
     assert not any("teacher-swap" in c for c in cmds)
     assert [c for c in cmds if " eval teacher" in c] == ["scripts/reproduce_squad.sh eval teacher-cpu-e1"]
     s2 = "teacher-cpu-e1-obs2L-kd1024s16k"
