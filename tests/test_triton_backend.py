@@ -11,7 +11,6 @@ import json
 
 import pytest
 import torch
-from conftest import make_checkpoint
 
 from engine.artifact import load_artifact
 from engine.build_model import build
@@ -21,6 +20,7 @@ from engine.packing import cu_seqlens_from_lengths, pack
 from engine.qa import QAEngine
 from engine.runtime import REGISTRY, create_backend
 from engine.runtime.triton_backend import TritonBackend, pad_ffn, seq_bucket, token_bucket, why_unavailable
+from tests.conftest import make_checkpoint
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"
