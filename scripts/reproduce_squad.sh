@@ -155,6 +155,8 @@ KD=()
 [ -z "${KD_EVAL_EVERY:-}" ] || KD+=(--distill-eval-every "$KD_EVAL_EVERY")
 [ -z "${KD_TEACHER:-}" ] || KD+=(--distill-teacher "$RUNS/$KD_TEACHER")
 [ -z "${KD_HIDDEN:-}" ] || KD+=(--distill-hidden-weight "$KD_HIDDEN")
+# SEED: its --seed (default 0), which draws the Fisher/OBS samples and the distillation windows: a repeat of a recipe
+[ -z "${SEED:-}" ] || KD+=(--seed "$SEED")
 # THR: its --threshold-rule (unset: the CLI's default, teacher-rate; the GEN=cpu rows recorded before the
 # -s8k/-s16k rows of docs/PRUNING.md used heldout: THR=heldout reproduces their stored thresholds)
 [ -z "${THR:-}" ] || KD+=(--threshold-rule "$THR")
