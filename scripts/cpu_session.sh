@@ -70,13 +70,14 @@ C35=$((300 + KD_35X * 3 / 4 + 8 * 12))  # the cost of a 3.5x student cut from an
 SA="$SN-L-kd${KD_2X}s$((KD_N / 1024))k"  # the ablations of the 2x student's choice of units (no search, same refit)
 FROM_SN="TEACHER_RUN=$SN ${KD[*]}"  # the students' recipe from the -sn teacher
 # the 3.5x student cut iteratively: half of the 2x student's FLOPs (0.25 of the teacher's), distilled from the teacher
-ITER="TEACHER_RUN=fast-cpu-0.5-$S2 KD_TEACHER=$SN ${KD[*]}"
+TO_SN="KD_TEACHER=$SN ${KD[*]}"  # a student cut from another student, distilled from the -sn teacher
+ITER="TEACHER_RUN=fast-cpu-0.5-$S2 $TO_SN"
 S35I="of-$S2"  # its name: fast-cpu-0.5-of-<the 2x student>, with -kdN where KD_35X is not the default 2048
 [ "$KD_35X" = 2048 ] || S35I+="-kd$KD_35X"
 # the student at exactly #13's 3.5x (0.280 of the teacher's FLOPs at 384 tokens), in a third gradual cut: 25% of the
 # 2x student's FLOPs (0.375 of the teacher's; KD_2X steps), then 25.34% of that one's, each distilled from the teacher
 S375="of-$S2-kd$KD_2X"  # fast-cpu-0.25-of-<the 2x student>-kdN
-ITER375="TEACHER_RUN=fast-cpu-0.25-$S375 KD_TEACHER=$SN ${KD[*]}"
+ITER375="TEACHER_RUN=fast-cpu-0.25-$S375 $TO_SN"
 S35X="of-fast-cpu-0.25-$S375-kd$KD_35X"  # fast-cpu-0.2534-of-<that student>-kdN
 SPEC_ENV="TEACHER_RUN=$SN REFIT=all FIT=ln KD_SAMPLES=$KD_N KD_STEPS=$KD_2X TAG=-$SA"  # theirs, on given units
 SLACK=${SLACK:-15}  # % over MINUTES the required stages may be estimated at and still run (the probe's error)
